@@ -1,0 +1,63 @@
+"""Full tensor <-> this rank's shard, derived from Megatron-Core's own parameter metadata.
+
+Megatron tags every TP-split parameter with ``tensor_model_parallel=True`` and ``partition_dim``;
+nothing here knows parameter names. The only extra fact comes from the weight table: a tensor built
+by concatenating ``chunks`` parts (GLU gate/up) is split per part, because Megatron's fused
+``linear_fc1`` holds ``[gate_shard; up_shard]`` on each rank.
+
+Pipeline stages own different layers; :func:`global_param_names` maps a stage's local layer
+indices back to global ones using each layer's ``layer_number``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+_LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """This TP rank's piece of ``full`` for ``param``."""
+    if not is_tp_sharded(param):
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    dim = param.partition_dim
+    parts = [p.chunk(tp, dim=dim)[rank] for p in full.chunk(chunks, dim=dim)]
+    return torch.cat(parts, dim=dim) if chunks > 1 else parts[0]
+
+
+def gather(local: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard`: every TP rank of the group receives the full tensor."""
+    if not is_tp_sharded(param):
+        return local.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(group)
+    pieces = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(pieces, local.detach().contiguous(), group=group)
+    dim = param.partition_dim
+    per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
+    return torch.cat([torch.cat([r[c] for r in per_rank], dim=dim) for c in range(chunks)], dim=dim)
+
+
+def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``{global name: parameter}`` for this rank, with decoder layers numbered globally."""
+    offsets = {}
+    decoder = getattr(getattr(model, "language_model", None), "decoder", None)
+    if decoder is not None:
+        offsets = {str(i): layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
+    out = {}
+    for name, param in model.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            name = f"{match.group(1)}{offsets[match.group(2)]}.{name[match.end():]}"
+        out[name] = param
+    return out

@@ -1,0 +1,299 @@
+"""HF safetensors <-> Megatron-Core distributed checkpoint, streaming, exhaustive and loud.
+
+Import (on every rank of a TP x PP layout): check the HF tensors against the family table (each used
+exactly once, names and shapes), build this rank's model, fill each parameter from the tensors of
+its table entry (read lazily, converted, sharded), then write a ``torch_dist`` checkpoint, which
+Megatron-Core can load at any other layout. Export reverses it: load the checkpoint into a model at
+the requested layout, gather each parameter across TP, invert its table op, and stream the HF
+tensors to rank 0, which writes sharded safetensors. Peak memory per rank is its model shard plus
+one table entry (plus the output shard buffer on rank 0).
+
+Layout of a Megatron checkpoint directory written here::
+
+    <dir>/vlm_bridge.json   family, dtype, key layout, saved TP/PP
+    <dir>/hf/               the HF config, tokenizer and processor files (for export and verify)
+    <dir>/weights/          the torch_dist checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from tqdm import tqdm
+
+from vlm_bridge.convert.distribute import gather, global_param_names, shard
+from vlm_bridge.convert.hf_io import (
+    CheckpointError,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    copy_hf_side_files,
+)
+from vlm_bridge.convert.layout import KeyLayout, detect_layout, layout_by_name
+from vlm_bridge.convert.ops import Entry
+from vlm_bridge.families.base import Family
+from vlm_bridge.parallel import ParallelConfig, init_distributed
+from vlm_bridge.registry import family_by_name, family_for_config
+
+META_FILE = "vlm_bridge.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIED_OUTPUT = "language_model.output_layer.weight"
+TIED_SOURCE = "language_model.embedding.word_embeddings.weight"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@dataclass
+class BuiltModel:
+    """A model for this rank plus everything needed to convert it."""
+
+    family: Family
+    hf_config: object
+    settings: object
+    model: torch.nn.Module
+    table: list[Entry]
+    params: dict[str, torch.nn.Parameter]
+
+
+def load_hf_config(folder: str | Path):
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:
+    """This rank's Megatron model (pre/post-process by pipeline stage) and the family table."""
+    family = family_for_config(hf_config)
+    language, vision, settings = family.build_configs(hf_config, dtype, parallel.tp, parallel.pp)
+    model = family.build_model(
+        language, vision, settings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    table = family.weight_table(language, vision, settings)
+    return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
+
+
+def _entry_for(built: BuiltModel) -> dict[str, Entry]:
+    by_name = {e.megatron: e for e in built.table}
+    if TIED_OUTPUT in built.params and TIED_OUTPUT not in by_name:
+        # Tied embeddings under PP: the last stage holds its own copy of the embedding matrix.
+        by_name[TIED_OUTPUT] = by_name[TIED_SOURCE]
+    return by_name
+
+
+def check_coverage(table: list[Entry], file_keys: list[str], layout: KeyLayout, where: str) -> None:
+    """Every HF tensor used exactly once by the table and every table tensor present."""
+    wanted = [layout.to_file(n) for e in table for n in e.hf]
+    dupes = sorted({n for n in wanted if wanted.count(n) > 1})
+    assert not dupes, f"weight table uses {dupes[:5]} more than once"
+    missing = sorted(set(wanted) - set(file_keys))
+    extra = sorted(set(file_keys) - set(wanted))
+    if missing:
+        raise CheckpointError(
+            f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:8])}"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{where}: {len(extra)} unexpected tensor(s) the {layout.name} layout does not use: "
+            f"{', '.join(extra[:8])}"
+        )
+
+
+def _check_local_coverage(built: BuiltModel, by_name: dict[str, Entry]) -> None:
+    unknown = sorted(set(built.params) - set(by_name))
+    assert not unknown, f"Megatron parameters without a table entry: {unknown[:8]}"
+
+
+def _progress(items, desc: str, enabled: bool):
+    return tqdm(items, desc=desc, unit="tensor", disable=not enabled or bool(os.environ.get("CI")))
+
+
+def fill_from_hf(built: BuiltModel, reader: SafetensorsReader, layout: KeyLayout, src: str) -> None:
+    """Load this rank's parameters from HF tensors, checking every shape."""
+    by_name = _entry_for(built)
+    _check_local_coverage(built, by_name)
+    show = dist.get_rank() == 0
+    for name, param in _progress(list(built.params.items()), "import", show):
+        entry = by_name[name]
+        tensors = [reader.get(layout.to_file(n)) for n in entry.hf]
+        try:
+            full = entry.op.to_megatron(tensors)
+            local = shard(full, param, entry.op.tp_chunks)
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{src}: tensor {entry.hf[0]} has a wrong shape ({exc})") from None
+        if tuple(local.shape) != tuple(param.shape):
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(entry.hf, tensors))
+            raise CheckpointError(
+                f"{src}: wrong shape for {shapes}: gives {tuple(local.shape)} per rank, "
+                f"the model expects {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(local.to(param.dtype))
+
+
+def import_hf(
+    hf_dir: str, out_dir: str, parallel: ParallelConfig, dtype_arg: str | None, overwrite: bool
+) -> dict:
+    """Run on every rank: convert an HF folder into a Megatron distributed checkpoint."""
+    init_distributed(parallel)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
+    hf_config = load_hf_config(hf_dir)
+    family = family_for_config(hf_config)
+    reader = SafetensorsReader(hf_dir)
+    layout = detect_layout(family.layouts, reader.keys())
+    dtype = DTYPES[dtype_arg] if dtype_arg else reader.dtype(reader.keys()[0])
+    built = build_rank_model(hf_config, dtype, parallel)
+    check_coverage(built.table, reader.keys(), layout, hf_dir)
+    fill_from_hf(built, reader, layout, hf_dir)
+    meta = {
+        "family": family.name,
+        "dtype": dtype_name(dtype),
+        "key_layout": layout.name,
+        "saved_tp": parallel.tp,
+        "saved_pp": parallel.pp,
+    }
+    save_megatron(built.model, out, meta, hf_dir, overwrite)
+    return meta
+
+
+def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwrite: bool) -> None:
+    """Write ``model`` as a torch_dist checkpoint, atomically (rank 0 owns the rename)."""
+    holder: list = [None]
+    ctx = atomic_output_dir(out, overwrite=overwrite) if dist.get_rank() == 0 else None
+    try:
+        if ctx is not None:
+            holder[0] = str(ctx.__enter__())
+        dist.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+        if dist.get_rank() == 0:
+            (tmp / "weights").mkdir()
+            copy_hf_side_files(hf_side_dir, tmp / "hf")
+        dist.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+        dist.barrier()
+        if ctx is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            ctx.__exit__(None, None, None)
+            ctx = None
+    finally:
+        if ctx is not None:
+            import sys
+
+            ctx.__exit__(*sys.exc_info())
+
+
+def read_meta(megatron_dir: str | Path) -> dict:
+    path = Path(megatron_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{megatron_dir}: no {META_FILE} (not a vlm-bridge Megatron checkpoint)")
+    return json.loads(path.read_text())
+
+
+def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
+    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
+    meta = read_meta(megatron_dir)
+    hf_config = load_hf_config(Path(megatron_dir) / "hf")
+    dtype = dtype or DTYPES[meta["dtype"]]
+    built = build_rank_model(hf_config, dtype, parallel)
+    state = dist_checkpointing.load(built.model.sharded_state_dict(), f"{megatron_dir}/weights")
+    built.model.load_state_dict(state, strict=True)
+    return built, meta
+
+
+def _owners(built: BuiltModel) -> dict[str, int]:
+    """Global rank that sends each table entry to rank 0 (TP rank 0 of the stage that holds it)."""
+    mine = [e.megatron for e in built.table if e.megatron in built.params]
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        mine = []
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {name: rank for rank, names in enumerate(everyone) for name in names}
+
+
+def _send_tensor(t: torch.Tensor, dst: int) -> None:
+    header = torch.tensor([t.dim(), *t.shape, list(DTYPES.values()).index(t.dtype)])
+    dist.send(torch.tensor([header.numel()]), dst)
+    dist.send(header, dst)
+    dist.send(t.contiguous(), dst)
+
+
+def _recv_tensor(src: int) -> torch.Tensor:
+    n = torch.empty(1, dtype=torch.long)
+    dist.recv(n, src)
+    header = torch.empty(int(n), dtype=torch.long)
+    dist.recv(header, src)
+    ndim = int(header[0])
+    t = torch.empty(header[1:1 + ndim].tolist(), dtype=list(DTYPES.values())[int(header[-1])])
+    dist.recv(t, src)
+    return t
+
+
+def export_hf(
+    megatron_dir: str, hf_dir: str, parallel: ParallelConfig, dtype_arg: str | None,
+    overwrite: bool, max_shard_bytes: int = 2 * 1024**3,
+) -> dict:
+    """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
+    init_distributed(parallel)
+    out = Path(hf_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
+    built, meta = load_megatron(megatron_dir, parallel)
+    family = family_by_name(meta["family"])
+    layout = layout_by_name(family.layouts, meta["key_layout"])
+    out_dtype = DTYPES[dtype_arg or meta["dtype"]]
+    owners = _owners(built)
+    rank = dist.get_rank()
+    ctx = atomic_output_dir(out, overwrite=overwrite) if rank == 0 else None
+    tmp = ctx.__enter__() if ctx is not None else None
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if tmp is not None else None
+        for entry in _progress(built.table, "export", rank == 0):
+            full = None
+            if entry.megatron in built.params:
+                param = built.params[entry.megatron]
+                full = gather(param.data, param, entry.op.tp_chunks)
+            owner = owners[entry.megatron]
+            if rank == owner and owner != 0:
+                _send_tensor(full, 0)
+            elif rank == 0:
+                full = full if owner == 0 else _recv_tensor(owner)
+                for name, t in zip(entry.hf, entry.op.to_hf(full)):
+                    writer.add(layout.to_file(name), t.to(out_dtype))
+        if rank == 0:
+            writer.finalize()
+            copy_hf_side_files(Path(megatron_dir) / "hf", tmp)
+            _write_config_dtype(tmp, out_dtype)
+            ctx.__exit__(None, None, None)
+            ctx = None
+    finally:
+        if ctx is not None:
+            import sys
+
+            ctx.__exit__(*sys.exc_info())
+    dist.barrier()
+    return {"family": family.name, "dtype": dtype_name(out_dtype), "key_layout": layout.name}
+
+
+def _write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Record the exported dtype in config.json, as transformers does when it saves."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = name
+    path.write_text(json.dumps(cfg, indent=2) + "\n")

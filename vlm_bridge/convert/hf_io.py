@@ -1,0 +1,341 @@
+"""Lazy, validated reading and sharded, atomic writing of Hugging Face safetensors folders.
+
+Checkpoints are tens of GB: the reader loads one tensor at a time and validates all
+headers up front, so a truncated download or stale index fails in one readable line
+before hours of work. The writer emits the layout `from_pretrained` expects, and
+`atomic_output_dir` keeps a crashed run from leaving a plausible-looking half checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# The safetensors library itself refuses headers above 100 MB; a larger length means garbage.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Weight files (ours or other frameworks') that must not leak into a converted folder.
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json",
+                    ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+
+# Header dtype strings -> torch dtypes; getattr because newer types depend on the torch build.
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+_DTYPES = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
+
+
+class CheckpointError(ValueError):
+    """A user-facing, one-line error about checkpoint files (names the file/tensor/shape).
+
+    A ValueError subclass so CLIs can print it without a traceback.
+    """
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    """Parse and check one file's JSON header (``__metadata__`` included); reads no data.
+
+    Truncation is caught here because safetensors' own error for it is an opaque
+    message that appears only when the missing tensor is finally read.
+    """
+    file = Path(file)
+    size = file.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, need at least 8)")
+    with file.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file: header length "
+                                  f"{n} bytes but file has only {size} bytes")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is not a JSON object")
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}") from None
+        if not 0 <= begin <= end or min(shape, default=0) < 0:
+            raise CheckpointError(f"{file}: tensor {name!r} has invalid offsets {[begin, end]} "
+                                  f"or shape {shape}")
+        if dtype in _DTYPES:
+            want = math.prod(shape) * _DTYPES[dtype].itemsize
+            if end - begin != want:
+                raise CheckpointError(f"{file}: tensor {name!r} ({dtype}, shape {shape}) spans "
+                                      f"{end - begin} bytes, expected {want}")
+        data_end = max(data_end, end)
+    expected = 8 + n + data_end
+    if size < expected:
+        raise CheckpointError(f"{file}: truncated safetensors file: expected at least {expected} "
+                              f"bytes, got {size}")
+    return header
+
+
+class SafetensorsReader:
+    """Lazy reader over an HF model folder.
+
+    Layouts, in the order transformers tries them: ``model.safetensors``; else
+    ``model.safetensors.index.json`` plus its shards; else (fallback for hand-made
+    folders) every ``*.safetensors`` file. All headers are validated in ``__init__``
+    so errors surface before any conversion work; tensor data is read only by `get`,
+    one tensor at a time, so peak memory is the largest single tensor.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
+        index_path = self.folder / INDEX_FILE
+        index: dict[str, str] | None = None
+        if (self.folder / SINGLE_FILE).is_file():
+            files = [self.folder / SINGLE_FILE]
+        elif index_path.is_file():
+            try:
+                index = dict(json.loads(index_path.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid index ({exc!r})") from None
+            files = [self.folder / f for f in sorted(set(index.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index_path} lists shard {f.name} which does not exist")
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.folder}")
+
+        self._entries: dict[str, tuple[Path, dict[str, Any]]] = {}
+        for f in files:
+            for name, info in read_safetensors_header(f).items():
+                if name == "__metadata__":
+                    continue
+                if name in self._entries:
+                    raise CheckpointError(f"tensor {name!r} appears in both "
+                                          f"{self._entries[name][0].name} and {f.name}")
+                self._entries[name] = (f, info)
+        for name, fname in (index or {}).items():
+            if name not in self._entries or self._entries[name][0].name != fname:
+                raise CheckpointError(f"{index_path} maps tensor {name!r} to {fname}, "
+                                      f"but {fname} does not contain it")
+        self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        """All tensor names, sorted so conversions iterate deterministically."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> tuple[Path, dict[str, Any]]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            msg = f"tensor {name!r} not found in checkpoint {self.folder}"
+            raise CheckpointError(msg) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the header; no tensor data is read."""
+        return tuple(int(d) for d in self._entry(name)[1]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype from the header; no tensor data is read."""
+        file, info = self._entry(name)
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {info['dtype']} "
+                                  f"that this torch build cannot represent")
+        return _DTYPES[info["dtype"]]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read just this tensor into an owned CPU tensor; handles are opened lazily.
+
+        Cloned because safe_open hands out views of one copy-on-write mmap per handle:
+        an in-place edit (e.g. ``mul_``) would silently show up in later reads.
+        """
+        file, _ = self._entry(name)
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file].get_tensor(name).clone()
+
+    def total_bytes(self) -> int:
+        """Sum of tensor payload sizes, e.g. for progress bars and the output index."""
+        return sum(end - begin for _, info in self._entries.values()
+                   for begin, end in [info["data_offsets"]])
+
+    def close(self) -> None:
+        """Drop the mmap-backed handles (matters on Windows and for deleting the folder)."""
+        self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ShardedSafetensorsWriter:
+    """Streams tensors into HF-style shards so a conversion never holds the whole model.
+
+    Tensors are buffered until the next would pass ``max_shard_bytes`` (a bigger tensor
+    gets a shard of its own); shards get temporary names because the final
+    ``model-0000i-of-0000N.safetensors`` needs N. `finalize` renames them (one shard:
+    ``model.safetensors``, no index), as transformers does. Files carry metadata
+    ``{"format": "pt"}``, which transformers checks. Tensors are buffered by
+    reference: do not modify one in place after `add`.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in self.folder.glob("*.safetensors*"))
+        if stale:  # mixing with an earlier run's shards would silently corrupt the checkpoint
+            raise CheckpointError(f"output folder {self.folder} already has weight files: {stale}")
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._storages: set[tuple[int, int]] = set()
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+        self._total = 0
+        self._finalized = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; may write a shard. Duplicate names raise ValueError."""
+        if self._finalized:
+            raise ValueError("ShardedSafetensorsWriter.add() called after finalize()")
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} added twice")
+        t = tensor.detach().to("cpu").contiguous()
+        # save_file rejects tensors sharing storage (tied weights, slices of one fused
+        # tensor); cloning those also stops a small slice from pinning a huge parent.
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.nbytes != key[1] or (key[0] != 0 and key in self._storages):
+            t = t.clone()
+            key = (t.untyped_storage().data_ptr(), t.nbytes)
+        if self._buffer and self._buffer_bytes + t.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._names.add(name)
+        self._buffer[name] = t
+        self._buffer_bytes += t.nbytes
+        self._total += t.nbytes
+        self._storages.add(key)
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._shards) + 1:05d}.tmp"
+        save_file(self._buffer, path, metadata={"format": "pt"})
+        self._shards.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes, self._storages = {}, 0, set()
+
+    def finalize(self) -> dict[str, str]:
+        """Write the last shard, rename shards to final names, write the index if >1 shard."""
+        if self._finalized:
+            raise ValueError("ShardedSafetensorsWriter.finalize() called twice")
+        if not self._names:
+            raise ValueError(f"no tensors were added to {self.folder}")
+        if self._buffer:
+            self._flush()
+        self._finalized = True
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (tmp, names) in enumerate(self._shards, start=1):
+            final = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp, self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        weight_map = dict(sorted(weight_map.items()))
+        if n > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `path` only if the block succeeds.
+
+    The sibling (``.<name>.tmp-<random>``) is on the same filesystem, so ``os.replace``
+    is an atomic rename: readers see the old folder or the complete new one. With
+    ``overwrite`` an existing `path` is renamed aside first (a folder cannot be renamed
+    over a non-empty one) and deleted after the swap. On exception the temporary folder
+    is deleted. The existence check runs before any work, so a forgotten ``--overwrite``
+    costs nothing. No fsync: atomic, but not power-loss durable.
+
+    Multi-process use: exactly one process (e.g. rank 0) enters this context; it
+    passes the yielded path to the others (e.g. broadcast), they write inside it, and
+    all must have finished (barrier) before that process leaves the block.
+    """
+    path = Path(path)
+    exists_msg = f"output directory {path} already exists; pass --overwrite to replace it"
+    if os.path.lexists(path) and not overwrite:
+        raise CheckpointError(exists_msg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # not tempfile.mkdtemp: that makes the final folder mode 0700, not umask's
+        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileExistsError):
+            tmp.mkdir()
+            break
+    try:
+        yield tmp
+        if not os.path.lexists(path):
+            os.replace(tmp, path)
+            return
+        if not overwrite:  # someone else created it while we were working
+            raise CheckpointError(exists_msg)
+        old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def copy_hf_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every top-level non-weight file of an HF folder; return the sorted names copied.
+
+    Config, tokenizer, processor, chat template and remote code must all come along;
+    excluding weights is robust to the next model's new file, unlike an allow-list.
+    Symlinks are followed (HF-cache snapshots are symlinks into blobs/). Hidden files
+    (.gitattributes, .cache/) are skipped: they are repo plumbing.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.name.startswith(".") or not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copyfile(f, dst / f.name)
+        copied.append(f.name)
+    return copied

@@ -1,0 +1,48 @@
+"""On-disk key layouts: the same tensors under different prefixes, as transformers versions wrote them.
+
+Tables speak the family's canonical (hub) names. A :class:`KeyLayout` maps file keys to canonical
+keys and back by prefix; the layout of a checkpoint is detected from its keys, remembered at
+import, and reproduced at export so that a round trip gives back the same key set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    name: str
+    file_to_canonical: dict[str, str] = field(default_factory=dict)
+
+    def to_canonical(self, key: str) -> str:
+        for src, dst in self.file_to_canonical.items():
+            if key.startswith(src):
+                return dst + key[len(src):]
+        return key
+
+    def to_file(self, key: str) -> str:
+        for src, dst in self.file_to_canonical.items():
+            if key.startswith(dst):
+                return src + key[len(dst):]
+        return key
+
+    def matches(self, keys: Iterable[str]) -> bool:
+        """True when every prefix this layout renames occurs in the keys (hub: nothing to rename)."""
+        keys = list(keys)
+        return all(any(k.startswith(src) for k in keys) for src in self.file_to_canonical)
+
+
+def detect_layout(layouts: list[KeyLayout], keys: Iterable[str]) -> KeyLayout:
+    """The most specific layout whose prefixes all occur; the first (hub) layout otherwise."""
+    keys = list(keys)
+    candidates = [lay for lay in layouts if lay.file_to_canonical and lay.matches(keys)]
+    return max(candidates, key=lambda lay: len(lay.file_to_canonical)) if candidates else layouts[0]
+
+
+def layout_by_name(layouts: list[KeyLayout], name: str) -> KeyLayout:
+    for lay in layouts:
+        if lay.name == name:
+            return lay
+    raise ValueError(f"unknown key layout {name!r}; known: {[lay.name for lay in layouts]}")

@@ -1,0 +1,52 @@
+"""Megatron-Core layer specs built from local (non-TE) modules and our torch-native attention."""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from vlm_bridge.attention.core import TorchCoreAttention
+
+
+def transformer_layer_spec(
+    *, qk_norm: bool = False, attn_mask_type: AttnMaskType = AttnMaskType.causal
+) -> ModuleSpec:
+    """A pre-norm transformer layer: norm -> attention -> add, norm -> (gated) MLP -> add.
+
+    The norm class follows ``config.normalization`` (LayerNorm or RMSNorm), so one spec serves the
+    vision towers and the language models of every family.
+    """
+    qk = WrappedTorchNorm if qk_norm else IdentityOp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=TorchCoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=qk,
+                    k_layernorm=qk,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

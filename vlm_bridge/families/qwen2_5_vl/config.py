@@ -1,0 +1,155 @@
+"""Qwen2.5-VL: HF config -> Megatron-Core configs, in one explicit function.
+
+Every Megatron field that differs from its default is set here from the HF config; nothing is
+inferred silently. Fields HF leaves implicit get the value HF's modeling code uses:
+``mrope_section`` defaults to [16, 24, 24] and the vision RMSNorm epsilon is a hard-coded 1e-6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vlm_bridge.families._common.vocab import padded_vocab_size
+
+HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
+VISION_NORM_EPS = 1e-6  # Qwen2_5_VLVisionBlock builds its RMSNorms with eps=1e-6, not from config
+
+
+@dataclass
+class Qwen25VLSettings:
+    """Everything the Megatron model needs beyond the two TransformerConfigs."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    mrope_section: list[int]
+    tie_word_embeddings: bool
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: list[int]
+    tokens_per_second: float
+    vision_rope_theta: float
+    out_hidden_size: int
+
+
+def skip_init(weight: torch.Tensor) -> None:
+    """No-op initialiser; every parameter is overwritten by conversion or a checkpoint load."""
+
+
+def _common_kwargs(dtype: torch.dtype) -> dict:
+    return dict(
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        # Weights always come from a checkpoint: allocate shards in place (this path also tags
+        # parameters with their TP partition metadata, which conversion relies on) and skip init.
+        use_cpu_initialization=False,
+        perform_initialization=True,
+        init_method=skip_init,
+        output_layer_init_method=skip_init,
+    )
+
+
+def build_configs(
+    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1
+) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLSettings]:
+    """Translate a ``Qwen2_5_VLConfig`` into (language config, vision config, settings)."""
+    text, vision = hf_config.text_config, hf_config.vision_config
+    rope = dict(text.rope_parameters or {})
+    if rope.get("rope_type", "default") not in ("default", "mrope"):
+        raise ValueError(f"Qwen2.5-VL rope_type {rope.get('rope_type')!r} is not supported")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    language = TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=head_dim,
+        layernorm_epsilon=text.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        mrope_section=list(rope.get("mrope_section", HF_DEFAULT_MROPE_SECTION)),
+        **_common_kwargs(dtype),
+    )
+    vision_heads = vision.num_heads
+    vision_cfg = TransformerConfig(
+        num_layers=vision.depth,
+        hidden_size=vision.hidden_size,
+        ffn_hidden_size=vision.intermediate_size,
+        num_attention_heads=vision_heads,
+        num_query_groups=vision_heads,
+        kv_channels=vision.hidden_size // vision_heads,
+        layernorm_epsilon=VISION_NORM_EPS,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
+        **_common_kwargs(dtype),
+    )
+    if vision.hidden_act != "silu" or text.hidden_act != "silu":
+        raise ValueError("Qwen2.5-VL with a hidden_act other than silu is not supported")
+    settings = Qwen25VLSettings(
+        vocab_size=text.vocab_size,
+        padded_vocab_size=padded_vocab_size(text.vocab_size, tp),
+        max_position_embeddings=text.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
+        mrope_section=list(language.mrope_section),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        image_token_id=hf_config.image_token_id,
+        video_token_id=hf_config.video_token_id,
+        vision_start_token_id=hf_config.vision_start_token_id,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        in_channels=vision.in_channels,
+        spatial_merge_size=vision.spatial_merge_size,
+        window_size=vision.window_size,
+        fullatt_block_indexes=list(vision.fullatt_block_indexes),
+        tokens_per_second=vision.tokens_per_second,
+        vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
+        out_hidden_size=vision.out_hidden_size,
+    )
+    check_divisibility(language, vision_cfg, settings, tp, pp)
+    return language, vision_cfg, settings
+
+
+def check_divisibility(
+    language: TransformerConfig, vision: TransformerConfig, s: Qwen25VLSettings, tp: int, pp: int
+) -> None:
+    """One-line errors for layouts the model cannot be split into."""
+    checks = [
+        ("language attention heads", language.num_attention_heads, tp, "--tp"),
+        ("language key/value heads", language.num_query_groups, tp, "--tp"),
+        ("language FFN size", language.ffn_hidden_size, tp, "--tp"),
+        ("vision attention heads", vision.num_attention_heads, tp, "--tp"),
+        ("vision FFN size", vision.ffn_hidden_size, tp, "--tp"),
+        ("merger width", vision.hidden_size * s.spatial_merge_size**2, tp, "--tp"),
+        ("language layers", language.num_layers, pp, "--pp"),
+    ]
+    for what, size, parts, flag in checks:
+        if size % parts:
+            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")

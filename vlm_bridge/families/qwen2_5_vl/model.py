@@ -1,0 +1,169 @@
+"""Qwen2.5-VL on Megatron-Core: a TP-sharded vision tower and a GPTModel language model with MRoPE.
+
+Non-obvious transforms (all mirrored from the HF implementation):
+
+* Patch embedding is a Conv3d whose kernel equals its stride, i.e. a Linear over flattened
+  ``(C, T, P, P)`` patches; we keep the Conv3d weight shape and apply it as a matmul.
+* Window attention: patches are reordered so each 112 px window is contiguous (in 2x2 merge units),
+  every block attends within a window except ``fullatt_block_indexes``, which attend within the
+  whole image/frame; the merger output is put back in raster order at the end.
+* Vision tokens replace the ``<|image_pad|>`` / ``<|video_pad|>`` embeddings in (batch, position)
+  order; the language model then uses 3-D MRoPE positions.
+* The vision tower lives whole on the first pipeline stage, TP-sharded like the language model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.families._common.specs import transformer_layer_spec
+from vlm_bridge.families._common.vision import (
+    PatchMerger,
+    scatter_vision_embeddings,
+    vision_rotary_freqs,
+    vision_tower_sharded_state_dict,
+)
+from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
+
+
+class Qwen25VisionModel(MegatronModule):
+    """The Qwen2.5-VL ViT: patch embed, 2D rotary, windowed/full attention blocks, 2x2 merger."""
+
+    def __init__(self, config: TransformerConfig, s: Qwen25VLSettings) -> None:
+        super().__init__(config=config)
+        self.s = s
+        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
+        self.patch_embed = torch.nn.Conv3d(
+            s.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=False,
+            dtype=config.params_dtype,
+        )
+        spec = transformer_layer_spec()
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        self.merger = PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Checkpoint keys per layer; a plain ``ModuleList`` would be saved as if replicated."""
+        return vision_tower_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``pixel_values``: ``[patches, C*T*P*P]``; returns ``[patches / merge**2, out_hidden]``."""
+        s, merge_unit = self.s, self.s.spatial_merge_size**2
+        weight = self.patch_embed.weight
+        x = F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        freqs = vision_rotary_freqs(
+            get_vision_position_ids(grid_thw, s.spatial_merge_size).to(x.device),
+            self.config.kv_channels, s.vision_rope_theta,
+        )
+        window_index, cu_window = get_vision_window_index(
+            grid_thw, s.spatial_merge_size, s.window_size, s.patch_size
+        )
+        window_index = window_index.to(x.device)
+        n = x.shape[0]
+
+        def by_window(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n // merge_unit, merge_unit, *t.shape[1:])[window_index].reshape(
+                n, *t.shape[1:]
+            )
+
+        x, freqs = by_window(x)[:, None, :], by_window(freqs)
+        full = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False)
+        windowed = AttentionMask.from_cu_seqlens(cu_window, causal=False)
+        for i, layer in enumerate(self.layers):
+            mask = full if i in s.fullatt_block_indexes else windowed
+            x, _ = layer(x, attention_mask=mask, rotary_pos_emb=freqs)
+        merged = self.merger(x[:, 0])
+        return merged[torch.argsort(window_index)]
+
+
+class Qwen25VLModel(MegatronModule):
+    """Vision tower (first stage only) + Megatron GPTModel; Megatron's pipeline schedules drive it."""
+
+    def __init__(
+        self,
+        language_config: TransformerConfig,
+        vision_config: TransformerConfig,
+        s: Qwen25VLSettings,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        super().__init__(config=language_config)
+        self.s = s
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vision = Qwen25VisionModel(vision_config, s) if pre_process else None
+        self.language_model = GPTModel(
+            config=language_config,
+            transformer_layer_spec=transformer_layer_spec(),
+            vocab_size=s.padded_vocab_size,
+            max_sequence_length=s.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=s.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=s.rope_theta,
+        )
+        # Megatron's schedules and optimizer look these up on the outermost module.
+        self.share_embeddings_and_output_weights = s.tie_word_embeddings
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings ``[s, b, h]`` with vision features in place of the placeholders."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if pixel_values is not None:
+            feats = self.vision(pixel_values, image_grid_thw)
+            emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images")
+        if pixel_values_videos is not None:
+            feats = self.vision(pixel_values_videos, video_grid_thw)
+            emb = scatter_vision_embeddings(emb, input_ids, self.s.video_token_id, feats, "videos")
+        return emb
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: AttentionMask,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[b, s, vocab]`` (or per-token loss when ``labels`` is given) on the last stage."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        return self.language_model(
+            input_ids=None,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            runtime_gather_output=runtime_gather_output,
+        )
