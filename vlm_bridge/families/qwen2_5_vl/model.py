@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -116,6 +117,7 @@ class Qwen25VLModel(MegatronModule):
         )
         # Megatron's schedules and optimizer look these up on the outermost module.
         self.share_embeddings_and_output_weights = s.tie_word_embeddings
+        self.model_type = ModelType.encoder_or_decoder
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -1,0 +1,229 @@
+"""Parity check: HF and Megatron on the same processed inputs, with a per-layer divergence report.
+
+The HF processor (chat template, image/video preprocessing) builds one padded batch: a row with the
+given images, a row with the video, and a text-only row. HF runs it on rank 0; Megatron runs it at
+the requested TP/PP through the pipeline schedule. Logits are compared over real (non-padding)
+tokens; language-model layer outputs and vision-tower outputs are compared too, so a mismatch is
+located at the first module that diverges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vlm_bridge.convert.engine import (
+    DTYPES,
+    build_rank_model,
+    check_coverage,
+    fill_from_hf,
+    load_hf_config,
+    load_megatron,
+)
+from vlm_bridge.convert.hf_io import SafetensorsReader
+from vlm_bridge.convert.layout import detect_layout
+from vlm_bridge.parallel import ParallelConfig, init_distributed
+from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
+
+DEFAULT_PROMPT = "Describe what you see."
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff: float
+    mean_abs_diff: float
+    kl_divergence: float
+    top1_agreement: float
+    tokens: int
+    dtype: str
+    tolerance: float
+    passed: bool
+    vision_max_abs_diff: float | None = None
+    layer_max_abs_diff: list[float] = field(default_factory=list)
+    first_divergent_layer: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Max-abs logit diff allowed: fp32 must match closely; half precision by distribution."""
+    return 1e-3 if dtype == torch.float32 else 0.5
+
+
+def load_media(images: list[str], video: str | None):
+    """PIL images, and video frames (a folder of frame images, or a file the processor decodes)."""
+    from PIL import Image
+
+    pil = []
+    for path in images:
+        try:
+            pil.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from None
+    frames = None
+    if video is not None:
+        p = Path(video)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            if not files:
+                raise ValueError(f"video folder {video} holds no .png/.jpg frames")
+            frames = [Image.open(f).convert("RGB") for f in files]
+        elif p.is_file():
+            frames = str(p)
+        else:
+            raise ValueError(f"video {video} does not exist")
+    return pil, frames
+
+
+def default_media():
+    """Generated media so that verify always exercises the vision path."""
+    from vlm_bridge.testing.media import make_image, make_video_frames
+
+    return [make_image(224, 168, seed=1), make_image(112, 224, seed=2)], make_video_frames(
+        4, 112, 112, seed=3
+    )
+
+
+def build_batch(processor, images, video, prompt: str, fps: float = 2.0):
+    """Rows: images (if any), video (if any), text only; left-padded like HF generation."""
+    rows, media = [], {}
+    if images:
+        rows.append([*({"type": "image"} for _ in images), {"type": "text", "text": prompt}])
+        media["images"] = images
+    if video is not None:
+        rows.append([{"type": "video"}, {"type": "text", "text": prompt}])
+        media["videos"] = [video]
+        if isinstance(video, list):
+            media["video_metadata"] = [{"total_num_frames": len(video), "fps": fps}]
+    rows.append([{"type": "text", "text": prompt}])
+    conversations = [[{"role": "user", "content": row}] for row in rows]
+    texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
+
+
+def compare_logits(hf: torch.Tensor, mg: torch.Tensor, valid: torch.Tensor) -> dict:
+    hf, mg = hf[valid].float(), mg[valid].float()
+    diff = (hf - mg).abs()
+    kl = F.kl_div(F.log_softmax(mg, -1), F.log_softmax(hf, -1), log_target=True, reduction="none")
+    return dict(
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        kl_divergence=float(kl.sum(-1).mean()),
+        top1_agreement=float((hf.argmax(-1) == mg.argmax(-1)).float().mean()),
+        tokens=int(valid.sum()),
+    )
+
+
+def _capture_megatron(built) -> dict:
+    """Hooks recording each decoder layer's output ``[s, b, h]`` and the vision tower output."""
+    store: dict = {"layers": {}, "vision": []}
+    model = built.model
+    for layer in model.language_model.decoder.layers:
+        idx = layer.layer_number - 1
+        layer.register_forward_hook(
+            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
+        )
+    if model.vision is not None:
+        model.vision.register_forward_hook(lambda m, i, o: store["vision"].append(o.detach()))
+    return store
+
+
+def _run_hf(hf_dir: str, dtype: torch.dtype, batch) -> tuple[torch.Tensor, list, list]:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+    model.eval()
+    vision_out: list = []
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        visual.register_forward_hook(lambda m, i, o: vision_out.append(o.pooler_output.detach()))
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return out.logits, list(out.hidden_states), vision_out
+
+
+def verify(
+    hf_dir: str,
+    megatron_dir: str | None,
+    parallel: ParallelConfig,
+    images: list[str],
+    video: str | None,
+    prompt: str,
+    dtype_arg: str | None,
+    tolerance: float | None,
+) -> dict:
+    """Run on every rank; rank 0 returns the report as a dict."""
+    from transformers import AutoProcessor
+
+    init_distributed(parallel)
+    if megatron_dir:
+        built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
+        dtype = DTYPES[dtype_arg or meta["dtype"]]
+    else:
+        reader = SafetensorsReader(hf_dir)
+        dtype = DTYPES[dtype_arg] if dtype_arg else torch.float32
+        built = build_rank_model(load_hf_config(hf_dir), dtype, parallel)
+        layout = detect_layout(built.family.layouts, reader.keys())
+        check_coverage(built.table, reader.keys(), layout, hf_dir)
+        fill_from_hf(built, reader, layout, hf_dir)
+    built.model.eval()
+    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
+    pil, frames = load_media(images, video) if (images or video) else default_media()
+    batch = build_batch(processor, pil, frames, prompt)
+    store = _capture_megatron(built)
+    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    logits = pipeline_forward_logits(built.model, kwargs)
+    vocab = built.settings.vocab_size
+    src = last_stage_rank()
+    mg_logits = to_rank0(logits[..., :vocab] if logits is not None else None, src)
+    layers = _gather_layers(store["layers"])
+    if dist.get_rank() != 0:
+        return {}
+    hf_logits, hf_hidden, hf_vision = _run_hf(hf_dir, dtype, batch)
+    valid = batch["attention_mask"].bool()
+    stats = compare_logits(hf_logits, mg_logits, valid)
+    tol = tolerance if tolerance is not None else default_tolerance(dtype)
+    layer_diffs = _layer_diffs(layers, hf_hidden, valid)
+    vision_diff = None
+    if store["vision"] and hf_vision:
+        vision_diff = max(
+            float((a.float() - b.float()).abs().max()) for a, b in zip(store["vision"], hf_vision)
+        )
+    first_bad = next((i for i, d in enumerate(layer_diffs) if d > tol), None)
+    passed = stats["max_abs_diff"] <= tol and stats["top1_agreement"] >= (
+        1.0 if dtype == torch.float32 else 0.9
+    )
+    report = VerifyReport(
+        **stats, dtype=str(dtype).removeprefix("torch."), tolerance=tol, passed=passed,
+        vision_max_abs_diff=vision_diff, layer_max_abs_diff=layer_diffs,
+        first_divergent_layer=first_bad,
+    )
+    return report.to_dict()
+
+
+def _gather_layers(local: dict) -> dict:
+    from megatron.core import parallel_state
+
+    mine = local if parallel_state.get_tensor_model_parallel_rank() == 0 else {}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged: dict = {}
+    for part in everyone:
+        merged.update(part or {})
+    return merged
+
+
+def _layer_diffs(layers: dict, hf_hidden: list, valid: torch.Tensor) -> list[float]:
+    """Max abs diff per decoder layer; HF's last hidden state is after the final norm, so skip it."""
+    diffs = []
+    for idx in sorted(layers):
+        if idx + 1 >= len(hf_hidden) - 1:
+            break
+        mg = layers[idx].transpose(0, 1)[valid].float()
+        diffs.append(float((mg - hf_hidden[idx + 1][valid].float()).abs().max()))
+    return diffs
