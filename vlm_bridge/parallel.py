@@ -94,7 +94,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errors:
         if rank == 0:
             errors.put(("ok", result))
     except BaseException as exc:  # reported to the parent, which re-raises with the message
-        errors.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        # User errors (ValueError and subclasses) carry their own one-line message.
+        text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        errors.put(("error", text, traceback.format_exc()))
     finally:
         shutdown_distributed()
 

@@ -76,6 +76,7 @@ def build_configs(
     hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLSettings]:
     """Translate a ``Qwen2_5_VLConfig`` into (language config, vision config, settings)."""
+    check_divisibility(hf_config, tp, pp)
     text, vision = hf_config.text_config, hf_config.vision_config
     rope = dict(text.rope_parameters or {})
     if rope.get("rope_type", "default") not in ("default", "mrope"):
@@ -133,22 +134,20 @@ def build_configs(
         vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
         out_hidden_size=vision.out_hidden_size,
     )
-    check_divisibility(language, vision_cfg, settings, tp, pp)
     return language, vision_cfg, settings
 
 
-def check_divisibility(
-    language: TransformerConfig, vision: TransformerConfig, s: Qwen25VLSettings, tp: int, pp: int
-) -> None:
-    """One-line errors for layouts the model cannot be split into."""
+def check_divisibility(hf_config, tp: int, pp: int) -> None:
+    """One-line errors for layouts the model cannot be split into (before Megatron asserts)."""
+    text, vision = hf_config.text_config, hf_config.vision_config
     checks = [
-        ("language attention heads", language.num_attention_heads, tp, "--tp"),
-        ("language key/value heads", language.num_query_groups, tp, "--tp"),
-        ("language FFN size", language.ffn_hidden_size, tp, "--tp"),
-        ("vision attention heads", vision.num_attention_heads, tp, "--tp"),
-        ("vision FFN size", vision.ffn_hidden_size, tp, "--tp"),
-        ("merger width", vision.hidden_size * s.spatial_merge_size**2, tp, "--tp"),
-        ("language layers", language.num_layers, pp, "--pp"),
+        ("language attention heads", text.num_attention_heads, tp, "--tp"),
+        ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
+        ("language FFN size", text.intermediate_size, tp, "--tp"),
+        ("vision attention heads", vision.num_heads, tp, "--tp"),
+        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
+        ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
+        ("language layers", text.num_hidden_layers, pp, "--pp"),
     ]
     for what, size, parts, flag in checks:
         if size % parts:

@@ -1,0 +1,157 @@
+"""``vlm-bridge`` command line: import | export | verify | demo.
+
+User mistakes (bad paths, unsupported models, layouts that do not divide, corrupt files) end with a
+one-line ``error: ...`` on stderr and exit code 2; a failed parity check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_USAGE = 2
+EXIT_PARITY = 1
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+
+
+def _add_dtype(p: argparse.ArgumentParser, help_default: str) -> None:
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=help_default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-bridge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="HF checkpoint folder -> Megatron distributed checkpoint")
+    p.add_argument("--hf-model", required=True)
+    p.add_argument("--megatron-path", required=True)
+    _add_layout(p)
+    _add_dtype(p, "parameter dtype (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export", help="Megatron checkpoint -> HF folder (safetensors)")
+    p.add_argument("--megatron-path", required=True)
+    p.add_argument("--hf-path", required=True)
+    _add_layout(p)
+    _add_dtype(p, "output dtype (default: the checkpoint's)")
+    p.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
+    p.add_argument("--hf-model", required=True)
+    p.add_argument("--megatron-path", default=None, help="default: convert --hf-model in memory")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", default=None, help="video file or folder of frame images")
+    p.add_argument("--prompt", default=None)
+    _add_layout(p)
+    _add_dtype(p, "compute dtype (default: fp32 for --hf-model, else the checkpoint's)")
+    p.add_argument("--tolerance", type=float, default=None, help="max abs logit diff allowed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("demo", help="tiny Qwen2.5-VL: build, import, verify, export, round-trip")
+    p.add_argument("--workdir", default="demo_output")
+    return parser
+
+
+def _parallel(args):
+    from vlm_bridge.parallel import ParallelConfig
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    parallel.validate()
+    return parallel
+
+
+def cmd_import(args) -> int:
+    from vlm_bridge.convert.engine import import_hf
+    from vlm_bridge.parallel import run_parallel
+
+    parallel = _parallel(args)
+    start = time.time()
+    meta = run_parallel(
+        import_hf, parallel.model_parallel_size, args.hf_model, args.megatron_path, parallel,
+        args.dtype, args.overwrite,
+    )
+    print(f"imported {args.hf_model} -> {args.megatron_path} ({meta['family']}, {meta['dtype']}, "
+          f"tp={parallel.tp} pp={parallel.pp}) in {time.time() - start:.1f}s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from vlm_bridge.convert.engine import export_hf
+    from vlm_bridge.parallel import run_parallel
+
+    parallel = _parallel(args)
+    start = time.time()
+    meta = run_parallel(
+        export_hf, parallel.model_parallel_size, args.megatron_path, args.hf_path, parallel,
+        args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3),
+    )
+    print(f"exported {args.megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
+          f"in {time.time() - start:.1f}s")
+    return 0
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"tokens compared      {r['tokens']} ({r['dtype']})",
+        f"max |logit diff|     {r['max_abs_diff']:.3e}   (tolerance {r['tolerance']:.1e})",
+        f"mean |logit diff|    {r['mean_abs_diff']:.3e}",
+        f"KL(HF || Megatron)   {r['kl_divergence']:.3e}",
+        f"top-1 agreement      {100 * r['top1_agreement']:.2f}%",
+    ]
+    if r.get("vision_max_abs_diff") is not None:
+        lines.append(f"vision tower diff    {r['vision_max_abs_diff']:.3e}")
+    per_layer = ", ".join(f"{d:.1e}" for d in r["layer_max_abs_diff"])
+    lines.append(f"per-layer max diff   [{per_layer}]")
+    first = r["first_divergent_layer"]
+    lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
+    lines.append("PASS" if r["passed"] else "FAIL")
+    return "\n".join(lines)
+
+
+def cmd_verify(args) -> int:
+    from vlm_bridge.parallel import run_parallel
+    from vlm_bridge.verify import DEFAULT_PROMPT, verify
+
+    parallel = _parallel(args)
+    report = run_parallel(
+        verify, parallel.model_parallel_size, args.hf_model, args.megatron_path, parallel,
+        args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["passed"] else EXIT_PARITY
+
+
+def cmd_demo(args) -> int:
+    from vlm_bridge.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    from vlm_bridge.convert.hf_io import CheckpointError
+    from vlm_bridge.parallel import RankError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, ValueError, RankError, FileNotFoundError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
