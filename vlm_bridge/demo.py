@@ -12,8 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from vlm_bridge.cli import format_report
 
 
@@ -22,19 +20,10 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def round_trip_mismatches(src: Path, dst: Path) -> list[str]:
-    """Names of tensors that differ (or are missing) between two HF folders."""
-    from vlm_bridge.convert.hf_io import SafetensorsReader
-
-    with SafetensorsReader(src) as a, SafetensorsReader(dst) as b:
-        if a.keys() != b.keys():
-            return sorted(set(a.keys()) ^ set(b.keys()))
-        return [k for k in a.keys() if a.dtype(k) != b.dtype(k) or not torch.equal(a.get(k), b.get(k))]
-
-
 def run_demo(workdir: str) -> int:
     from vlm_bridge.convert.engine import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
+    from vlm_bridge.testing.checks import checkpoint_mismatches
     from vlm_bridge.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
     from vlm_bridge.verify import DEFAULT_PROMPT, verify
 
@@ -62,7 +51,7 @@ def run_demo(workdir: str) -> int:
     print(f"   {root / 'hf_export'} ({time.time() - start:.1f}s)")
 
     _step("5/5 round trip HF -> Megatron -> HF")
-    bad = round_trip_mismatches(hf, root / "hf_export")
+    bad = checkpoint_mismatches(hf, root / "hf_export")
     print("   bit-exact: all tensors equal" if not bad else f"   MISMATCH: {bad[:5]}")
     ok = report["passed"] and not bad
     print("\ndemo " + ("passed" if ok else "FAILED"))

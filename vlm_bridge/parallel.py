@@ -70,11 +70,29 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+    global _CPU_GROUP
+    # Host-side transfers (exported tensors, reports) go over gloo whatever the device backend.
+    _CPU_GROUP = dist.new_group(backend="gloo") if cuda_available() else dist.group.WORLD
+
+
+_CPU_GROUP = None
+
+
+def cpu_group():
+    """A process group over all ranks that carries CPU tensors (gloo)."""
+    return _CPU_GROUP
+
+
+def device() -> torch.device:
+    """Where this rank's model lives."""
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
 def shutdown_distributed() -> None:
     from megatron.core import parallel_state
 
+    global _CPU_GROUP
+    _CPU_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

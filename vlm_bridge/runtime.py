@@ -7,6 +7,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from vlm_bridge.parallel import cpu_group
+
 
 def pipeline_forward_logits(model: torch.nn.Module, kwargs: dict) -> torch.Tensor | None:
     """Full-vocabulary logits ``[b, s, vocab]`` on the last stage, ``None`` on the others."""
@@ -38,7 +40,7 @@ def last_stage_rank() -> int:
     """Global rank of TP rank 0 on the last pipeline stage (where logits are produced)."""
     # Rank 0's pipeline group is the one whose last member holds TP rank 0 of the last stage.
     holder = [parallel_state.get_pipeline_model_parallel_last_rank()]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=cpu_group())
     return holder[0]
 
 
@@ -48,8 +50,9 @@ def to_rank0(t: torch.Tensor | None, src: int) -> torch.Tensor | None:
     if src == 0:
         return obj[0] if dist.get_rank() == 0 else None
     if dist.get_rank() == src:
-        dist.send_object_list(obj, dst=0)
+        obj = [t.cpu() if t is not None else None]
+        dist.send_object_list(obj, dst=0, group=cpu_group())
     elif dist.get_rank() == 0:
-        dist.recv_object_list(obj, src=src)
+        dist.recv_object_list(obj, src=src, group=cpu_group())
         return obj[0]
     return None

@@ -26,7 +26,7 @@ from vlm_bridge.convert.engine import (
 )
 from vlm_bridge.convert.hf_io import SafetensorsReader
 from vlm_bridge.convert.layout import detect_layout
-from vlm_bridge.parallel import ParallelConfig, init_distributed
+from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
 DEFAULT_PROMPT = "Describe what you see."
@@ -129,7 +129,7 @@ def _capture_megatron(built) -> dict:
             lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
         )
     if model.vision is not None:
-        model.vision.register_forward_hook(lambda m, i, o: store["vision"].append(o.detach()))
+        model.vision.register_forward_hook(lambda m, i, o: store["vision"].append(o.detach().cpu()))
     return store
 
 
@@ -137,6 +137,7 @@ def _run_hf(hf_dir: str, dtype: torch.dtype, batch) -> tuple[torch.Tensor, list,
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+    model.to(device())
     model.eval()
     vision_out: list = []
     visual = getattr(model.model, "visual", None)
@@ -174,7 +175,7 @@ def verify(
     built.model.eval()
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     pil, frames = load_media(images, video) if (images or video) else default_media()
-    batch = build_batch(processor, pil, frames, prompt)
+    batch = build_batch(processor, pil, frames, prompt).to(device())
     store = _capture_megatron(built)
     kwargs = built.family.prepare_inputs(built.settings, dict(batch))
     logits = pipeline_forward_logits(built.model, kwargs)
@@ -185,8 +186,10 @@ def verify(
     if dist.get_rank() != 0:
         return {}
     hf_logits, hf_hidden, hf_vision = _run_hf(hf_dir, dtype, batch)
-    valid = batch["attention_mask"].bool()
-    stats = compare_logits(hf_logits, mg_logits, valid)
+    valid = batch["attention_mask"].bool().cpu()
+    hf_hidden = [h.cpu() for h in hf_hidden]
+    hf_vision = [v.cpu() for v in hf_vision]
+    stats = compare_logits(hf_logits.cpu(), mg_logits, valid)
     tol = tolerance if tolerance is not None else default_tolerance(dtype)
     layer_diffs = _layer_diffs(layers, hf_hidden, valid)
     vision_diff = None
@@ -211,7 +214,8 @@ def _gather_layers(local: dict) -> dict:
 
     mine = local if parallel_state.get_tensor_model_parallel_rank() == 0 else {}
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    mine = {k: v.cpu() for k, v in mine.items()}
+    dist.all_gather_object(everyone, mine, group=cpu_group())
     merged: dict = {}
     for part in everyone:
         merged.update(part or {})

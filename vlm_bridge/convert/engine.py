@@ -38,7 +38,7 @@ from vlm_bridge.convert.hf_io import (
 from vlm_bridge.convert.layout import KeyLayout, detect_layout, layout_by_name
 from vlm_bridge.convert.ops import Entry
 from vlm_bridge.families.base import Family
-from vlm_bridge.parallel import ParallelConfig, init_distributed
+from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.registry import family_by_name, family_for_config
 
 META_FILE = "vlm_bridge.json"
@@ -81,6 +81,8 @@ def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) ->
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    # Plain torch submodules (patch embedding, torch norms) start on the CPU in fp32.
+    model.to(device=device(), dtype=dtype)
     table = family.weight_table(language, vision, settings)
     return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
 
@@ -177,7 +179,7 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
     try:
         if ctx is not None:
             holder[0] = str(ctx.__enter__())
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=0, group=cpu_group())
         tmp = Path(holder[0])
         if dist.get_rank() == 0:
             (tmp / "weights").mkdir()
@@ -220,25 +222,27 @@ def _owners(built: BuiltModel) -> dict[str, int]:
     if parallel_state.get_tensor_model_parallel_rank() != 0:
         mine = []
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=cpu_group())
     return {name: rank for rank, names in enumerate(everyone) for name in names}
 
 
 def _send_tensor(t: torch.Tensor, dst: int) -> None:
     header = torch.tensor([t.dim(), *t.shape, list(DTYPES.values()).index(t.dtype)])
-    dist.send(torch.tensor([header.numel()]), dst)
-    dist.send(header, dst)
-    dist.send(t.contiguous(), dst)
+    group = cpu_group()
+    dist.send(torch.tensor([header.numel()]), dst, group=group)
+    dist.send(header, dst, group=group)
+    dist.send(t.cpu().contiguous(), dst, group=group)
 
 
 def _recv_tensor(src: int) -> torch.Tensor:
+    group = cpu_group()
     n = torch.empty(1, dtype=torch.long)
-    dist.recv(n, src)
+    dist.recv(n, src, group=group)
     header = torch.empty(int(n), dtype=torch.long)
-    dist.recv(header, src)
+    dist.recv(header, src, group=group)
     ndim = int(header[0])
     t = torch.empty(header[1:1 + ndim].tolist(), dtype=list(DTYPES.values())[int(header[-1])])
-    dist.recv(t, src)
+    dist.recv(t, src, group=group)
     return t
 
 
@@ -272,7 +276,7 @@ def export_hf(
             elif rank == 0:
                 full = full if owner == 0 else _recv_tensor(owner)
                 for name, t in zip(entry.hf, entry.op.to_hf(full)):
-                    writer.add(layout.to_file(name), t.to(out_dtype))
+                    writer.add(layout.to_file(name), t.to(device="cpu", dtype=out_dtype))
         if rank == 0:
             writer.finalize()
             copy_hf_side_files(Path(megatron_dir) / "hf", tmp)

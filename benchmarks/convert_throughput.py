@@ -1,0 +1,183 @@
+"""Time HF -> Megatron import and Megatron -> HF export against a raw safetensors read.
+
+    python benchmarks/convert_throughput.py HF_DIR [--tp 2] [--workdir DIR] [--dtype bf16] [--keep]
+
+Phases, in this order (each with wall time, MB/s over the HF tensor bytes, and peak memory):
+raw read (every tensor once, as the importer reads them: the I/O floor and page-cache warm-up, so
+import and export are not charged for cold disk), import (``import_hf`` under ``run_parallel``),
+export (``export_hf``), and a bit-exact round-trip check of the exported folder, one tensor at a
+time. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from vlm_bridge.convert.engine import export_hf, import_hf
+from vlm_bridge.convert.hf_io import SafetensorsReader
+from vlm_bridge.parallel import ParallelConfig, run_parallel
+
+
+def _memory(proc: psutil.Process) -> tuple[int, int, int]:
+    """(RSS, PSS, anonymous PSS) in bytes; PSS splits shared pages among the processes sharing them.
+
+    Summed RSS over-counts twice here: the reader mmaps whole shards (file pages in RSS), and
+    Megatron's torch_dist save forks writer processes whose copy-on-write pages are counted again.
+    The PSS sum is the tree's real footprint; anonymous PSS leaves out the page-cache-backed mmaps.
+    """
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as fh:
+            kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in fh if ":" in ln[:20])}
+        return kb["Rss"] * 1024, kb["Pss"] * 1024, kb.get("Pss_Anon", kb["Pss"]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux, or the process is gone
+        rss = proc.memory_info().rss
+        return rss, rss, rss
+
+
+class PeakMemory:
+    """Peaks of summed RSS / PSS / anonymous PSS over this process and its descendants (0.2 s poll)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak = interval, [0, 0, 0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = [0, 0, 0]
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total = [a + b for a, b in zip(total, _memory(proc))]
+            except psutil.Error:  # a rank or writer exited between listing and reading
+                continue
+        self.peak = [max(a, b) for a, b in zip(self.peak, total)]
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, dict]:
+    """Run ``fn``; wall seconds and peak summed RSS / PSS / anonymous PSS in GB."""
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        result = fn()
+    stats = {"seconds": time.perf_counter() - start, "peak_rss_gb": mem.peak[0] / 1e9,
+             "peak_pss_gb": mem.peak[1] / 1e9, "peak_anon_gb": mem.peak[2] / 1e9}
+    return result, stats
+
+
+def raw_read(hf_dir: str | Path) -> int:
+    """Read every tensor once through the same reader (mmap + copy) the importer uses."""
+    total = 0
+    with SafetensorsReader(hf_dir) as reader:
+        for name in reader.keys():
+            total += reader.get(name).nbytes
+    return total
+
+
+def round_trip_equal(src: str | Path, dst: str | Path) -> dict:
+    """Bit-exact comparison, streamed: same keys, dtypes, shapes and values."""
+    with SafetensorsReader(src) as a, SafetensorsReader(dst) as b:
+        if a.keys() != b.keys():
+            diff = sorted(set(a.keys()) ^ set(b.keys()))
+            return {"equal": False, "reason": f"key sets differ: {diff[:5]}"}
+        for name in a.keys():
+            x, y = a.get(name), b.get(name)
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                return {"equal": False, "reason": f"{name}: {x.dtype}/{y.dtype} or values differ"}
+    return {"equal": True, "tensors": len(a.keys())}
+
+
+def dir_bytes(path: str | Path, suffix: str = "") -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob(f"*{suffix}") if f.is_file())
+
+
+def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) -> dict:
+    """All phases; ``workdir`` receives ``megatron/`` and ``export/``."""
+    parallel = ParallelConfig(tp=tp)
+    mg_dir, out_dir = Path(workdir) / "megatron", Path(workdir) / "export"
+    size = SafetensorsReader(hf_dir).total_bytes()
+    _, raw = timed(lambda: raw_read(hf_dir))
+    _, imp = timed(lambda: run_parallel(import_hf, tp, hf_dir, str(mg_dir), parallel, dtype, True))
+    _, exp = timed(lambda: run_parallel(export_hf, tp, str(mg_dir), str(out_dir), parallel, dtype,
+                                        True, 5 * 1024**3))
+    check, chk = timed(lambda: round_trip_equal(hf_dir, out_dir))
+    phases = {"raw_read": raw, "import": imp, "export": exp, "check": chk}
+    for stats in phases.values():
+        stats["mb_per_s"] = size / 1e6 / stats["seconds"]
+    return {
+        "hf_dir": str(hf_dir), "tp": tp, "cpu": not torch.cuda.is_available(),
+        "checkpoint_gb": size / 1e9, "files_gb": dir_bytes(hf_dir, ".safetensors") / 1e9,
+        "megatron_gb": dir_bytes(mg_dir / "weights") / 1e9,
+        "import_vs_raw": imp["mb_per_s"] / raw["mb_per_s"],
+        "export_vs_raw": exp["mb_per_s"] / raw["mb_per_s"],
+        # Lifetime max of one process each (not a sum): a cross-check of the polled numbers.
+        "ru_maxrss_self_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "ru_maxrss_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,
+        "round_trip": check, "phases": phases,
+    }
+
+
+def table(r: dict) -> str:
+    lines = [f"{r['hf_dir']}: {r['checkpoint_gb']:.3f} GB tensors, tp={r['tp']}, "
+             f"megatron ckpt {r['megatron_gb']:.3f} GB",
+             f"{'phase':<10}{'seconds':>10}{'MB/s':>12}{'x raw':>8}{'peak RSS GB':>13}{'anon GB':>10}"]
+    raw = r["phases"]["raw_read"]["mb_per_s"]
+    for name, s in r["phases"].items():
+        lines.append(f"{name:<10}{s['seconds']:>10.2f}{s['mb_per_s']:>12.1f}{s['mb_per_s'] / raw:>8.3f}"
+                     f"{s['peak_rss_gb']:>13.2f}{s['peak_anon_gb']:>10.2f}")
+    lines.append("round trip: " + ("bit-exact" if r["round_trip"]["equal"] else r["round_trip"]["reason"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("hf_dir")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="import/export dtype (default: the checkpoint's; round trip needs that)")
+    p.add_argument("--workdir", default=None, help="default: a temporary folder next to hf_dir")
+    p.add_argument("--keep", action="store_true", help="keep the Megatron and exported folders")
+    args = p.parse_args(argv)
+    os.environ.setdefault("CI", "1")  # no tqdm bars interleaved with the timings
+    # Same filesystem as the input by default, so /tmp (often RAM-backed) does not flatter export.
+    workdir = args.workdir or tempfile.mkdtemp(prefix=".bench-", dir=Path(args.hf_dir).resolve().parent)
+    try:
+        result = benchmark(args.hf_dir, workdir, args.tp, args.dtype)
+    finally:
+        if not args.keep:  # only what this script wrote, never a user-given folder itself
+            for sub in ("megatron", "export"):
+                shutil.rmtree(Path(workdir) / sub, ignore_errors=True)
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result))
+    print(table(result))
+    return 0 if result["round_trip"]["equal"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
