@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
-from vlm_bridge.convert.engine import export_hf, import_hf
-from vlm_bridge.convert.hf_io import SafetensorsReader
-from vlm_bridge.parallel import ParallelConfig, run_parallel
+# torch and vlm_bridge are imported inside the functions: Megatron's torch_dist save starts a
+# spawn-context multiprocessing Manager, which re-imports this file as __mp_main__ (as it would
+# re-import the light cli.py), and heavy imports here would bill seconds and ~0.5 GB to import.
 
 
 def _memory(proc: psutil.Process) -> tuple[int, int, int]:
@@ -92,6 +91,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, dict]:
 
 def raw_read(hf_dir: str | Path) -> int:
     """Read every tensor once through the same reader (mmap + copy) the importer uses."""
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
     total = 0
     with SafetensorsReader(hf_dir) as reader:
         for name in reader.keys():
@@ -101,6 +102,10 @@ def raw_read(hf_dir: str | Path) -> int:
 
 def round_trip_equal(src: str | Path, dst: str | Path) -> dict:
     """Bit-exact comparison, streamed: same keys, dtypes, shapes and values."""
+    import torch
+
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
     with SafetensorsReader(src) as a, SafetensorsReader(dst) as b:
         if a.keys() != b.keys():
             diff = sorted(set(a.keys()) ^ set(b.keys()))
@@ -118,6 +123,12 @@ def dir_bytes(path: str | Path, suffix: str = "") -> int:
 
 def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) -> dict:
     """All phases; ``workdir`` receives ``megatron/`` and ``export/``."""
+    import torch
+
+    from vlm_bridge.convert.engine import export_hf, import_hf
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+    from vlm_bridge.parallel import ParallelConfig, run_parallel
+
     parallel = ParallelConfig(tp=tp)
     mg_dir, out_dir = Path(workdir) / "megatron", Path(workdir) / "export"
     size = SafetensorsReader(hf_dir).total_bytes()
@@ -145,11 +156,12 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
 def table(r: dict) -> str:
     lines = [f"{r['hf_dir']}: {r['checkpoint_gb']:.3f} GB tensors, tp={r['tp']}, "
              f"megatron ckpt {r['megatron_gb']:.3f} GB",
-             f"{'phase':<10}{'seconds':>10}{'MB/s':>12}{'x raw':>8}{'peak RSS GB':>13}{'anon GB':>10}"]
+             f"{'phase':<10}{'seconds':>9}{'MB/s':>10}{'x raw':>8}{'RSS GB':>9}{'PSS GB':>9}"
+             f"{'anon GB':>9}"]
     raw = r["phases"]["raw_read"]["mb_per_s"]
     for name, s in r["phases"].items():
-        lines.append(f"{name:<10}{s['seconds']:>10.2f}{s['mb_per_s']:>12.1f}{s['mb_per_s'] / raw:>8.3f}"
-                     f"{s['peak_rss_gb']:>13.2f}{s['peak_anon_gb']:>10.2f}")
+        lines.append(f"{name:<10}{s['seconds']:>9.2f}{s['mb_per_s']:>10.1f}{s['mb_per_s'] / raw:>8.3f}"
+                     f"{s['peak_rss_gb']:>9.2f}{s['peak_pss_gb']:>9.2f}{s['peak_anon_gb']:>9.2f}")
     lines.append("round trip: " + ("bit-exact" if r["round_trip"]["equal"] else r["round_trip"]["reason"]))
     return "\n".join(lines)
 

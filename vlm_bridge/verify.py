@@ -64,7 +64,7 @@ def load_media(images: list[str], video: str | None):
         try:
             pil.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from None
+            raise ValueError(f"cannot read image {path} ({type(exc).__name__})") from None
     frames = None
     if video is not None:
         p = Path(video)
@@ -162,6 +162,8 @@ def verify(
     from transformers import AutoProcessor
 
     init_distributed(parallel)
+    # Inputs first: a bad image path must fail before minutes of model loading.
+    pil, frames = load_media(images, video) if (images or video) else default_media()
     if megatron_dir:
         built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
         dtype = DTYPES[dtype_arg or meta["dtype"]]
@@ -174,7 +176,6 @@ def verify(
         fill_from_hf(built, reader, layout, hf_dir)
     built.model.eval()
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
-    pil, frames = load_media(images, video) if (images or video) else default_media()
     batch = build_batch(processor, pil, frames, prompt).to(device())
     store = _capture_megatron(built)
     kwargs = built.family.prepare_inputs(built.settings, dict(batch))

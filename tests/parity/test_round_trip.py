@@ -81,6 +81,7 @@ def test_bf16_checkpoint_round_trip(tiny_hf, run_cli, tmp_path):
     out = round_trip(run_cli, bf16, tmp_path / "rt")
     assert SafetensorsReader(out).dtype("model.norm.weight") == torch.bfloat16
     fp32 = tmp_path / "fp32"
-    assert run_cli("export", "--megatron-path", tmp_path / "rt" / "meg", "--hf-path", fp32, "--dtype", "fp32") == 0
+    meg = tmp_path / "rt" / "meg"
+    assert run_cli("export", "--megatron-path", meg, "--hf-path", fp32, "--dtype", "fp32") == 0
     assert SafetensorsReader(fp32).dtype("model.norm.weight") == torch.float32
     assert json.loads((fp32 / "config.json").read_text()).get("dtype") in (None, "float32")

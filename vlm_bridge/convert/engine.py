@@ -122,27 +122,34 @@ def _progress(items, desc: str, enabled: bool):
     return tqdm(items, desc=desc, unit="tensor", disable=not enabled or bool(os.environ.get("CI")))
 
 
+def _convert_and_shard(entry: Entry, tensors: list[torch.Tensor], param, src: str) -> torch.Tensor:
+    """Table op + TP shard for one parameter; any shape mismatch is a one-line CheckpointError."""
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(entry.hf, tensors))
+    try:
+        local = shard(entry.op.to_megatron(tensors), param, entry.op.tp_chunks)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{src}: wrong shape for {shapes} ({exc})") from None
+    if tuple(local.shape) != tuple(param.shape):
+        raise CheckpointError(
+            f"{src}: wrong shape for {shapes}: gives {tuple(local.shape)} per rank, "
+            f"the model expects {tuple(param.shape)}"
+        )
+    return local
+
+
 def fill_from_hf(built: BuiltModel, reader: SafetensorsReader, layout: KeyLayout, src: str) -> None:
-    """Load this rank's parameters from HF tensors, checking every shape."""
+    """Load this rank's parameters from HF tensors; every shape is checked before any is read."""
     by_name = _entry_for(built)
     _check_local_coverage(built, by_name)
-    show = dist.get_rank() == 0
-    for name, param in _progress(list(built.params.items()), "import", show):
-        entry = by_name[name]
+    plan = [(param, by_name[name]) for name, param in built.params.items()]
+    for param, entry in plan:  # shapes from the headers only, on the meta device
+        files = [layout.to_file(n) for n in entry.hf]
+        metas = [torch.empty(reader.shape(f), dtype=reader.dtype(f), device="meta") for f in files]
+        _convert_and_shard(entry, metas, param, src)
+    for param, entry in _progress(plan, "import", dist.get_rank() == 0):
         tensors = [reader.get(layout.to_file(n)) for n in entry.hf]
-        try:
-            full = entry.op.to_megatron(tensors)
-            local = shard(full, param, entry.op.tp_chunks)
-        except (RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{src}: tensor {entry.hf[0]} has a wrong shape ({exc})") from None
-        if tuple(local.shape) != tuple(param.shape):
-            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(entry.hf, tensors))
-            raise CheckpointError(
-                f"{src}: wrong shape for {shapes}: gives {tuple(local.shape)} per rank, "
-                f"the model expects {tuple(param.shape)}"
-            )
         with torch.no_grad():
-            param.copy_(local.to(param.dtype))
+            param.copy_(_convert_and_shard(entry, tensors, param, src).to(param.dtype))
 
 
 def import_hf(

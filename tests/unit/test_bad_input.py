@@ -1,0 +1,138 @@
+"""Bad input: a one-line error naming the problem, exit code 2, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def check_error(run_cli, capsys, args, *needles: str, out: Path) -> str:
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists(), "partial output left behind"
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    assert leftovers == [], leftovers
+    return err
+
+
+def import_args(hf: Path, out: Path, *extra: str) -> list:
+    return ["import", "--hf-model", hf, "--megatron-path", out, *extra]
+
+
+def test_unknown_architecture(tiny_hf, run_cli, capsys, tmp_path):
+    bad = copy_model(tiny_hf, tmp_path / "llama")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "LlamaForCausalLM",
+                "Qwen2_5_VLForConditionalGeneration", out=out)
+
+
+def test_missing_tensor(tiny_hf, run_cli, capsys, tmp_path):
+    bad = copy_model(tiny_hf, tmp_path / "m")
+    edit_tensors(bad, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "missing", "model.layers.1.self_attn.k_proj.bias",
+                out=out)
+
+
+def test_extra_tensor(tiny_hf, run_cli, capsys, tmp_path):
+    import torch
+
+    bad = copy_model(tiny_hf, tmp_path / "m")
+    edit_tensors(bad, lambda t: t.__setitem__("model.layers.0.mystery.weight", torch.zeros(2)))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "unexpected", "model.layers.0.mystery.weight", out=out)
+
+
+def test_wrong_shape(tiny_hf, run_cli, capsys, tmp_path):
+    import torch
+
+    bad = copy_model(tiny_hf, tmp_path / "m")
+    edit_tensors(bad, lambda t: t.__setitem__("model.layers.3.mlp.down_proj.weight", torch.zeros(64, 100)))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "model.layers.3.mlp.down_proj.weight", "(64, 100)",
+                out=out)
+
+
+def test_truncated_safetensors(tiny_hf, run_cli, capsys, tmp_path):
+    bad = copy_model(tiny_hf, tmp_path / "m")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "model.safetensors", "truncated", out=out)
+
+
+def test_corrupt_header(tiny_hf, run_cli, capsys, tmp_path):
+    bad = copy_model(tiny_hf, tmp_path / "m")
+    f = bad / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "model.safetensors", out=out)
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--tp", "3"], "--tp 3 does not divide"), (["--pp", "3"], "--pp 3 does not divide the language layers"),
+     (["--tp", "0"], "--tp must be >= 1")],
+)
+def test_layout_that_does_not_divide(tiny_hf, run_cli, capsys, tmp_path, flags, needle):
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(tiny_hf, out, *flags), needle, out=out)
+
+
+def test_not_an_hf_folder(run_cli, capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(empty, out), "config.json", out=out)
+
+
+def test_existing_output_needs_overwrite(tiny_hf, tiny_megatron, run_cli, capsys, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    capsys.readouterr()
+    assert run_cli(*import_args(tiny_hf, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", out) == 2
+    assert (out / "keep.txt").exists()
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_export_of_a_non_checkpoint(tiny_hf, run_cli, capsys, tmp_path):
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, ["export", "--megatron-path", tiny_hf, "--hf-path", out],
+                "vlm_bridge.json", out=out)
+
+
+def test_verify_with_unreadable_image(tiny_hf, run_cli, capsys, tmp_path):
+    img = tmp_path / "broken.png"
+    img.write_bytes(b"not a png")
+    capsys.readouterr()
+    assert run_cli("verify", "--hf-model", tiny_hf, "--image", img) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.png" in err and "\n" not in err
