@@ -61,7 +61,8 @@ def test_extra_tensor(tiny_hf, run_cli, capsys, tmp_path):
     bad = copy_model(tiny_hf, tmp_path / "m")
     edit_tensors(bad, lambda t: t.__setitem__("model.layers.0.mystery.weight", torch.zeros(2)))
     out = tmp_path / "out"
-    check_error(run_cli, capsys, import_args(bad, out), "unexpected", "model.layers.0.mystery.weight", out=out)
+    args = import_args(bad, out)
+    check_error(run_cli, capsys, args, "unexpected", "model.layers.0.mystery.weight", out=out)
 
 
 def test_wrong_shape(tiny_hf, run_cli, capsys, tmp_path):

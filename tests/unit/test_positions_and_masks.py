@@ -1,0 +1,55 @@
+"""3-D MRoPE positions equal HF's get_rope_index; attention masks have the intended structure."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.families._common.mrope import mrope_position_ids
+
+
+def test_mrope_positions_match_hf(tiny_hf):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_bridge.testing.media import make_image, make_video_frames
+    from vlm_bridge.verify import build_batch
+
+    processor = AutoProcessor.from_pretrained(tiny_hf)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_hf)
+    images = [make_image(224, 168, seed=1), make_image(112, 224, seed=2)]
+    batch = build_batch(processor, images, make_video_frames(6, 112, 84, seed=3), "Hi", fps=1.0)
+    cfg = model.config
+    ours = mrope_position_ids(
+        batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], batch["video_grid_thw"],
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        spatial_merge_size=cfg.vision_config.spatial_merge_size,
+        tokens_per_second=cfg.vision_config.tokens_per_second,
+        second_per_grid_ts=batch["second_per_grid_ts"],
+    )
+    theirs, _ = model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["video_grid_thw"],
+        batch["second_per_grid_ts"], batch["attention_mask"],
+    )
+    assert float(batch["second_per_grid_ts"][0]) != 1.0  # the video interval is exercised
+    assert torch.equal(ours, theirs)
+
+
+def test_segment_mask_is_block_diagonal_causal_and_pads_attend_to_themselves():
+    mask = AttentionMask(segment_ids=torch.tensor([[-1, 0, 0, 1, 1]]), causal=True).dense(5, 5, "cpu")
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0],
+            [0, 1, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_cu_seqlens_mask_is_bidirectional_within_blocks():
+    mask = AttentionMask.from_cu_seqlens(torch.tensor([0, 2, 5]), causal=False).dense(5, 5, "cpu")
+    assert torch.equal(mask[0, 0, :2, :2], torch.ones(2, 2, dtype=torch.bool))
+    assert not mask[0, 0, :2, 2:].any() and mask[0, 0, 2:, 2:].all()
