@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_reused(hf_dir: Path, size: str, dtype: str) -> None:
     """Refuse to report a 7B number from a tiny (or other-dtype) checkpoint left in the workdir."""
+    from make_checkpoint import DTYPES, build_config
+
     cfg = json.loads((hf_dir / "config.json").read_text())
-    want_hidden = 3584 if size == "7b" else None
-    got_hidden = cfg["text_config"]["hidden_size"]
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    if (want_hidden and got_hidden != want_hidden) or (not want_hidden and got_hidden == 3584) \
-            or cfg.get("dtype") != names[dtype]:
-        raise SystemExit(f"{hf_dir} holds another size/dtype (hidden {got_hidden}, "
-                         f"{cfg.get('dtype')}); pass --fresh")
+    got = (cfg["text_config"]["hidden_size"], cfg.get("dtype"))
+    want = (build_config(size, False).text_config.hidden_size, str(DTYPES[dtype]).removeprefix("torch."))
+    if got != want:
+        raise SystemExit(f"{hf_dir} holds hidden size {got[0]} in {got[1]}, not {want[0]} in "
+                         f"{want[1]}; pass --fresh to rewrite it")
 
 
 def _device_name() -> str:

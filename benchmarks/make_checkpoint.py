@@ -19,7 +19,6 @@ import argparse
 import json
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -117,12 +116,6 @@ def make_processor(min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
     )
 
 
-def _stream(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-            seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    for key, shape in specs:
-        yield key, random_tensor(key, shape, dtype, seed)
-
-
 def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie: bool = False,
                     seed: int = 0, overwrite: bool = False, max_shard_bytes: int = SHARD_BYTES,
                     max_pixels: int = MAX_PIXELS) -> dict:
@@ -133,8 +126,8 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
     start = time.time()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for key, t in _stream(specs, DTYPES[dtype], seed):
-            writer.add(key, t)
+        for key, shape in specs:  # one tensor alive at a time, plus the writer's shard buffer
+            writer.add(key, random_tensor(key, shape, DTYPES[dtype], seed))
         shards = len(set(writer.finalize().values()))
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
