@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     report = run_parallel(verify, 1, str(hf_dir), None, ParallelConfig(), [], None,
-                          args.prompt or DEFAULT_PROMPT, args.dtype, None)
+                          args.prompt or DEFAULT_PROMPT, args.dtype, None, args.dtype != "fp32")
     times["verify_s"] = time.perf_counter() - start
     result: dict = {"size": args.size, "dtype": args.dtype, "device": _device_name(),
                     "times": times, "verify_gpu_peak_gb": _gpu_peak_gb(), "report": report}

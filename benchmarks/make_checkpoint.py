@@ -10,13 +10,14 @@ network); the config's special-token ids are set to the tiny tokenizer's ids, wh
 152064, so ids above the tokenizer's 300 are simply never produced.
 
     python benchmarks/make_checkpoint.py --size 7b --out /data/qwen7b-random [--dtype bf16] [--tie]
-    python benchmarks/make_checkpoint.py --size 7b --out unused --dry-run   # names/bytes only
+    python benchmarks/make_checkpoint.py --size 7b --dry-run   # tensor count and bytes only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -31,7 +32,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from vlm_bridge.convert.hf_io import ShardedSafetensorsWriter, atomic_output_dir
+from vlm_bridge.convert.hf_io import CheckpointError, ShardedSafetensorsWriter, atomic_output_dir
 from vlm_bridge.testing import tiny_qwen2_5_vl as tiny
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -150,7 +151,7 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["7b", "tiny"], default="7b")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (required unless --dry-run)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (not 7B's)")
     p.add_argument("--seed", type=int, default=0)
@@ -158,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list tensors and bytes, write nothing")
     args = p.parse_args(argv)
+    if args.out is None and not args.dry_run:
+        p.error("--out is required")
     if args.dry_run:
         config = build_config(args.size, args.tie)
         print(json.dumps(summarize(tensor_specs(config), DTYPES[args.dtype])))
         return 0
-    summary = make_checkpoint(args.out, args.size, args.dtype, args.tie, args.seed,
-                              args.overwrite, max_pixels=args.max_pixels)
+    try:
+        summary = make_checkpoint(args.out, args.size, args.dtype, args.tie, args.seed,
+                                  args.overwrite, max_pixels=args.max_pixels)
+    except CheckpointError as exc:  # e.g. --out exists without --overwrite
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": str(args.out), **summary}))
     return 0
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype(p, "compute dtype (default: fp32 for --hf-model, else the checkpoint's)")
     p.add_argument("--tolerance", type=float, default=None, help="max abs logit diff allowed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--fp32-baseline", action="store_true",
+        help="half precision: also run HF in fp32 and judge against HF's own half-precision error",
+    )
 
     p = sub.add_parser("demo", help="tiny Qwen2.5-VL: build, import, verify, export, round-trip")
     p.add_argument("--workdir", default="demo_output")
@@ -112,6 +116,10 @@ def format_report(r: dict) -> str:
     lines.append(f"per-layer max diff   [{per_layer}]")
     first = r["first_divergent_layer"]
     lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
+    if r.get("fp32_baseline"):
+        for name, b in r["fp32_baseline"].items():
+            lines.append(f"{name:<26} KL {b['kl_divergence']:.3e}  top-1 {100 * b['top1_agreement']:.2f}%"
+                         f"  max diff {b['max_abs_diff']:.3e}")
     lines.append("PASS" if r["passed"] else "FAIL")
     return "\n".join(lines)
 
@@ -124,6 +132,7 @@ def cmd_verify(args) -> int:
     report = run_parallel(
         verify, parallel.model_parallel_size, args.hf_model, args.megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
+        args.fp32_baseline,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] else EXIT_PARITY
