@@ -48,7 +48,7 @@ def to_rank0(t: torch.Tensor | None, src: int) -> torch.Tensor | None:
     """Move a tensor held on ``src`` to rank 0 (same object when src is 0)."""
     obj = [t if dist.get_rank() == src else None]
     if src == 0:
-        return obj[0] if dist.get_rank() == 0 else None
+        return obj[0].cpu() if dist.get_rank() == 0 and obj[0] is not None else None
     if dist.get_rank() == src:
         obj = [t.cpu() if t is not None else None]
         dist.send_object_list(obj, dst=0, group=cpu_group())
