@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="half precision: also run HF in fp32 and judge against HF's own half-precision error",
     )
 
+    p = sub.add_parser("finetune", help="fine-tune (SFT or LoRA/DoRA) on Megatron-Core")
+    p.add_argument("--recipe", required=True, help="recipe name, e.g. qwen2_5_vl_7b_lora")
+    p.add_argument("--pretrained", required=True, help="HF folder or vlm-bridge Megatron checkpoint")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size when not under torchrun")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=2e-5")
+
     p = sub.add_parser("demo", help="tiny Qwen2.5-VL: build, import, verify, export, round-trip")
     p.add_argument("--workdir", default="demo_output")
     return parser
@@ -138,13 +144,29 @@ def cmd_verify(args) -> int:
     return 0 if report["passed"] else EXIT_PARITY
 
 
+def cmd_finetune(args) -> int:
+    from vlm_bridge.parallel import run_parallel
+    from vlm_bridge.recipes import get_recipe
+    from vlm_bridge.train.config import apply_overrides
+    from vlm_bridge.train.trainer import train
+
+    cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+    cfg.pretrained = args.pretrained
+    world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+    result = run_parallel(train, world, cfg)
+    print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
+          f"{result['output_dir']}; skipped samples: {result['skipped'] or 'none'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vlm_bridge.demo import run_demo
 
     return run_demo(args.workdir)
 
 
-COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify, "demo": cmd_demo}
+COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify,
+            "finetune": cmd_finetune, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

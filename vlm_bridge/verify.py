@@ -16,16 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlm_bridge.convert.engine import (
-    DTYPES,
-    build_rank_model,
-    check_coverage,
-    fill_from_hf,
-    load_hf_config,
-    load_megatron,
-)
-from vlm_bridge.convert.hf_io import SafetensorsReader
-from vlm_bridge.convert.layout import detect_layout
+from vlm_bridge.convert.engine import DTYPES, load_hf, load_megatron
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
@@ -177,12 +168,8 @@ def verify(
         built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
         dtype = DTYPES[dtype_arg or meta["dtype"]]
     else:
-        reader = SafetensorsReader(hf_dir)
         dtype = DTYPES[dtype_arg] if dtype_arg else torch.float32
-        built = build_rank_model(load_hf_config(hf_dir), dtype, parallel)
-        layout = detect_layout(built.family.layouts, reader.keys())
-        check_coverage(built.table, reader.keys(), layout, hf_dir)
-        fill_from_hf(built, reader, layout, hf_dir)
+        built = load_hf(hf_dir, parallel, dtype)
     built.model.eval()
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     batch = build_batch(processor, pil, frames, prompt).to(device())

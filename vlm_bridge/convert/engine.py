@@ -39,7 +39,7 @@ from vlm_bridge.convert.layout import KeyLayout, detect_layout, layout_by_name
 from vlm_bridge.convert.ops import Entry
 from vlm_bridge.families.base import Family
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
-from vlm_bridge.registry import family_by_name, family_for_config
+from vlm_bridge.registry import family_for_config
 
 META_FILE = "vlm_bridge.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +61,8 @@ class BuiltModel:
     model: torch.nn.Module
     table: list[Entry]
     params: dict[str, torch.nn.Parameter]
+    key_layout: str = "hub"  # on-disk layout of the HF source, reproduced on export
+    hf_side_dir: str = ""  # folder with config, tokenizer and processor files
 
 
 def load_hf_config(folder: str | Path):
@@ -192,7 +194,7 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             (tmp / "weights").mkdir()
             copy_hf_side_files(hf_side_dir, tmp / "hf")
         dist.barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+        dist_checkpointing.save(_state_dict_consuming(model), str(tmp / "weights"))
         dist.barrier()
         if ctx is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -203,6 +205,32 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             import sys
 
             ctx.__exit__(*sys.exc_info())
+
+
+def _state_dict_consuming(model) -> dict:
+    """The model's sharded state dict with views copied out and their parameters freed.
+
+    Megatron splits fused GLU weights into views for the checkpoint, and its writer clones CPU
+    views before writing, all at once: on a CPU import that is a second copy of every fc1 (about
+    45% of a dense LM). The model is discarded after an import, so copy each view and free its
+    parameter right away: peak memory stays at one model plus one parameter.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    by_storage: dict[int, list] = {}
+    for item in nested_values(sd):
+        if isinstance(item, ShardedTensor) and item.data is not None and item.data.device.type == "cpu":
+            by_storage.setdefault(item.data.untyped_storage().data_ptr(), []).append(item)
+    for param in model.parameters():
+        items = by_storage.get(param.untyped_storage().data_ptr(), [])
+        if any(it.data.numel() != param.numel() for it in items):
+            for it in items:
+                it.data = it.data.detach().clone()
+            param.data = torch.empty(0, dtype=param.dtype)
+    return sd
 
 
 def read_meta(megatron_dir: str | Path) -> dict:
@@ -218,9 +246,45 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
     hf_config = load_hf_config(Path(megatron_dir) / "hf")
     dtype = dtype or DTYPES[meta["dtype"]]
     built = build_rank_model(hf_config, dtype, parallel)
-    state = dist_checkpointing.load(built.model.sharded_state_dict(), f"{megatron_dir}/weights")
-    built.model.load_state_dict(state, strict=True)
+    built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
+    load_in_place(built.model, f"{megatron_dir}/weights")
     return built, meta
+
+
+def load_in_place(model, weights_dir: str) -> None:
+    """Read a torch_dist checkpoint straight into the model's parameters.
+
+    Megatron's factories (fused GLU weights) would otherwise load into fresh tensors and
+    concatenate them, a second copy of every fc1 before ``load_state_dict``; applied up front,
+    their pieces are views of the parameters and the reader fills those views directly. Keys
+    live in the sharded tensors, not the dict nesting, so this also reads the model out of a
+    training checkpoint (which holds optimizer state besides).
+    """
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    dist_checkpointing.load(sd, weights_dir)
+
+
+def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype) -> BuiltModel:
+    """Build this rank's model and fill it from an HF folder (conversion on the fly)."""
+    reader = SafetensorsReader(hf_dir)
+    built = build_rank_model(load_hf_config(hf_dir), dtype, parallel)
+    layout = detect_layout(built.family.layouts, reader.keys())
+    check_coverage(built.table, reader.keys(), layout, hf_dir)
+    fill_from_hf(built, reader, layout, hf_dir)
+    built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
+    return built
+
+
+def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
+    """An HF folder or a vlm-bridge Megatron checkpoint, at this run's layout."""
+    if not path:
+        raise ValueError("no pretrained model given (--pretrained DIR)")
+    if (Path(path) / META_FILE).is_file():
+        return load_megatron(path, parallel, dtype)[0]
+    return load_hf(path, parallel, dtype or torch.float32)
 
 
 def _owners(built: BuiltModel) -> dict[str, int]:
@@ -259,16 +323,21 @@ def export_hf(
 ) -> dict:
     """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
     init_distributed(parallel)
-    out = Path(hf_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if Path(hf_dir).exists() and not overwrite:
+        raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
     built, meta = load_megatron(megatron_dir, parallel)
-    family = family_by_name(meta["family"])
-    layout = layout_by_name(family.layouts, meta["key_layout"])
     out_dtype = DTYPES[dtype_arg or meta["dtype"]]
+    write_hf(built, hf_dir, out_dtype, overwrite, max_shard_bytes)
+    return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}
+
+
+def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
+             max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Run on every rank: stream this (live) model to an HF folder; rank 0 writes."""
+    layout = layout_by_name(built.family.layouts, built.key_layout)
     owners = _owners(built)
     rank = dist.get_rank()
-    ctx = atomic_output_dir(out, overwrite=overwrite) if rank == 0 else None
+    ctx = atomic_output_dir(Path(hf_dir), overwrite=overwrite) if rank == 0 else None
     tmp = ctx.__enter__() if ctx is not None else None
     try:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if tmp is not None else None
@@ -286,7 +355,7 @@ def export_hf(
                     writer.add(layout.to_file(name), t.to(device="cpu", dtype=out_dtype))
         if rank == 0:
             writer.finalize()
-            copy_hf_side_files(Path(megatron_dir) / "hf", tmp)
+            copy_hf_side_files(built.hf_side_dir, tmp)
             _write_config_dtype(tmp, out_dtype)
             ctx.__exit__(None, None, None)
             ctx = None
@@ -295,8 +364,7 @@ def export_hf(
             import sys
 
             ctx.__exit__(*sys.exc_info())
-    dist.barrier()
-    return {"family": family.name, "dtype": dtype_name(out_dtype), "key_layout": layout.name}
+    dist.barrier(group=cpu_group())
 
 
 def _write_config_dtype(folder: Path, dtype: torch.dtype) -> None:

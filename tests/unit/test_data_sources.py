@@ -1,0 +1,244 @@
+"""Sources: JSON files with relative media, local ``datasets`` copies of each maker's dataset."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from vlm_bridge.data.encode import IGNORE_INDEX, SampleEncoder
+from vlm_bridge.data.sources import (
+    MAKERS,
+    cord_v2,
+    json_to_token,
+    llava_video_178k,
+    load_hf_dataset,
+    load_json_samples,
+    load_source,
+    medpix,
+    raven,
+)
+from vlm_bridge.testing.media import make_image, make_video_frames, save_video_frames
+from vlm_bridge.testing.tiny_qwen2_5_vl import make_tiny_processor
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SampleEncoder(make_tiny_processor(), max_seq_len=1024)
+
+
+def answers(sample) -> list[str]:
+    return [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
+
+
+def encodes(encoder, sample) -> bool:
+    encoded = encoder.encode(sample)
+    return encoded is not None and bool((encoded.labels != IGNORE_INDEX).any())
+
+
+def test_jsonl_relative_paths(tmp_path, monkeypatch, encoder):
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    make_image(56, 84).save(data / "imgs" / "a.png")
+    save_video_frames(make_video_frames(2, 56, 56), data / "clips" / "c1")
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": "imgs/a.png"}, {"type": "text", "text": "?"}],
+                },
+                {"role": "assistant", "content": "A shape."},
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "video", "video": "clips/c1"}, {"type": "text", "text": "?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "Motion."}]},
+            ]
+        },
+    ]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (data / "train.json").write_text(json.dumps(rows))
+    monkeypatch.chdir(tmp_path)  # paths must resolve against the file's folder, not the cwd
+    for spec in ("jsonl:data/train.jsonl", "json:data/train.json"):
+        samples = list(load_source(spec))
+        assert samples[0]["messages"][0]["content"][0]["image"] == str(data / "imgs" / "a.png")
+        assert samples[1]["messages"][0]["content"][0]["video"] == str(data / "clips" / "c1")
+        monkeypatch.chdir(data / "imgs")
+        assert all(encodes(encoder, s) for s in samples)
+        monkeypatch.chdir(tmp_path)
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}]}
+    path.write_text(
+        json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"^bad.jsonl line 2: message 0 has role 'bot'$"):
+        list(load_json_samples(path))
+    with pytest.raises(ValueError, match="unknown source"):
+        load_source("csv:x.csv")
+
+
+def test_hf_source_with_images_column(tmp_path, encoder):
+    user = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    ds = datasets.Dataset.from_dict(
+        {
+            "messages": [
+                [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                ]
+            ],
+            "images": [[make_image(56, 56)]],
+        },
+        features=datasets.Features(
+            {
+                "messages": datasets.List(
+                    {
+                        "role": datasets.Value("string"),
+                        "content": datasets.List(
+                            {"type": datasets.Value("string"), "text": datasets.Value("string")}
+                        ),
+                    }
+                ),
+                "images": datasets.List(datasets.Image()),
+            }
+        ),
+    )
+    ds.save_to_disk(tmp_path / "chat")
+    (sample,) = load_source(f"hf:{tmp_path / 'chat'}")
+    image_item, text_item = sample["messages"][0]["content"]
+    assert isinstance(image_item["image"], Image.Image) and "text" not in image_item
+    assert text_item == {"type": "text", "text": "What is it?"}
+    assert encodes(encoder, sample)
+
+
+def test_load_hf_dataset_from_data_files(tmp_path):
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"x": [1, 2, 3]}).to_parquet(folder / "train.parquet")
+    ds = load_hf_dataset(folder, split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds["x"] == [1, 2, 3]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"x": [4]})}).save_to_disk(tmp_path / "dd")
+    assert load_hf_dataset(tmp_path / "dd", split="validation")["x"] == [4]
+    with pytest.raises(ValueError, match="no split 'train'"):
+        load_hf_dataset(tmp_path / "dd")
+
+
+def test_json_to_token_matches_donut():
+    parse = {
+        "menu": [{"nm": "Tea", "price": "3"}, {"nm": "Cake", "price": "5"}],
+        "total": {"total_price": "8"},
+    }
+    assert json_to_token(parse) == (
+        "<s_total><s_total_price>8</s_total_price></s_total>"
+        "<s_menu><s_price>3</s_price><s_nm>Tea</s_nm><sep/><s_price>5</s_price><s_nm>Cake</s_nm></s_menu>"
+    )
+    assert json_to_token({"text_sequence": "plain"}) == "plain"
+
+
+def test_cord_v2(tmp_path, encoder):
+    parse = {"menu": {"nm": "Tea", "price": "3"}, "total": {"total_price": "3"}}
+    ds = datasets.Dataset.from_dict(
+        {"image": [make_image(84, 112)], "ground_truth": [json.dumps({"gt_parse": parse, "meta": {}})]},
+        features=datasets.Features({"image": datasets.Image(), "ground_truth": datasets.Value("string")}),
+    )
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "cord")
+    (sample,) = load_source("cord_v2", path=str(tmp_path / "cord"))
+    assert answers(sample) == [json_to_token(parse)]
+    image, text = sample["messages"][0]["content"]
+    assert isinstance(image["image"], Image.Image) and text["text"] == "Extract the receipt fields."
+    assert list(cord_v2(path=tmp_path / "cord")) and encodes(encoder, sample)
+
+
+def test_medpix_with_default_and_overridden_columns(tmp_path, encoder):
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+    )
+    data = {"image": [make_image(56, 56)], "question": ["Which organ?"], "answer": ["The liver."]}
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(tmp_path / "medpix")
+    (sample,) = medpix(path=tmp_path / "medpix")
+    assert sample["messages"][0]["content"][1]["text"] == "Which organ?" and answers(sample) == ["The liver."]
+    assert encodes(encoder, sample)
+
+    renamed = {"img": data["image"], "case_question": data["question"], "Answer": data["answer"]}
+    datasets.Dataset.from_dict(renamed).cast_column("img", datasets.Image()).save_to_disk(tmp_path / "other")
+    (sample,) = medpix(path=tmp_path / "other", columns={"question": "case_question"})
+    assert sample["messages"][0]["content"][1]["text"] == "Which organ?" and answers(sample) == ["The liver."]
+    with pytest.raises(ValueError, match="no question column"):
+        list(medpix(path=tmp_path / "other"))
+
+
+def test_raven(tmp_path, encoder):
+    texts = [
+        {"user": "Which panel completes the pattern?", "assistant": "Answer: B", "source": "raven"},
+        {"user": "Why?", "assistant": "Shapes grow.", "source": "raven"},
+    ]
+    ds = datasets.Dataset.from_dict(
+        {"images": [[make_image(56, 56, 1), make_image(56, 84, 2)]], "texts": [texts]}
+    )
+    ds = ds.cast_column("images", datasets.List(datasets.Image()))
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "the_cauldron" / "raven")
+    (sample,) = load_source("raven", path=str(tmp_path / "the_cauldron"))
+    roles = [m["role"] for m in sample["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    first = sample["messages"][0]["content"]
+    assert [item["type"] for item in first] == ["image", "image", "text"]
+    assert sample["messages"][2]["content"] == [{"type": "text", "text": "Why?"}]
+    assert answers(sample) == ["Answer: B", "Shapes grow."]
+    assert list(raven(path=tmp_path / "the_cauldron")) and encodes(encoder, sample)
+
+
+def test_llava_video_178k_from_hub_style_data_files(tmp_path, encoder):
+    """Annotations as JSON data files plus a dataset card naming config and split, as on the hub."""
+    root = tmp_path / "LLaVA-Video-178K"
+    (root / "0_30_s_nextqa").mkdir(parents=True)
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: 0_30_s_nextqa\n  data_files:\n  - split: open_ended\n"
+        '    path: "0_30_s_nextqa/*oe*.json"\n---\n'
+    )
+    rows = [
+        {
+            "id": "1",
+            "data_source": "NextQA",
+            "video": "NextQA/clip_1",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat does the square do?"},
+                {"from": "gpt", "value": "It moves down."},
+                {"from": "human", "value": "Which way?"},
+                {"from": "gpt", "value": "To the right."},
+            ],
+        }
+    ]
+    (root / "0_30_s_nextqa" / "nextqa_oe_qa_processed.json").write_text(json.dumps(rows))
+    videos = tmp_path / "videos"
+    save_video_frames(make_video_frames(4, 56, 56), videos / "NextQA" / "clip_1")
+
+    (sample,) = load_source(
+        f"llava_video_178k:{root}", video_root=str(videos), cache_dir=str(tmp_path / "cache")
+    )
+    first = sample["messages"][0]["content"]
+    assert first == [
+        {"type": "video", "video": str(videos / "NextQA" / "clip_1")},
+        {"type": "text", "text": "What does the square do?"},
+    ]
+    assert [m["role"] for m in sample["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert answers(sample) == [
+        [{"type": "text", "text": "It moves down."}],
+        [{"type": "text", "text": "To the right."}],
+    ]
+    assert encodes(encoder, sample)
+    with pytest.raises(TypeError):
+        next(llava_video_178k(path=root))  # video_root is required
+
+
+def test_makers_table():
+    assert set(MAKERS) == {"cord_v2", "medpix", "raven", "llava_video_178k"}

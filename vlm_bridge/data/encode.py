@@ -1,0 +1,445 @@
+"""Turn schema samples into model inputs with assistant-only labels, for any HF VLM processor.
+
+Everything model-specific comes from the Hugging Face processor: the chat template renders the
+conversation, ``processor(text=..., images=..., videos=...)`` tokenizes it, expands the media
+placeholders and produces the pixel tensors. Nothing here resizes pixels or hard-codes a token,
+so a new family only needs a processor with a chat template.
+
+Loss mask. The assistant header (what the template adds as the generation prompt) and footer
+(what it emits after an assistant message) are read off the template once, by rendering probe
+conversations. Each assistant turn's content plus its end-of-turn token is located in the
+rendered text, mapped to tokens through the tokenizer's offsets, and carried over to the
+processor's (media-expanded) token sequence by aligning the two token sequences: they differ only
+where the processor expanded a media placeholder, which never lies inside assistant text.
+
+Truncation. Over-long samples are cut at ``max_seq_len`` but never inside a media span (the
+placeholder tokens of one image/video plus the special tokens right around them): a cut inside a
+span moves to before the span, and that media item's pixel rows are dropped so token and feature
+counts still agree. A sample left with nothing to learn is skipped and counted, never mangled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_bridge.data.schema import MEDIA_TYPES, content_items, iter_media, validate_sample
+
+IGNORE_INDEX = -100
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Decoders transformers.video_utils.load_video can use, in order of preference.
+_VIDEO_BACKENDS = (("torchcodec", "torchcodec"), ("av", "pyav"), ("decord", "decord"), ("cv2", "opencv"))
+# Processor outputs that are one tensor per media kind, sliced when media is dropped.
+_VISION_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
+SKIP_REASONS = ("too_long", "bad_media", "no_loss_tokens")
+
+
+class BadMediaError(ValueError):
+    """An image or video file is missing or cannot be decoded (the message names the file)."""
+
+
+@dataclass
+class EncodedSample:
+    """One encoded conversation, unpadded and without a batch dimension.
+
+    ``labels`` is aligned with ``input_ids`` and NOT shifted: ``labels[i]`` is the target for
+    predicting token ``i`` (it equals ``input_ids[i]`` on assistant tokens and is -100
+    elsewhere), the Hugging Face convention. The trainer shifts (logits at ``i - 1`` are
+    scored against ``labels[i]``).
+
+    The vision tensors are exactly what the processor returned for this sample (minus media
+    dropped by truncation); they are None when the sample has no such media. Qwen-style
+    processors flatten patches of all items into ``pixel_values`` rows, item after item, with
+    ``image_grid_thw[i].prod()`` rows for item ``i``. ``mm_token_type_ids`` (per token, 0 text,
+    1 image, 2 video) is what HF Qwen-VL models need to compute M-RoPE positions; ``extra``
+    keeps any other per-token processor output (e.g. ``token_type_ids``).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    num_loss_tokens: int
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    def model_inputs(self, with_labels: bool = False) -> dict[str, torch.Tensor]:
+        """A batch of one for a HF ``...ForConditionalGeneration`` forward (tests, evaluation)."""
+        batch: dict[str, torch.Tensor] = {
+            "input_ids": self.input_ids[None],
+            "attention_mask": torch.ones_like(self.input_ids)[None],
+        }
+        for key in _VISION_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                batch[key] = value
+        if self.mm_token_type_ids is not None:
+            batch["mm_token_type_ids"] = self.mm_token_type_ids[None]
+        batch.update({key: value[None] for key, value in self.extra.items()})
+        if with_labels:
+            batch["labels"] = self.labels[None]
+        return batch
+
+
+def keep_first_media(
+    pixels: torch.Tensor | None, grid_thw: torch.Tensor | None, keep: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return the pixel rows and grid rows of the first ``keep`` media items of one kind.
+
+    Qwen-style processors concatenate every item's patches into one ``pixel_values`` tensor,
+    item after item, so item ``i`` owns ``grid_thw[i].prod()`` consecutive rows and the first
+    ``keep`` items own the first ``grid_thw[:keep].prod(-1).sum()`` rows. Processors without a
+    grid (one entry per item, e.g. ``[n, C, H, W]``) keep the first ``keep`` entries. Truncation
+    only ever drops media from the end, which is why a prefix is all that is needed. Returns
+    ``(None, None)`` when nothing is kept, as the processor does for a sample without media.
+    """
+    if pixels is None or keep == 0:
+        return None, None
+    if grid_thw is None:
+        return pixels[:keep], None
+    rows = int(grid_thw[:keep].prod(-1).sum())
+    return pixels[:rows], grid_thw[:keep]
+
+
+def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of ``token_id`` in a 1-D id tensor."""
+    hit = (ids == token_id).tolist()
+    runs, start = [], None
+    for i, h in enumerate([*hit, False]):
+        if h and start is None:
+            start = i
+        elif not h and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _video_backend() -> str:
+    for module, backend in _VIDEO_BACKENDS:
+        if importlib.util.find_spec(module) is not None:
+            return backend
+    raise RuntimeError(
+        "decoding video files needs torchcodec, av, decord or opencv; install one, or give videos "
+        "as folders of frames / lists of PIL images"
+    )
+
+
+class SampleEncoder:
+    """Encode schema samples with one HF processor; see the module docstring for the rules.
+
+    ``video_fps`` is the frame rate videos are sampled at when decoded from a file, and the
+    rate assumed for videos given as frames (folder or list), which sets the temporal position
+    spacing (e.g. Qwen's ``second_per_grid_ts``). ``stats`` counts encoded, truncated and
+    skipped samples, the latter by reason (``too_long``, ``bad_media``, ``no_loss_tokens``).
+    """
+
+    def __init__(
+        self, processor: Any, max_seq_len: int, skip_bad_media: bool = False, video_fps: float = 2.0
+    ) -> None:
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("SampleEncoder needs a fast tokenizer (offsets map the loss mask to tokens)")
+        self.max_seq_len = max_seq_len
+        self.skip_bad_media = skip_bad_media
+        self.video_fps = video_fps
+        self.stats: dict[str, int] = {"encoded": 0, "truncated": 0, **dict.fromkeys(SKIP_REASONS, 0)}
+        self.header, self.footer, self.end_of_turn = self._probe_template()
+        self.media_token_ids = {kind: self._media_token_id(kind) for kind in MEDIA_TYPES}
+        self._control_ids = set(self.tokenizer.all_special_ids) | set(
+            getattr(self.tokenizer, "added_tokens_decoder", {})
+        )
+
+    # --- template ------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, through the processor's own chat template."""
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _probe_template(self) -> tuple[str, str, str]:
+        """Read the assistant header, footer and end-of-turn text off the chat template.
+
+        header = render([user], generation prompt) minus render([user]);
+        footer = what follows an assistant message's content; end-of-turn = its first token.
+        """
+        user = {"role": "user", "content": [{"type": "text", "text": "Probe question."}]}
+        sentinel = "Probe answer 7QX."
+        bare, prompted = self.render([user]), self.render([user], add_generation_prompt=True)
+        if not prompted.startswith(bare) or len(prompted) == len(bare):
+            raise ValueError("chat template: the generation prompt is not a suffix of the user turn")
+        header = prompted[len(bare) :]
+        full = self.render([user, {"role": "assistant", "content": [{"type": "text", "text": sentinel}]}])
+        if sentinel not in full:
+            raise ValueError("chat template does not render assistant text content")
+        footer = full[full.rindex(sentinel) + len(sentinel) :]
+        offsets = self.tokenizer(footer, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        if not offsets:
+            raise ValueError("chat template emits nothing after an assistant message (no end-of-turn)")
+        return header, footer, footer[: offsets[0][1]]
+
+    def _media_token_id(self, kind: str) -> int | None:
+        """Placeholder token id of ``kind`` from the processor (``image_token_id`` etc.)."""
+        token_id = getattr(self.processor, f"{kind}_token_id", None)
+        if token_id is None and getattr(self.processor, f"{kind}_token", None):
+            token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, f"{kind}_token"))
+        return token_id
+
+    def _loss_char_spans(self, text: str, num_assistant: int) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn's content plus its end-of-turn token."""
+        spans, pos = [], 0
+        for turn in range(num_assistant):
+            head = text.find(self.header, pos)
+            if head < 0:
+                raise ValueError(f"chat template: assistant turn {turn} has no header {self.header!r}")
+            start = head + len(self.header)
+            end = text.find(self.end_of_turn, start)
+            end = len(text) if end < 0 else end + len(self.end_of_turn)
+            spans.append((start, end))
+            pos = end
+        return spans
+
+    # --- media ---------------------------------------------------------------------------------
+
+    def _open_image(self, path: str | Path, what: str) -> Any:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise BadMediaError(f"cannot read {what} {path} ({type(exc).__name__}: {exc})") from None
+
+    def _load_image(self, value: Any) -> Any:
+        return self._open_image(value, "image") if isinstance(value, str | Path) else value.convert("RGB")
+
+    def _load_video(self, value: Any) -> tuple[Any, Any]:
+        """Frames plus metadata; frames given directly are assumed sampled at ``video_fps``."""
+        if isinstance(value, str | Path):
+            path = Path(value)
+            if path.is_dir():
+                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise BadMediaError(f"video folder {path} holds no image frames")
+                value = files
+            elif not path.is_file():
+                raise BadMediaError(f"cannot read video {path} (no such file or folder)")
+            else:
+                from transformers.video_utils import load_video
+
+                backend = _video_backend()
+                try:
+                    return load_video(str(path), fps=self.video_fps, backend=backend)
+                except Exception as exc:  # decoders raise many unrelated types
+                    raise BadMediaError(f"cannot read video {path} ({type(exc).__name__}: {exc})") from None
+        if isinstance(value, list | tuple):
+            value = [self._open_image(f, "video frame") if isinstance(f, str | Path) else f for f in value]
+        return value, {"total_num_frames": len(value), "fps": self.video_fps}
+
+    # --- encoding ------------------------------------------------------------------------------
+
+    def _skip(self, reason: str) -> None:
+        self.stats[reason] += 1
+
+    def encode(self, sample: Mapping[str, Any], where: str = "sample") -> EncodedSample | None:
+        """Encode one sample; None (and ``stats[reason] += 1``) when it is skipped.
+
+        Raises ``ValueError`` for a malformed sample, and for a missing/unreadable image or
+        video unless ``skip_bad_media``.
+        """
+        validate_sample(sample, where)
+        messages = sample["messages"]
+        if any(m["role"] == "assistant" and any(iter_media({"messages": [m]})) for m in messages):
+            raise ValueError(f"{where}: images/videos in assistant turns are not supported")
+        try:
+            images = [self._load_image(v) for k, v in iter_media(sample) if k == "image"]
+            loaded = [self._load_video(v) for k, v in iter_media(sample) if k == "video"]
+        except BadMediaError as exc:
+            if self.skip_bad_media:
+                self._skip("bad_media")
+                return None
+            raise BadMediaError(f"{where}: {exc}") from None
+        plain = [
+            {
+                "role": m["role"],
+                "content": [{"type": i["type"]} if i["type"] in MEDIA_TYPES else i for i in content_items(m)],
+            }
+            for m in messages
+        ]
+        text = self.render(plain)
+        num_assistant = sum(m["role"] == "assistant" for m in messages)
+        media_kwargs: dict[str, Any] = {}
+        if images:
+            media_kwargs["images"] = images
+        if loaded:
+            media_kwargs["videos"] = [frames for frames, _ in loaded]
+            media_kwargs["video_metadata"] = [meta for _, meta in loaded]
+        try:
+            out = self.processor(text=[text], return_tensors="pt", add_special_tokens=False, **media_kwargs)
+        except ValueError as exc:
+            if not media_kwargs:
+                raise
+            if self.skip_bad_media:
+                self._skip("bad_media")
+                return None
+            raise BadMediaError(f"{where}: the processor rejected its media ({exc})") from None
+        input_ids = out["input_ids"][0].long()
+        labels = self._labels(text, num_assistant, input_ids, where)
+        vision = {key: out[key] for key in _VISION_KEYS if out.get(key) is not None}
+        per_token = {
+            key: value[0]
+            for key, value in out.items()
+            if key not in ("input_ids", "attention_mask", *_VISION_KEYS)
+            and isinstance(value, torch.Tensor)
+            and value.shape[:2] == (1, input_ids.numel())
+        }
+        others = set(out) - {"input_ids", "attention_mask", *_VISION_KEYS, *per_token}
+        if int((labels != IGNORE_INDEX).sum()) == 0:
+            self._skip("no_loss_tokens")
+            return None
+        truncated = input_ids.numel() > self.max_seq_len
+        if truncated:
+            if others:
+                raise ValueError(f"{where}: cannot truncate processor outputs {sorted(others)}")
+            cut, keep = self._safe_cut(input_ids, vision, where)
+            input_ids, labels = input_ids[:cut], labels[:cut]
+            per_token = {key: value[:cut] for key, value in per_token.items()}
+            vision = self._drop_media(vision, keep)
+            if int((labels != IGNORE_INDEX).sum()) == 0:
+                self._skip("too_long")
+                return None
+        self.stats["encoded"] += 1
+        self.stats["truncated"] += int(truncated)
+        mm_types = per_token.pop("mm_token_type_ids", None)
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=labels,
+            num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+            mm_token_type_ids=mm_types,
+            extra=per_token,
+            truncated=truncated,
+            **vision,
+        )
+
+    def iter_encoded(self, samples: Iterable[Mapping[str, Any]]) -> Iterator[EncodedSample]:
+        """Encode a stream, dropping skipped samples (they are counted in ``stats``)."""
+        for index, sample in enumerate(samples):
+            encoded = self.encode(sample, where=f"sample {index}")
+            if encoded is not None:
+                yield encoded
+
+    def _labels(self, text: str, num_assistant: int, input_ids: torch.Tensor, where: str) -> torch.Tensor:
+        """Assistant-only labels over the processor's tokens (see the module docstring).
+
+        A token is a loss token when its characters overlap an assistant span, so a token that
+        straddles the header/content boundary is still learned rather than silently dropped.
+        """
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        plain_ids: list[int] = enc["input_ids"]
+        plain_labels = [IGNORE_INDEX] * len(plain_ids)
+        spans = self._loss_char_spans(text, num_assistant)
+        for t, (s, e) in enumerate(enc["offset_mapping"]):
+            if any(s < span_end and e > span_start for span_start, span_end in spans):
+                plain_labels[t] = plain_ids[t]
+        ids = input_ids.tolist()
+        if ids == plain_ids:
+            return torch.tensor(plain_labels, dtype=torch.long)
+        labels = [IGNORE_INDEX] * len(ids)
+        matcher = difflib.SequenceMatcher(None, plain_ids, ids, autojunk=False)
+        mapped = 0
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                labels[j1:j2] = plain_labels[i1:i2]
+                mapped += sum(label != IGNORE_INDEX for label in plain_labels[i1:i2])
+        if mapped != sum(label != IGNORE_INDEX for label in plain_labels):
+            raise RuntimeError(
+                f"{where}: processor tokens differ from the template's inside an assistant turn"
+            )
+        return torch.tensor(labels, dtype=torch.long)
+
+    def _media_spans(
+        self, input_ids: torch.Tensor, vision: Mapping[str, torch.Tensor], where: str
+    ) -> list[tuple[int, int, str]]:
+        """Token spans ``(start, end, kind)`` of every image and video, start/end tokens included.
+
+        A span is the run(s) of one item's placeholder tokens plus the control tokens right
+        before and after (e.g. ``<|vision_start|>`` / ``<|vision_end|>``). Items are matched to
+        runs one to one, or by temporal grid steps for processors that emit one run per frame
+        group (Qwen3-VL style); anything else is refused rather than guessed.
+        """
+        spans = []
+        for kind, grid_key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            token_id, grid = self.media_token_ids[kind], vision.get(grid_key)
+            runs = _runs(input_ids, token_id) if token_id is not None else []
+            count = int(grid.shape[0]) if grid is not None else len(runs)
+            if len(runs) == count:
+                groups = [[run] for run in runs]
+            elif grid is not None and len(runs) == int(grid[:, 0].sum()):
+                steps = [0, *grid[:, 0].cumsum(0).tolist()]
+                groups = [runs[steps[i] : steps[i + 1]] for i in range(count)]
+            else:
+                raise ValueError(f"{where}: cannot match {len(runs)} {kind} token runs to {count} {kind}s")
+            for group in groups:
+                start, end = group[0][0], group[-1][1]
+                if start > 0 and int(input_ids[start - 1]) in self._control_ids:
+                    start -= 1
+                if end < input_ids.numel() and int(input_ids[end]) in self._control_ids:
+                    end += 1
+                spans.append((start, end, kind))
+        return sorted(spans)
+
+    def _safe_cut(
+        self, input_ids: torch.Tensor, vision: Mapping[str, torch.Tensor], where: str
+    ) -> tuple[int, dict[str, int]]:
+        """``max_seq_len`` moved back to the start of any media span it would split, and how
+        many items of each kind lie wholly before the cut (media are only ever dropped from the
+        end, so the kept ones are a prefix of each kind)."""
+        spans = self._media_spans(input_ids, vision, where)
+        cut = self.max_seq_len
+        for start, end, _ in spans:
+            if start < cut < end:
+                cut = start
+        keep = {kind: sum(end <= cut for _, end, k in spans if k == kind) for kind in MEDIA_TYPES}
+        return cut, keep
+
+    @staticmethod
+    def _drop_media(vision: Mapping[str, torch.Tensor], keep: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Vision tensors of the first ``keep[kind]`` images / videos."""
+        out: dict[str, torch.Tensor] = {}
+        for kind, pix_key, grid_key in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
+            pixels, grid = keep_first_media(vision.get(pix_key), vision.get(grid_key), keep[kind])
+            if pixels is None:
+                continue
+            out[pix_key] = pixels
+            if grid is not None:
+                out[grid_key] = grid
+            if kind == "video" and "second_per_grid_ts" in vision:
+                out["second_per_grid_ts"] = vision["second_per_grid_ts"][: keep[kind]]
+        return out

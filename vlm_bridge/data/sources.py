@@ -1,0 +1,321 @@
+"""Sources of schema samples: JSON files, ``datasets`` tables and makers for known datasets.
+
+Every function here yields samples in the one schema of :mod:`vlm_bridge.data.schema`, so the
+encoder never sees a dataset-specific column. Makers take ``path`` (a hub name, or a local
+directory written by ``save_to_disk`` or holding data files) so the same code runs on the real
+dataset and on small local copies in tests. ``load_source`` turns a command-line string such as
+``"jsonl:train.jsonl"``, ``"hf:DIR"`` or ``"cord_v2"`` into one of these iterators.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from vlm_bridge.data.schema import MEDIA_TYPES, validate_sample
+
+Sample = dict[str, Any]
+
+
+# --- JSON files ------------------------------------------------------------------------------
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """Relative media paths are relative to the data file, so a dataset folder can move."""
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+        return str(base / value)
+    return value
+
+
+def _resolve_media_paths(sample: Sample, base: Path) -> Sample:
+    for message in sample.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            for item in message["content"]:
+                if isinstance(item, dict) and item.get("type") in MEDIA_TYPES and item.get("type") in item:
+                    item[item["type"]] = _resolve(item[item["type"]], base)
+    return sample
+
+
+def load_json_samples(path: str | Path) -> Iterator[Sample]:
+    """Samples from a ``.jsonl`` file (one per line) or a ``.json`` file (a list).
+
+    Each sample is validated (errors name the file and line / index), and relative image and
+    video paths are resolved against the file's folder.
+    """
+    path = Path(path)
+    base = path.resolve().parent
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name} line {number}"
+                try:
+                    sample = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+                validate_sample(sample, where)
+                yield _resolve_media_paths(sample, base)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path.name}: expected a JSON list of samples")
+        for index, sample in enumerate(data):
+            validate_sample(sample, f"{path.name} sample {index}")
+            yield _resolve_media_paths(sample, base)
+    else:
+        raise ValueError(f"{path}: expected a .jsonl or .json file")
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+
+def load_hf_dataset(
+    name_or_dir: str | Path, split: str = "train", subset: str | None = None, **load_kwargs: Any
+) -> Any:
+    """One split of a ``datasets`` dataset: a hub name or a local directory.
+
+    A local directory written by ``save_to_disk`` is opened with ``load_from_disk`` (which
+    ``load_dataset`` refuses); any other directory or name goes through ``load_dataset``
+    (a folder of parquet/json/... files, with or without a README naming configs and splits as
+    hub datasets do, or the hub itself). In a local directory without such a README, ``subset``
+    names a sub-folder, the usual on-disk copy of one config of a dataset like the_cauldron.
+    Extra keywords (``cache_dir``, ``streaming``, ...) go to ``load_dataset``.
+    """
+    import datasets
+
+    root = Path(name_or_dir)
+    if root.is_dir():
+        if subset is not None and (root / subset).is_dir() and not (root / "README.md").exists():
+            root, subset = root / subset, None  # <dir>/<subset>/ without a card naming configs
+        if (root / "dataset_dict.json").exists() or (root / "state.json").exists():
+            loaded = datasets.load_from_disk(str(root))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{root}: no split {split!r} (has {', '.join(loaded)})")
+                return loaded[split]
+            return loaded
+        name_or_dir = root
+    return datasets.load_dataset(str(name_or_dir), subset, split=split, **load_kwargs)
+
+
+def _strip_nones(item: Any) -> Any:
+    """Arrow stores content items as structs with every field, unused ones None; drop those."""
+    if isinstance(item, dict):
+        return {k: _strip_nones(v) for k, v in item.items() if v is not None}
+    if isinstance(item, list):
+        return [_strip_nones(v) for v in item]
+    return item
+
+
+def row_to_sample(row: Mapping[str, Any]) -> Sample:
+    """A ``datasets`` row with a ``messages`` column, as a schema sample.
+
+    Media items without a value take theirs, in order, from an ``images`` / ``videos`` column
+    (the layout TRL and many hub VLM datasets use).
+    """
+    messages = _strip_nones(row["messages"])
+    pools = {kind: iter(row.get(f"{kind}s") or []) for kind in MEDIA_TYPES}
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            for item in message["content"]:
+                kind = item.get("type")
+                if kind in MEDIA_TYPES and kind not in item:
+                    item[kind] = next(pools[kind], None)
+    return {"messages": messages}
+
+
+def hf_samples(
+    name_or_dir: str | Path, split: str = "train", subset: str | None = None, **load_kwargs: Any
+) -> Iterator[Sample]:
+    """Samples from a ``datasets`` dataset already in the chat schema (a ``messages`` column)."""
+    dataset = load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
+    for index, row in enumerate(dataset):
+        if "messages" not in row:
+            raise ValueError(f"{name_or_dir}: no 'messages' column (has {', '.join(row)})")
+        sample = row_to_sample(row)
+        validate_sample(sample, f"{name_or_dir} row {index}")
+        yield sample
+
+
+def _conversation(user: list[dict[str, Any]], answer: str) -> Sample:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+# --- makers ----------------------------------------------------------------------------------
+
+
+def json_to_token(obj: Any, sort_keys: bool = True) -> str:
+    """Render a parse tree as Donut's XML-like target: ``<s_key>value</s_key>``.
+
+    Dicts become tagged fields (keys in reverse-sorted order, as Donut's ``json2token`` does, so
+    targets match published CORD results), lists are joined with ``<sep/>``, and a dict holding
+    only ``text_sequence`` is its plain text.
+    """
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "text_sequence" in obj:
+            return str(obj["text_sequence"])
+        keys = sorted(obj, reverse=True) if sort_keys else list(obj)
+        return "".join(f"<s_{k}>{json_to_token(obj[k], sort_keys)}</s_{k}>" for k in keys)
+    if isinstance(obj, list):
+        return "<sep/>".join(json_to_token(v, sort_keys) for v in obj)
+    return str(obj)
+
+
+def cord_v2(
+    path: str | Path = "naver-clova-ix/cord-v2",
+    split: str = "train",
+    instruction: str = "Extract the receipt fields.",
+    **load_kwargs: Any,
+) -> Iterator[Sample]:
+    """CORD v2 receipts: ``image`` + ``ground_truth`` JSON; the target is its ``gt_parse`` tree."""
+    for index, row in enumerate(load_hf_dataset(path, split, **load_kwargs)):
+        truth = json.loads(row["ground_truth"])
+        parse = truth["gt_parse"] if "gt_parse" in truth else truth.get("gt_parses", [None])[0]
+        if parse is None:
+            raise ValueError(f"cord_v2 row {index}: ground_truth has no gt_parse")
+        image = {"type": "image", "image": row["image"]}
+        yield _conversation([image, {"type": "text", "text": instruction}], json_to_token(parse))
+
+
+_MEDPIX_COLUMNS: dict[str, tuple[str, ...]] = {
+    "image": ("image", "img", "image_path", "Image"),
+    "question": ("question", "Question", "query", "prompt"),
+    "answer": ("answer", "Answer", "response", "answers"),
+}
+
+
+def _pick_columns(columns: list[str], override: Mapping[str, str] | None, source: str) -> dict[str, str]:
+    """Map each role (image/question/answer) to a column: the override, else the first known name."""
+    picked: dict[str, str] = {}
+    for role, candidates in _MEDPIX_COLUMNS.items():
+        wanted = (override or {}).get(role)
+        found = wanted if wanted in columns else next((c for c in candidates if c in columns), None)
+        if found is None:
+            raise ValueError(
+                f"{source}: no {role} column ({'asked for ' + repr(wanted) + ', ' if wanted else ''}"
+                f"has {', '.join(columns)}); pass columns={{'{role}': NAME}}"
+            )
+        picked[role] = found
+    return picked
+
+
+def medpix(
+    path: str | Path = "mmoukouba/MedPix-VQA",
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    **load_kwargs: Any,
+) -> Iterator[Sample]:
+    """MedPix VQA: one image, a question and an answer per row.
+
+    ``columns`` maps ``image`` / ``question`` / ``answer`` to column names when they differ from
+    the usual ones. A string image is a path, relative to ``path`` when that is a local folder.
+    """
+    dataset = load_hf_dataset(path, split, **load_kwargs)
+    cols = _pick_columns(list(dataset.column_names), columns, f"medpix {path}")
+    base = Path(path)
+    for row in dataset:
+        image = row[cols["image"]]
+        if isinstance(image, str) and base.is_dir():
+            image = _resolve(image, base)
+        user = [{"type": "image", "image": image}, {"type": "text", "text": str(row[cols["question"]])}]
+        yield _conversation(user, str(row[cols["answer"]]))
+
+
+def raven(
+    path: str | Path = "HuggingFaceM4/the_cauldron",
+    split: str = "train",
+    subset: str = "raven",
+    **load_kwargs: Any,
+) -> Iterator[Sample]:
+    """the_cauldron/raven: ``images`` plus ``texts`` turns; all images go in the first user turn."""
+    for row in load_hf_dataset(path, split, subset, **load_kwargs):
+        messages = []
+        for turn_index, turn in enumerate(row["texts"]):
+            content = (
+                [{"type": "image", "image": image} for image in row["images"]] if turn_index == 0 else []
+            )
+            content.append({"type": "text", "text": turn["user"]})
+            messages += [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": turn["assistant"]},
+            ]
+        yield {"messages": messages}
+
+
+_PLACEHOLDER = re.compile(r"<image>|<video>")
+
+
+def _place_video(text: str, video: dict[str, Any]) -> list[dict[str, Any]]:
+    """Content for the first user turn: the video item where the ``<image>``/``<video>``
+    placeholder was (first when there is none), and the text around it without placeholders."""
+    parts = _PLACEHOLDER.split(text, maxsplit=1)
+    before, after = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+    before, after = _PLACEHOLDER.sub("", before).strip(), _PLACEHOLDER.sub("", after).strip()
+    items = [{"type": "text", "text": before}] if before else []
+    items.append(video)
+    return items + ([{"type": "text", "text": after}] if after else [])
+
+
+def llava_video_178k(
+    video_root: str | Path,
+    path: str | Path = "lmms-lab/LLaVA-Video-178K",
+    split: str = "open_ended",
+    subset: str = "0_30_s_nextqa",
+    **load_kwargs: Any,
+) -> Iterator[Sample]:
+    """LLaVA-Video-178K: ``video`` (relative to ``video_root``) and ShareGPT ``conversations``.
+
+    The videos ship as archives next to the annotations; ``video_root`` is where they were
+    extracted. The ``<image>``/``<video>`` placeholder is replaced by the video item (put first in
+    the first user turn when a row has none).
+    """
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
+    for index, row in enumerate(load_hf_dataset(path, split, subset, **load_kwargs)):
+        video = {"type": "video", "video": str(Path(video_root) / row["video"])}
+        messages, placed = [], False
+        for turn in row["conversations"]:
+            if turn["from"] not in role:
+                raise ValueError(f"llava_video_178k row {index}: unknown speaker {turn['from']!r}")
+            content = [{"type": "text", "text": _PLACEHOLDER.sub("", turn["value"]).strip()}]
+            if turn["from"] == "human" and not placed:
+                content, placed = _place_video(turn["value"], video), True
+            messages.append({"role": role[turn["from"]], "content": content})
+        yield {"messages": messages}
+
+
+MAKERS: dict[str, Callable[..., Iterator[Sample]]] = {
+    "cord_v2": cord_v2,
+    "medpix": medpix,
+    "raven": raven,
+    "llava_video_178k": llava_video_178k,
+}
+
+
+def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
+    """Samples for a source string.
+
+    ``"jsonl:PATH"`` / ``"json:PATH"`` (JSON files), ``"hf:NAME_OR_DIR"`` (a ``datasets``
+    dataset with a ``messages`` column; ``split=``, ``subset=`` as keywords), or a maker name
+    from :data:`MAKERS`, optionally as ``"NAME:PATH"`` (same as ``path=PATH``); other keywords go
+    to the maker.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind in ("jsonl", "json") and rest:
+        if Path(rest).suffix != f".{kind}":
+            raise ValueError(f"source {spec!r}: expected a .{kind} file")
+        return load_json_samples(rest)
+    if kind == "hf" and rest:
+        return hf_samples(rest, **kwargs)
+    if kind in MAKERS:
+        if rest:
+            kwargs["path"] = rest
+        return MAKERS[kind](**kwargs)
+    raise ValueError(
+        f"unknown source {spec!r}: use jsonl:PATH, json:PATH, hf:NAME_OR_DIR or one of {', '.join(MAKERS)}"
+    )

@@ -1,0 +1,106 @@
+"""Megatron LoRA / DoRA adapters -> an HF PEFT adapter folder (``PeftModel.from_pretrained`` loads it).
+
+Each wrapped module ``<m>`` has a family table entry ``<m>.weight`` telling which HF tensors it is
+made of and by which op. ``lora_B`` has the weight's rows, so the entry's op is applied to the full
+(TP-gathered) ``B`` as if it were the weight (FuseQKV splits q/k/v or reorders the HF-fused vision
+qkv, ConcatRows splits gate/up); ``lora_A`` acts on the shared input, so it is copied to every HF
+module of the entry; a DoRA magnitude is per output row, so it is converted like a bias.
+
+Keys are those ``peft`` writes for a LoRA on the loaded transformers model::
+
+    base_model.model.<module path>.lora_A.weight          [r, in]
+    base_model.model.<module path>.lora_B.weight          [out, r]
+    base_model.model.<module path>.lora_magnitude_vector  [out]      (DoRA)
+
+where ``<module path>`` is the in-memory name (``model.language_model.layers.0.self_attn.q_proj``,
+``model.visual.blocks.0.attn.qkv``, ``model.visual.merger.mlp.0``), not the hub checkpoint key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from vlm_bridge.convert.distribute import gather
+from vlm_bridge.parallel import cpu_group
+from vlm_bridge.peft.lora import LoraConfig, lora_modules
+
+# Hub tensor-name prefix -> module path in the model transformers builds in memory, per family.
+HF_MODULE_PREFIXES = {
+    "qwen2_5_vl": {"model.": "model.language_model.", "visual.": "model.visual.", "lm_head": "lm_head"},
+}
+
+
+def hf_module_path(family: str, hf_tensor: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``model.language_model.layers.0.self_attn.q_proj``."""
+    if family not in HF_MODULE_PREFIXES:
+        raise NotImplementedError(f"HF PEFT export does not know the module paths of family {family!r}")
+    module = hf_tensor.rsplit(".", 1)[0]
+    for src, dst in HF_MODULE_PREFIXES[family].items():
+        if module.startswith(src):
+            return dst + module[len(src):]
+    return module
+
+
+def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
+    """HF-PEFT tensors of this pipeline stage (non-empty on TP rank 0 only; all TP ranks gather)."""
+    by_name = {e.megatron: e for e in built.table}
+    keep = parallel_state.get_tensor_model_parallel_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    cfg = None
+    for name, mod in sorted(lora_modules(built.model).items()):
+        entry = by_name.get(f"{name}.weight")
+        if entry is None:
+            raise KeyError(f"{name}: no weight-table entry {name}.weight to export the adapter with")
+        chunks = entry.op.tp_chunks
+        full = {n: gather(p.data, p, chunks).cpu() for n, p in mod.adapter_parameters().items()}
+        if not keep:
+            continue
+        cfg = mod.cfg
+        per_row = {"lora_B.weight": entry.op.to_hf(full["lora_B"])}
+        if "lora_magnitude" in full:
+            per_row["lora_magnitude_vector"] = entry.op.to_hf(full["lora_magnitude"])
+        for i, hf_name in enumerate(entry.hf):
+            path = "base_model.model." + hf_module_path(built.family.name, hf_name)
+            out[f"{path}.lora_A.weight"] = full["lora_A"].clone()
+            for key, tensors in per_row.items():
+                out[f"{path}.{key}"] = tensors[i].clone().contiguous()
+    return out, cfg
+
+
+def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_path: str):
+    """The ``peft.LoraConfig`` matching our adapters (exact module paths as targets)."""
+    import peft
+
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return peft.LoraConfig(
+        r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=target_modules,
+        use_dora=cfg.use_dora, bias="none", task_type=None, inference_mode=True,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> None:
+    """Run on every rank: write ``adapter_config.json`` + ``adapter_model.safetensors`` (rank 0)."""
+    from safetensors.torch import save_file
+
+    local = _local_hf_tensors(built)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local, group=cpu_group())
+    if dist.get_rank() == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        cfg = None
+        for part, part_cfg in everyone:
+            tensors.update(part)
+            cfg = cfg or part_cfg
+        if cfg is None:
+            raise ValueError("export_hf_peft: the model has no LoRA adapters")
+        targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(dict(sorted(tensors.items())), out / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_config(cfg, targets, base_model_name_or_path).save_pretrained(str(out))
+    dist.barrier(group=cpu_group())

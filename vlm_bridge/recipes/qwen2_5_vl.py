@@ -1,0 +1,73 @@
+"""Qwen2.5-VL recipes (3B/7B/32B/72B, full SFT and LoRA). The model shape comes from the
+checkpoint given with ``--pretrained``; a recipe sets parallelism and training only.
+
+Layouts target H200-class GPUs (141 GB): SFT keeps fp32 master weights and Adam state in the
+distributed optimizer, so memory per GPU is roughly 18 bytes/parameter / (TP*PP*DP) plus
+activations; LoRA needs only the bf16 weights plus adapter state.
+"""
+
+from __future__ import annotations
+
+from vlm_bridge.train.config import (
+    OptimSettings,
+    ParallelSettings,
+    PeftSettings,
+    TrainConfig,
+)
+
+# size -> (SFT tp, SFT pp, LoRA tp, LoRA pp)
+LAYOUTS = {"3b": (1, 1, 1, 1), "7b": (2, 1, 1, 1), "32b": (8, 1, 4, 1), "72b": (8, 4, 8, 1)}
+
+
+def _sft(size: str) -> TrainConfig:
+    tp, pp, _, _ = LAYOUTS[size]
+    return TrainConfig(
+        name=f"qwen2_5_vl_{size}_sft",
+        output_dir=f"runs/qwen2_5_vl_{size}_sft",
+        steps=1000,
+        global_batch_size=32,
+        parallel=ParallelSettings(tp=tp, pp=pp),
+        optim=OptimSettings(lr=1e-5, min_lr=1e-6, warmup_steps=50, vision_lr=2e-6),
+        recompute=size in ("32b", "72b"),
+    )
+
+
+def _peft(size: str) -> TrainConfig:
+    _, _, tp, pp = LAYOUTS[size]
+    return TrainConfig(
+        name=f"qwen2_5_vl_{size}_lora",
+        output_dir=f"runs/qwen2_5_vl_{size}_lora",
+        steps=1000,
+        global_batch_size=32,
+        parallel=ParallelSettings(tp=tp, pp=pp),
+        optim=OptimSettings(lr=1e-4, min_lr=1e-5, warmup_steps=50),
+        peft=PeftSettings(method="lora", rank=16, alpha=32.0),
+    )
+
+
+def demo_tiny() -> TrainConfig:
+    """The demo's tiny model on the synthetic shapes task: fast on 2 CPU cores."""
+    return TrainConfig(
+        name="demo_tiny",
+        output_dir="runs/demo_tiny",
+        dtype="fp32",
+        steps=120,
+        micro_batch_size=4,
+        global_batch_size=8,
+        tensorboard=False,
+        optim=OptimSettings(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.0),
+        data=_demo_data(),
+    )
+
+
+def _demo_data():
+    from vlm_bridge.train.config import DataSettings
+
+    return DataSettings(seq_len=512, pack=True)
+
+
+RECIPES = {
+    **{f"qwen2_5_vl_{s}_sft": (lambda s=s: _sft(s)) for s in LAYOUTS},
+    **{f"qwen2_5_vl_{s}_lora": (lambda s=s: _peft(s)) for s in LAYOUTS},
+    "demo_tiny": demo_tiny,
+}

@@ -1,0 +1,118 @@
+"""Encoded samples -> model micro-batches: padding-free packing or padded batches.
+
+Packing concatenates whole samples into rows of ``seq_len`` tokens. Each sample keeps its own
+segment id, so attention never crosses sample boundaries, and its own 3-D positions (computed per
+sample, so they restart at 0). Labels are shifted inside each sample only; the token-mean loss
+over all loss tokens is then identical to the unpacked batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_bridge.attention.core import AttentionMask
+
+IGNORE = -100
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+               "second_per_grid_ts")
+
+
+@dataclass
+class MicroBatch:
+    """Model forward kwargs plus shifted targets; ``loss_mask`` marks tokens that count."""
+
+    inputs: dict
+    labels: torch.Tensor  # [b, s] next-token targets (0 where masked)
+    loss_mask: torch.Tensor  # [b, s] float
+    num_tokens: int  # real (non-padding) tokens, for throughput
+
+    def to(self, device) -> MicroBatch:
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, AttentionMask) and v.segment_ids is not None:
+                return AttentionMask(v.segment_ids.to(device), v.causal)
+            return v
+
+        return MicroBatch({k: move(v) for k, v in self.inputs.items()}, self.labels.to(device),
+                          self.loss_mask.to(device), self.num_tokens)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for next-token prediction: position i predicts token i+1 of the same sample."""
+    out = torch.full_like(labels, IGNORE)
+    out[:-1] = labels[1:]
+    return out
+
+
+def pack_greedy(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Group sample indices, in order, into rows of at most ``seq_len`` tokens."""
+    rows: list[list[int]] = []
+    used = seq_len + 1
+    for i, n in enumerate(lengths):
+        if n > seq_len:
+            raise ValueError(f"sample of {n} tokens does not fit seq_len {seq_len}")
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def _vision_of(samples) -> dict:
+    out = {}
+    for key in VISION_KEYS:
+        parts = [getattr(s, key) for s in samples if getattr(s, key, None) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def _sample_positions(family, settings, sample) -> torch.Tensor:
+    batch = {"input_ids": sample.input_ids[None], **_vision_of([sample])}
+    return family.prepare_inputs(settings, batch)["position_ids"]  # [3, 1, n]
+
+
+def collate_packed(rows: list[list], family, settings, seq_len: int, pad_id: int) -> MicroBatch:
+    """One micro-batch of packed rows, each padded to ``seq_len``."""
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    seg = torch.full((len(rows), seq_len), -1, dtype=torch.long)
+    pos = torch.zeros(3, len(rows), seq_len, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for j, sample in enumerate(row):
+            n = sample.input_ids.numel()
+            ids[r, start:start + n] = sample.input_ids
+            seg[r, start:start + n] = j
+            pos[:, r, start:start + n] = _sample_positions(family, settings, sample)[:, 0]
+            labels[r, start:start + n] = shift_labels(sample.labels)
+            start += n
+    flat = [s for row in rows for s in row]
+    inputs = {"input_ids": ids, "position_ids": pos,
+              "attention_mask": AttentionMask(segment_ids=seg, causal=True), **_vision_of(flat)}
+    inputs.pop("second_per_grid_ts", None)
+    return _finish(inputs, labels, int((seg >= 0).sum()))
+
+
+def collate_padded(samples: list, family, settings, pad_id: int, length: int | None = None) -> MicroBatch:
+    """A right-padded micro-batch (one sample per row)."""
+    n = length or max(s.input_ids.numel() for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), n, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+    for r, s in enumerate(samples):
+        k = s.input_ids.numel()
+        ids[r, :k], mask[r, :k], labels[r, :k] = s.input_ids, 1, shift_labels(s.labels)
+    batch = {"input_ids": ids, "attention_mask": mask, **_vision_of(samples)}
+    inputs = family.prepare_inputs(settings, batch)
+    inputs["attention_mask"] = AttentionMask(segment_ids=torch.where(mask.bool(), 0, -1), causal=True)
+    return _finish(inputs, labels, int(mask.sum()))
+
+
+def _finish(inputs: dict, labels: torch.Tensor, num_tokens: int) -> MicroBatch:
+    loss_mask = (labels != IGNORE).float()
+    return MicroBatch(inputs, labels.clamp(min=0), loss_mask, num_tokens)

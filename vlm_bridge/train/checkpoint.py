@@ -1,0 +1,110 @@
+"""Training checkpoints through Megatron-Core distributed checkpointing (resumable at any TP/PP).
+
+``<dir>/iter_0000100/`` is a complete vlm-bridge Megatron checkpoint (``weights/`` holds model,
+optimizer, scheduler, RNG and data position; ``hf/`` and ``vlm_bridge.json`` make it exportable
+with ``vlm-bridge export``). It is written under a temporary name and renamed when complete; only
+then is ``<dir>/latest`` (the iteration number) replaced, atomically. An interrupted save is
+therefore never the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from vlm_bridge.convert.engine import META_FILE
+from vlm_bridge.convert.hf_io import copy_hf_side_files
+from vlm_bridge.parallel import cpu_group
+
+LATEST = "latest"
+# The distributed optimizer state is stored per model-space shard, so it reshards to any TP/PP/DP.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def iteration_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_step(root: str | Path) -> int | None:
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    step = int(path.read_text().strip())
+    return step if iteration_dir(root, step).is_dir() else None
+
+
+def _rng_object(world_layout: str) -> ShardedObject:
+    """Per-rank RNG states; only restored when the rank layout is unchanged."""
+    state = {"torch": torch.get_rng_state(), "layout": world_layout}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _layout() -> str:
+    return (f"tp{parallel_state.get_tensor_model_parallel_world_size()}"
+            f"pp{parallel_state.get_pipeline_model_parallel_world_size()}w{dist.get_world_size()}")
+
+
+def _sharded(model, optimizer, loading: bool, with_rng: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                  metadata=OPTIM_METADATA),
+    }
+    if with_rng:
+        state["rng"] = _rng_object(_layout())
+    return state
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, extra: dict,
+                    meta: dict, hf_side_dir: str | Path) -> Path:
+    """Save on every rank; returns the final iteration directory."""
+    final = iteration_dir(root, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+        copy_hf_side_files(hf_side_dir, tmp / "hf")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    dist.barrier(group=cpu_group())
+    state = _sharded(model, optimizer, loading=False, with_rng=True)
+    # Plain (non-sharded) entries are "common" state, written once by rank 0.
+    state["scheduler"] = scheduler.state_dict()
+    state["extra"] = {**extra, "layout": _layout()}
+    dist_checkpointing.save(state, str(tmp / "weights"))
+    dist.barrier(group=cpu_group())
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = Path(root) / f".{LATEST}.tmp"
+        latest_tmp.write_text(f"{step}\n")
+        os.replace(latest_tmp, Path(root) / LATEST)
+    dist.barrier(group=cpu_group())
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler (and RNG when the layout is the same); returns extra."""
+    weights = str(Path(path) / "weights")
+    common = dist_checkpointing.load_common_state_dict(weights)
+    same_layout = common["extra"].get("layout") == _layout()
+    state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return common["extra"]

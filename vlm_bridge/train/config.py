@@ -1,0 +1,139 @@
+"""Typed run configuration: one dataclass per concern, a recipe returns a ``TrainConfig``.
+
+CLI overrides are dotted ``key=value`` paths (``optim.lr=2e-5``, ``freeze.vision=true``); values
+are parsed by the field's declared type, and an unknown key or bad value is a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ParallelSettings:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+    # Per-component peak learning rates; None means ``lr``.
+    language_lr: float | None = None
+    vision_lr: float | None = None
+    projector_lr: float | None = None
+    # The distributed optimizer shards fp32 master weights over data-parallel ranks (needs
+    # reduce-scatter, which gloo lacks: "auto" turns it on with CUDA only).
+    distributed_optimizer: str = "auto"
+
+
+@dataclass
+class DataSettings:
+    train: str = ""  # "jsonl:PATH", "json:PATH", "hf:NAME_OR_DIR" or a maker name
+    seq_len: int = 4096
+    pack: bool = True
+    skip_bad_media: bool = False
+    max_samples: int | None = None
+    shuffle: bool = True
+
+
+@dataclass
+class FreezeSettings:
+    """None: the mode's default (train in full fine-tuning, frozen base under PEFT)."""
+
+    language_model: bool | None = None
+    vision: bool | None = None
+    projector: bool | None = None
+
+
+@dataclass
+class PeftSettings:
+    method: str | None = None  # None (full fine-tune), "lora" or "dora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    components: tuple[str, ...] = ("language_model",)
+
+
+@dataclass
+class CheckpointSettings:
+    dir: str = ""  # default: <output_dir>/checkpoints
+    save_every: int = 0  # 0: only at the end
+    resume: bool = True  # resume from the latest checkpoint in dir when there is one
+    export_hf: bool = False  # also write an HF export next to each save
+
+
+@dataclass
+class TrainConfig:
+    name: str = "custom"
+    pretrained: str = ""  # HF folder or vlm-bridge Megatron checkpoint
+    output_dir: str = "runs/default"
+    dtype: str = "bf16"
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seed: int = 1234
+    recompute: bool = False  # full activation recomputation of every transformer layer
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "vlm-bridge"
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    freeze: FreezeSettings = field(default_factory=FreezeSettings)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+
+def _parse(value: str, annotation, key: str):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(annotation):
+        return None
+    if origin in (typing.Union, __import__("types").UnionType) and args:
+        return _parse(value, args[0], key)
+    if origin is tuple:
+        return tuple(v for v in value.split(",") if v)
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"override {key}: {value!r} is not a boolean")
+    try:
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"override {key}: {value!r} is not a valid {annotation.__name__}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b=value`` overrides in place and return ``cfg``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        target, *path = key.split(".")[::-1]
+        obj = cfg
+        for part in reversed(path):
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+                raise ValueError(f"unknown config key {key!r}")
+            obj = getattr(obj, part)
+        hints = typing.get_type_hints(type(obj))
+        if target not in hints or dataclasses.is_dataclass(getattr(obj, target)):
+            raise ValueError(f"unknown config key {key!r}")
+        setattr(obj, target, _parse(value, hints[target], key))
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

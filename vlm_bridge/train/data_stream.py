@@ -1,0 +1,94 @@
+"""A deterministic, resumable stream of micro-batches for one training step at a time.
+
+Raw samples are visited in a seeded permutation per epoch and encoded lazily. A step consumes a
+contiguous run of that order; its start is the data position saved in checkpoints, so a resumed
+run rebuilds exactly the batches the uninterrupted run would have seen. Every rank builds the
+same global batch; data-parallel rank r trains on micro-batches r, r + dp, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_bridge.train.batching import MicroBatch, collate_packed, collate_padded
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    index: int = 0  # next position in this epoch's permutation
+
+
+class MicroBatchStream:
+    def __init__(self, samples, encoder, family, settings, *, seq_len: int, pack: bool,
+                 micro_batch_size: int, pad_id: int, seed: int, shuffle: bool, pad_to_seq_len: bool):
+        self.samples, self.encoder = samples, encoder
+        self.family, self.settings = family, settings
+        self.seq_len, self.pack, self.mbs = seq_len, pack, micro_batch_size
+        self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
+        self.pad_to_seq_len = pad_to_seq_len
+        self.position = DataPosition()
+        self._order: list[int] | None = None
+        self._order_epoch = -1
+        self._cache: tuple[tuple[int, int], object] | None = None  # the pending sample of a full row
+        if len(samples) == 0:
+            raise ValueError("the training data source is empty")
+
+    def _permutation(self) -> list[int]:
+        if self._order_epoch != self.position.epoch:
+            n = len(self.samples)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + self.position.epoch)
+                self._order = torch.randperm(n, generator=g).tolist()
+            else:
+                self._order = list(range(n))
+            self._order_epoch = self.position.epoch
+        return self._order
+
+    def _peek_encoded(self):
+        """Encoded sample at the current position (skipped samples advance the position)."""
+        for _ in range(2 * len(self.samples) + 1):
+            order = self._permutation()
+            if self.position.index >= len(order):
+                self.position = DataPosition(self.position.epoch + 1, 0)
+                continue
+            key = (self.position.epoch, self.position.index)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+            encoded = self.encoder.encode(self.samples[order[self.position.index]])
+            self._cache = (key, encoded)
+            if encoded is not None:
+                return encoded
+            self.position.index += 1
+        raise ValueError("no sample of the data source survives encoding (see the skip counts)")
+
+    def _advance(self) -> None:
+        self.position.index += 1
+
+    def _next_row(self) -> list:
+        row, used = [], 0
+        while True:
+            sample = self._peek_encoded()
+            n = sample.input_ids.numel()
+            if row and used + n > self.seq_len:
+                return row
+            row.append(sample)
+            used += n
+            self._advance()
+            if not self.pack:
+                return row
+
+    def next_step(self, num_microbatches: int) -> list[MicroBatch]:
+        """The micro-batches of one global step (all data-parallel ranks' worth)."""
+        out = []
+        for _ in range(num_microbatches):
+            rows = [self._next_row() for _ in range(self.mbs)]
+            if self.pack:
+                out.append(collate_packed(rows, self.family, self.settings, self.seq_len, self.pad_id))
+            else:
+                length = self.seq_len if self.pad_to_seq_len else None
+                out.append(collate_padded([r[0] for r in rows], self.family, self.settings,
+                                          self.pad_id, length))
+        return out

@@ -1,0 +1,54 @@
+"""Freeze flags and PEFT on a built model, combined in one documented order.
+
+Each component (``language_model``: embeddings, decoder, output layer; ``vision``: patch embedding
+and ViT layers; ``projector``: the vision merger) has a freeze flag that is True, False or unset:
+
+* unset: the mode's default: trainable in full fine-tuning, frozen under LoRA/DoRA;
+* True: frozen in either mode;
+* False: trainable in either mode: under PEFT its base weights train fully next to the adapters.
+
+Adapters always train. A run where nothing trains is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_bridge.train.config import FreezeSettings, PeftSettings
+
+COMPONENT_PREFIXES = {
+    "language_model": ("language_model.",),
+    "vision": ("vision.patch_embed.", "vision.layers."),
+    "projector": ("vision.merger.",),
+}
+
+
+def component_of(name: str) -> str | None:
+    for component, prefixes in COMPONENT_PREFIXES.items():
+        if name.startswith(prefixes):
+            return component
+    return None
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name or "lora_magnitude" in name
+
+
+def apply_freeze_and_peft(model: torch.nn.Module, freeze: FreezeSettings, peft: PeftSettings) -> None:
+    if peft.method is not None:
+        from vlm_bridge.peft.lora import LoraConfig, apply_lora
+
+        if peft.method not in ("lora", "dora"):
+            raise ValueError(f"peft.method must be lora, dora or none, not {peft.method!r}")
+        apply_lora(model, LoraConfig(rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
+                                     targets=tuple(peft.targets), components=tuple(peft.components),
+                                     use_dora=peft.method == "dora"))
+    default_trainable = peft.method is None
+    for name, param in model.named_parameters():
+        if _is_adapter(name):
+            param.requires_grad = True
+            continue
+        flag = getattr(freeze, component_of(name) or "language_model")
+        param.requires_grad = default_trainable if flag is None else not flag
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: every component is frozen and no PEFT method is set")

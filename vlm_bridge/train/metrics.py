@@ -1,0 +1,80 @@
+"""What users watch: a console line per step (loss, LR, tokens/s, ETA), TensorBoard, optional
+Weights & Biases, and a loss-curve PNG at the end. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vlm_bridge.train.config import TrainConfig, to_dict
+
+
+class RunLogger:
+    def __init__(self, cfg: TrainConfig, is_main: bool, start_step: int = 0) -> None:
+        self.cfg, self.is_main = cfg, is_main
+        self.out = Path(cfg.output_dir)
+        self.start, self.start_step = time.time(), start_step
+        self.tokens = 0
+        self.tb = self.wandb = None
+        if not is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("note: wandb=true but wandb is not installed; skipping W&B logging")
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg))
+
+    def log(self, step: int, stats: dict, seconds: float) -> None:
+        if not self.is_main:
+            return
+        self.tokens += stats["tokens"]
+        done = step - self.start_step
+        elapsed = time.time() - self.start
+        eta = elapsed / max(done, 1) * (self.cfg.steps - step)
+        tps = stats["tokens"] / max(seconds, 1e-9)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            print(f"step {step:>5}/{self.cfg.steps}  loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
+                  f"grad {stats['grad_norm']:.2f}  {tps:,.0f} tok/s  eta {eta:,.0f}s", flush=True)
+        scalars = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                   "tokens_per_s": tps}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self, losses: list[float]) -> None:
+        if not self.is_main:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if losses:
+            write_loss_plot(losses, self.out / "loss.png", self.cfg.name)
+
+
+def write_loss_plot(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,220 @@
+"""The training loop on Megatron-Core: setup, train_step, save; every feature is a visible line.
+
+Runs on every rank (``vlm-bridge finetune`` launches the ranks or runs under torchrun). Megatron
+provides the DDP grad buffers, the (distributed) optimizer with fp32 master weights, the LR
+scheduler and the pipeline schedules; the loss is a per-token mean over all loss tokens of the
+global batch (``calculate_per_token_loss``), so packing and micro-batching do not change it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from vlm_bridge.compat.cpu import cuda_available
+from vlm_bridge.convert.engine import DTYPES, dtype_name, load_pretrained
+from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
+from vlm_bridge.train import checkpoint as ckpt
+from vlm_bridge.train.config import TrainConfig, to_dict
+from vlm_bridge.train.freeze import apply_freeze_and_peft
+from vlm_bridge.train.metrics import RunLogger
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; stopping beats silently corrupting the weights."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    built: object
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    stream: object
+    num_microbatches: int
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
+    o = cfg.optim
+    distributed = o.distributed_optimizer == "on" or (
+        o.distributed_optimizer == "auto" and cuda_available()
+    )
+    config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        use_distributed_optimizer=distributed,
+    )
+    overrides = {}
+    for pattern, lr in (("*vision.layers.*", o.vision_lr), ("*vision.patch_embed.*", o.vision_lr),
+                        ("*vision.merger.*", o.projector_lr), ("*language_model.*", o.language_lr)):
+        if lr is not None:
+            overrides[ParamKey(name=pattern)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
+    return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
+    from vlm_bridge.train.data_setup import build_stream
+
+    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    init_distributed(parallel, seed=cfg.seed)
+    dtype = DTYPES[cfg.dtype]
+    built = load_pretrained(cfg.pretrained, parallel, dtype)
+    lang = built.model.language_model.config
+    if cfg.recompute:
+        for c in {lang, getattr(built.model.vision, "config", lang)}:
+            c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", "uniform", 1
+    apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
+    lang.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(
+        config=lang,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.optim.distributed_optimizer == "on"
+            or (cfg.optim.distributed_optimizer == "auto" and cuda_available()),
+        ),
+        module=built.model,
+    )
+    optimizer = _optimizer(cfg, ddp, dtype)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+        lr_warmup_steps=cfg.optim.warmup_steps, lr_decay_steps=max(cfg.steps, 1),
+        lr_decay_style="cosine", start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
+        wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant",
+    )
+    lang.finalize_model_grads_func = finalize_model_grads
+    lang.grad_scale_func = optimizer.scale_loss
+    dp = parallel_state.get_data_parallel_world_size()
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ValueError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+            f"micro_batch_size {cfg.micro_batch_size} x data-parallel size {dp}"
+        )
+    stream = build_stream(cfg, built)
+    run = Run(cfg, built, ddp, optimizer, scheduler, stream,
+              cfg.global_batch_size // (cfg.micro_batch_size * dp))
+    _maybe_resume(run)
+    return run
+
+
+def _checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+
+
+def _maybe_resume(run: Run) -> None:
+    root = _checkpoint_root(run.cfg)
+    step = ckpt.latest_step(root) if run.cfg.checkpoint.resume else None
+    if step is None:
+        return
+    extra = ckpt.load_checkpoint(ckpt.iteration_dir(root, step), run.model, run.optimizer,
+                                 run.scheduler)
+    run.step = extra["step"]
+    run.losses = list(extra.get("losses", []))
+    run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
+
+
+def _forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    per_token = model(**mb.inputs, labels=mb.labels)
+
+    def loss_func(output: torch.Tensor):
+        total = (output.float() * mb.loss_mask).sum()
+        count = mb.loss_mask.sum().to(torch.int)
+        return total, count, {"loss_sum": total.detach().clone(), "tokens": count.detach().clone()}
+
+    return per_token, loss_func
+
+
+def train_step(run: Run) -> dict:
+    """One global step: forward/backward over all micro-batches, optimizer and LR update."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    step_batches = run.stream.next_step(run.num_microbatches * dp)
+    mine = [mb.to(device()) for mb in step_batches[dp_rank::dp]]
+    seq_len = mine[0].labels.shape[1]
+    run.model.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(mine), model=[run.model],
+        num_microbatches=len(mine), seq_length=seq_len, micro_batch_size=run.cfg.micro_batch_size,
+        forward_only=False,
+    )
+    loss = _global_loss(outputs)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1}; stopping (lower optim.lr or "
+                            "check the data)")
+    ok, grad_norm, _ = run.optimizer.step()
+    run.scheduler.step(increment=1)
+    run.step += 1
+    run.losses.append(loss)
+    return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "tokens": sum(mb.num_tokens for mb in step_batches)}
+
+
+def _global_loss(outputs: list[dict]) -> float:
+    """Token-mean loss over the global batch (last stage, summed over data parallel)."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        for out in outputs:
+            totals += torch.stack([out["loss_sum"].double().cpu(), out["tokens"].double().cpu()])
+    # Everyone learns the loss: sum over DP on the last stage, then over stages (others add 0).
+    dist.all_reduce(totals, group=cpu_group())
+    totals /= parallel_state.get_tensor_model_parallel_world_size()  # TP ranks repeat the sums
+    return float(totals[0] / max(totals[1], 1.0))
+
+
+def save(run: Run) -> Path:
+    extra = {"step": run.step, "data_epoch": run.stream.position.epoch,
+             "data_index": run.stream.position.index, "losses": run.losses,
+             "config": to_dict(run.cfg)}
+    meta = {"family": run.built.family.name, "dtype": dtype_name(DTYPES[run.cfg.dtype]),
+            "key_layout": run.built.key_layout, "saved_tp": run.cfg.parallel.tp,
+            "saved_pp": run.cfg.parallel.pp}
+    return ckpt.save_checkpoint(_checkpoint_root(run.cfg), run.step, run.model, run.optimizer,
+                                run.scheduler, extra, meta, run.built.hf_side_dir)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Run on every rank. ``stop_after`` ends early after that many steps (tests interruption)."""
+    run = setup(cfg)
+    logger = RunLogger(cfg, is_main=dist.get_rank() == 0, start_step=run.step)
+    run.model.train()
+    start = time.time()
+    while run.step < cfg.steps:
+        if stop_after is not None and run.step >= stop_after:
+            break
+        t0 = time.time()
+        stats = train_step(run)
+        logger.log(run.step, stats, time.time() - t0)
+        if cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0:
+            _save_and_maybe_export(run)
+    if stop_after is None and run.step >= cfg.steps:
+        _save_and_maybe_export(run)
+    logger.close(run.losses)
+    return {"steps": run.step, "losses": run.losses, "seconds": time.time() - start,
+            "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir}
+
+
+def _save_and_maybe_export(run: Run) -> None:
+    path = save(run)
+    if run.cfg.checkpoint.export_hf:
+        from vlm_bridge.train.export import export_run_checkpoint
+
+        export_run_checkpoint(run, path)
