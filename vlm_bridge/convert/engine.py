@@ -327,13 +327,18 @@ def export_hf(
         raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
     built, meta = load_megatron(megatron_dir, parallel)
     out_dtype = DTYPES[dtype_arg or meta["dtype"]]
-    write_hf(built, hf_dir, out_dtype, overwrite, max_shard_bytes)
+    write_hf(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True)
     return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}
 
 
 def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
-             max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Run on every rank: stream this (live) model to an HF folder; rank 0 writes."""
+             max_shard_bytes: int = 2 * 1024**3, consume: bool = False) -> None:
+    """Run on every rank: stream this model to an HF folder; rank 0 writes.
+
+    ``consume`` frees each parameter once it is handed to the writer (the export command discards
+    the model anyway), so peak memory falls as the export proceeds instead of adding the output
+    buffer on top of a full model.
+    """
     layout = layout_by_name(built.family.layouts, built.key_layout)
     owners = _owners(built)
     rank = dist.get_rank()
@@ -353,6 +358,9 @@ def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, over
                 full = full if owner == 0 else _recv_tensor(owner)
                 for name, t in zip(entry.hf, entry.op.to_hf(full)):
                     writer.add(layout.to_file(name), t.to(device="cpu", dtype=out_dtype))
+            del full
+            if consume and entry.megatron in built.params:
+                built.params[entry.megatron].data = torch.empty(0)
         if rank == 0:
             writer.finalize()
             copy_hf_side_files(built.hf_side_dir, tmp)
