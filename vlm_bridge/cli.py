@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny Qwen2.5-VL: build, import, verify, export, round-trip")
     p.add_argument("--workdir", default="demo_output")
+    p.add_argument("--no-finetune", action="store_true", help="stop after the conversion steps")
     return parser
 
 
@@ -162,7 +163,7 @@ def cmd_finetune(args) -> int:
 def cmd_demo(args) -> int:
     from vlm_bridge.demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(args.workdir, finetune=not args.no_finetune)
 
 
 COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify,

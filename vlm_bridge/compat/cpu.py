@@ -4,7 +4,8 @@ Megatron-Core assumes CUDA in a handful of places that matter for our models:
 
 * ``torch.cuda.current_device()`` used as a device (rotary ``inv_freq``, schedules, p2p buffers);
 * literal ``device="cuda"`` / ``.cuda()`` in tensor factories (pipeline schedules, loss reductions);
-* ``torch.cuda.synchronize()`` / streams / events around checkpoint writers and p2p.
+* ``torch.cuda.synchronize()`` / streams / events around checkpoint writers and p2p;
+* ``tensor.type() == 'torch.cuda.FloatTensor'`` assertions (gradient clipping).
 
 Rather than patching those call sites one by one (they move between releases), a
 ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and the few ``torch.cuda``
@@ -41,6 +42,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's grad clipping asserts grads are 'torch.cuda.FloatTensor'; report the
+            # CUDA name for what would be on the GPU there.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -33,11 +33,16 @@ def iteration_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_step(root: str | Path) -> int | None:
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    step = int(path.read_text().strip())
-    return step if iteration_dir(root, step).is_dir() else None
+    """The step of the newest complete checkpoint: the ``latest`` pointer when it names a complete
+    folder, else the highest ``iter_*`` folder (temporary ``.iter_*.tmp`` folders never count)."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        text = pointer.read_text().strip()
+        if text.isdigit() and (iteration_dir(root, int(text)) / "weights").is_dir():
+            return int(text)
+    steps = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit()]
+    return max(steps) if steps else None
 
 
 def _rng_object(world_layout: str) -> ShardedObject:
@@ -55,7 +60,9 @@ def _layout() -> str:
 
 
 def _sharded(model, optimizer, loading: bool, with_rng: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+    # The unwrapped module: DDP would prefix keys with "module.", and the model keys must stay
+    # those an import writes so that `vlm-bridge export` reads training checkpoints too.
+    model_sd = getattr(model, "module", model).sharded_state_dict()
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
@@ -100,7 +107,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     common = dist_checkpointing.load_common_state_dict(weights)
     same_layout = common["extra"].get("layout") == _layout()
     state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
-    model.load_state_dict(state["model"], strict=True)
+    getattr(model, "module", model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
