@@ -61,7 +61,7 @@ def run_demo(workdir: str, finetune: bool = True) -> int:
     return 0 if ok else 1
 
 
-def run_finetune_demo(root: Path, pretrained: Path, steps: int = 150) -> bool:
+def run_finetune_demo(root: Path, pretrained: Path, steps: int = 120) -> bool:
     """Fine-tune the tiny model on the shapes task; accuracy before/after, plot, HF generate."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -108,7 +108,7 @@ def generate_answer(model, processor, eval_jsonl: Path) -> str:
         add_generation_prompt=True, tokenize=False,
     )
     batch = processor(text=[prompt], images=[image], return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     answer = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     truth = row["messages"][1]["content"][0]["text"]
     return f"Q: {user['content'][1]['text']}  generated: {answer.strip()!r}  (truth: {truth})"

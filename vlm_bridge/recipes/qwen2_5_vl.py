@@ -52,6 +52,7 @@ def demo_tiny() -> TrainConfig:
         output_dir="runs/demo_tiny",
         dtype="fp32",
         steps=120,
+        log_every=10,
         micro_batch_size=4,
         global_batch_size=8,
         tensorboard=False,
