@@ -36,3 +36,44 @@ def test_round_trip_on_gpu(tiny_hf, run_cli, tmp_path):
     assert run_cli("import", "--hf-model", tiny_hf, "--megatron-path", meg) == 0
     assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
     assert checkpoint_mismatches(tiny_hf, out) == []
+
+
+def _packed_logits(hf_dir, use_varlen: bool):
+    from vlm_bridge.attention import core
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, device, init_distributed
+    from vlm_bridge.testing.media import make_image
+    from vlm_bridge.train.batching import collate_packed
+
+    init_distributed(ParallelConfig())
+    saved = core._VARLEN
+    if not use_varlen:
+        core._VARLEN = None
+    try:
+        from transformers import AutoProcessor
+
+        from vlm_bridge.data.encode import SampleEncoder
+
+        built = load_hf(hf_dir, ParallelConfig(), torch.bfloat16)
+        enc = SampleEncoder(AutoProcessor.from_pretrained(hf_dir), 512)
+        samples = [enc.encode({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": make_image(112, 56 + 28 * i)},
+                                         {"type": "text", "text": f"Question {i}"}]},
+            {"role": "assistant", "content": f"Answer number {i}."}]}) for i in range(3)]
+        mb = collate_packed([samples], built.family, built.settings, 512, 0).to(device())
+        with torch.no_grad():
+            return built.model(**mb.inputs, runtime_gather_output=True).float().cpu()
+    finally:
+        core._VARLEN = saved
+
+
+def test_varlen_flash_path_matches_dense_mask_path(tiny_hf):
+    from vlm_bridge.attention import core
+    from vlm_bridge.parallel import run_parallel
+
+    if core._VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    fast = run_parallel(_packed_logits, 1, str(tiny_hf), True)
+    dense = run_parallel(_packed_logits, 1, str(tiny_hf), False)
+    assert (fast - dense).abs().max().item() <= 5e-2
+    assert (fast.argmax(-1) == dense.argmax(-1)).float().mean().item() >= 0.95

@@ -53,3 +53,12 @@ def test_cu_seqlens_mask_is_bidirectional_within_blocks():
     mask = AttentionMask.from_cu_seqlens(torch.tensor([0, 2, 5]), causal=False).dense(5, 5, "cpu")
     assert torch.equal(mask[0, 0, :2, :2], torch.ones(2, 2, dtype=torch.bool))
     assert not mask[0, 0, :2, 2:].any() and mask[0, 0, 2:, 2:].all()
+
+
+def test_cu_seqlens_of_packed_row_and_refusal_for_split_segments():
+    packed = AttentionMask(segment_ids=torch.tensor([[0, 0, 1, 1, 1, 2, -1, -1]]), causal=True)
+    cu, max_len = packed.cu_seqlens(torch.device("cpu"))
+    assert cu.tolist() == [0, 2, 5, 6, 8] and max_len == 3 and cu.dtype == torch.int32
+    split = AttentionMask(segment_ids=torch.tensor([[0, 1, 0]]), causal=False)
+    assert split.cu_seqlens(torch.device("cpu")) is None
+    assert AttentionMask(segment_ids=torch.zeros(2, 4, dtype=torch.long)).cu_seqlens("cpu") is None

@@ -14,8 +14,9 @@ convention (True = masked out) is accepted too.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ class AttentionMask:
 
     segment_ids: torch.Tensor | None = None
     causal: bool = True
+    # Built once per forward and reused by every layer (a ViT has 32 of them).
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool) -> AttentionMask:
@@ -47,6 +50,33 @@ class AttentionMask:
 
     def dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
         """Boolean ``[b|1, 1, sq, sk]`` mask, True where attention is allowed (SDPA convention)."""
+        key = ("dense", sq, sk, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._build_dense(sq, sk, device)
+        return self._cache[key]
+
+    def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """``(cu_seqlens int32, max_len)`` when this is one row of contiguous segments, else None.
+
+        Padding (id -1) forms segments of its own, which is harmless: padded positions never
+        carry loss and nothing real attends to them.
+        """
+        key = ("cu", str(device))
+        if key not in self._cache:
+            self._cache[key] = None
+            ids = self.segment_ids
+            if ids is not None and ids.shape[0] == 1:
+                ids = ids[0]
+                change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+                bounds = torch.cat([change.new_zeros(1), change, change.new_tensor([ids.numel()])])
+                starts = ids[bounds[:-1]]
+                real = starts[starts >= 0]
+                if real.unique().numel() == real.numel():  # every segment is one contiguous run
+                    lengths = bounds[1:] - bounds[:-1]
+                    self._cache[key] = (bounds.to(device, torch.int32), int(lengths.max()))
+        return self._cache[key]
+
+    def _build_dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
         allowed = None
         if self.segment_ids is not None:
             ids = self.segment_ids.to(device)
@@ -61,6 +91,18 @@ class AttentionMask:
 
     def needs_dense(self) -> bool:
         return self.segment_ids is not None
+
+
+def _varlen_fn():
+    """torch's flash-attention varlen entry point, with its keyword set, when this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, set()
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN, _VARLEN_ARGS = _varlen_fn()
 
 
 class TorchCoreAttention(MegatronModule):
@@ -109,6 +151,8 @@ class TorchCoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("pass packing as AttentionMask.segment_ids, not THD params")
         sq, b = query.shape[0], query.shape[1]
+        if self._use_varlen(query, attention_mask):
+            return self._varlen(query, key, value, attention_mask)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, k.shape[2], q.device)
@@ -123,6 +167,32 @@ class TorchCoreAttention(MegatronModule):
             enable_gqa=self.groups_per_partition != self.heads_per_partition,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+
+    def _use_varlen(self, query: torch.Tensor, mask) -> bool:
+        return (
+            _VARLEN is not None and query.is_cuda and query.shape[1] == 1
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and isinstance(mask, AttentionMask) and mask.cu_seqlens(query.device) is not None
+        )
+
+    def _varlen(self, query, key, value, mask: AttentionMask) -> torch.Tensor:
+        """Packed segments on the GPU: flash-attention over ``cu_seqlens``, no mask tensor."""
+        cu, max_len = mask.cu_seqlens(query.device)
+        q, k, v = query[:, 0], key[:, 0], value[:, 0]  # [s, heads, d]
+        kwargs = {"scale": self.softmax_scale}
+        if self.groups_per_partition != self.heads_per_partition:
+            if "enable_gqa" in _VARLEN_ARGS:
+                kwargs["enable_gqa"] = True
+            else:
+                rep = self.heads_per_partition // self.groups_per_partition
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask.causal:
+            if "is_causal" in _VARLEN_ARGS:
+                kwargs["is_causal"] = True
+            else:
+                kwargs["window_size"] = (-1, 0)
+        out = _VARLEN(q, k, v, cu, cu, max_len, max_len, **kwargs)
+        return out.reshape(q.shape[0], 1, self.heads_per_partition * self.head_dim)
 
     def _sdpa_mask(self, attention_mask, attn_mask_type, sq, sk, device):
         if isinstance(attention_mask, AttentionMask):
