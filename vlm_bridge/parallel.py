@@ -8,6 +8,7 @@ uses the launched processes; otherwise it spawns ``tp * pp * ...`` local process
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
 import traceback
 from collections.abc import Callable
@@ -109,8 +110,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errors:
     )
     try:
         result = fn(*args)
-        if rank == 0:
-            errors.put(("ok", result))
+        errors.put(("ok", result if rank == 0 else None))
     except BaseException as exc:  # reported to the parent, which re-raises with the message
         # User errors (ValueError and subclasses) carry their own one-line message.
         text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
@@ -140,7 +140,7 @@ def run_parallel(fn: Callable, world_size: int, *args: Any) -> Any:
                     os.environ.pop(key, None)
         return fn(*args)
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = _free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
@@ -148,15 +148,25 @@ def run_parallel(fn: Callable, world_size: int, *args: Any) -> Any:
     ]
     for p in procs:
         p.start()
+    # Drain the queue while the ranks run: a large result would otherwise block its sender
+    # (and the join below) until someone reads the pipe.
+    messages = []
+    while len(messages) < world_size:
+        try:
+            messages.append(queue.get(timeout=1.0))
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs):
+                while not queue.empty():
+                    messages.append(queue.get_nowait())
+                break
     for p in procs:
         p.join()
     result = None
     first_error = None
-    while not queue.empty():
-        item = queue.get()
+    for item in messages:
         if item[0] == "error" and first_error is None:
             first_error = item
-        elif item[0] == "ok":
+        elif item[0] == "ok" and item[1] is not None:
             result = item[1]
     if first_error is not None:
         if os.environ.get("VLM_BRIDGE_DEBUG"):

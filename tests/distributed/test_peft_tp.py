@@ -1,4 +1,6 @@
-"""LoRA / DoRA at TP=2 (spawned gloo ranks) equal TP=1: logits, merged logits and the HF-PEFT export."""
+"""LoRA / DoRA at TP=2 and PP=2 (spawned gloo ranks) equal TP=1: logits, merged logits, the HF-PEFT
+export, adapter gradients (TP), and a torch_dist checkpoint of the adapted model saved at TP=2 loads
+at TP=1."""
 
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ VARIANTS = {  # name: (components, use_dora)
 }
 
 
-def _build(hf_dir: str, parallel: ParallelConfig):
+def _build(hf_dir: str, parallel: ParallelConfig, name: str):
     from vlm_bridge.convert.engine import build_rank_model, fill_from_hf, load_hf_config
     from vlm_bridge.convert.hf_io import SafetensorsReader
     from vlm_bridge.convert.layout import detect_layout
+    from vlm_bridge.peft import LoraConfig, apply_lora
 
     reader = SafetensorsReader(hf_dir)
     built = build_rank_model(load_hf_config(hf_dir), torch.float32, parallel)
     fill_from_hf(built, reader, detect_layout(built.family.layouts, reader.keys()), hf_dir)
     built.model.eval()
+    components, use_dora = VARIANTS[name]
+    apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=components, use_dora=use_dora))
     return built
 
 
@@ -34,48 +39,93 @@ def _logits(built, batch):
     return to_rank0(logits[..., :vocab] if logits is not None else None, last_stage_rank())
 
 
-def _run(hf_dir: str, out_dir: str, tp: int) -> dict:
-    """Per variant: adapter logits, merged logits; the adapter is exported to ``out_dir/<variant>``."""
+def _adapter_grads(built, batch) -> dict:
+    """Full (TP-gathered) adapter gradients of a squared-logits loss."""
+    from vlm_bridge.convert.distribute import gather
+    from vlm_bridge.peft import lora_modules
+
+    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    logits = built.model(**kwargs, runtime_gather_output=True)[..., : built.settings.vocab_size]
+    logits.pow(2).mean().backward()
+    return {
+        f"{name}.{p_name}": gather(p.grad, p, mod.tp_chunks)
+        for name, mod in lora_modules(built.model).items()
+        for p_name, p in mod.adapter_parameters().items()
+    }
+
+
+def _run(hf_dir: str, out_dir: str, tp: int, pp: int, load_from: str | None) -> None:
+    """Per variant, into ``out_dir/<variant>``: the HF-PEFT export, ``logits.pt`` (adapter, merged,
+    and, with ``load_from``, a fresh model loaded from ``load_from/<variant>``), adapter gradients
+    and a torch_dist checkpoint.
+
+    Files, not return values: run_parallel joins its ranks before reading their results.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
     from transformers import AutoProcessor
 
     from vlm_bridge.parallel import init_distributed
-    from vlm_bridge.peft import LoraConfig, apply_lora, export_hf_peft, merge_lora
+    from vlm_bridge.peft import export_hf_peft, merge_lora
     from vlm_bridge.peft.lora import randomize_adapters_
     from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
 
-    parallel = ParallelConfig(tp=tp)
+    parallel = ParallelConfig(tp=tp, pp=pp)
     init_distributed(parallel)
     images, video = default_media()
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     batch = build_batch(processor, images, video, DEFAULT_PROMPT)
-    result = {}
-    for name, (components, use_dora) in VARIANTS.items():
-        built = _build(hf_dir, parallel)
-        apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=components, use_dora=use_dora))
+    for name in VARIANTS:
+        built = _build(hf_dir, parallel, name)
         randomize_adapters_(built.model, seed=11, std=0.1)
         export_hf_peft(built, f"{out_dir}/{name}", hf_dir)
-        adapter = _logits(built, batch)
+        dist_checkpointing.save(built.model.sharded_state_dict(), f"{out_dir}/{name}/ckpt")
+        logits = [_logits(built, batch)]
+        if pp == 1:  # a plain forward/backward; PP would need the schedule
+            grads = _adapter_grads(built, batch)
+            if dist.get_rank() == 0:
+                torch.save(grads, f"{out_dir}/{name}/grads.pt")
         merge_lora(built.model)
-        result[name] = (adapter, _logits(built, batch))
-    return result
+        logits.append(_logits(built, batch))
+        if load_from:
+            fresh = _build(hf_dir, parallel, name)
+            state = dist_checkpointing.load(fresh.model.sharded_state_dict(), f"{load_from}/{name}/ckpt")
+            fresh.model.load_state_dict(state, strict=True)
+            logits.append(_logits(fresh, batch))
+        if logits[0] is not None:
+            torch.save(logits, f"{out_dir}/{name}/logits.pt")
 
 
-def test_tp2_adapters_equal_tp1(tiny_hf, tmp_path):
+def _assert_same_export(one, two) -> None:
     from safetensors.torch import load_file
 
-    one = run_parallel(_run, 1, str(tiny_hf), str(tmp_path / "tp1"), 1)
-    two = run_parallel(_run, 2, str(tiny_hf), str(tmp_path / "tp2"), 2)
+    e1, e2 = (load_file(d / "adapter_model.safetensors") for d in (one, two))
+    assert sorted(e1) == sorted(e2)
+    for key in e1:
+        if key.endswith("lora_magnitude_vector"):  # initial row norms: summation order differs
+            assert torch.allclose(e1[key], e2[key], rtol=1e-6, atol=0), key
+        else:
+            assert torch.equal(e1[key], e2[key]), key
+    assert (one / "adapter_config.json").read_text() == (two / "adapter_config.json").read_text()
+
+
+def test_tp2_and_pp2_adapters_equal_tp1(tiny_hf, tmp_path):
+    for layout in ("tp1", "tp2", "pp2"):
+        for name in VARIANTS:
+            (tmp_path / layout / name / "ckpt").mkdir(parents=True)
+    run_parallel(_run, 2, str(tiny_hf), str(tmp_path / "tp2"), 2, 1, None)
+    run_parallel(_run, 2, str(tiny_hf), str(tmp_path / "pp2"), 1, 2, None)
+    run_parallel(_run, 1, str(tiny_hf), str(tmp_path / "tp1"), 1, 1, str(tmp_path / "tp2"))
     for name in VARIANTS:
-        (a1, m1), (a2, m2) = one[name], two[name]
-        assert float((a1 - a2).abs().max()) <= 1e-4, name
-        assert float((m2 - a2).abs().max()) <= 1e-4, name  # merge at TP=2 (DoRA: all-reduced norms)
-        e1 = load_file(tmp_path / "tp1" / name / "adapter_model.safetensors")
-        e2 = load_file(tmp_path / "tp2" / name / "adapter_model.safetensors")
-        assert sorted(e1) == sorted(e2)
-        for key in e1:
-            if key.endswith("lora_magnitude_vector"):  # initial row norms: summation order differs
-                assert torch.allclose(e1[key], e2[key], rtol=1e-6, atol=0), key
-            else:
-                assert torch.equal(e1[key], e2[key]), key
-        cfg1 = (tmp_path / "tp1" / name / "adapter_config.json").read_text()
-        assert cfg1 == (tmp_path / "tp2" / name / "adapter_config.json").read_text()
+        a1, m1, loaded = torch.load(tmp_path / "tp1" / name / "logits.pt")
+        for layout in ("tp2", "pp2"):
+            a2, m2 = torch.load(tmp_path / layout / name / "logits.pt")
+            assert float((a1 - a2).abs().max()) <= 1e-4, (name, layout)
+            assert float((m2 - a2).abs().max()) <= 1e-4, (name, layout)  # merge (DoRA: all-reduced norms)
+            _assert_same_export(tmp_path / "tp1" / name, tmp_path / layout / name)
+        assert float((loaded - a1).abs().max()) <= 1e-4, name  # TP=2 checkpoint read at TP=1
+        g1, g2 = (torch.load(tmp_path / layout / name / "grads.pt") for layout in ("tp1", "tp2"))
+        assert sorted(g1) == sorted(g2)
+        for key in g1:  # autograd through copy_to / reduce_from regions gives the TP=1 gradients
+            assert g1[key].abs().max() > 0, key
+            torch.testing.assert_close(g2[key], g1[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -27,7 +27,7 @@ def loss_runs(encoded, tokenizer) -> list[str]:
     """Decoded text of each contiguous run of loss tokens."""
     mask = (encoded.labels != IGNORE_INDEX).tolist()
     runs, current = [], []
-    for token, on in zip(encoded.input_ids.tolist(), [*mask]):
+    for token, on in zip(encoded.input_ids.tolist(), mask):
         if on:
             current.append(token)
         elif current:
@@ -278,3 +278,13 @@ def test_media_in_assistant_turn_is_refused(processor):
     }
     with pytest.raises(ValueError, match="assistant turns"):
         SampleEncoder(processor, max_seq_len=512).encode(sample)
+
+
+def test_token_alignment_helpers():
+    from vlm_bridge.data.encode import _align_slow, _embed
+
+    # Qwen-style: one placeholder (9) becomes a run; the other tokens keep their order.
+    assert _embed([1, 8, 9, 7, 5], [1, 8, 9, 9, 9, 7, 5]) == [0, 1, 2, 5, 6]
+    # A processor that replaces a token is not an insertion; the general alignment maps the rest.
+    assert _embed([1, 9, 5, 6], [1, 3, 3, 5, 6]) is None
+    assert _align_slow([1, 9, 5, 6], [1, 3, 3, 5, 6]) == [0, None, 3, 4]

@@ -133,6 +133,37 @@ def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _embed(plain: list[int], expanded: list[int]) -> list[int | None] | None:
+    """Position in ``expanded`` of each ``plain`` token, or None if ``expanded`` is not ``plain``
+    with tokens inserted.
+
+    Processors expand a media placeholder by inserting tokens around or after it (Qwen repeats
+    ``<|image_pad|>``, Gemma wraps ``<start_of_image>``), so one greedy linear pass finds the
+    mapping; insertions only happen in prompt turns, so assistant tokens are never matched to an
+    inserted token.
+    """
+    positions: list[int | None] = []
+    j, n = 0, len(expanded)
+    for token in plain:
+        while j < n and expanded[j] != token:
+            j += 1
+        if j == n:
+            return None
+        positions.append(j)
+        j += 1
+    return positions
+
+
+def _align_slow(plain: list[int], expanded: list[int]) -> list[int | None]:
+    """General alignment (difflib, quadratic) for processors that replace tokens rather than
+    only insert; tokens outside matching blocks map to None."""
+    positions: list[int | None] = [None] * len(plain)
+    matcher = difflib.SequenceMatcher(None, plain, expanded, autojunk=False)
+    for i, j, size in matcher.get_matching_blocks():
+        positions[i : i + size] = range(j, j + size)
+    return positions
+
+
 def _video_backend() -> str:
     for module, backend in _VIDEO_BACKENDS:
         if importlib.util.find_spec(module) is not None:
@@ -366,19 +397,17 @@ class SampleEncoder:
             if any(s < span_end and e > span_start for span_start, span_end in spans):
                 plain_labels[t] = plain_ids[t]
         ids = input_ids.tolist()
-        if ids == plain_ids:
-            return torch.tensor(plain_labels, dtype=torch.long)
+        positions = _embed(plain_ids, ids)
+        if positions is None:
+            positions = _align_slow(plain_ids, ids)
         labels = [IGNORE_INDEX] * len(ids)
-        matcher = difflib.SequenceMatcher(None, plain_ids, ids, autojunk=False)
-        mapped = 0
-        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-            if tag == "equal":
-                labels[j1:j2] = plain_labels[i1:i2]
-                mapped += sum(label != IGNORE_INDEX for label in plain_labels[i1:i2])
-        if mapped != sum(label != IGNORE_INDEX for label in plain_labels):
-            raise RuntimeError(
-                f"{where}: processor tokens differ from the template's inside an assistant turn"
-            )
+        for t, label in enumerate(plain_labels):
+            if label != IGNORE_INDEX:
+                if positions[t] is None:
+                    raise RuntimeError(
+                        f"{where}: processor tokens differ from the template's inside an assistant turn"
+                    )
+                labels[positions[t]] = label
         return torch.tensor(labels, dtype=torch.long)
 
     def _media_spans(

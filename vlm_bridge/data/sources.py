@@ -186,7 +186,7 @@ def cord_v2(
 _MEDPIX_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("image", "img", "image_path", "Image"),
     "question": ("question", "Question", "query", "prompt"),
-    "answer": ("answer", "Answer", "response", "answers"),
+    "answer": ("answer", "Answer", "response"),
 }
 
 

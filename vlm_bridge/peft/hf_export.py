@@ -18,6 +18,7 @@ where ``<module path>`` is the in-memory name (``model.language_model.layers.0.s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None
         if entry is None:
             raise KeyError(f"{name}: no weight-table entry {name}.weight to export the adapter with")
         chunks = entry.op.tp_chunks
+        assert chunks == mod.tp_chunks, f"{name}: table splits it in {chunks}, the model in {mod.tp_chunks}"
         full = {n: gather(p.data, p, chunks).cpu() for n, p in mod.adapter_parameters().items()}
         if not keep:
             continue
@@ -102,5 +104,8 @@ def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(dict(sorted(tensors.items())), out / "adapter_model.safetensors", metadata={"format": "pt"})
-        peft_config(cfg, targets, base_model_name_or_path).save_pretrained(str(out))
+        config = peft_config(cfg, targets, base_model_name_or_path).to_dict()
+        # As peft's save_pretrained writes it, with sets sorted so that every run writes the same file.
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     dist.barrier(group=cpu_group())

@@ -1,56 +1,35 @@
 """LoRA / DoRA adapters put on a *built* Megatron model, TP-aware, without touching model classes.
 
 :func:`apply_lora` swaps matching ``ColumnParallelLinear`` / ``RowParallelLinear`` submodules for
-:class:`LoraLinear` wrappers (the base layer stays inside as ``base_layer``; its checkpoint keys
-are unchanged) and freezes every base parameter. Freeze flags combine: call ``apply_lora`` first,
-then set ``requires_grad`` on whatever else should train (e.g. the projector).
+:class:`~vlm_bridge.peft.layer.LoraLinear` wrappers (the base layer stays inside as ``base_layer``;
+its torch_dist checkpoint keys are unchanged, adapters add ``<module>.lora_{A,B,magnitude}``) and
+freezes every base parameter. Freeze flags combine: call ``apply_lora`` first, then set
+``requires_grad`` on whatever else should train (e.g. the projector); a later ``apply_lora`` is
+refused rather than silently re-freezing.
 
-Shapes per TP rank (``r`` = rank, ``s`` = alpha / r):
+Components select by module-name prefix: ``language_model`` (``language_model.``), ``vision`` (the
+ViT blocks, ``vision.layers.``) and ``projector`` (the merger, ``vision.merger.``); targets by the
+leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``). Names returned and
+used as keys are global (decoder layers numbered across pipeline stages).
 
-* column-parallel base (output sharded): ``lora_A [r, in]`` replicated, ``lora_B [out/tp, r]``
-  sharded on dim 0; ``A x`` passes through ``copy_to_tensor_model_parallel_region`` so the
-  gradients of ``A`` and of ``x`` are summed over TP;
-* row-parallel base (input sharded): ``lora_A [r, in/tp]`` sharded on dim 1; the partial ``A x``
-  is all-reduced (``reduce_from_tensor_model_parallel_region``) before ``lora_B [out, r]``.
-
-DoRA follows HF PEFT (``peft/tuners/lora/dora.py``): ``W' = m * (W + s B A) / ||W + s B A||_row``
-with the row norm recomputed each forward and *detached* (DoRA paper, section 4.3); ``m`` is
-sharded like ``B`` (column) or replicated (row, where squared norms are all-reduced over TP). The
-output is computed like HF: ``y + (m/n - 1) (W x) + (m/n) s B A x`` with ``y`` the base output.
-Dropout is applied to the adapter input only, as in HF PEFT.
+:func:`merge_lora` folds adapters into the base weights (keeping a copy of each base weight) and
+:func:`unmerge_lora` restores them bit-exactly; merged modules run the base layer only (for
+inference / export, not training).
 """
 
 from __future__ import annotations
 
-import math
 import re
-import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    copy_to_tensor_model_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    get_cuda_rng_tracker,
-    reduce_from_tensor_model_parallel_region,
-)
-from megatron.core.tensor_parallel.layers import (
-    set_defaults_if_not_set_tensor_model_parallel_attributes,
-    set_tensor_model_parallel_attributes,
-)
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP
 
 from vlm_bridge.convert.distribute import shard
+from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
-# Component -> module-name prefix ("vision" is the ViT blocks only; the merger is "projector").
 COMPONENTS = {"language_model": "language_model.", "vision": "vision.layers.", "projector": "vision.merger."}
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
 
 
@@ -67,157 +46,6 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-
-def _full_shape(p: torch.Tensor) -> list[int]:
-    shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
-    return shape
-
-
-def _seeded(name: str, seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-class LoraLinear(torch.nn.Module):
-    """A Megatron parallel linear plus a low-rank (optionally DoRA) adapter; returns ``(out, bias)``."""
-
-    def __init__(self, base: torch.nn.Module, cfg: LoraConfig, name: str) -> None:
-        super().__init__()
-        if base.weight is None:
-            raise ValueError(f"{name}: LoRA needs the layer's own weight (tied output layer?)")
-        if base.config.sequence_parallel:
-            raise NotImplementedError("LoRA with sequence parallelism is not supported")
-        self.base_layer = base
-        self.cfg = cfg
-        self.column = isinstance(base, ColumnParallelLinear)
-        self.scaling, self.p_drop, self.use_dora = cfg.scaling, cfg.dropout, cfg.use_dora
-        self.merged = False
-        self._saved_weight: torch.Tensor | None = None
-        w = base.weight
-        out_features, in_features = w.shape
-        kw = dict(device=w.device, dtype=w.dtype)
-        self.lora_A = torch.nn.Parameter(torch.empty(cfg.rank, in_features, **kw))
-        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, cfg.rank, **kw))
-        sharded = self.lora_B if self.column else self.lora_A
-        set_tensor_model_parallel_attributes(sharded, True, 0 if self.column else 1, 1)
-        set_defaults_if_not_set_tensor_model_parallel_attributes(self.lora_A if self.column else self.lora_B)
-        # Kaiming-uniform (a=sqrt(5)) like nn.Linear / HF PEFT, with the fan-in of the full layer.
-        bound = 1.0 / math.sqrt(_full_shape(self.lora_A)[1])
-        full_a = torch.rand(_full_shape(self.lora_A), generator=_seeded(name, cfg.seed)) * 2 - 1
-        with torch.no_grad():
-            self.lora_A.copy_(shard(full_a * bound, self.lora_A))
-        if self.use_dora:
-            self.lora_magnitude = torch.nn.Parameter(self._weight_norm(w.detach()))
-            if self.column:
-                set_tensor_model_parallel_attributes(self.lora_magnitude, True, 0, 1)
-            else:
-                set_defaults_if_not_set_tensor_model_parallel_attributes(self.lora_magnitude)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # e.g. .weight, .bias, .backward_dw()
-
-    def adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: getattr(self, n) for n in ADAPTER_PARAMS if n in self._parameters}
-
-    @torch.no_grad()
-    def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
-        """Row norms of the full (unsharded-input) weight; detached, as in HF PEFT."""
-        if self.column:
-            return torch.linalg.norm(w, dim=1).to(w.dtype)
-        sq = w.float().pow(2).sum(dim=1)
-        dist.all_reduce(sq, group=self.base_layer.tp_group)
-        return sq.sqrt().to(w.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` for this rank's shard of the weight."""
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.p_drop or not self.training:
-            return x
-        if self.column:  # replicated input: the same mask on every TP rank (default generator)
-            return F.dropout(x, self.p_drop, True)
-        with get_cuda_rng_tracker().fork():  # sharded input: independent masks per TP rank
-            return F.dropout(x, self.p_drop, True)
-
-    def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.base_layer.tp_group
-        h = F.linear(x, self.lora_A)
-        if self.column:
-            h = copy_to_tensor_model_parallel_region(h, group=group)
-        else:
-            h = reduce_from_tensor_model_parallel_region(h, group=group)
-        return F.linear(h, self.lora_B) * self.scaling
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, out_bias = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return out, out_bias
-        if args or kwargs.get("weight") is not None:
-            raise NotImplementedError("LoraLinear: an externally supplied weight is not supported")
-        gather = False
-        if self.column:
-            gather = kwargs.get("runtime_gather_output")
-            gather = self.base_layer.gather_output if gather is None else gather
-        xd = self._dropout(x)
-        delta = self._lora(xd)
-        if self.use_dora:
-            if gather:
-                raise NotImplementedError("DoRA on a column-parallel layer with gathered output")
-            w = self.base_layer.weight
-            scale = self.lora_magnitude / self._weight_norm(w + self.delta_weight().detach())
-            if xd is x:  # the base output without its bias, as HF PEFT does
-                bias = self.base_layer.bias
-                added = bias is not None and not self.base_layer.skip_bias_add
-                plain = out - bias if added else out
-            else:
-                plain = F.linear(xd, w)
-                if not self.column:
-                    plain = reduce_from_tensor_model_parallel_region(plain, group=self.base_layer.tp_group)
-            delta = (scale - 1) * plain + scale * delta
-        if gather:
-            delta = gather_from_tensor_model_parallel_region(delta, group=self.base_layer.tp_group)
-        return out + delta, out_bias
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight (``W + s B A``, or DoRA's ``W'``); keeps a copy."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        self._saved_weight = w.detach().clone()
-        merged = w + self.delta_weight()
-        if self.use_dora:
-            merged = (self.lora_magnitude / self._weight_norm(merged))[:, None] * merged
-        w.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight bit-exactly."""
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self._saved_weight)
-        self._saved_weight, self.merged = None, False
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        """Base tensors under their usual checkpoint keys, adapters as ``<prefix>lora_*``."""
-        inner = f"{prefix}base_layer."
-        out = self.base_layer.sharded_state_dict(inner, sharded_offsets, metadata)
-        replace_prefix_for_sharding(out, inner, prefix)
-        axis = {"lora_B": 0, "lora_magnitude": 0} if self.column else {"lora_A": 1}
-        out.update(make_sharded_tensors_for_checkpoint(
-            dict(self.adapter_parameters()), prefix, axis, sharded_offsets,
-            tp_group=self.base_layer.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
-        ))
-        return out
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -261,7 +89,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     for name, module in matches:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoraLinear(module, cfg, to_global(name)))
+        glu = leaf == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
+        setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=2 if glu else 1))
         wrapped.append(to_global(name))
     return wrapped
 
@@ -301,8 +130,8 @@ def randomize_adapters_(model: torch.nn.Module, seed: int = 0, std: float = 0.05
     """
     for name, mod in lora_modules(model).items():
         for p_name, p in mod.adapter_parameters().items():
-            full = torch.randn(_full_shape(p), generator=_seeded(f"{name}.{p_name}", seed + 1)) * std
-            local = shard(full, p).to(device=p.device, dtype=p.dtype)
+            full = torch.randn(full_shape(p), generator=seeded(f"{name}.{p_name}", seed + 1)) * std
+            local = shard(full, p, mod.tp_chunks).to(device=p.device, dtype=p.dtype)
             if p_name == "lora_magnitude":
                 p.mul_(1 + local)
             else:
