@@ -121,3 +121,29 @@ def test_freeze_flags_change_exactly_the_trainable_set(tiny_hf, freeze, peft, ex
 
     counts = run_parallel(_trainable, 1, str(tiny_hf), freeze, peft)
     assert {k: v > 0 for k, v in counts.items()} == expected, counts
+
+
+def test_lora_run_exports_merged_weights_and_peft_adapter(tiny_cfg, tmp_path, run_cli):
+    """A LoRA checkpoint: `vlm-bridge export` folds the adapters in; the run's own HF export
+    and the HF-PEFT adapter (loaded with peft) give the same logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_bridge.testing.checks import checkpoint_mismatches
+
+    cfg = tiny_cfg(steps=3, output_dir=tmp_path / "lora", **{
+        "peft.method": "lora", "optim.lr": "5e-2", "checkpoint.export_hf": "true"})
+    run_train(cfg)
+    it = tmp_path / "lora" / "checkpoints" / "iter_0000003"
+    out = tmp_path / "exported"
+    assert run_cli("export", "--megatron-path", it, "--hf-path", out) == 0
+    assert checkpoint_mismatches(out, it / "hf_export") == []
+    assert checkpoint_mismatches(out, cfg.pretrained) != []  # the adapters changed the weights
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    base = AutoModelForImageTextToText.from_pretrained(cfg.pretrained)
+    peft_model = PeftModel.from_pretrained(base, it / "hf_peft_adapter")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4

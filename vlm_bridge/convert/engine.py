@@ -247,7 +247,16 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
     dtype = dtype or DTYPES[meta["dtype"]]
     built = build_rank_model(hf_config, dtype, parallel)
     built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
+    peft = meta.get("peft")
+    if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
+        from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
+
+        apply_lora(built.model, LoraConfig(
+            rank=peft["rank"], alpha=peft["alpha"], targets=tuple(peft["targets"]),
+            components=tuple(peft["components"]), use_dora=peft["method"] == "dora"))
     load_in_place(built.model, f"{megatron_dir}/weights")
+    if peft:
+        merge_lora(built.model)
     return built, meta
 
 

@@ -8,6 +8,7 @@ global batch (``calculate_per_token_loss``), so packing and micro-batching do no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -186,7 +187,9 @@ def save(run: Run) -> Path:
              "config": to_dict(run.cfg)}
     meta = {"family": run.built.family.name, "dtype": dtype_name(DTYPES[run.cfg.dtype]),
             "key_layout": run.built.key_layout, "saved_tp": run.cfg.parallel.tp,
-            "saved_pp": run.cfg.parallel.pp}
+            "saved_pp": run.cfg.parallel.pp,
+            # export/verify rebuild the adapters from this and merge them into the weights
+            "peft": dataclasses.asdict(run.cfg.peft) if run.cfg.peft.method else None}
     return ckpt.save_checkpoint(_checkpoint_root(run.cfg), run.step, run.model, run.optimizer,
                                 run.scheduler, extra, meta, run.built.hf_side_dir)
 
