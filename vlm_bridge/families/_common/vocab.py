@@ -8,6 +8,8 @@ on export and from logits.
 
 from __future__ import annotations
 
+import torch
+
 VOCAB_PAD_MULTIPLE = 128
 
 
@@ -16,3 +18,19 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     if padded % tp:
         raise ValueError(f"--tp {tp} does not divide the padded vocabulary size ({padded})")
     return padded
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set the logits of padded vocabulary rows to -inf on this TP rank's vocabulary shard.
+
+    Padded rows are zero, so their logits are 0, not -inf: left in, they would add
+    ``exp(0)`` terms to every softmax and the training loss would differ from HF's.
+    """
+    from megatron.core import parallel_state
+
+    local = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+    if start + local <= vocab_size:
+        return logits
+    cols = torch.arange(start, start + local, device=logits.device) >= vocab_size
+    return logits.masked_fill(cols, float("-inf"))

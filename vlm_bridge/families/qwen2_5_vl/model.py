@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -29,6 +30,7 @@ from transformers.vision_utils import (
 
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.specs import transformer_layer_spec
+from vlm_bridge.families._common.vocab import mask_padded_vocab
 from vlm_bridge.families._common.vision import (
     PatchMerger,
     scatter_vision_embeddings,
@@ -161,11 +163,20 @@ class Qwen25VLModel(MegatronModule):
             decoder_input = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-        return self.language_model(
+        padded = self.post_process and self.s.padded_vocab_size > self.s.vocab_size
+        out = self.language_model(
             input_ids=None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
-            labels=labels,
-            runtime_gather_output=runtime_gather_output,
+            labels=None if padded else labels,
+            runtime_gather_output=runtime_gather_output and labels is None,
         )
+        if padded and labels is not None:
+            # Megatron's built-in loss would count the padded vocabulary rows; mask them first.
+            logits = mask_padded_vocab(out, self.s.vocab_size)
+            loss = vocab_parallel_cross_entropy(
+                logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
+            )
+            return loss.transpose(0, 1)
+        return out
