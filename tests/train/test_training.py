@@ -177,3 +177,93 @@ def test_training_loss_equals_hf_loss(tiny_hf, shapes_data):
 
     ours, theirs = run_parallel(_loss_vs_hf, 1, str(tiny_hf), str(shapes_data["train"]))
     assert abs(ours - theirs) <= 1e-5, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_resume_at_a_different_tensor_parallel_size(tiny_cfg, tmp_path):
+    """Saved at TP=1, resumed at TP=2: the continued losses match the uninterrupted TP=1 run."""
+    full = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "full"))["losses"]
+    cfg = tiny_cfg(steps=4, output_dir=tmp_path / "cut", **{"checkpoint.save_every": 2})
+    run_train(cfg, stop_after=2)
+    cfg.parallel.tp = 2
+    resumed = run_train(cfg, world=2)["losses"]
+    assert resumed[:2] == full[:2]
+    for a, b in zip(resumed[2:], full[2:]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (resumed, full)
+
+
+def test_bf16_training_with_fp32_master_weights(tiny_cfg):
+    result = run_train(tiny_cfg(steps=4, dtype="bf16"))
+    assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])
+    assert result["losses"][-1] < result["losses"][0]
+
+
+def test_activation_recomputation_gives_the_same_losses(tiny_cfg, tmp_path):
+    plain = run_train(tiny_cfg(steps=2, output_dir=tmp_path / "a"))["losses"]
+    recomputed = run_train(tiny_cfg(steps=2, recompute="true", output_dir=tmp_path / "b"))["losses"]
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_cfg):
+    from vlm_bridge.parallel import RankError
+
+    cfg = tiny_cfg(steps=6, **{"optim.lr": "1e12", "optim.clip_grad": "0", "optim.warmup_steps": "0"})
+    with pytest.raises((RuntimeError, RankError), match="loss is (nan|inf)"):
+        run_train(cfg)
+
+
+def _lr_groups(hf_dir, overrides):
+    import torch
+
+    from vlm_bridge.recipes import get_recipe
+    from vlm_bridge.train.config import apply_overrides
+    from vlm_bridge.train.trainer import _optimizer
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    init_distributed(ParallelConfig())
+    cfg = apply_overrides(get_recipe("demo_tiny"), overrides)
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    ddp = DistributedDataParallel(config=built.model.language_model.config,
+                                  ddp_config=DistributedDataParallelConfig(), module=built.model)
+    opt = _optimizer(cfg, ddp, torch.float32)
+    by_param = {id(p): g["max_lr"] for g in opt.param_groups for p in g["params"]}
+    names = {n: by_param[id(p)] for n, p in built.model.named_parameters() if id(p) in by_param}
+    return {k: v for k, v in names.items()
+            if k in ("vision.layers.0.mlp.linear_fc1.weight", "vision.merger.linear_fc1.weight",
+                     "language_model.decoder.layers.0.mlp.linear_fc1.weight")}
+
+
+def test_separate_learning_rates_per_component(tiny_hf):
+    from vlm_bridge.parallel import run_parallel
+
+    lrs = run_parallel(_lr_groups, 1, str(tiny_hf),
+                       ["optim.lr=1e-3", "optim.vision_lr=1e-5", "optim.projector_lr=1e-4"])
+    assert lrs == {"vision.layers.0.mlp.linear_fc1.weight": 1e-5,
+                   "vision.merger.linear_fc1.weight": 1e-4,
+                   "language_model.decoder.layers.0.mlp.linear_fc1.weight": 1e-3}
+
+
+def test_run_writes_tensorboard_and_loss_plot(tiny_cfg, tmp_path):
+    run_train(tiny_cfg(steps=2, tensorboard="true", output_dir=tmp_path / "tb"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "tb" / "loss.png").stat().st_size > 1000
+
+
+def _recompute_count(hf_dir):
+    import torch
+
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.train.trainer import apply_full_recompute
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    return apply_full_recompute(built.model)
+
+
+def test_recompute_wraps_every_lm_and_vit_layer(tiny_hf):
+    from vlm_bridge.parallel import run_parallel
+
+    assert run_parallel(_recompute_count, 1, str(tiny_hf)) == 4 + 4

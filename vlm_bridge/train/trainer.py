@@ -79,8 +79,7 @@ def setup(cfg: TrainConfig) -> Run:
     built = load_pretrained(cfg.pretrained, parallel, dtype)
     lang = built.model.language_model.config
     if cfg.recompute:
-        for c in {lang, getattr(built.model.vision, "config", lang)}:
-            c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", "uniform", 1
+        apply_full_recompute(built.model)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
     lang.calculate_per_token_loss = True
     ddp = DistributedDataParallel(
@@ -112,6 +111,31 @@ def setup(cfg: TrainConfig) -> Run:
               cfg.global_batch_size // (cfg.micro_batch_size * dp))
     _maybe_resume(run)
     return run
+
+
+def apply_full_recompute(model: torch.nn.Module) -> int:
+    """Recompute every transformer layer (LM and ViT) in backward, keeping only layer inputs.
+
+    torch's non-reentrant checkpoint instead of Megatron's ``recompute_granularity``: Megatron
+    saves every layer argument with ``save_for_backward``, which rejects our structural
+    ``AttentionMask``. Returns the number of wrapped layers.
+    """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            forward = module.forward
+
+            def checkpointed(*args, _forward=forward, _module=module, **kwargs):
+                if not _module.training:
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            module.forward = checkpointed
+            count += 1
+    return count
 
 
 def _checkpoint_root(cfg: TrainConfig) -> Path:
