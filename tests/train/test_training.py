@@ -214,13 +214,13 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_cfg):
 
 def _lr_groups(hf_dir, overrides):
     import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.recipes import get_recipe
     from vlm_bridge.train.config import apply_overrides
     from vlm_bridge.train.trainer import _optimizer
-    from vlm_bridge.convert.engine import load_hf
-    from vlm_bridge.parallel import ParallelConfig, init_distributed
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     init_distributed(ParallelConfig())
     cfg = apply_overrides(get_recipe("demo_tiny"), overrides)

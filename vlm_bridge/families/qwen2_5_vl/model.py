@@ -30,13 +30,13 @@ from transformers.vision_utils import (
 
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.vocab import mask_padded_vocab
 from vlm_bridge.families._common.vision import (
     PatchMerger,
     scatter_vision_embeddings,
     vision_rotary_freqs,
     vision_tower_sharded_state_dict,
 )
+from vlm_bridge.families._common.vocab import mask_padded_vocab
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 
