@@ -224,9 +224,6 @@ def run_megatron(*args) -> dict:
 
 def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: bool) -> dict:
     """trainer.setup without the data stream, then trainer.train_step on fixed packed rows."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from vlm_bridge.compat.cpu import cuda_available
     from vlm_bridge.convert.engine import DTYPES, load_hf
@@ -234,7 +231,6 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: boo
     from vlm_bridge.train import trainer
     from vlm_bridge.train.batching import collate_packed, pack_greedy
     from vlm_bridge.train.config import PeftSettings, TrainConfig
-    from vlm_bridge.train.freeze import apply_freeze_and_peft
 
     cfg = TrainConfig(dtype=args.dtype, steps=args.warmup + args.steps, micro_batch_size=1,
                       recompute=recompute)
@@ -242,23 +238,9 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: boo
     if lora:
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
     init_distributed(ParallelConfig(), seed=cfg.seed)
-    dtype = DTYPES[cfg.dtype]
-    built = load_hf(str(hf_dir), ParallelConfig(), dtype)
-    lang = built.model.language_model.config
-    if recompute:
-        for c in {lang, getattr(built.model.vision, "config", lang)}:
-            c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", "uniform", 1
-    apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
-    lang.calculate_per_token_loss = True
-    ddp = DistributedDataParallel(config=lang, module=built.model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cuda_available()))
-    optimizer = trainer._optimizer(cfg, ddp, dtype)  # distributed_optimizer "auto": on with CUDA
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=0,
-        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
-        wd_incr_steps=cfg.steps, wd_incr_style="constant")
-    lang.finalize_model_grads_func = finalize_model_grads
-    lang.grad_scale_func = optimizer.scale_loss
+    built = load_hf(str(hf_dir), ParallelConfig(), DTYPES[cfg.dtype])
+    trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream
+    ddp, optimizer, scheduler = trainer.build_optimization(cfg, built)
     rows = pack_greedy([len(s) for s in encoded], args.seq_len)
     mbs = [collate_packed([[encoded[i] for i in row]], built.family, built.settings, args.seq_len,
                           args.pad_id) for row in rows]
@@ -267,11 +249,39 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: boo
     run = trainer.Run(cfg, built, ddp, optimizer, scheduler, stream, len(mbs))
     ddp.train()
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
+    if getattr(args, "profile", False):
+        res["profile"] = _profile(lambda: trainer.train_step(run))
     res.update(real_tokens=sum(mb.num_tokens for mb in mbs), padded_tokens=len(mbs) * args.seq_len,
                microbatches=len(mbs), recompute=recompute,
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
                optimizer=f"Megatron Adam, fp32 master, distributed={cuda_available()}")
     return res
+
+
+def _profile(step, top: int = 15) -> dict:
+    """One extra step under torch.profiler: where device time goes, by kernel and by kind."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.is_user_annotation]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    kinds = {"gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas"), "attention": ("flash", "fmha",
+             "attention"), "nccl/copy": ("nccl", "memcpy", "copy"), "norm/elementwise": ("norm",
+             "elementwise", "vectorized", "reduce", "softmax", "cross_entropy")}
+    share = dict.fromkeys(kinds, 0.0)
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), None)
+        if kind:
+            share[kind] += e.self_device_time_total / total
+    ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    return {"device_ms": total / 1e3, "share": share,
+            "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 2)) for e in ranked]}
 
 
 def guarded(fn, *fn_args) -> dict:
@@ -343,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM)")
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -69,29 +69,28 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
     return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
-    from vlm_bridge.train.data_setup import build_stream
-
-    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    init_distributed(parallel, seed=cfg.seed)
-    dtype = DTYPES[cfg.dtype]
-    built = load_pretrained(cfg.pretrained, parallel, dtype)
-    lang = built.model.language_model.config
+def prepare_model(cfg: TrainConfig, built) -> None:
+    """Recomputation, PEFT and freeze flags on a built model (before DDP sees its parameters)."""
     if cfg.recompute:
         apply_full_recompute(built.model)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
+
+
+def build_optimization(cfg: TrainConfig, built) -> tuple:
+    """Megatron DDP around the model, the (distributed) optimizer and the LR/WD scheduler."""
+    lang = built.model.language_model.config
     lang.calculate_per_token_loss = True
+    distributed = cfg.optim.distributed_optimizer == "on" or (
+        cfg.optim.distributed_optimizer == "auto" and cuda_available()
+    )
     ddp = DistributedDataParallel(
         config=lang,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            use_distributed_optimizer=cfg.optim.distributed_optimizer == "on"
-            or (cfg.optim.distributed_optimizer == "auto" and cuda_available()),
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
         ),
         module=built.model,
     )
-    optimizer = _optimizer(cfg, ddp, dtype)
+    optimizer = _optimizer(cfg, ddp, DTYPES[cfg.dtype])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
         lr_warmup_steps=cfg.optim.warmup_steps, lr_decay_steps=max(cfg.steps, 1),
@@ -100,6 +99,18 @@ def setup(cfg: TrainConfig) -> Run:
     )
     lang.finalize_model_grads_func = finalize_model_grads
     lang.grad_scale_func = optimizer.scale_loss
+    return ddp, optimizer, scheduler
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
+    from vlm_bridge.train.data_setup import build_stream
+
+    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    init_distributed(parallel, seed=cfg.seed)
+    built = load_pretrained(cfg.pretrained, parallel, DTYPES[cfg.dtype])
+    prepare_model(cfg, built)
+    ddp, optimizer, scheduler = build_optimization(cfg, built)
     dp = parallel_state.get_data_parallel_world_size()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
         raise ValueError(
