@@ -268,7 +268,11 @@ def _profile(step, top: int = 15) -> dict:
         step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.is_user_annotation]
+    # Kernels only: CPU-side ops (aten::mm) would count their kernels twice, and
+    # "Command Buffer Full" is the host waiting on a full launch queue (the GPU is the bottleneck).
+    events = [e for e in prof.key_averages()
+              if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0
+              and "Command Buffer Full" not in e.key]
     total = sum(e.self_device_time_total for e in events) or 1.0
     kinds = {"gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas"), "attention": ("flash", "fmha",
              "attention"), "nccl/copy": ("nccl", "memcpy", "copy"), "norm/elementwise": ("norm",
