@@ -235,6 +235,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: boo
     cfg = TrainConfig(dtype=args.dtype, steps=args.warmup + args.steps, micro_batch_size=1,
                       recompute=recompute)
     cfg.optim.warmup_steps = 0
+    cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
     if lora:
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
     init_distributed(ParallelConfig(), seed=cfg.seed)
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
+    p.add_argument("--bf16-grads", action="store_true", help="Megatron: bf16 gradient buffers")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

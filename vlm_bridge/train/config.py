@@ -33,6 +33,8 @@ class OptimSettings:
     # The distributed optimizer shards fp32 master weights over data-parallel ranks (needs
     # reduce-scatter, which gloo lacks: "auto" turns it on with CUDA only).
     distributed_optimizer: str = "auto"
+    # Accumulate and reduce gradients in fp32 (safer over many micro-batches; 2 more bytes/param).
+    grad_reduce_in_fp32: bool = True
 
 
 @dataclass

@@ -86,7 +86,7 @@ def build_optimization(cfg: TrainConfig, built) -> tuple:
     ddp = DistributedDataParallel(
         config=lang,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+            grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32, use_distributed_optimizer=distributed
         ),
         module=built.model,
     )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from vlm_bridge.compat.cpu import cuda_available
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -58,8 +59,10 @@ def _common_kwargs(dtype: torch.dtype) -> dict:
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        # Megatron's fused SwiGLU and bias-dropout-add (torch.compile kernels) on GPUs only: CPU
+        # runs stay eager so tests need no compiler.
+        bias_activation_fusion=cuda_available(),
+        bias_dropout_fusion=cuda_available(),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
