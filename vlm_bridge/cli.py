@@ -156,7 +156,7 @@ def cmd_finetune(args) -> int:
     world = cfg.parallel.tp * cfg.parallel.pp * args.dp
     result = run_parallel(train, world, cfg)
     print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
-          f"{result['output_dir']}; skipped samples: {result['skipped'] or 'none'}")
+          f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")
     return 0
 
 

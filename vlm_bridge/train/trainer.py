@@ -91,9 +91,12 @@ def build_optimization(cfg: TrainConfig, built) -> tuple:
         module=built.model,
     )
     optimizer = _optimizer(cfg, ddp, DTYPES[cfg.dtype])
+    # Megatron needs warmup < decay steps; a run shorter than its warmup warms up for all but
+    # its last step.
+    warmup = min(cfg.optim.warmup_steps, max(cfg.steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-        lr_warmup_steps=cfg.optim.warmup_steps, lr_decay_steps=max(cfg.steps, 1),
+        lr_warmup_steps=warmup, lr_decay_steps=max(cfg.steps, 1),
         lr_decay_style="cosine", start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
         wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant",
     )
