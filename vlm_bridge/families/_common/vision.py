@@ -21,11 +21,15 @@ class PatchMerger(MegatronModule):
     """
 
     def __init__(
-        self, config: TransformerConfig, context_dim: int, out_dim: int, merge_size: int
+        self, config: TransformerConfig, context_dim: int, out_dim: int, merge_size: int,
+        norm_after_merge: bool = False,
     ) -> None:
         super().__init__(config=config)
         self.hidden = context_dim * merge_size**2
-        self.norm = WrappedTorchNorm(config, context_dim, eps=config.layernorm_epsilon)
+        # Qwen3-VL's DeepStack mergers normalise the merged (4x wider) vector instead.
+        self.norm_after_merge = norm_after_merge
+        norm_dim = self.hidden if norm_after_merge else context_dim
+        self.norm = WrappedTorchNorm(config, norm_dim, eps=config.layernorm_epsilon)
         self.linear_fc1 = ColumnParallelLinear(
             self.hidden, self.hidden, config=config, init_method=_init_noop, bias=True,
             gather_output=False,
@@ -36,7 +40,10 @@ class PatchMerger(MegatronModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x).reshape(-1, self.hidden)
+        if self.norm_after_merge:
+            x = self.norm(x.reshape(-1, self.hidden))
+        else:
+            x = self.norm(x).reshape(-1, self.hidden)
         x, _ = self.linear_fc1(x)
         x, _ = self.linear_fc2(F.gelu(x))
         return x

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.compat.cpu import cuda_available
+from vlm_bridge.families._common.megatron_config import common_kwargs
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -44,34 +44,12 @@ class Qwen25VLSettings:
     out_hidden_size: int
 
 
-def skip_init(weight: torch.Tensor) -> None:
-    """No-op initialiser; every parameter is overwritten by conversion or a checkpoint load."""
-
-
 def _common_kwargs(dtype: torch.dtype) -> dict:
     return dict(
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        **common_kwargs(dtype),
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
-        # Megatron's fused SwiGLU and bias-dropout-add (torch.compile kernels) on GPUs only: CPU
-        # runs stay eager so tests need no compiler.
-        bias_activation_fusion=cuda_available(),
-        bias_dropout_fusion=cuda_available(),
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        # Weights always come from a checkpoint: allocate shards in place (this path also tags
-        # parameters with their TP partition metadata, which conversion relies on) and skip init.
-        use_cpu_initialization=False,
-        perform_initialization=True,
-        init_method=skip_init,
-        output_layer_init_method=skip_init,
     )
 
 

@@ -1,0 +1,35 @@
+"""TransformerConfig fields every family sets the same way (dtype, no dropout, local kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_bridge.compat.cpu import cuda_available
+
+
+def skip_init(weight: torch.Tensor) -> None:
+    """No-op initialiser; every parameter is overwritten by conversion or a checkpoint load."""
+
+
+def common_kwargs(dtype: torch.dtype) -> dict:
+    return dict(
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Megatron's fused SwiGLU and bias-dropout-add (torch.compile kernels) on GPUs only: CPU
+        # runs stay eager so tests need no compiler.
+        bias_activation_fusion=cuda_available(),
+        bias_dropout_fusion=cuda_available(),
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        # Weights always come from a checkpoint: allocate shards in place (this path also tags
+        # parameters with their TP partition metadata, which conversion relies on) and skip init.
+        use_cpu_initialization=False,
+        perform_initialization=True,
+        init_method=skip_init,
+        output_layer_init_method=skip_init,
+    )

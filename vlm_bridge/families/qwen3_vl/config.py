@@ -1,0 +1,140 @@
+"""Qwen3-VL: HF config -> Megatron-Core configs, in one explicit function.
+
+Fields HF leaves implicit get the values of its modeling code: ``mrope_section`` defaults to
+[24, 20, 20] and is always applied interleaved (t, h, w, t, h, w, ...); the ViT LayerNorms and the
+merger norms use a hard-coded epsilon of 1e-6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.vocab import padded_vocab_size
+
+HF_DEFAULT_MROPE_SECTION = [24, 20, 20]
+VISION_NORM_EPS = 1e-6
+
+
+@dataclass
+class Qwen3VLSettings:
+    vocab_size: int
+    padded_vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    mrope_section: list[int]
+    tie_word_embeddings: bool
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: list[int]
+    vision_rope_theta: float
+    out_hidden_size: int
+    # Qwen3-VL places every video frame in its own vision span (timestamps between them), so
+    # positions advance per frame and never scale with time.
+    tokens_per_second: float = 1.0
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def check_divisibility(hf_config, tp: int, pp: int) -> None:
+    text, vision = hf_config.text_config, hf_config.vision_config
+    checks = [
+        ("language attention heads", text.num_attention_heads, tp, "--tp"),
+        ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
+        ("language FFN size", text.intermediate_size, tp, "--tp"),
+        ("vision attention heads", vision.num_heads, tp, "--tp"),
+        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
+        ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
+        ("language layers", text.num_hidden_layers, pp, "--pp"),
+    ]
+    for what, size, parts, flag in checks:
+        if size % parts:
+            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
+    per_stage = text.num_hidden_layers // pp
+    deepstack = len(vision.deepstack_visual_indexes)
+    if per_stage < deepstack:
+        raise ValueError(
+            f"--pp {pp} leaves {per_stage} language layers on the first stage, fewer than the "
+            f"{deepstack} DeepStack injection layers that must live there"
+        )
+
+
+def build_configs(
+    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1
+) -> tuple[TransformerConfig, TransformerConfig, Qwen3VLSettings]:
+    check_divisibility(hf_config, tp, pp)
+    text, vision = hf_config.text_config, hf_config.vision_config
+    rope = dict(text.rope_parameters or {})
+    if rope.get("rope_type", "default") not in ("default", "mrope"):
+        raise ValueError(f"Qwen3-VL rope_type {rope.get('rope_type')!r} is not supported")
+    if text.hidden_act != "silu" or vision.hidden_act != "gelu_pytorch_tanh":
+        raise ValueError("Qwen3-VL with other activations than silu / gelu_pytorch_tanh is unsupported")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    language = TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=head_dim,
+        layernorm_epsilon=text.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=bool(getattr(text, "attention_bias", False)),
+        qk_layernorm=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        mrope_section=list(rope.get("mrope_section", HF_DEFAULT_MROPE_SECTION)),
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        **common_kwargs(dtype),
+    )
+    vision_cfg = TransformerConfig(
+        num_layers=vision.depth,
+        hidden_size=vision.hidden_size,
+        ffn_hidden_size=vision.intermediate_size,
+        num_attention_heads=vision.num_heads,
+        num_query_groups=vision.num_heads,
+        kv_channels=vision.hidden_size // vision.num_heads,
+        layernorm_epsilon=VISION_NORM_EPS,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        normalization="LayerNorm",
+        gated_linear_unit=False,
+        activation_func=_gelu_tanh,
+        **{**common_kwargs(dtype), "bias_activation_fusion": False},
+    )
+    settings = Qwen3VLSettings(
+        vocab_size=text.vocab_size,
+        padded_vocab_size=padded_vocab_size(text.vocab_size, tp),
+        max_position_embeddings=text.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", 5_000_000.0)),
+        mrope_section=list(language.mrope_section),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        image_token_id=hf_config.image_token_id,
+        video_token_id=hf_config.video_token_id,
+        vision_start_token_id=hf_config.vision_start_token_id,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        in_channels=vision.in_channels,
+        spatial_merge_size=vision.spatial_merge_size,
+        num_position_embeddings=vision.num_position_embeddings,
+        deepstack_visual_indexes=list(vision.deepstack_visual_indexes),
+        vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
+        out_hidden_size=vision.out_hidden_size,
+    )
+    return language, vision_cfg, settings

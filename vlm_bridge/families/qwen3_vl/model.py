@@ -1,0 +1,206 @@
+"""Qwen3-VL (dense) on Megatron-Core: TP-sharded ViT with DeepStack, GPTModel with interleaved MRoPE.
+
+Non-obvious transforms (mirrored from the HF implementation):
+
+* The ViT adds a learned 2-D position table, resampled bilinearly (align_corners) to each image's
+  patch grid in 2x2-merge-block order, on top of the 2-D rotary; attention is full within each
+  image or video frame.
+* DeepStack: the outputs of ViT layers ``deepstack_visual_indexes`` go through their own mergers
+  (which normalise after the 2x2 merge) and are added to the LM hidden states at the visual
+  positions right after LM layers 0..K-1. They are applied by forward hooks on those layers, with
+  a zero-filled ``[s, b, h]`` tensor per level so that text positions are left bit-identical.
+  Those layers must sit on the first pipeline stage (checked in config.py).
+* MRoPE is interleaved: rotary channel i takes its angle from the t, h or w position by ``i % 3``
+  within the h/w sections, unlike Qwen2.5-VL's contiguous sections; Megatron's rotary module is
+  replaced by :class:`InterleavedMRoPE`.
+* LM attention applies RMSNorm to each query and key head before the rotary (q/k norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+)
+
+from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.families._common.specs import transformer_layer_spec
+from vlm_bridge.families._common.vision import (
+    PatchMerger,
+    scatter_vision_embeddings,
+    vision_rotary_freqs,
+    vision_tower_sharded_state_dict,
+)
+from vlm_bridge.families._common.vocab import mask_padded_vocab
+from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
+
+
+class InterleavedMRoPE(torch.nn.Module):
+    """Drop-in for Megatron's MultimodalRotaryEmbedding with Qwen3-VL's interleaved sections."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, mrope_section: list[int], cp_group=None):
+        """``position_ids [3, b, s]`` -> rotary angles ``[s, b, 1, head_dim]``."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        out = freqs[0].clone()  # t everywhere, then h and w on their interleaved channels
+        for axis, offset in ((1, 1), (2, 2)):
+            idx = slice(offset, mrope_section[axis] * 3, 3)
+            out[..., idx] = freqs[axis][..., idx]
+        emb = torch.cat([out, out], dim=-1)  # [b, s, head_dim]
+        return emb.transpose(0, 1)[:, :, None, :].contiguous()
+
+
+class Qwen3VisionModel(MegatronModule):
+    """Qwen3-VL ViT: patch embed (+bias), learned + rotary positions, LayerNorm/GELU blocks."""
+
+    def __init__(self, config: TransformerConfig, s: Qwen3VLSettings) -> None:
+        super().__init__(config=config)
+        self.s = s
+        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
+        self.patch_embed = torch.nn.Conv3d(
+            s.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=True,
+            dtype=config.params_dtype,
+        )
+        self.pos_embed = torch.nn.Embedding(s.num_position_embeddings, config.hidden_size,
+                                            dtype=config.params_dtype)
+        spec = transformer_layer_spec()
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        self.merger = PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size)
+        self.deepstack_mergers = torch.nn.ModuleList(
+            PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size,
+                        norm_after_merge=True)
+            for _ in s.deepstack_visual_indexes
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        return vision_tower_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """Returns (merged features, [DeepStack features per injection level])."""
+        s = self.s
+        w = self.patch_embed.weight
+        x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embed.bias)
+        side = int(s.num_position_embeddings**0.5)
+        idx, weights = get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=side, mode="bilinear", align_corners=True,
+            spatial_merge_size=s.spatial_merge_size,
+        )
+        pos = (self.pos_embed(idx.to(x.device)) * weights.to(x.device)[:, :, None]).sum(1)
+        x = (x + pos.to(x.dtype))[:, None, :]
+        freqs = vision_rotary_freqs(
+            get_vision_position_ids(grid_thw, s.spatial_merge_size).to(x.device),
+            self.config.kv_channels, s.vision_rope_theta,
+        )
+        mask = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False)
+        deepstack = []
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, attention_mask=mask, rotary_pos_emb=freqs)
+            if i in s.deepstack_visual_indexes:
+                merger = self.deepstack_mergers[s.deepstack_visual_indexes.index(i)]
+                deepstack.append(merger(x[:, 0]))
+        return self.merger(x[:, 0]), deepstack
+
+
+class Qwen3VLModel(MegatronModule):
+    """ViT (first stage) + GPTModel with q/k norm, interleaved MRoPE and DeepStack injection."""
+
+    def __init__(self, language_config: TransformerConfig, vision_config: TransformerConfig,
+                 s: Qwen3VLSettings, pre_process: bool = True, post_process: bool = True) -> None:
+        super().__init__(config=language_config)
+        self.s = s
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vision = Qwen3VisionModel(vision_config, s) if pre_process else None
+        self.language_model = GPTModel(
+            config=language_config,
+            transformer_layer_spec=transformer_layer_spec(qk_norm=True),
+            vocab_size=s.padded_vocab_size,
+            max_sequence_length=s.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=s.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=s.rope_theta,
+        )
+        self.language_model.rotary_pos_emb = InterleavedMRoPE(language_config.kv_channels, s.rope_theta)
+        self.share_embeddings_and_output_weights = s.tie_word_embeddings
+        self.model_type = ModelType.encoder_or_decoder
+        self._deepstack: list[torch.Tensor] | None = None
+        for layer in self.language_model.decoder.layers:
+            level = layer.layer_number - 1
+            if level < len(s.deepstack_visual_indexes):
+                layer.register_forward_hook(self._inject(level))
+
+    def _inject(self, level: int):
+        def hook(module, args, output):
+            if self._deepstack is None:
+                return output
+            hidden, context = output
+            return hidden + self._deepstack[level].to(hidden.dtype), context
+
+        return hook
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def _scatter(self, input_ids, feats, token_id, what, base):
+        return scatter_vision_embeddings(base, input_ids, token_id, feats, what)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None):
+        """Text embeddings with vision features, and the DeepStack additions ``[s, b, h]``."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        levels = [torch.zeros_like(emb) for _ in self.s.deepstack_visual_indexes]
+        for pixels, grid, token, what in (
+            (pixel_values, image_grid_thw, self.s.image_token_id, "images"),
+            (pixel_values_videos, video_grid_thw, self.s.video_token_id, "videos"),
+        ):
+            if pixels is None:
+                continue
+            merged, deep = self.vision(pixels, grid)
+            emb = self._scatter(input_ids, merged, token, what, emb)
+            levels = [self._scatter(input_ids, d, token, what, lv) for d, lv in zip(deep, levels)]
+        has_vision = pixel_values is not None or pixel_values_videos is not None
+        return emb, (levels if has_vision else None)
+
+    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None,
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, labels=None,
+                runtime_gather_output=None):
+        decoder_input = None
+        if self.pre_process:
+            decoder_input, self._deepstack = self.embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        padded = self.post_process and self.s.padded_vocab_size > self.s.vocab_size
+        try:
+            out = self.language_model(
+                input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                decoder_input=decoder_input, labels=None if padded else labels,
+                runtime_gather_output=runtime_gather_output and labels is None,
+            )
+        finally:
+            self._deepstack = None
+        if padded and labels is not None:
+            logits = mask_padded_vocab(out, self.s.vocab_size)
+            loss = vocab_parallel_cross_entropy(
+                logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
+            )
+            return loss.transpose(0, 1)
+        return out
