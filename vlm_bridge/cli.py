@@ -19,6 +19,7 @@ EXIT_PARITY = 1
 def _add_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
 
 
 def _add_dtype(p: argparse.ArgumentParser, help_default: str) -> None:
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _parallel(args):
     from vlm_bridge.parallel import ParallelConfig
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
     parallel.validate()
     return parallel
 
@@ -86,7 +87,7 @@ def cmd_import(args) -> int:
     parallel = _parallel(args)
     start = time.time()
     meta = run_parallel(
-        import_hf, parallel.model_parallel_size, args.hf_model, args.megatron_path, parallel,
+        import_hf, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.dtype, args.overwrite,
     )
     print(f"imported {args.hf_model} -> {args.megatron_path} ({meta['family']}, {meta['dtype']}, "
@@ -101,7 +102,7 @@ def cmd_export(args) -> int:
     parallel = _parallel(args)
     start = time.time()
     meta = run_parallel(
-        export_hf, parallel.model_parallel_size, args.megatron_path, args.hf_path, parallel,
+        export_hf, parallel.conversion_world_size, args.megatron_path, args.hf_path, parallel,
         args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3),
     )
     print(f"exported {args.megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
@@ -137,7 +138,7 @@ def cmd_verify(args) -> int:
 
     parallel = _parallel(args)
     report = run_parallel(
-        verify, parallel.model_parallel_size, args.hf_model, args.megatron_path, parallel,
+        verify, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
         args.fp32_baseline,
     )

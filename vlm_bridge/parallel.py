@@ -34,6 +34,11 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tp * self.pp
 
+    @property
+    def conversion_world_size(self) -> int:
+        """Ranks a conversion or verify run uses: experts are split over ``ep`` data-parallel ranks."""
+        return self.tp * self.pp * self.ep
+
     def validate(self) -> None:
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:

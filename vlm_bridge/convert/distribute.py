@@ -18,18 +18,28 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
+_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def is_expert(param: torch.Tensor) -> bool:
+    """Megatron marks expert weights as not all-reduced over data parallel (they are EP-split)."""
+    return getattr(param, "allreduce", True) is False
+
+
 def shard(full: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Tensor:
     """This TP rank's piece of ``full`` for ``param``."""
     if not is_tp_sharded(param):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    if is_expert(param):
+        tp = parallel_state.get_expert_tensor_parallel_world_size()
+        rank = parallel_state.get_expert_tensor_parallel_rank()
+    else:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
     dim = param.partition_dim
     parts = [p.chunk(tp, dim=dim)[rank] for p in full.chunk(chunks, dim=dim)]
     return torch.cat(parts, dim=dim) if chunks > 1 else parts[0]
@@ -39,7 +49,8 @@ def gather(local: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.T
     """Inverse of :func:`shard`: every TP rank of the group receives the full tensor."""
     if not is_tp_sharded(param):
         return local.detach()
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = (parallel_state.get_expert_tensor_parallel_group() if is_expert(param)
+             else parallel_state.get_tensor_model_parallel_group())
     tp = dist.get_world_size(group)
     pieces = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(pieces, local.detach().contiguous(), group=group)
@@ -54,10 +65,20 @@ def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     decoder = getattr(getattr(model, "language_model", None), "decoder", None)
     if decoder is not None:
         offsets = {str(i): layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
+    # Expert parallelism: rank r holds experts [r * local, (r + 1) * local).
+    first_expert = 0
+    if decoder is not None:
+        moe = next((m for m in model.modules() if hasattr(m, "num_local_experts")), None)
+        if moe is not None:
+            first_expert = parallel_state.get_expert_model_parallel_rank() * moe.num_local_experts
     out = {}
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         if match:
             name = f"{match.group(1)}{offsets[match.group(2)]}.{name[match.end():]}"
+        expert = _EXPERT.search(name)
+        if expert:
+            index = first_expert + int(expert.group(2))
+            name = f"{name[:expert.start()]}{expert.group(1)}{index}.{name[expert.end():]}"
         out[name] = param
     return out

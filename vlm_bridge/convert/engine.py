@@ -28,6 +28,12 @@ from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
 
 from vlm_bridge.convert.distribute import gather, global_param_names, shard
+from vlm_bridge.convert.experts import (
+    PER_EXPERT,
+    ExpertFusingWriter,
+    ExpertSplitReader,
+    detect_expert_layout,
+)
 from vlm_bridge.convert.hf_io import (
     CheckpointError,
     SafetensorsReader,
@@ -63,6 +69,11 @@ class BuiltModel:
     params: dict[str, torch.nn.Parameter]
     key_layout: str = "hub"  # on-disk layout of the HF source, reproduced on export
     hf_side_dir: str = ""  # folder with config, tokenizer and processor files
+    expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
 
 
 def load_hf_config(folder: str | Path):
@@ -77,7 +88,9 @@ def load_hf_config(folder: str | Path):
 def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:
     """This rank's Megatron model (pre/post-process by pipeline stage) and the family table."""
     family = family_for_config(hf_config)
-    language, vision, settings = family.build_configs(hf_config, dtype, parallel.tp, parallel.pp)
+    language, vision, settings = family.build_configs(
+        hf_config, dtype, parallel.tp, parallel.pp, parallel.ep
+    )
     model = family.build_model(
         language, vision, settings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -162,20 +175,15 @@ def import_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
-    hf_config = load_hf_config(hf_dir)
-    family = family_for_config(hf_config)
-    reader = SafetensorsReader(hf_dir)
-    layout = detect_layout(family.layouts, reader.keys())
-    dtype = DTYPES[dtype_arg] if dtype_arg else reader.dtype(reader.keys()[0])
-    built = build_rank_model(hf_config, dtype, parallel)
-    check_coverage(built.table, reader.keys(), layout, hf_dir)
-    fill_from_hf(built, reader, layout, hf_dir)
+    built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
     meta = {
-        "family": family.name,
-        "dtype": dtype_name(dtype),
-        "key_layout": layout.name,
+        "family": built.family.name,
+        "dtype": dtype_name(built.dtype),
+        "key_layout": built.key_layout,
+        "expert_layout": built.expert_layout,
         "saved_tp": parallel.tp,
         "saved_pp": parallel.pp,
+        "saved_ep": parallel.ep,
     }
     save_megatron(built.model, out, meta, hf_dir, overwrite)
     return meta
@@ -247,6 +255,7 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
     dtype = dtype or DTYPES[meta["dtype"]]
     built = build_rank_model(hf_config, dtype, parallel)
     built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
+    built.expert_layout = meta.get("expert_layout", PER_EXPERT)
     peft = meta.get("peft")
     if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
         from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
@@ -276,14 +285,30 @@ def load_in_place(model, weights_dir: str) -> None:
     dist_checkpointing.load(sd, weights_dir)
 
 
-def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype) -> BuiltModel:
-    """Build this rank's model and fill it from an HF folder (conversion on the fly)."""
+def open_hf_weights(hf_dir: str, hf_config) -> tuple:
+    """The folder's tensors, with fused MoE experts presented per expert; and their layout."""
     reader = SafetensorsReader(hf_dir)
-    built = build_rank_model(load_hf_config(hf_dir), dtype, parallel)
+    text = getattr(hf_config, "text_config", hf_config)
+    expert_layout = detect_expert_layout(reader, text.hidden_size)
+    if expert_layout != PER_EXPERT:
+        reader = ExpertSplitReader(reader, expert_layout)
+    return reader, expert_layout
+
+
+def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
+    """Build this rank's model and fill it from an HF folder (conversion on the fly).
+
+    ``dtype`` None keeps the checkpoint's own dtype.
+    """
+    hf_config = load_hf_config(hf_dir)
+    family_for_config(hf_config)  # unsupported architectures fail before any file is opened
+    reader, expert_layout = open_hf_weights(hf_dir, hf_config)
+    built = build_rank_model(hf_config, dtype or reader.dtype(reader.keys()[0]), parallel)
     layout = detect_layout(built.family.layouts, reader.keys())
     check_coverage(built.table, reader.keys(), layout, hf_dir)
     fill_from_hf(built, reader, layout, hf_dir)
     built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
+    built.expert_layout = expert_layout
     return built
 
 
@@ -293,7 +318,7 @@ def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | No
         raise ValueError("no pretrained model given (--pretrained DIR)")
     if (Path(path) / META_FILE).is_file():
         return load_megatron(path, parallel, dtype)[0]
-    return load_hf(path, parallel, dtype or torch.float32)
+    return load_hf(path, parallel, dtype)
 
 
 def _owners(built: BuiltModel) -> dict[str, int]:
@@ -303,7 +328,11 @@ def _owners(built: BuiltModel) -> dict[str, int]:
         mine = []
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine, group=cpu_group())
-    return {name: rank for rank, names in enumerate(everyone) for name in names}
+    owners: dict[str, int] = {}
+    for rank, names in enumerate(everyone):  # lowest rank wins: replicas over EP/DP are equal
+        for name in names:
+            owners.setdefault(name, rank)
+    return owners
 
 
 def _send_tensor(t: torch.Tensor, dst: int) -> None:
@@ -354,7 +383,12 @@ def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, over
     ctx = atomic_output_dir(Path(hf_dir), overwrite=overwrite) if rank == 0 else None
     tmp = ctx.__enter__() if ctx is not None else None
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if tmp is not None else None
+        writer = None
+        if tmp is not None:
+            experts = getattr(built.model.language_model.config, "num_moe_experts", None) or 0
+            writer = ExpertFusingWriter(
+                ShardedSafetensorsWriter(tmp, max_shard_bytes), built.expert_layout, experts
+            )
         for entry in _progress(built.table, "export", rank == 0):
             full = None
             if entry.megatron in built.params:

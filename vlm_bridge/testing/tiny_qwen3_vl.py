@@ -27,13 +27,19 @@ Layout written by :func:`build_tiny_qwen3_vl` (transformers 5.24)::
     processor_config.json       Qwen3VLProcessor with Qwen2VLImageProcessor and
                                 Qwen3VLVideoProcessor
 
-MoE experts on disk (what ``save_pretrained`` writes; the in-memory
-parameters are the transpose, converted by transformers' ``qwen3_vl_moe``
-weight-conversion mapping on load and save)::
+MoE experts on disk, exactly as ``save_pretrained`` writes them: fused per layer,
+in the in-memory (``nn.Linear``-like, out x in) layout, gate rows before up rows::
 
-    model.language_model.layers.N.mlp.experts.gate_up_proj  [E, hidden, 2 * moe_inter]
-    model.language_model.layers.N.mlp.experts.down_proj     [E, moe_inter, hidden]
-    model.language_model.layers.N.mlp.gate.weight           [E, hidden]
+    model.language_model.layers.N.mlp.experts.gate_up_proj  [E, 2 * moe_inter, hidden]
+    model.language_model.layers.N.mlp.experts.down_proj     [E, hidden, moe_inter]
+    model.language_model.layers.N.mlp.gate.weight           [E, hidden]   (router)
+
+The official Qwen hub checkpoints store the two expert tensors transposed
+(``[E, hidden, 2 * moe_inter]`` and ``[E, moe_inter, hidden]``); transformers'
+``qwen3_vl_moe`` conversion mapping (``Transpose(1, 2, check_dims=True)``) accepts
+both by comparing shapes, and writes back whatever matches the module, i.e. the
+layout above. ``moe_intermediate_size`` is chosen so no expert tensor is square
+and the two layouts can always be told apart.
 
 The tokenizer (byte-level BPE, Qwen2.5-VL special tokens and ids) is the one of
 :mod:`vlm_bridge.testing.tiny_qwen2_5_vl`, with the Qwen3-VL chat template.
@@ -155,7 +161,9 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
 TINY_MOE_TEXT_CONFIG: dict[str, Any] = {
     "num_experts": 4,
     "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
+    # Not 32: with hidden 64 that makes gate_up_proj square ([E, 64, 64]), and both the
+    # loader's layout detection and any converter's shape checks become blind to a transpose.
+    "moe_intermediate_size": 24,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
     "router_aux_loss_coef": 0.001,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -16,14 +18,22 @@ from vlm_bridge.attention.core import TorchCoreAttention
 
 
 def transformer_layer_spec(
-    *, qk_norm: bool = False, attn_mask_type: AttnMaskType = AttnMaskType.causal
+    *, qk_norm: bool = False, attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    num_experts: int | None = None,
 ) -> ModuleSpec:
-    """A pre-norm transformer layer: norm -> attention -> add, norm -> (gated) MLP -> add.
+    """A pre-norm transformer layer: norm -> attention -> add, norm -> (gated) MLP or MoE -> add.
 
     The norm class follows ``config.normalization`` (LayerNorm or RMSNorm), so one spec serves the
-    vision towers and the language models of every family.
+    vision towers and the language models of every family. With ``num_experts`` the MLP is
+    Megatron's MoE layer (router + local experts as a SequentialMLP, expert-parallel).
     """
     qk = WrappedTorchNorm if qk_norm else IdentityOp
+    mlp = ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+    if num_experts:
+        mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -41,12 +51,7 @@ def transformer_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -54,10 +54,12 @@ def _common_kwargs(dtype: torch.dtype) -> dict:
 
 
 def build_configs(
-    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1
+    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLSettings]:
     """Translate a ``Qwen2_5_VLConfig`` into (language config, vision config, settings)."""
     check_divisibility(hf_config, tp, pp)
+    if ep > 1:
+        raise ValueError(f"--ep {ep} needs a mixture-of-experts model; Qwen2.5-VL is dense")
     text, vision = hf_config.text_config, hf_config.vision_config
     rope = dict(text.rope_parameters or {})
     if rope.get("rope_type", "default") not in ("default", "mrope"):

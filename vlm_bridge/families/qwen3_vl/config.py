@@ -71,8 +71,33 @@ def check_divisibility(hf_config, tp: int, pp: int) -> None:
         )
 
 
+def _moe_kwargs(text, ep: int) -> dict:
+    """Megatron MoE settings for Qwen3-VL-MoE: softmax over the top-k logits equals HF's softmax
+    over all experts followed by renormalising the top k, which Qwen3-VL-MoE always does."""
+    experts = getattr(text, "num_experts", None)
+    if not experts:
+        if ep > 1:
+            raise ValueError(f"--ep {ep} needs a mixture-of-experts model")
+        return {}
+    if getattr(text, "mlp_only_layers", []) or getattr(text, "decoder_sparse_step", 1) != 1:
+        raise ValueError("Qwen3-VL-MoE with dense layers between MoE layers is not supported yet")
+    if experts % ep:
+        raise ValueError(f"--ep {ep} does not divide the number of experts ({experts})")
+    return dict(
+        num_moe_experts=experts,
+        moe_router_topk=text.num_experts_per_tok,
+        moe_ffn_hidden_size=text.moe_intermediate_size,
+        moe_router_pre_softmax=False,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0),
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=ep,
+    )
+
+
 def build_configs(
-    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1
+    hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen3VLSettings]:
     check_divisibility(hf_config, tp, pp)
     text, vision = hf_config.text_config, hf_config.vision_config
@@ -99,6 +124,7 @@ def build_configs(
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
+        **_moe_kwargs(text, ep),
         **common_kwargs(dtype),
     )
     vision_cfg = TransformerConfig(

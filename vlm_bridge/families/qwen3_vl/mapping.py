@@ -57,6 +57,8 @@ def _language_entries(lang, s: Qwen3VLSettings) -> list[Entry]:
             Entry(m + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), Rename()),
             Entry(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), Rename()),
             Entry(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), Rename()),
+        ]
+        out += _moe_entries(m, h, lang.num_moe_experts) if lang.num_moe_experts else [
             Entry(m + "mlp.linear_fc1.weight",
                   (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), ConcatRows(2)),
             Entry(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), Rename()),
@@ -67,6 +69,21 @@ def _language_entries(lang, s: Qwen3VLSettings) -> list[Entry]:
     out.append(Entry(lm + "decoder.final_layernorm.weight", (L + "norm.weight",), Rename()))
     if not s.tie_word_embeddings:
         out.append(Entry(lm + "output_layer.weight", ("lm_head.weight",), vocab))
+    return out
+
+
+def _moe_entries(m: str, h: str, experts: int) -> list[Entry]:
+    """Router plus one entry per expert, named per expert; checkpoints that store the experts
+    fused as 3-D tensors are split into these names on read and re-fused on write
+    (convert/experts.py). Megatron names use the global expert index."""
+    out = [Entry(m + "mlp.router.weight", (h + "mlp.gate.weight",), Rename())]
+    for e in range(experts):
+        me, he = f"{m}mlp.experts.local_experts.{e}.", f"{h}mlp.experts.{e}."
+        out += [
+            Entry(me + "linear_fc1.weight", (he + "gate_proj.weight", he + "up_proj.weight"),
+                  ConcatRows(2)),
+            Entry(me + "linear_fc2.weight", (he + "down_proj.weight",), Rename()),
+        ]
     return out
 
 

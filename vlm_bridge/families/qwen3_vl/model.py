@@ -127,7 +127,9 @@ class Qwen3VLModel(MegatronModule):
         self.vision = Qwen3VisionModel(vision_config, s) if pre_process else None
         self.language_model = GPTModel(
             config=language_config,
-            transformer_layer_spec=transformer_layer_spec(qk_norm=True),
+            transformer_layer_spec=transformer_layer_spec(
+                qk_norm=True, num_experts=language_config.num_moe_experts
+            ),
             vocab_size=s.padded_vocab_size,
             max_sequence_length=s.max_position_embeddings,
             pre_process=pre_process,
