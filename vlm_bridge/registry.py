@@ -5,8 +5,9 @@ from __future__ import annotations
 from vlm_bridge.families.base import Family
 from vlm_bridge.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
 from vlm_bridge.families.qwen3_vl import FAMILY as QWEN3_VL
+from vlm_bridge.families.qwen3_vl import MOE_FAMILY as QWEN3_VL_MOE
 
-FAMILIES: list[Family] = [QWEN2_5_VL, QWEN3_VL]
+FAMILIES: list[Family] = [QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE]
 
 
 def supported_architectures() -> list[str]:

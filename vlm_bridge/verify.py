@@ -121,7 +121,10 @@ def _capture_megatron(built) -> dict:
             lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
         )
     if model.vision is not None:
-        model.vision.register_forward_hook(lambda m, i, o: store["vision"].append(o.detach().cpu()))
+        # Some towers also return DeepStack features: compare the merged output.
+        model.vision.register_forward_hook(
+            lambda m, i, o: store["vision"].append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+        )
     return store
 
 

@@ -66,7 +66,8 @@ class _CpuStream:
         return None
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
+        # record_event(), wait_stream(), synchronize(), ...: chained calls keep working.
+        return lambda *a, **k: _CpuStream()
 
 
 def _patch_torch_cuda() -> None:

@@ -15,6 +15,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from vlm_bridge.attention.core import TorchCoreAttention
+from vlm_bridge.compat.no_te import patch_megatron_without_te
 
 
 def transformer_layer_spec(
@@ -33,6 +34,7 @@ def transformer_layer_spec(
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
     if num_experts:
+        patch_megatron_without_te()
         mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts)
     return ModuleSpec(
         module=TransformerLayer,

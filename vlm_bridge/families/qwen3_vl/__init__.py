@@ -1,4 +1,4 @@
-"""Qwen3-VL (dense: 2B-32B) on Megatron-Core."""
+"""Qwen3-VL (dense 2B-32B, MoE 30B-A3B / 235B-A22B) on Megatron-Core."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ FAMILY = Family(
     name="qwen3_vl",
     architectures=("Qwen3VLForConditionalGeneration",),
     model_types=("qwen3_vl",),
+    build_configs=build_configs,
+    build_model=Qwen3VLModel,
+    weight_table=weight_table,
+    layouts=LAYOUTS,
+    prepare_inputs=prepare_inputs,
+)
+# The MoE variant shares everything; config.py and mapping.py switch on the expert count.
+MOE_FAMILY = Family(
+    name="qwen3_vl_moe",
+    architectures=("Qwen3VLMoeForConditionalGeneration",),
+    model_types=("qwen3_vl_moe",),
     build_configs=build_configs,
     build_model=Qwen3VLModel,
     weight_table=weight_table,
