@@ -5,7 +5,8 @@ Megatron-Core assumes CUDA in a handful of places that matter for our models:
 * ``torch.cuda.current_device()`` used as a device (rotary ``inv_freq``, schedules, p2p buffers);
 * literal ``device="cuda"`` / ``.cuda()`` in tensor factories (pipeline schedules, loss reductions);
 * ``torch.cuda.synchronize()`` / streams / events around checkpoint writers and p2p;
-* ``tensor.type() == 'torch.cuda.FloatTensor'`` assertions (gradient clipping).
+* ``tensor.type() == 'torch.cuda.FloatTensor'`` assertions (gradient clipping);
+* MoE all-to-all split sizes that stay tensors when nothing moves device-to-host.
 
 Rather than patching those call sites one by one (they move between releases), a
 ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and the few ``torch.cuda``
@@ -100,6 +101,24 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _patch_all_to_all_split_sizes() -> None:
+    """Megatron's MoE dispatcher moves split sizes to the host as numpy arrays on GPU; on CPU they
+    stay tensors, which ``all_to_all_single`` rejects. Convert them to lists."""
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+
+    def as_list(sizes):
+        return sizes.tolist() if hasattr(sizes, "tolist") else sizes
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                          *args, **kwargs):
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes),
+                        *args, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single
+
+
 def cuda_available() -> bool:
     """True when real CUDA devices are usable (and not forced off by VLM_BRIDGE_FORCE_CPU=1)."""
     if os.environ.get("VLM_BRIDGE_FORCE_CPU") == "1":
@@ -119,6 +138,7 @@ def enable_cpu_compat() -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_all_to_all_split_sizes()
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
     return True
