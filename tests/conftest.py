@@ -72,3 +72,18 @@ def verify_report(hf: Path, megatron: Path | None, tp: int = 1, pp: int = 1, dty
 @pytest.fixture
 def parity():
     return verify_report
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    from vlm_bridge.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("q3") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    """MoE with experts fused as transformers 5.24 saves them: [E, 2I, H] / [E, H, I]."""
+    from vlm_bridge.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("q3moe") / "hf", moe=True)

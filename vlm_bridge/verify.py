@@ -117,8 +117,11 @@ def _capture_megatron(built) -> dict:
     model = built.model
     for layer in model.language_model.decoder.layers:
         idx = layer.layer_number - 1
+        # prepend: record the layer's own output, before hooks that add to it (DeepStack), as
+        # HF's hidden_states do.
         layer.register_forward_hook(
-            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
+            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone()),
+            prepend=True,
         )
     if model.vision is not None:
         # Some towers also return DeepStack features: compare the merged output.
