@@ -52,28 +52,29 @@ class PatchMerger(MegatronModule):
 def vision_tower_sharded_state_dict(
     tower: MegatronModule, prefix: str, sharded_offsets: tuple, metadata: dict | None
 ) -> dict:
-    """Sharded state dict of a tower whose ``layers`` is a ModuleList of TransformerLayers.
+    """Sharded state dict of a tower with ``ModuleList`` children (ViT layers, DeepStack mergers).
 
-    Each layer contributes its own TP-aware entries under ``layers.<i>.``; the other children go
-    through Megatron's default handling (replicated unless they are Megatron parallel modules).
+    A plain ``ModuleList`` has no ``sharded_state_dict``, so Megatron would save its TP-sharded
+    weights as if replicated; each element contributes its own entries under ``<name>.<i>.``.
+    Other plain torch children (patch embed, position table) are replicated across TP.
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.utils import sharded_state_dict_default
 
-    # Plain torch modules (patch embed, norms) are replicated across TP: pass the TP group so each
-    # rank gets its own replica id instead of all claiming to be the primary copy.
+    # Pass the TP group so replicated tensors get per-rank replica ids instead of all claiming to
+    # be the primary copy.
     tp_group = parallel_state.get_tensor_model_parallel_group()
     out: dict = {}
+
+    def add(module, key):
+        out.update(sharded_state_dict_default(module, key, sharded_offsets, metadata, tp_group=tp_group))
+
     for name, child in tower.named_children():
-        if name == "layers":
-            for i, layer in enumerate(child):
-                out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+        if isinstance(child, torch.nn.ModuleList):
+            for i, element in enumerate(child):
+                add(element, f"{prefix}{name}.{i}.")
         else:
-            out.update(
-                sharded_state_dict_default(
-                    child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group
-                )
-            )
+            add(child, f"{prefix}{name}.")
     return out
 
 
