@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout(p)
     _add_dtype(p, "output dtype (default: the checkpoint's)")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    p.add_argument("--expert-layout", choices=["per_expert", "fused_hub", "fused_out_in"],
+                   default=None, help="MoE experts on disk (default: as imported)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
@@ -103,7 +105,7 @@ def cmd_export(args) -> int:
     start = time.time()
     meta = run_parallel(
         export_hf, parallel.conversion_world_size, args.megatron_path, args.hf_path, parallel,
-        args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3),
+        args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3), args.expert_layout,
     )
     print(f"exported {args.megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
           f"in {time.time() - start:.1f}s")
@@ -154,7 +156,8 @@ def cmd_finetune(args) -> int:
 
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     cfg.pretrained = args.pretrained
-    world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+    # Experts are split over data-parallel ranks, so EP needs at least that many.
+    world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp, cfg.parallel.ep)
     result = run_parallel(train, world, cfg)
     print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")

@@ -93,3 +93,13 @@ def test_ambiguous_fused_experts_fail_loudly(tiny_qwen3_moe, run_cli, capsys, tm
     err = capsys.readouterr().err
     assert "cannot tell the inner order" in err and "gate_up_proj" in err
     assert not (tmp_path / "meg").exists()
+
+
+def test_export_in_a_named_expert_layout(tiny_qwen3_moe, run_cli, tmp_path):
+    """Imported fused ([E, 2I, H]), exported per expert on request: same tensors, other keys."""
+    meg, out = tmp_path / "meg", tmp_path / "out"
+    assert run_cli("import", "--hf-model", tiny_qwen3_moe, "--megatron-path", meg) == 0
+    assert run_cli("export", "--megatron-path", meg, "--hf-path", out,
+                   "--expert-layout", "per_expert") == 0
+    expected = _rewrite(tiny_qwen3_moe, tmp_path / "per", _per_expert)
+    assert checkpoint_mismatches(expected, out) == []

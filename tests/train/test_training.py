@@ -267,3 +267,15 @@ def test_recompute_wraps_every_lm_and_vit_layer(tiny_hf):
     from vlm_bridge.parallel import run_parallel
 
     assert run_parallel(_recompute_count, 1, str(tiny_hf)) == 4 + 4
+
+
+@pytest.mark.parametrize("fixture,extra", [
+    ("tiny_qwen3", {}),
+    ("tiny_qwen3_moe", {"peft.method": "lora", "peft.targets": "linear_qkv,linear_proj"}),
+])
+def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tiny_cfg, tmp_path):
+    """No family-specific code in the trainer: dense SFT and MoE LoRA on Qwen3-VL."""
+    cfg = tiny_cfg(steps=6, **{"optim.lr": "3e-3", **extra})
+    cfg.pretrained = str(request.getfixturevalue(fixture))
+    result = run_train(cfg)
+    assert len(result["losses"]) == 6 and result["losses"][-1] < result["losses"][0]

@@ -357,7 +357,7 @@ def _recv_tensor(src: int) -> torch.Tensor:
 
 def export_hf(
     megatron_dir: str, hf_dir: str, parallel: ParallelConfig, dtype_arg: str | None,
-    overwrite: bool, max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool, max_shard_bytes: int = 2 * 1024**3, expert_layout: str | None = None,
 ) -> dict:
     """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
     init_distributed(parallel)
@@ -365,6 +365,8 @@ def export_hf(
         raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
     built, meta = load_megatron(megatron_dir, parallel)
     out_dtype = DTYPES[dtype_arg or meta["dtype"]]
+    if expert_layout:
+        built.expert_layout = expert_layout
     write_hf(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True)
     return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vlm_bridge.recipes import qwen2_5_vl
+from vlm_bridge.recipes import qwen2_5_vl, qwen3_vl
 from vlm_bridge.train.config import TrainConfig
 
-RECIPES: dict[str, Callable[[], TrainConfig]] = {**qwen2_5_vl.RECIPES}
+RECIPES: dict[str, Callable[[], TrainConfig]] = {**qwen2_5_vl.RECIPES, **qwen3_vl.RECIPES}
 
 
 def get_recipe(name: str) -> TrainConfig:

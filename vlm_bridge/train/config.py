@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class ParallelSettings:
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallelism (MoE); experts are split over data-parallel ranks
 
 
 @dataclass

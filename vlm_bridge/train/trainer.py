@@ -109,7 +109,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
     from vlm_bridge.train.data_setup import build_stream
 
-    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
     init_distributed(parallel, seed=cfg.seed)
     built = load_pretrained(cfg.pretrained, parallel, DTYPES[cfg.dtype])
     prepare_model(cfg, built)
