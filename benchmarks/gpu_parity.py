@@ -32,7 +32,7 @@ def _gpu_peak_gb() -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["7b", "tiny"], default="7b")
+    p.add_argument("--size", choices=["7b", "qwen3_8b", "tiny"], default="7b")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="checkpoint and compute dtype")
     p.add_argument("--workdir", required=True)

@@ -69,12 +69,38 @@ def qwen7b_config(tie: bool) -> Qwen2_5_VLConfig:
     )
 
 
-def build_config(size: str, tie: bool) -> Qwen2_5_VLConfig:
+def qwen3_8b_config(tie: bool):
+    """Qwen3-VL-8B-Instruct dimensions, with the tiny tokenizer's special-token ids."""
+    from transformers import Qwen3VLConfig
+
+    text = {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                            "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+    }
+    vision = {
+        "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+        "out_hidden_size": 4096, "patch_size": 16, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24], "hidden_act": "gelu_pytorch_tanh",
+    }
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie,
+        image_token_id=tiny.IMAGE_TOKEN_ID, video_token_id=tiny.VIDEO_TOKEN_ID,
+        vision_start_token_id=tiny.VISION_START_ID, vision_end_token_id=tiny.VISION_END_ID,
+    )
+
+
+def build_config(size: str, tie: bool):
+    if size == "qwen3_8b":
+        return qwen3_8b_config(tie)
     return qwen7b_config(tie) if size == "7b" else tiny.tiny_qwen2_5_vl_config(tie_word_embeddings=tie)
 
 
 def hub_key(name: str) -> str:
-    """transformers 5 in-memory parameter name -> the hub's on-disk key."""
+    """transformers 5 in-memory parameter name -> the hub's on-disk key (Qwen2.5-VL only;
+    Qwen3-VL keeps its in-memory names on disk)."""
     if name.startswith("model.language_model."):
         return "model." + name.removeprefix("model.language_model.")
     if name.startswith("model.visual."):
@@ -84,9 +110,14 @@ def hub_key(name: str) -> str:
 
 def tensor_specs(config: Qwen2_5_VLConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(hub key, shape) of every saved tensor, from a meta-device model (allocates nothing)."""
+    from transformers import AutoModelForImageTextToText
+
+    qwen3 = config.model_type == "qwen3_vl"
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    specs = [(hub_key(n), tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)]
+        model = (AutoModelForImageTextToText.from_config(config) if qwen3
+                 else Qwen2_5_VLForConditionalGeneration(config))
+    rename = (lambda n: n) if qwen3 else hub_key
+    specs = [(rename(n), tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)]
     if config.tie_word_embeddings:  # HF does not save the tied output layer
         specs = [s for s in specs if s[0] != "lm_head.weight"]
     return sorted(specs)
@@ -134,7 +165,15 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
         GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
                          eos_token_id=[tiny.IM_END_ID, tiny.ENDOFTEXT_ID],
                          do_sample=False).save_pretrained(tmp)
-        make_processor(MIN_PIXELS, max_pixels).save_pretrained(tmp)
+        if size == "qwen3_8b":
+            from vlm_bridge.testing.tiny_qwen3_vl import make_tiny_qwen3_processor
+
+            processor = make_tiny_qwen3_processor()
+            for proc in (processor.image_processor, processor.video_processor):
+                proc.size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
+            processor.save_pretrained(tmp)
+        else:
+            make_processor(MIN_PIXELS, max_pixels).save_pretrained(tmp)
     return {**summarize(specs, DTYPES[dtype]), "shards": shards, "seconds": time.time() - start}
 
 
@@ -142,15 +181,16 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
     numel = [torch.Size(s).numel() for _, s in specs]
     parts = {"text": 0, "vision": 0, "lm_head": 0}
     for (key, _), n in zip(specs, numel):
-        parts["vision" if key.startswith("visual.") else "lm_head" if key == "lm_head.weight"
-              else "text"] += n * dtype.itemsize
+        vision = key.startswith(("visual.", "model.visual."))
+        parts["vision" if vision else "lm_head" if key == "lm_head.weight" else "text"] += (
+            n * dtype.itemsize)
     return {"tensors": len(specs), "params": sum(numel), "bytes": sum(numel) * dtype.itemsize,
             "gb": round(sum(numel) * dtype.itemsize / 1e9, 3), "bytes_by_part": parts}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["7b", "tiny"], default="7b")
+    p.add_argument("--size", choices=["7b", "qwen3_8b", "tiny"], default="7b")
     p.add_argument("--out", help="output folder (required unless --dry-run)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (not 7B's)")
