@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.vlm import check_divisibility
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -118,20 +119,3 @@ def build_configs(
         out_hidden_size=vision.out_hidden_size,
     )
     return language, vision_cfg, settings
-
-
-def check_divisibility(hf_config, tp: int, pp: int) -> None:
-    """One-line errors for layouts the model cannot be split into (before Megatron asserts)."""
-    text, vision = hf_config.text_config, hf_config.vision_config
-    checks = [
-        ("language attention heads", text.num_attention_heads, tp, "--tp"),
-        ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
-        ("language FFN size", text.intermediate_size, tp, "--tp"),
-        ("vision attention heads", vision.num_heads, tp, "--tp"),
-        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
-        ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
-        ("language layers", text.num_hidden_layers, pp, "--pp"),
-    ]
-    for what, size, parts, flag in checks:
-        if size % parts:
-            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -36,7 +33,7 @@ from vlm_bridge.families._common.vision import (
     vision_rotary_freqs,
     vision_tower_sharded_state_dict,
 )
-from vlm_bridge.families._common.vocab import mask_padded_vocab
+from vlm_bridge.families._common.vlm import VLMBase
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 
@@ -91,7 +88,7 @@ class Qwen25VisionModel(MegatronModule):
         return merged[torch.argsort(window_index)]
 
 
-class Qwen25VLModel(MegatronModule):
+class Qwen25VLModel(VLMBase):
     """Vision tower (first stage only) + Megatron GPTModel; Megatron's pipeline schedules drive it."""
 
     def __init__(
@@ -102,30 +99,8 @@ class Qwen25VLModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
     ) -> None:
-        super().__init__(config=language_config)
-        self.s = s
-        self.pre_process, self.post_process = pre_process, post_process
+        super().__init__(language_config, transformer_layer_spec(), s, pre_process, post_process)
         self.vision = Qwen25VisionModel(vision_config, s) if pre_process else None
-        self.language_model = GPTModel(
-            config=language_config,
-            transformer_layer_spec=transformer_layer_spec(),
-            vocab_size=s.padded_vocab_size,
-            max_sequence_length=s.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=s.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=s.rope_theta,
-        )
-        # Megatron's schedules and optimizer look these up on the outermost module.
-        self.share_embeddings_and_output_weights = s.tie_word_embeddings
-        self.model_type = ModelType.encoder_or_decoder
-
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def embed(
         self,
@@ -163,20 +138,5 @@ class Qwen25VLModel(MegatronModule):
             decoder_input = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-        padded = self.post_process and self.s.padded_vocab_size > self.s.vocab_size
-        out = self.language_model(
-            input_ids=None,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            labels=None if padded else labels,
-            runtime_gather_output=runtime_gather_output and labels is None,
-        )
-        if padded and labels is not None:
-            # Megatron's built-in loss would count the padded vocabulary rows; mask them first.
-            logits = mask_padded_vocab(out, self.s.vocab_size)
-            loss = vocab_parallel_cross_entropy(
-                logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
-            )
-            return loss.transpose(0, 1)
-        return out
+        return self.run_language_model(decoder_input, position_ids, attention_mask, labels,
+                                       runtime_gather_output)

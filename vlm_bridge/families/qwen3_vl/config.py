@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.vlm import check_divisibility
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 HF_DEFAULT_MROPE_SECTION = [24, 20, 20]
@@ -48,20 +49,9 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def check_divisibility(hf_config, tp: int, pp: int) -> None:
+def check_layout(hf_config, tp: int, pp: int) -> None:
+    check_divisibility(hf_config, tp, pp)
     text, vision = hf_config.text_config, hf_config.vision_config
-    checks = [
-        ("language attention heads", text.num_attention_heads, tp, "--tp"),
-        ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
-        ("language FFN size", text.intermediate_size, tp, "--tp"),
-        ("vision attention heads", vision.num_heads, tp, "--tp"),
-        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
-        ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
-        ("language layers", text.num_hidden_layers, pp, "--pp"),
-    ]
-    for what, size, parts, flag in checks:
-        if size % parts:
-            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
     per_stage = text.num_hidden_layers // pp
     deepstack = len(vision.deepstack_visual_indexes)
     if per_stage < deepstack:
@@ -99,7 +89,7 @@ def _moe_kwargs(text, ep: int) -> dict:
 def build_configs(
     hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen3VLSettings]:
-    check_divisibility(hf_config, tp, pp)
+    check_layout(hf_config, tp, pp)
     text, vision = hf_config.text_config, hf_config.vision_config
     rope = dict(text.rope_parameters or {})
     if rope.get("rope_type", "default") not in ("default", "mrope"):

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,7 +37,7 @@ from vlm_bridge.families._common.vision import (
     vision_rotary_freqs,
     vision_tower_sharded_state_dict,
 )
-from vlm_bridge.families._common.vocab import mask_padded_vocab
+from vlm_bridge.families._common.vlm import VLMBase
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
 
 
@@ -116,31 +113,15 @@ class Qwen3VisionModel(MegatronModule):
         return self.merger(x[:, 0]), deepstack
 
 
-class Qwen3VLModel(MegatronModule):
+class Qwen3VLModel(VLMBase):
     """ViT (first stage) + GPTModel with q/k norm, interleaved MRoPE and DeepStack injection."""
 
     def __init__(self, language_config: TransformerConfig, vision_config: TransformerConfig,
                  s: Qwen3VLSettings, pre_process: bool = True, post_process: bool = True) -> None:
-        super().__init__(config=language_config)
-        self.s = s
-        self.pre_process, self.post_process = pre_process, post_process
+        spec = transformer_layer_spec(qk_norm=True, num_experts=language_config.num_moe_experts)
+        super().__init__(language_config, spec, s, pre_process, post_process)
         self.vision = Qwen3VisionModel(vision_config, s) if pre_process else None
-        self.language_model = GPTModel(
-            config=language_config,
-            transformer_layer_spec=transformer_layer_spec(
-                qk_norm=True, num_experts=language_config.num_moe_experts
-            ),
-            vocab_size=s.padded_vocab_size,
-            max_sequence_length=s.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=s.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=s.rope_theta,
-        )
         self.language_model.rotary_pos_emb = InterleavedMRoPE(language_config.kv_channels, s.rope_theta)
-        self.share_embeddings_and_output_weights = s.tie_word_embeddings
-        self.model_type = ModelType.encoder_or_decoder
         self._deepstack: list[torch.Tensor] | None = None
         for layer in self.language_model.decoder.layers:
             level = layer.layer_number - 1
@@ -155,12 +136,6 @@ class Qwen3VLModel(MegatronModule):
             return hidden + self._deepstack[level].to(hidden.dtype), context
 
         return hook
-
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def _scatter(self, input_ids, feats, token_id, what, base):
         return scatter_vision_embeddings(base, input_ids, token_id, feats, what)
@@ -190,19 +165,8 @@ class Qwen3VLModel(MegatronModule):
             decoder_input, self._deepstack = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-        padded = self.post_process and self.s.padded_vocab_size > self.s.vocab_size
         try:
-            out = self.language_model(
-                input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-                decoder_input=decoder_input, labels=None if padded else labels,
-                runtime_gather_output=runtime_gather_output and labels is None,
-            )
+            return self.run_language_model(decoder_input, position_ids, attention_mask, labels,
+                                           runtime_gather_output)
         finally:
             self._deepstack = None
-        if padded and labels is not None:
-            logits = mask_padded_vocab(out, self.s.vocab_size)
-            loss = vocab_parallel_cross_entropy(
-                logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
-            )
-            return loss.transpose(0, 1)
-        return out
