@@ -92,9 +92,37 @@ def qwen3_8b_config(tie: bool):
     )
 
 
+def qwen3_30b_a3b_config(tie: bool, layers: int = 48):
+    """Qwen3-VL-30B-A3B dimensions (128 experts, top-8), optionally with fewer LM layers."""
+    from transformers import Qwen3VLMoeConfig
+
+    text = {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": tie,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                            "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+    }
+    vision = {
+        "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+        "out_hidden_size": 2048, "patch_size": 16, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24], "hidden_act": "gelu_pytorch_tanh",
+    }
+    return Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie,
+        image_token_id=tiny.IMAGE_TOKEN_ID, video_token_id=tiny.VIDEO_TOKEN_ID,
+        vision_start_token_id=tiny.VISION_START_ID, vision_end_token_id=tiny.VISION_END_ID,
+    )
+
+
 def build_config(size: str, tie: bool):
     if size == "qwen3_8b":
         return qwen3_8b_config(tie)
+    if size.startswith("qwen3_30b_a3b"):  # qwen3_30b_a3b or qwen3_30b_a3b_<layers>l
+        layers = int(size.rsplit("_", 1)[1][:-1]) if size.endswith("l") else 48
+        return qwen3_30b_a3b_config(tie, layers)
     return qwen7b_config(tie) if size == "7b" else tiny.tiny_qwen2_5_vl_config(tie_word_embeddings=tie)
 
 
@@ -112,7 +140,7 @@ def tensor_specs(config: Qwen2_5_VLConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(hub key, shape) of every saved tensor, from a meta-device model (allocates nothing)."""
     from transformers import AutoModelForImageTextToText
 
-    qwen3 = config.model_type == "qwen3_vl"
+    qwen3 = config.model_type in ("qwen3_vl", "qwen3_vl_moe")
     with torch.device("meta"):
         model = (AutoModelForImageTextToText.from_config(config) if qwen3
                  else Qwen2_5_VLForConditionalGeneration(config))
@@ -165,7 +193,7 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
         GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
                          eos_token_id=[tiny.IM_END_ID, tiny.ENDOFTEXT_ID],
                          do_sample=False).save_pretrained(tmp)
-        if size == "qwen3_8b":
+        if size.startswith("qwen3"):
             from vlm_bridge.testing.tiny_qwen3_vl import make_tiny_qwen3_processor
 
             processor = make_tiny_qwen3_processor()
@@ -190,7 +218,8 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["7b", "qwen3_8b", "tiny"], default="7b")
+    p.add_argument("--size", default="7b",
+                   help="7b, qwen3_8b, qwen3_30b_a3b, qwen3_30b_a3b_<N>l (N LM layers), tiny")
     p.add_argument("--out", help="output folder (required unless --dry-run)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (not 7B's)")
