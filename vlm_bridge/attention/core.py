@@ -48,6 +48,13 @@ class AttentionMask:
         ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
         return cls(segment_ids=ids[None], causal=causal)
 
+    @classmethod
+    def from_padding(cls, attention_mask: torch.Tensor | None) -> AttentionMask:
+        """Causal mask for a padded batch (HF ``attention_mask``: 1 = token, 0 = padding)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return cls(segment_ids=None, causal=True)
+        return cls(segment_ids=torch.where(attention_mask.bool(), 0, -1), causal=True)
+
     def dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
         """Boolean ``[b|1, 1, sq, sk]`` mask, True where attention is allowed (SDPA convention)."""
         key = ("dense", sq, sk, str(device))

@@ -109,6 +109,7 @@ def collate_padded(samples: list, family, settings, pad_id: int, length: int | N
         ids[r, :k], mask[r, :k], labels[r, :k] = s.input_ids, 1, shift_labels(s.labels)
     batch = {"input_ids": ids, "attention_mask": mask, **_vision_of(samples)}
     inputs = family.prepare_inputs(settings, batch)
+    # Always a segment mask (even without padding) so the shape matches packed rows.
     inputs["attention_mask"] = AttentionMask(segment_ids=torch.where(mask.bool(), 0, -1), causal=True)
     return _finish(inputs, labels, int(mask.sum()))
 

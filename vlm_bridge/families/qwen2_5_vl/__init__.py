@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.mrope import mrope_position_ids
 from vlm_bridge.families.base import Family
@@ -22,19 +20,15 @@ def prepare_inputs(s: Qwen25VLSettings, batch: dict) -> dict:
         spatial_merge_size=s.spatial_merge_size, tokens_per_second=s.tokens_per_second,
         second_per_grid_ts=batch.get("second_per_grid_ts"),
     )
-    segments = None
-    if mask is not None and not bool(mask.all()):
-        segments = torch.where(mask.bool(), 0, -1)
     return dict(
         input_ids=input_ids,
         position_ids=positions,
-        attention_mask=AttentionMask(segment_ids=segments, causal=True),
+        attention_mask=AttentionMask.from_padding(mask),
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
         pixel_values_videos=batch.get("pixel_values_videos"),
         video_grid_thw=batch.get("video_grid_thw"),
     )
-
 
 FAMILY = Family(
     name="qwen2_5_vl",

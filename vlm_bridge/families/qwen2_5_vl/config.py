@@ -14,35 +14,17 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.megatron_config import common_kwargs
-from vlm_bridge.families._common.vlm import check_divisibility
-from vlm_bridge.families._common.vocab import padded_vocab_size
+from vlm_bridge.families._common.vlm import QwenVLSettings, check_divisibility, qwen_vl_settings
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
 VISION_NORM_EPS = 1e-6  # Qwen2_5_VLVisionBlock builds its RMSNorms with eps=1e-6, not from config
 
 
 @dataclass
-class Qwen25VLSettings:
-    """Everything the Megatron model needs beyond the two TransformerConfigs."""
-
-    vocab_size: int
-    padded_vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    mrope_section: list[int]
-    tie_word_embeddings: bool
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-    patch_size: int
-    temporal_patch_size: int
-    in_channels: int
-    spatial_merge_size: int
+class Qwen25VLSettings(QwenVLSettings):
     window_size: int
     fullatt_block_indexes: list[int]
     tokens_per_second: float
-    vision_rope_theta: float
-    out_hidden_size: int
 
 
 def _common_kwargs(dtype: torch.dtype) -> dict:
@@ -99,23 +81,9 @@ def build_configs(
     if vision.hidden_act != "silu" or text.hidden_act != "silu":
         raise ValueError("Qwen2.5-VL with a hidden_act other than silu is not supported")
     settings = Qwen25VLSettings(
-        vocab_size=text.vocab_size,
-        padded_vocab_size=padded_vocab_size(text.vocab_size, tp),
-        max_position_embeddings=text.max_position_embeddings,
-        rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
-        mrope_section=list(language.mrope_section),
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        image_token_id=hf_config.image_token_id,
-        video_token_id=hf_config.video_token_id,
-        vision_start_token_id=hf_config.vision_start_token_id,
-        patch_size=vision.patch_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        in_channels=vision.in_channels,
-        spatial_merge_size=vision.spatial_merge_size,
+        **qwen_vl_settings(hf_config, language, tp, default_rope_theta=1_000_000.0),
         window_size=vision.window_size,
         fullatt_block_indexes=list(vision.fullatt_block_indexes),
         tokens_per_second=vision.tokens_per_second,
-        vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
-        out_hidden_size=vision.out_hidden_size,
     )
     return language, vision_cfg, settings

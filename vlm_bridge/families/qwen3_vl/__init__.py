@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vlm_bridge.attention.core import AttentionMask
@@ -26,12 +28,9 @@ def prepare_inputs(s: Qwen3VLSettings, batch: dict) -> dict:
         image_token_id=s.image_token_id, video_token_id=s.video_token_id,
         spatial_merge_size=s.spatial_merge_size, tokens_per_second=s.tokens_per_second,
     )
-    segments = None
-    if mask is not None and not bool(mask.all()):
-        segments = torch.where(mask.bool(), 0, -1)
     return dict(
         input_ids=input_ids, position_ids=positions,
-        attention_mask=AttentionMask(segment_ids=segments, causal=True),
+        attention_mask=AttentionMask.from_padding(mask),
         pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
         pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=videos,
     )
@@ -48,13 +47,7 @@ FAMILY = Family(
     prepare_inputs=prepare_inputs,
 )
 # The MoE variant shares everything; config.py and mapping.py switch on the expert count.
-MOE_FAMILY = Family(
-    name="qwen3_vl_moe",
-    architectures=("Qwen3VLMoeForConditionalGeneration",),
+MOE_FAMILY = dataclasses.replace(
+    FAMILY, name="qwen3_vl_moe", architectures=("Qwen3VLMoeForConditionalGeneration",),
     model_types=("qwen3_vl_moe",),
-    build_configs=build_configs,
-    build_model=Qwen3VLModel,
-    weight_table=weight_table,
-    layouts=LAYOUTS,
-    prepare_inputs=prepare_inputs,
 )
