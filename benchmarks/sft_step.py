@@ -1,29 +1,26 @@
-"""One SFT (and LoRA) step at Qwen2.5-VL-7B dims on one GPU: the Megatron path vs HF transformers.
+"""One SFT (and LoRA) step of a Qwen-VL model on 1..N GPUs: the Megatron path vs HF transformers.
 
     python benchmarks/sft_step.py --size 7b --workdir /tmp/w [--steps 5] [--warmup 2] [--mode sft,lora]
+    python benchmarks/sft_step.py --size qwen3_30b_a3b_8l --gpus 2 --ep 2 --workdir /tmp/m \
+        --mode sft --systems hf,megatron,megatron_sequential      # MoE: EP=2 vs HF DDP on 2 GPUs
     python benchmarks/sft_step.py --size tiny --workdir /tmp/t --dtype fp32 --steps 1 --warmup 1  # CPU
 
-Both systems train on the same seeded samples (one image of 224-896 px a side in multiples of 28,
-100-700 text tokens of random words), encoded once by ``SampleEncoder``. Megatron: rows of
-``--seq-len`` packed tokens, micro-batch 1, every row in one global step, ``trainer.train_step`` on a
-model set up as ``trainer.setup`` does (DDP, Adam with fp32 master weights, distributed optimizer on
-CUDA, per-token loss). HF: right-padded batches of ``--hf-batch`` samples, gradient accumulation, a
-per-token loss over the step (``num_items_in_batch``), fused AdamW on the bf16 parameters (bf16
-states, no fp32 master: what HF Trainer does with a bf16-loaded model), grad clipping 1.0 as Megatron.
-``first_loss_diff`` (loss before any update) checks both see the same data; it is 0 up to dtype noise
-when the vocabulary is a multiple of 128 (7B), while Megatron's loss also covers the padded vocab
-columns otherwise (tiny: 300 -> 384 adds ~ln(384/300) = 0.247).
-
-Model FLOPs per step count real tokens only (T = LM tokens incl. image tokens, P = ViT patches,
-h / hv = LM / ViT hidden, n = LM layers, N_lm = LM params except the input embedding: the output
-layer is a matmul on every token and counts):
-  LM dense 6 * N_lm * T;  ViT dense 6 * N_vit * P + 6 * N_merger * P / 4 (merger on 2x2 groups);
-  LM attention, per packed sample of length L: forward 2 * 2 * L^2 * h * n / 2 (QK^T and AV, causal
-  half), x3 for forward + backward = 6 * L^2 * h * n;
-  ViT attention (non-causal), per window (windowed blocks) or image (full blocks) of w patches:
-  3 * 4 * w^2 * hv per block.
-LoRA: frozen weights get no weight gradient (LM dense 4 * N_lm * T) and the frozen ViT runs forward
-only (x1/3); adapter FLOPs (<1%) are not counted. MFU = FLOPs / (step time * --peak-tflops).
+Both systems train on the same seeded samples (one image of 224-896 px a side, 100-700 text tokens
+of random words), encoded once by ``SampleEncoder`` and packed once into rows of ``--seq-len``
+tokens; with ``--gpus N`` the rows are cut to a multiple of N and rank r trains on rows r, r+N, ...
+(both systems: the same tokens per GPU). Megatron: micro-batch 1, one global step over all rows,
+``trainer.train_step`` on a model set up as ``trainer.setup`` does (DDP, Adam with fp32 master
+weights, distributed optimizer on CUDA, per-token loss), ``--ep`` experts per group for MoE (EP is
+carved out of data parallelism, as Megatron does). ``megatron_sequential`` is the same with the
+experts run one by one (Megatron's ``SequentialMLP``) instead of as grouped GEMMs. HF: right-padded
+batches of ``--hf-batch`` of the rank's samples, gradient accumulation, torch DDP over the GPUs, a
+per-token loss over the global step (``num_items_in_batch``), fused AdamW on the bf16 parameters
+(bf16 states, no fp32 master: what HF Trainer does with a bf16-loaded model), grad clipping 1.0 as
+Megatron, experts as transformers' default for the model (grouped_mm for Qwen3-VL-MoE).
+``first_loss_diff`` (loss before any update) checks both see the same data; it is 0 up to dtype
+noise when the vocabulary is a multiple of 128, while Megatron's loss also covers the padded vocab
+columns otherwise (tiny: 300 -> 384 adds ~ln(384/300) = 0.247). MFU = model FLOPs (``step_flops``:
+real tokens, active experts only) / (step time * GPUs * --peak-tflops).
 
 Memory at 7B (8.29e9 params): Megatron SFT keeps bf16 weights 2 B + fp32 grad buffer 4 B
 (grad_reduce_in_fp32) + fp32 master 4 B + Adam 8 B = 18 B/param = 149 GB before activations (the
@@ -31,7 +28,7 @@ distributed optimizer shards nothing at DP=1): it does NOT fit one H200 (141 GB)
 (66 GB). ``--num-layers K`` trims the LM to its first K layers for both systems (streamed copy of the
 checkpoint; K=16: 99 GB of Megatron state). LoRA fits at full depth. An OOM is recorded and the
 system retried once with recomputation (HF: gradient checkpointing); any other error is recorded
-and the run goes on.
+and the run goes on. Peak memory is the largest over the GPUs.
 """
 
 from __future__ import annotations
@@ -109,42 +106,10 @@ def trimmed_checkpoint(src: Path, layers: int) -> Path:
     return dst
 
 
-def model_flops(hf_dir: Path, encoded: list, lora: bool) -> dict:
-    """FLOPs of one step over ``encoded`` (see the module docstring for the formula)."""
-    import torch
-    from make_checkpoint import tensor_specs
-    from transformers import AutoConfig
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
-
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    tc, vc = config.text_config, config.vision_config
-    count = {"all": 0, "lm": 0, "vit": 0, "merger": 0}
-    for key, shape in tensor_specs(config):
-        part = ("merger" if key.startswith("visual.merger.") else "vit" if key.startswith("visual.")
-                else None if key in ("model.embed_tokens.weight", "lm_head.weight") else "lm")
-        count["all"] += torch.Size(shape).numel()
-        if part:
-            count[part] += torch.Size(shape).numel()
-    count["lm"] += tc.vocab_size * tc.hidden_size  # the output layer (tied or not)
-    tokens = sum(len(s) for s in encoded)
-    grids = torch.cat([s.image_grid_thw for s in encoded])
-    patches = int(grids.prod(-1).sum())
-    windows = get_vision_window_index(grids, vc.spatial_merge_size, vc.window_size, vc.patch_size)[1]
-    images = get_vision_cu_seqlens(grids)
-    sq = lambda cu: float((torch.as_tensor(cu).diff().double() ** 2).sum())  # noqa: E731
-    full = len(vc.fullatt_block_indexes)
-    vit_attn = 4 * vc.hidden_size * ((vc.depth - full) * sq(windows) + full * sq(images))
-    lm_attn = 2 * tc.hidden_size * tc.num_hidden_layers * sum(len(s) ** 2 for s in encoded)
-    dense, vit_passes = (4, 1) if lora else (6, 3)
-    parts = {"lm_dense": dense * count["lm"] * tokens, "lm_attention": 3 * lm_attn,
-             "vit_dense": 2 * vit_passes * (count["vit"] * patches + count["merger"] * patches / 4),
-             "vit_attention": vit_passes * vit_attn}
-    return {"total": sum(parts.values()), **parts, "params": count, "lm_tokens": tokens, "patches": patches}
-
-
 def _timed(step, args) -> dict:
-    """Warm-up steps, then ``--steps`` timed steps; peak memory over the timed steps only."""
+    """Warm-up steps, then ``--steps`` timed steps; peak memory over the timed steps, max over GPUs."""
     import torch
+    import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -156,19 +121,55 @@ def _timed(step, args) -> dict:
     for _ in range(args.steps):
         t0 = time.perf_counter()
         losses.append(step())
-        sync()  # train_step / the HF step already wait for the loss on the host; this is cheap
+        sync()  # the steps already wait for the loss on the host; this is cheap
         times.append(time.perf_counter() - t0)
-    return {"step_s": sum(times) / len(times), "step_times": times, "losses": losses,
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+    peak = None
+    if cuda:
+        peak = torch.tensor(torch.cuda.max_memory_allocated() / 1e9, device="cuda")
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = float(peak)
+    return {"step_s": sum(times) / len(times), "step_times": times, "losses": losses, "peak_gb": peak}
 
 
-def run_hf(hf_dir: Path, encoded: list, args, lora: bool, recompute: bool) -> dict:
+def run_hf(*args) -> dict:
+    from vlm_bridge.parallel import run_parallel
+
+    return run_parallel(_hf_rank, args[2].gpus, *args)
+
+
+def _hf_batches(group: list, pad_id: int) -> dict:
+    """Processor-style right padding; labels -100 on padding and non-assistant tokens."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = (len(group), max(len(s) for s in group))
+    b = {"input_ids": torch.full(shape, pad_id), "labels": torch.full(shape, -100),
+         "attention_mask": torch.zeros(shape, dtype=torch.long),
+         "mm_token_type_ids": torch.zeros(shape, dtype=torch.long),
+         "pixel_values": torch.cat([s.pixel_values for s in group]),
+         "image_grid_thw": torch.cat([s.image_grid_thw for s in group])}
+    for r, s in enumerate(group):
+        for key, value in (("input_ids", s.input_ids), ("attention_mask", 1), ("labels", s.labels),
+                           ("mm_token_type_ids", s.mm_token_type_ids)):
+            b[key][r, :len(s)] = value
+    return b
+
+
+def _hf_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recompute: bool) -> dict:
+    """HF model, one replica per GPU under torch DDP; this rank trains on its rows' samples."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_bridge.parallel import ParallelConfig, device, init_distributed
+
+    init_distributed(ParallelConfig())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = device()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         hf_dir, dtype=dtype, attn_implementation="sdpa", device_map={"": dev})
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -179,39 +180,42 @@ def run_hf(hf_dir: Path, encoded: list, args, lora: bool, recompute: bool) -> di
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
-    batches = []  # processor-style right padding; labels -100 on padding and non-assistant tokens
-    for i in range(0, len(encoded), args.hf_batch):
-        group = encoded[i:i + args.hf_batch]
-        shape = (len(group), max(len(s) for s in group))
-        b = {"input_ids": torch.full(shape, args.pad_id), "labels": torch.full(shape, -100),
-             "attention_mask": torch.zeros(shape, dtype=torch.long),
-             "mm_token_type_ids": torch.zeros(shape, dtype=torch.long),
-             "pixel_values": torch.cat([s.pixel_values for s in group]),
-             "image_grid_thw": torch.cat([s.image_grid_thw for s in group])}
-        for r, s in enumerate(group):
-            for key, value in (("input_ids", s.input_ids), ("attention_mask", 1), ("labels", s.labels),
-                               ("mm_token_type_ids", s.mm_token_type_ids)):
-                b[key][r, :len(s)] = value
-        batches.append(b)
-    loss_tokens = sum(s.num_loss_tokens for s in encoded)
+    mine = [encoded[i] for row in rows[rank::world] for i in row]
+    batches = [_hf_batches(mine[i:i + args.hf_batch], args.pad_id)
+               for i in range(0, len(mine), args.hf_batch)]
+    loss_tokens = sum(encoded[i].num_loss_tokens for row in rows for i in row)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=dev)
-        for b in batches:
-            out = model(**{k: v.to(dev, non_blocking=True) for k, v in b.items()},
-                        num_items_in_batch=loss_tokens)
-            out.loss.backward()
+        for n, b in enumerate(batches):
+            # DDP averages gradients over ranks: x world keeps the per-token sum over the global step
+            sync = n == len(batches) - 1 or world == 1
+            with contextlib.nullcontext() if sync else trained.no_sync():
+                out = trained(**{k: v.to(dev, non_blocking=True) for k, v in b.items()},
+                              num_items_in_batch=loss_tokens)
+                (out.loss * world).backward()
             total += out.loss.detach().float()
+        if world > 1:
+            dist.all_reduce(total)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return float(total)
 
     res = _timed(step, args)
-    padded = sum(b["input_ids"].numel() for b in batches)
-    res.update(real_tokens=sum(len(s) for s in encoded), padded_tokens=padded, microbatches=len(batches),
+    counts = torch.tensor([sum(len(s) for s in mine), sum(b["input_ids"].numel() for b in batches),
+                           len(batches)], device=dev)
+    if world > 1:
+        dist.all_reduce(counts)
+    experts = getattr(model.config.get_text_config(), "_experts_implementation", None)
+    res.update(real_tokens=int(counts[0]), padded_tokens=int(counts[1]), microbatches=int(counts[2]),
                trainable_params=sum(p.numel() for p in params), recompute=recompute,
+               experts_implementation=experts or getattr(model.config, "_experts_implementation", None),
                optimizer=f"torch AdamW(fused={dev.type == 'cuda'}), {args.dtype} params + states, no master")
     return res
 
@@ -219,41 +223,57 @@ def run_hf(hf_dir: Path, encoded: list, args, lora: bool, recompute: bool) -> di
 def run_megatron(*args) -> dict:
     from vlm_bridge.parallel import run_parallel
 
-    return run_parallel(_megatron_rank, 1, *args)
+    return run_parallel(_megatron_rank, args[2].gpus, *args)
 
 
-def _megatron_rank(hf_dir: Path, encoded: list, args, lora: bool, recompute: bool) -> dict:
+def run_megatron_sequential(*args) -> dict:
+    """Megatron with SequentialMLP experts (spawned ranks inherit the switch)."""
+    from vlm_bridge.families._common.experts import EXPERTS_ENV
+
+    os.environ[EXPERTS_ENV] = "sequential"
+    try:
+        return run_megatron(*args)
+    finally:
+        os.environ.pop(EXPERTS_ENV)
+
+
+def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recompute: bool) -> dict:
     """trainer.setup without the data stream, then trainer.train_step on fixed packed rows."""
 
     from vlm_bridge.compat.cpu import cuda_available
     from vlm_bridge.convert.engine import DTYPES, load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train import trainer
-    from vlm_bridge.train.batching import collate_packed, pack_greedy
-    from vlm_bridge.train.config import PeftSettings, TrainConfig
+    from vlm_bridge.train.batching import collate_packed
+    from vlm_bridge.train.config import ParallelSettings, PeftSettings, TrainConfig
 
+    parallel = ParallelConfig(ep=args.ep)
     cfg = TrainConfig(dtype=args.dtype, steps=args.warmup + args.steps, micro_batch_size=1,
-                      recompute=recompute)
+                      recompute=recompute, parallel=ParallelSettings(ep=args.ep))
     cfg.optim.warmup_steps = 0
     cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
     if lora:
-        cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
-    init_distributed(ParallelConfig(), seed=cfg.seed)
-    built = load_hf(str(hf_dir), ParallelConfig(), DTYPES[cfg.dtype])
+        # HF's targets match no expert (its experts are fused 3-D tensors, not nn.Linear): adapters on
+        # attention only for MoE models, as the 30B-A3B LoRA recipe does.
+        moe = json.loads((Path(hf_dir) / "config.json").read_text())["text_config"].get("num_experts")
+        targets = ("linear_qkv", "linear_proj") if moe else PeftSettings().targets
+        cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0, targets=targets)
+    init_distributed(parallel, seed=cfg.seed)
+    built = load_hf(str(hf_dir), parallel, DTYPES[cfg.dtype])
     trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream
     ddp, optimizer, scheduler = trainer.build_optimization(cfg, built)
-    rows = pack_greedy([len(s) for s in encoded], args.seq_len)
     mbs = [collate_packed([[encoded[i] for i in row]], built.family, built.settings, args.seq_len,
                           args.pad_id) for row in rows]
     cfg.global_batch_size = len(mbs)
     stream = SimpleNamespace(next_step=lambda n: mbs)  # the same packed rows every step
-    run = trainer.Run(cfg, built, ddp, optimizer, scheduler, stream, len(mbs))
+    run = trainer.Run(cfg, built, ddp, optimizer, scheduler, stream, len(mbs) // args.gpus)
     ddp.train()
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
     if getattr(args, "profile", False):
         res["profile"] = _profile(lambda: trainer.train_step(run))
     res.update(real_tokens=sum(mb.num_tokens for mb in mbs), padded_tokens=len(mbs) * args.seq_len,
-               microbatches=len(mbs), recompute=recompute,
+               microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
+               experts=os.environ.get("VLM_BRIDGE_MOE_EXPERTS", "grouped"),
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
                optimizer=f"Megatron Adam, fp32 master, distributed={cuda_available()}")
     return res
@@ -313,41 +333,71 @@ def guarded(fn, *fn_args) -> dict:
     return {"error": errors[-1], "errors": errors, **left}
 
 
-def _metrics(res: dict, flops: float, peak_tflops: float, cuda: bool) -> None:
+def _metrics(res: dict, flops: float, args, cuda: bool) -> None:
     if "step_s" in res:
         res["tokens_per_s"] = res["real_tokens"] / res["step_s"]
         res["padding_fraction"] = 1 - res["real_tokens"] / res["padded_tokens"]
-        res["mfu"] = flops / (res["step_s"] * peak_tflops * 1e12) if cuda else None
+        res["mfu"] = flops / (res["step_s"] * args.gpus * args.peak_tflops * 1e12) if cuda else None
 
 
 def _fmt(v, spec: str, suffix: str = "") -> str:
     return "-" if v is None else format(v, spec) + suffix
 
 
+SYSTEMS = ("hf", "megatron", "megatron_sequential")
+
+
 def print_table(result: dict) -> None:
-    print(f"\n{'mode':<6}{'system':<10}{'step s':>9}{'tokens/s':>11}{'MFU %':>8}{'peak GB':>9}{'pad %':>7}")
+    print(f"\n{'mode':<6}{'system':<21}{'step s':>9}{'tokens/s':>11}{'MFU %':>8}{'peak GB':>9}{'pad %':>7}")
     for mode, out in result["modes"].items():
-        for name, r in ((n, out[n]) for n in ("hf", "megatron") if n in out):
+        for name, r in ((n, out[n]) for n in SYSTEMS if n in out):
             if "error" in r:
-                print(f"{mode:<6}{name:<10}failed: {r['error'][:100]}")
+                print(f"{mode:<6}{name:<21}failed: {r['error'][:100]}")
                 continue
-            print(f"{mode:<6}{name:<10}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
+            print(f"{mode:<6}{name:<21}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
                   f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}{_fmt(r['peak_gb'], '.1f'):>9}"
                   f"{100 * r['padding_fraction']:>7.1f}  {'recompute' if r['recompute'] else ''}")
-        if ratio := out.get("megatron_over_hf"):
-            print(f"{mode:<6}{'meg/hf':<10}{'':>9}{_fmt(ratio['tokens_per_s'], '.2f', 'x'):>11}{'':>8}"
+        for name, ratio in out.get("over_hf", {}).items():
+            print(f"{mode:<6}{name + '/hf':<21}{'':>9}{_fmt(ratio['tokens_per_s'], '.2f', 'x'):>11}{'':>8}"
                   f"{_fmt(ratio['peak_gb'], '.2f', 'x'):>9}  first loss diff {ratio['first_loss_diff']:.4f}")
+
+
+def _state_gb(flops: dict, args, lora: bool) -> dict:
+    """Weights + gradients + optimizer state per GPU, before activations (bytes/param in the module
+    doc; Megatron's experts are split over --ep GPUs, its distributed optimizer sharding ignored)."""
+    params = flops["params"]
+    n, experts = params["all"], params["experts"]
+    trained = 0 if lora else n
+    wbytes = 2 if args.dtype == "bf16" else 4
+    per_gpu = n - experts + experts / args.ep
+    megatron = (wbytes * per_gpu + (16 if wbytes == 2 else 12) * (0 if lora else per_gpu)) / 1e9
+    hf = (wbytes * n + 3 * wbytes * trained) / 1e9
+    return {"megatron": megatron, "megatron_sequential": megatron, "hf": hf}
+
+
+def _packed_rows(encoded: list, args) -> list[list[int]]:
+    """Greedy packing into --seq-len rows, cut to a multiple of --gpus (equal rows per GPU)."""
+    from vlm_bridge.train.batching import pack_greedy
+
+    rows = pack_greedy([len(s) for s in encoded], args.seq_len)
+    rows = rows[: len(rows) - len(rows) % args.gpus]
+    if not rows:
+        raise SystemExit(f"{len(encoded)} samples pack into fewer rows than --gpus {args.gpus}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["7b", "tiny"], default="7b")
+    p.add_argument("--size", default="7b", help="7b, tiny, qwen3_8b, qwen3_30b_a3b[_<N>l] (make_checkpoint)")
+    p.add_argument("--hf", default=None, help="use this HF folder instead of WORKDIR/hf")
     p.add_argument("--workdir", required=True, help="checkpoint in WORKDIR/hf (written if missing)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mode", default="sft,lora", help="comma list of sft, lora")
-    p.add_argument("--systems", default="hf,megatron", help="comma list of hf, megatron")
+    p.add_argument("--systems", default="hf,megatron", help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--gpus", type=int, default=1, help="ranks (one per GPU); HF runs DDP over them")
+    p.add_argument("--ep", type=int, default=1, help="Megatron expert parallelism (MoE; divides --gpus)")
     p.add_argument("--samples", type=int, default=None, help="default 24 (7b) / 8 (tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4096, help="max sample length and packed row length")
@@ -355,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=int, default=896 * 896,
                    help="processor pixel cap (the checkpoint's is 448*448; 896*896 keeps every image whole)")
     p.add_argument("--num-layers", type=int, default=None, help="keep only the first K LM layers (both)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200)")
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
@@ -367,21 +417,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from make_checkpoint import build_config, make_checkpoint
+    from step_flops import model_flops
     from transformers import AutoProcessor
 
     from vlm_bridge.data.encode import SampleEncoder
 
     cuda = torch.cuda.is_available()
     device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if cuda else None
-    bad = set(args.mode.split(",")) - {"sft", "lora"} or set(args.systems.split(",")) - {"hf", "megatron"}
-    if bad or args.steps < 1:
-        raise SystemExit(f"unknown --mode/--systems {sorted(bad)}" if bad else "--steps must be >= 1")
-    hf_dir = Path(args.workdir) / "hf"
-    if not (hf_dir / "config.json").is_file():
-        make_checkpoint(hf_dir, args.size, "bf16", overwrite=True)
-    hidden = json.loads((hf_dir / "config.json").read_text())["text_config"]["hidden_size"]
-    if hidden != build_config(args.size, False).text_config.hidden_size:
-        raise SystemExit(f"{hf_dir} holds hidden size {hidden}, not a {args.size} checkpoint")
+    bad = set(args.mode.split(",")) - {"sft", "lora"} or set(args.systems.split(",")) - set(SYSTEMS)
+    if bad or args.steps < 1 or args.gpus < 1 or args.gpus % args.ep:
+        raise SystemExit(f"unknown --mode/--systems {sorted(bad)}" if bad else
+                         "--steps and --gpus must be >= 1 and --ep must divide --gpus")
+    if cuda and args.gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA devices")
+    hf_dir = Path(args.hf) if args.hf else Path(args.workdir) / "hf"
+    if not args.hf:
+        if not (hf_dir / "config.json").is_file():
+            make_checkpoint(hf_dir, args.size, "bf16", overwrite=True)
+        hidden = json.loads((hf_dir / "config.json").read_text())["text_config"]["hidden_size"]
+        if hidden != build_config(args.size, False).text_config.hidden_size:
+            raise SystemExit(f"{hf_dir} holds hidden size {hidden}, not a {args.size} checkpoint")
     if args.num_layers is not None:
         hf_dir = trimmed_checkpoint(hf_dir, args.num_layers)
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
@@ -389,40 +444,41 @@ def main(argv: list[str] | None = None) -> int:
     tok = processor.tokenizer
     args.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     encoder = SampleEncoder(processor, max_seq_len=args.seq_len)
-    raw = make_samples(args.samples or (24 if args.size == "7b" else 8), args.seed, tok)
-    encoded = [e for e in (encoder.encode(s) for s in raw) if e is not None]
+    raw = make_samples(args.samples or (8 if args.size == "tiny" else 24), args.seed, tok)
+    all_encoded = [e for e in (encoder.encode(s) for s in raw) if e is not None]
+    rows = _packed_rows(all_encoded, args)
+    used = sorted(i for row in rows for i in row)  # FLOPs and statistics over the trained samples
+    encoded = [all_encoded[i] for i in used]
     image_id = processor.image_token_id
-    result = {"size": args.size, "dtype": args.dtype, "hf_dir": str(hf_dir),
+    result = {"size": args.size, "dtype": args.dtype, "hf_dir": str(hf_dir), "gpus": args.gpus, "ep": args.ep,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "peak_tflops": args.peak_tflops,
-              "steps": args.steps, "warmup": args.warmup, "samples": len(encoded), "encoder": encoder.stats,
-              "sample_tokens": [len(s) for s in encoded],
+              "steps": args.steps, "warmup": args.warmup, "samples": len(encoded),
+              "samples_left_out": len(all_encoded) - len(encoded), "encoder": encoder.stats,
+              "packed_rows": len(rows), "sample_tokens": [len(s) for s in encoded],
               "image_tokens": sum(int((s.input_ids == image_id).sum()) for s in encoded),
               "loss_tokens": sum(s.num_loss_tokens for s in encoded), "modes": {}}
-    systems = {"hf": run_hf, "megatron": run_megatron}
+    systems = {"hf": run_hf, "megatron": run_megatron, "megatron_sequential": run_megatron_sequential}
     for mode in args.mode.split(","):
         lora = mode == "lora"
         flops = model_flops(hf_dir, encoded, lora)
-        n, trained = flops["params"]["all"], 0 if lora else flops["params"]["all"]
-        # bytes/param, Megatron: weights + fp32 grad buffer + fp32 master (bf16 only) + Adam m, v;
-        # HF: weights + grads + AdamW m, v, all in the model dtype
-        wbytes = 2 if args.dtype == "bf16" else 4
-        state = {"megatron": (wbytes * n + (16 if wbytes == 2 else 12) * trained) / 1e9,
-                 "hf": (wbytes * n + 3 * wbytes * trained) / 1e9}
-        out = result["modes"][mode] = {"flops": flops, "weights_and_optimizer_gb": state}
+        state = _state_gb(flops, args, lora)
+        out = result["modes"][mode] = {"flops": flops, "weights_and_optimizer_gb_per_gpu": state}
         for name in args.systems.split(","):
             print(f"== {mode} {name}", file=sys.stderr, flush=True)
             if cuda and state[name] > 0.9 * device_gb and not args.force:  # activations need room too
                 out[name] = {"error": f"skipped: weights + optimizer state alone need {state[name]:.0f} GB "
                              f"of {device_gb:.0f} GB on the device; trim with --num-layers (or --force)"}
                 continue
-            out[name] = guarded(systems[name], hf_dir, encoded, args, lora)
-            _metrics(out[name], flops["total"], args.peak_tflops, cuda)
-        hf, meg = out.get("hf", {}), out.get("megatron", {})
-        if "step_s" in hf and "step_s" in meg:
-            out["megatron_over_hf"] = {
-                "tokens_per_s": meg["tokens_per_s"] / hf["tokens_per_s"],
-                "peak_gb": meg["peak_gb"] / hf["peak_gb"] if cuda else None,
-                "first_loss_diff": meg["losses"][0] - hf["losses"][0]}
+            out[name] = guarded(systems[name], hf_dir, all_encoded, args, rows, lora)
+            _metrics(out[name], flops["total"], args, cuda)
+        hf = out.get("hf", {})
+        for name in SYSTEMS[1:]:
+            meg = out.get(name, {})
+            if "step_s" in hf and "step_s" in meg:
+                out.setdefault("over_hf", {})[name] = {
+                    "tokens_per_s": meg["tokens_per_s"] / hf["tokens_per_s"],
+                    "peak_gb": meg["peak_gb"] / hf["peak_gb"] if cuda else None,
+                    "first_loss_diff": meg["losses"][0] - hf["losses"][0]}
     print_table(result)
     line = json.dumps(result, default=str)
     print(line)

@@ -119,6 +119,21 @@ def _patch_all_to_all_split_sizes() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def _run_custom_backwards_in_mode(mode: TorchFunctionMode) -> None:
+    """A torch-function mode is off while its own handler runs, and ``torch.autograd.backward`` goes
+    through the handler: custom ``autograd.Function`` backwards (Megatron's all-to-all allocates its
+    output on ``torch.cuda.current_device()``) would run without it. Re-enter the mode around them."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with mode:
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def cuda_available() -> bool:
     """True when real CUDA devices are usable (and not forced off by VLM_BRIDGE_FORCE_CPU=1)."""
     if os.environ.get("VLM_BRIDGE_FORCE_CPU") == "1":
@@ -139,6 +154,8 @@ def enable_cpu_compat() -> bool:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_all_to_all_split_sizes()
-    _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    mode = _CudaToCpuMode()
+    _run_custom_backwards_in_mode(mode)
+    mode.__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
     return True

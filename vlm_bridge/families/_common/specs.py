@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from vlm_bridge.attention.core import TorchCoreAttention
 from vlm_bridge.compat.no_te import patch_megatron_without_te
+from vlm_bridge.families._common.experts import experts_module
 
 
 def transformer_layer_spec(
@@ -26,7 +27,7 @@ def transformer_layer_spec(
 
     The norm class follows ``config.normalization`` (LayerNorm or RMSNorm), so one spec serves the
     vision towers and the language models of every family. With ``num_experts`` the MLP is
-    Megatron's MoE layer (router + local experts as a SequentialMLP, expert-parallel).
+    Megatron's MoE layer (router + local experts run as grouped GEMMs, expert-parallel).
     """
     qk = WrappedTorchNorm if qk_norm else IdentityOp
     mlp = ModuleSpec(
@@ -36,6 +37,7 @@ def transformer_layer_spec(
     if num_experts:
         patch_megatron_without_te()
         mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts)
+        mlp.submodules.experts.module = experts_module()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -1,0 +1,78 @@
+"""Grouped-GEMM experts: the same outputs and gradients as Megatron's SequentialMLP on one layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from vlm_bridge.families._common.experts import (
+    EXPERTS_ENV,
+    GroupedGemmExperts,
+    experts_module,
+    grouped_matmul,
+)
+
+
+def test_grouped_matmul_matches_per_group_products():
+    x, w = torch.randn(9, 6), torch.randn(4, 5, 6)
+    counts = [3, 0, 6, 0]  # empty groups, as experts that got no tokens
+    expected = torch.cat([x[:3] @ w[0].T, x[3:] @ w[2].T])
+    torch.testing.assert_close(grouped_matmul(x, w, counts), expected, rtol=0, atol=0)
+    assert grouped_matmul(x[:0], w, [0, 0, 0, 0]).shape == (0, 5)
+
+
+def test_environment_picks_the_experts_class(monkeypatch):
+    assert experts_module() is GroupedGemmExperts
+    monkeypatch.setenv(EXPERTS_ENV, "sequential")
+    assert experts_module() is SequentialMLP
+    monkeypatch.setenv(EXPERTS_ENV, "fast")
+    with pytest.raises(ValueError, match=EXPERTS_ENV):
+        experts_module()
+
+
+def _compare_on_first_moe_layer(hf_dir: str) -> dict:
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(), seed=0)
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    experts = next(m for m in built.model.modules() if isinstance(m, GroupedGemmExperts))
+    hidden_size = experts.local_experts[0].linear_fc1.weight.shape[1]
+    counts = torch.tensor([5, 0, 11, 2][: experts.num_local_experts])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(int(counts.sum()), hidden_size, generator=gen)
+    probs = torch.rand(int(counts.sum()), generator=gen)
+
+    def run(forward):
+        experts.zero_grad(set_to_none=True)
+        x = tokens.clone().requires_grad_(True)
+        out, bias = forward(experts, x, counts, probs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [p.grad.clone() for p in experts.parameters()]
+        return out.detach(), bias, x.grad, grads
+
+    grouped, sequential = run(GroupedGemmExperts.forward), run(SequentialMLP.forward)
+    groupable = experts._groupable()
+    # A wrapped expert linear (as LoRA does) must send the layer back to the sequential path.
+    wrapper = type("Wrapped", (ColumnParallelLinear,), {})
+    experts.local_experts[0].linear_fc1.__class__ = wrapper
+    return {"grouped": grouped, "sequential": sequential, "groupable": groupable,
+            "groupable_when_wrapped": experts._groupable(), "experts": experts.num_local_experts}
+
+
+def test_grouped_experts_equal_sequential(tiny_qwen3_moe):
+    from vlm_bridge.parallel import run_parallel
+
+    res = run_parallel(_compare_on_first_moe_layer, 1, str(tiny_qwen3_moe))
+    assert res["experts"] == 4 and res["groupable"] and not res["groupable_when_wrapped"]
+    (out_g, bias_g, dx_g, dw_g), (out_s, bias_s, dx_s, dw_s) = res["grouped"], res["sequential"]
+    assert bias_g is None and bias_s is None
+    torch.testing.assert_close(out_g, out_s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_g, dx_s, rtol=1e-6, atol=1e-6)
+    assert len(dw_g) == len(dw_s) == 8
+    for g, s in zip(dw_g, dw_s):
+        torch.testing.assert_close(g, s, rtol=1e-6, atol=1e-6)
+    # The expert with no tokens gets a zero gradient, not a missing one.
+    assert dw_g[2].abs().max() == 0 and dw_g[3].abs().max() == 0
