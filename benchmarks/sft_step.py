@@ -255,7 +255,9 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     if lora:
         # HF's targets match no expert (its experts are fused 3-D tensors, not nn.Linear): adapters on
         # attention only for MoE models, as the 30B-A3B LoRA recipe does.
-        moe = json.loads((Path(hf_dir) / "config.json").read_text())["text_config"].get("num_experts")
+        from transformers import AutoConfig
+
+        moe = getattr(AutoConfig.from_pretrained(hf_dir).get_text_config(), "num_experts", None)
         targets = ("linear_qkv", "linear_proj") if moe else PeftSettings().targets
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0, targets=targets)
     init_distributed(parallel, seed=cfg.seed)
@@ -305,8 +307,10 @@ def _profile(step, top: int = 15) -> dict:
         if kind:
             share[kind] += e.self_device_time_total / total
     ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     return {"device_ms": total / 1e3, "share": share,
-            "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 2)) for e in ranked]}
+            "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 2)) for e in ranked],
+            "host_top": [(e.key[:90], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in host]}
 
 
 def guarded(fn, *fn_args) -> dict:

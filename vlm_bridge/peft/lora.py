@@ -19,6 +19,7 @@ inference / export, not training).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
 COMPONENTS = {"language_model": "language_model.", "vision": "vision.layers.", "projector": "vision.merger."}
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,6 +94,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
         glu = leaf == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
         setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=2 if glu else 1))
         wrapped.append(to_global(name))
+    experts = sum(".experts.local_experts." in name for name in wrapped)
+    if experts:
+        # Wrapped experts leave the grouped-GEMM path: one small matmul chain per expert per layer.
+        _log.warning("LoRA on %d MoE expert linears: those layers run their experts one by one (steps "
+                     "about 10x slower than attention-only LoRA at 128 experts); targets=linear_qkv,"
+                     "linear_proj keeps adapters on attention, as the MoE LoRA recipes do", experts)
     return wrapped
 
 
