@@ -279,3 +279,20 @@ def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tin
     cfg.pretrained = str(request.getfixturevalue(fixture))
     result = run_train(cfg)
     assert len(result["losses"]) == 6 and result["losses"][-1] < result["losses"][0]
+
+
+def test_moe_expert_parallel_training_matches_ep1(tiny_qwen3_moe, tiny_cfg, tmp_path):
+    """SFT of the MoE model at EP=2 (experts split over two gloo ranks, all-to-all dispatch in
+    forward and backward) follows the EP=1 losses; EP=1 optimizer state is not resumed at EP=2."""
+    def cfg(name, **over):
+        c = tiny_cfg(output_dir=tmp_path / name, **{"steps": 3, "optim.lr": "3e-3", **over})
+        c.pretrained = str(tiny_qwen3_moe)
+        return c
+
+    base = run_train(cfg("ep1"))["losses"]
+    ep2 = run_train(cfg("ep2", **{"parallel.ep": 2}), world=2)["losses"]
+    assert len(base) == len(ep2) == 3 and base[-1] < base[0]
+    for a, b in zip(base, ep2):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (base, ep2)
+    with pytest.raises(RuntimeError, match="resume with parallel.ep=1, or start a new run"):
+        run_train(cfg("ep1", steps=4, **{"parallel.ep": 2}), world=2)

@@ -1,5 +1,10 @@
 """Training checkpoints through Megatron-Core distributed checkpointing (resumable at any TP/PP).
 
+Expert parallelism is the exception: at EP > 1 Megatron splits the optimizer into a dense part and
+an expert part (``chained_0.`` / ``chained_1.`` state keys), so optimizer state saved at EP=1 does not
+resume at EP=2 or back; that is refused with a one-line error naming both ways forward (resume at
+the saved EP, or start a new run from the checkpoint's weights, which load at any layout).
+
 ``<dir>/iter_0000100/`` is a complete vlm-bridge Megatron checkpoint (``weights/`` holds model,
 optimizer, scheduler, RNG and data position; ``hf/`` and ``vlm_bridge.json`` make it exportable
 with ``vlm-bridge export``). It is written under a temporary name and renamed when complete; only
@@ -20,7 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from vlm_bridge.convert.engine import META_FILE
-from vlm_bridge.convert.hf_io import copy_hf_side_files
+from vlm_bridge.convert.hf_io import CheckpointError, copy_hf_side_files
 from vlm_bridge.parallel import cpu_group
 
 LATEST = "latest"
@@ -59,6 +64,22 @@ def _layout() -> str:
             f"pp{parallel_state.get_pipeline_model_parallel_world_size()}w{dist.get_world_size()}")
 
 
+def _optimizer_layout(optimizer) -> dict:
+    return {"expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+            "optimizer_parts": len(getattr(optimizer, "chained_optimizers", [optimizer]))}
+
+
+def _check_optimizer_layout(path: str | Path, saved: dict, optimizer) -> None:
+    now = _optimizer_layout(optimizer)
+    if "optimizer_parts" in saved and saved["optimizer_parts"] != now["optimizer_parts"]:
+        ep = saved["expert_parallel"]
+        raise CheckpointError(
+            f"{path}: optimizer state saved at expert parallelism {ep} ({saved['optimizer_parts']} "
+            f"optimizer parts) cannot resume at parallel.ep={now['expert_parallel']} "
+            f"({now['optimizer_parts']}); resume with parallel.ep={ep}, or start a new run from its "
+            f"weights with pretrained={path}")
+
+
 def _sharded(model, optimizer, loading: bool, with_rng: bool) -> dict:
     # The unwrapped module: DDP would prefix keys with "module.", and the model keys must stay
     # those an import writes so that `vlm-bridge export` reads training checkpoints too.
@@ -87,7 +108,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
     state = _sharded(model, optimizer, loading=False, with_rng=True)
     # Plain (non-sharded) entries are "common" state, written once by rank 0.
     state["scheduler"] = scheduler.state_dict()
-    state["extra"] = {**extra, "layout": _layout()}
+    state["extra"] = {**extra, "layout": _layout(), **_optimizer_layout(optimizer)}
     dist_checkpointing.save(state, str(tmp / "weights"))
     dist.barrier(group=cpu_group())
     if dist.get_rank() == 0:
@@ -105,6 +126,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is the same); returns extra."""
     weights = str(Path(path) / "weights")
     common = dist_checkpointing.load_common_state_dict(weights)
+    _check_optimizer_layout(path, common["extra"], optimizer)
     same_layout = common["extra"].get("layout") == _layout()
     state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
     getattr(model, "module", model).load_state_dict(state["model"], strict=True)
