@@ -252,14 +252,8 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
                       recompute=recompute, parallel=ParallelSettings(ep=args.ep))
     cfg.optim.warmup_steps = 0
     cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
-    if lora:
-        # HF's targets match no expert (its experts are fused 3-D tensors, not nn.Linear): adapters on
-        # attention only for MoE models, as the 30B-A3B LoRA recipe does.
-        from transformers import AutoConfig
-
-        moe = getattr(AutoConfig.from_pretrained(hf_dir).get_text_config(), "num_experts", None)
-        targets = ("linear_qkv", "linear_proj") if moe else PeftSettings().targets
-        cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0, targets=targets)
+    if lora:  # routed experts are never adapted, like HF's targets (its experts are 3-D tensors)
+        cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
     init_distributed(parallel, seed=cfg.seed)
     built = load_hf(str(hf_dir), parallel, DTYPES[cfg.dtype])
     trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream

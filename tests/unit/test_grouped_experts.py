@@ -76,3 +76,24 @@ def test_grouped_experts_equal_sequential(tiny_qwen3_moe):
         torch.testing.assert_close(g, s, rtol=1e-6, atol=1e-6)
     # The expert with no tokens gets a zero gradient, not a missing one.
     assert dw_g[2].abs().max() == 0 and dw_g[3].abs().max() == 0
+
+
+def _lora_targets(hf_dir: str) -> dict:
+    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.peft.lora import LoraConfig, apply_lora
+
+    init_distributed(ParallelConfig(), seed=0)
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    wrapped = apply_lora(built.model, LoraConfig())  # default targets include linear_fc1 / fc2
+    groups = [m for m in built.model.modules() if isinstance(m, GroupedGemmExperts)]
+    return {"wrapped": wrapped, "groupable": [g._groupable() for g in groups]}
+
+
+def test_lora_leaves_moe_experts_grouped(tiny_qwen3_moe):
+    from vlm_bridge.parallel import run_parallel
+
+    res = run_parallel(_lora_targets, 1, str(tiny_qwen3_moe))
+    assert res["wrapped"] and not [n for n in res["wrapped"] if ".experts." in n]
+    assert {n.rsplit(".", 1)[-1] for n in res["wrapped"]} == {"linear_qkv", "linear_proj"}
+    assert res["groupable"] and all(res["groupable"])

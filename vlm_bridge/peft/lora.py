@@ -9,8 +9,9 @@ refused rather than silently re-freezing.
 
 Components select by module-name prefix: ``language_model`` (``language_model.``), ``vision`` (the
 ViT blocks, ``vision.layers.``) and ``projector`` (the merger, ``vision.merger.``); targets by the
-leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``). Names returned and
-used as keys are global (decoder layers numbered across pipeline stages).
+leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``); routed MoE experts are
+never adapted (see ``_EXPERT``). Names returned and used as keys are global (decoder layers numbered
+across pipeline stages).
 
 :func:`merge_lora` folds adapters into the base weights (keeping a copy of each base weight) and
 :func:`unmerge_lora` restores them bit-exactly; merged modules run the base layer only (for
@@ -19,7 +20,6 @@ inference / export, not training).
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 
@@ -32,7 +32,11 @@ from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
 COMPONENTS = {"language_model": "language_model.", "vision": "vision.layers.", "projector": "vision.merger."}
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
-_log = logging.getLogger(__name__)
+# Routed MoE experts are never adapted: they run as grouped GEMMs (a wrapped expert would fall back
+# to one matmul chain per expert, ~10x slower steps at 128 experts), their linears skip the TP
+# reduction that an adapter's row-parallel path does, and HF stores them as fused 3-D tensors that
+# a PEFT LoRA module cannot target. ``linear_fc1``/``linear_fc2`` then match dense MLPs only.
+_EXPERT = ".experts.local_experts."
 
 
 @dataclass
@@ -86,6 +90,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
         (name, module) for name, module in model.named_modules()
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
         and name.rsplit(".", 1)[-1] in cfg.targets and name.startswith(prefixes)
+        and _EXPERT not in name
     ]
     wrapped = []
     for name, module in matches:
@@ -94,12 +99,6 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
         glu = leaf == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
         setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=2 if glu else 1))
         wrapped.append(to_global(name))
-    experts = sum(".experts.local_experts." in name for name in wrapped)
-    if experts:
-        # Wrapped experts leave the grouped-GEMM path: one small matmul chain per expert per layer.
-        _log.warning("LoRA on %d MoE expert linears: those layers run their experts one by one (steps "
-                     "about 10x slower than attention-only LoRA at 128 experts); targets=linear_qkv,"
-                     "linear_proj keeps adapters on attention, as the MoE LoRA recipes do", experts)
     return wrapped
 
 

@@ -10,9 +10,9 @@ stacked (a copy of E x 3 x H x I values, cheap next to the matmuls) and each pro
 own fused experts. Where that kernel does not apply (CPU, fp32, no tokens) the same stacked weights
 go through a per-expert loop, so the grouped code path is also exercised by the CPU tests.
 
-It falls back to ``SequentialMLP.forward`` whole when an expert is wrapped (LoRA/DoRA on expert
-linears), has a bias, or runs in fp8/fp4. ``VLM_BRIDGE_MOE_EXPERTS=sequential`` forces the
-sequential path (benchmarks compare the two).
+It falls back to ``SequentialMLP.forward`` whole when an expert linear is wrapped (``apply_lora``
+never wraps them, but anything else may), has a bias, or runs in fp8/fp4.
+``VLM_BRIDGE_MOE_EXPERTS=sequential`` forces the sequential path (benchmarks compare the two).
 """
 
 from __future__ import annotations
