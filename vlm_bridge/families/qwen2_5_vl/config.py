@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.megatron_config import qwen_language_config, qwen_vision_config
 from vlm_bridge.families._common.vlm import QwenVLSettings, check_divisibility, qwen_vl_settings
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -27,15 +27,6 @@ class Qwen25VLSettings(QwenVLSettings):
     tokens_per_second: float
 
 
-def _common_kwargs(dtype: torch.dtype) -> dict:
-    return dict(
-        **common_kwargs(dtype),
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-    )
-
-
 def build_configs(
     hf_config, dtype: torch.dtype, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLSettings]:
@@ -44,42 +35,12 @@ def build_configs(
     if ep > 1:
         raise ValueError(f"--ep {ep} needs a mixture-of-experts model; Qwen2.5-VL is dense")
     text, vision = hf_config.text_config, hf_config.vision_config
-    rope = dict(text.rope_parameters or {})
-    if rope.get("rope_type", "default") not in ("default", "mrope"):
-        raise ValueError(f"Qwen2.5-VL rope_type {rope.get('rope_type')!r} is not supported")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    language = TransformerConfig(
-        num_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size,
-        ffn_hidden_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads,
-        num_query_groups=text.num_key_value_heads,
-        kv_channels=head_dim,
-        layernorm_epsilon=text.rms_norm_eps,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        mrope_section=list(rope.get("mrope_section", HF_DEFAULT_MROPE_SECTION)),
-        **_common_kwargs(dtype),
-    )
-    vision_heads = vision.num_heads
-    vision_cfg = TransformerConfig(
-        num_layers=vision.depth,
-        hidden_size=vision.hidden_size,
-        ffn_hidden_size=vision.intermediate_size,
-        num_attention_heads=vision_heads,
-        num_query_groups=vision_heads,
-        kv_channels=vision.hidden_size // vision_heads,
-        layernorm_epsilon=VISION_NORM_EPS,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
-        **_common_kwargs(dtype),
-    )
     if vision.hidden_act != "silu" or text.hidden_act != "silu":
         raise ValueError("Qwen2.5-VL with a hidden_act other than silu is not supported")
+    language = qwen_language_config(text, dtype, tp, pp, family="Qwen2.5-VL",
+                                    default_mrope_section=HF_DEFAULT_MROPE_SECTION, add_qkv_bias=True)
+    vision_cfg = qwen_vision_config(vision, dtype, tp, VISION_NORM_EPS, normalization="RMSNorm",
+                                    gated_linear_unit=True, activation_func=F.silu)
     settings = Qwen25VLSettings(
         **qwen_vl_settings(hf_config, language, tp, default_rope_theta=1_000_000.0),
         window_size=vision.window_size,

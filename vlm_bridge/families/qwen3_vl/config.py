@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.megatron_config import qwen_language_config, qwen_vision_config
 from vlm_bridge.families._common.vlm import QwenVLSettings, check_divisibility, qwen_vl_settings
 
 HF_DEFAULT_MROPE_SECTION = [24, 20, 20]
@@ -75,49 +75,16 @@ def build_configs(
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen3VLSettings]:
     check_layout(hf_config, tp, pp)
     text, vision = hf_config.text_config, hf_config.vision_config
-    rope = dict(text.rope_parameters or {})
-    if rope.get("rope_type", "default") not in ("default", "mrope"):
-        raise ValueError(f"Qwen3-VL rope_type {rope.get('rope_type')!r} is not supported")
     if text.hidden_act != "silu" or vision.hidden_act != "gelu_pytorch_tanh":
         raise ValueError("Qwen3-VL with other activations than silu / gelu_pytorch_tanh is unsupported")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    language = TransformerConfig(
-        num_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size,
-        ffn_hidden_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads,
-        num_query_groups=text.num_key_value_heads,
-        kv_channels=head_dim,
-        layernorm_epsilon=text.rms_norm_eps,
-        add_bias_linear=False,
-        add_qkv_bias=bool(getattr(text, "attention_bias", False)),
-        qk_layernorm=True,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        mrope_section=list(rope.get("mrope_section", HF_DEFAULT_MROPE_SECTION)),
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
+    language = qwen_language_config(
+        text, dtype, tp, pp, family="Qwen3-VL", default_mrope_section=HF_DEFAULT_MROPE_SECTION,
+        add_qkv_bias=bool(getattr(text, "attention_bias", False)), qk_layernorm=True,
         **_moe_kwargs(text, ep),
-        **common_kwargs(dtype),
     )
-    vision_cfg = TransformerConfig(
-        num_layers=vision.depth,
-        hidden_size=vision.hidden_size,
-        ffn_hidden_size=vision.intermediate_size,
-        num_attention_heads=vision.num_heads,
-        num_query_groups=vision.num_heads,
-        kv_channels=vision.hidden_size // vision.num_heads,
-        layernorm_epsilon=VISION_NORM_EPS,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,
-        normalization="LayerNorm",
-        gated_linear_unit=False,
-        activation_func=_gelu_tanh,
-        **{**common_kwargs(dtype), "bias_activation_fusion": False},
-    )
+    vision_cfg = qwen_vision_config(vision, dtype, tp, VISION_NORM_EPS, normalization="LayerNorm",
+                                    gated_linear_unit=False, activation_func=_gelu_tanh,
+                                    bias_activation_fusion=False)
     settings = Qwen3VLSettings(
         **qwen_vl_settings(hf_config, language, tp, default_rope_theta=5_000_000.0),
         num_position_embeddings=vision.num_position_embeddings,
