@@ -24,7 +24,7 @@ Layout written by :func:`build_tiny_qwen2_5_vl` (transformers 5.24)::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from tokenizers.models import BPE
 from transformers import (
     BatchFeature,
     GenerationConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -197,7 +198,7 @@ def tiny_qwen2_5_vl_config(tie_word_embeddings: bool = False, **overrides: Any) 
     ``text_config`` / ``vision_config`` overrides are dicts merged into the tiny
     defaults (so ``text_config={"num_hidden_layers": 2}`` changes only that
     field); any other keyword is a top-level ``Qwen2_5_VLConfig`` field. The
-    special-token ids always match :func:`build_tiny_tokenizer`.
+    special-token ids always match :func:`make_tiny_tokenizer`.
     """
     text_config = {**TINY_TEXT_CONFIG, **overrides.pop("text_config", {})}
     vision_config = {**TINY_VISION_CONFIG, **overrides.pop("vision_config", {})}
@@ -252,7 +253,13 @@ def _check_special_token_ids(tokenizer: PreTrainedTokenizerFast) -> None:
 
 
 def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Build the tiny tokenizer in memory (see :func:`build_tiny_tokenizer`)."""
+    """The tiny byte-level BPE ``Qwen2Tokenizer``, built in memory.
+
+    It is the real tokenizer class with Qwen2's pre-tokenizer, the Qwen2.5-VL special tokens (ids
+    in :data:`SPECIAL_TOKEN_IDS`), eos ``<|im_end|>``, pad ``<|endoftext|>`` and the Qwen2.5-VL
+    chat template, so text-only code can use ``AutoTokenizer`` on a saved folder exactly as on a
+    hub checkpoint.
+    """
     model = json.loads(_train_byte_level_bpe().to_str())["model"]
     vocab: dict[str, int] = model["vocab"]
     if len(vocab) != NUM_BASE_TOKENS:
@@ -275,19 +282,6 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
     )
     _check_special_token_ids(tokenizer)
-    return tokenizer
-
-
-def build_tiny_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Build the tiny byte-level BPE ``Qwen2Tokenizer`` and save it into ``out_dir``.
-
-    It is the real tokenizer class with Qwen2's pre-tokenizer, the Qwen2.5-VL
-    special tokens (ids in :data:`SPECIAL_TOKEN_IDS`), eos ``<|im_end|>``, pad
-    ``<|endoftext|>`` and the Qwen2.5-VL chat template, so text-only code can
-    use ``AutoTokenizer`` on the folder exactly as on a hub checkpoint.
-    """
-    tokenizer = make_tiny_tokenizer()
-    tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 
 
@@ -327,15 +321,19 @@ def _perturb_identity_parameters(model: torch.nn.Module, generator: torch.Genera
                 param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def make_tiny_model(
-    config: Qwen2_5_VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Qwen2_5_VLForConditionalGeneration:
-    """Instantiate the model with seeded weights without touching the caller's global RNG."""
+def seeded_tiny_model(
+    model_cls: type[PreTrainedModel], config, seed: int = 0, dtype: torch.dtype = torch.float32,
+    extra_init: Callable[[PreTrainedModel, torch.Generator], None] | None = None,
+) -> PreTrainedModel:
+    """Instantiate ``model_cls(config)`` with weights seeded by ``seed`` (biases and norm scales
+    perturbed, then ``extra_init``) without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = model_cls(config)
     generator = torch.Generator().manual_seed(seed + 1)
     _perturb_identity_parameters(model, generator)
+    if extra_init is not None:
+        extra_init(model, generator)
     model.generation_config = GenerationConfig(
         bos_token_id=ENDOFTEXT_ID,
         pad_token_id=ENDOFTEXT_ID,
@@ -343,6 +341,26 @@ def make_tiny_model(
         do_sample=False,
     )
     return model.to(dtype).eval()
+
+
+def save_tiny_checkpoint(
+    out_dir: str | Path, model: PreTrainedModel, processor, max_shard_size: str | None = None
+) -> Path:
+    """Write model, tokenizer and processor into ``out_dir`` (sharded when ``max_shard_size``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(out_dir), **save_kwargs)
+    processor.tokenizer.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_tiny_model(
+    config: Qwen2_5_VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Qwen2_5_VLForConditionalGeneration:
+    """The tiny Qwen2.5-VL with seeded weights (see :func:`seeded_tiny_model`)."""
+    return seeded_tiny_model(Qwen2_5_VLForConditionalGeneration, config, seed, dtype)
 
 
 def build_tiny_qwen2_5_vl(
@@ -360,17 +378,9 @@ def build_tiny_qwen2_5_vl(
     ``max_shard_size`` (e.g. ``"100KB"``) forces a sharded checkpoint with an
     index file, to test loaders on multi-file checkpoints.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = tiny_qwen2_5_vl_config(tie_word_embeddings=tie_word_embeddings)
     model = make_tiny_model(config, seed=seed, dtype=dtype)
-    save_kwargs: dict[str, Any] = (
-        {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    )
-    model.save_pretrained(str(out_dir), **save_kwargs)
-    tokenizer = build_tiny_tokenizer(out_dir)
-    make_tiny_processor(tokenizer).save_pretrained(str(out_dir))
-    return out_dir
+    return save_tiny_checkpoint(out_dir, model, make_tiny_processor(), max_shard_size)
 
 
 def _user_turn(items: list[dict[str, str]], prompt: str) -> list[dict[str, Any]]:

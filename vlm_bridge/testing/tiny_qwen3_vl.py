@@ -52,7 +52,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2VLImageProcessor,
@@ -73,8 +72,9 @@ from vlm_bridge.testing.tiny_qwen2_5_vl import (
     VIDEO_TOKEN_ID,
     VISION_END_ID,
     VISION_START_ID,
-    _perturb_identity_parameters,
     make_tiny_tokenizer,
+    save_tiny_checkpoint,
+    seeded_tiny_model,
 )
 
 __all__ = [
@@ -290,25 +290,10 @@ def _spread_router_weights(model: PreTrainedModel, generator: torch.Generator) -
 def make_tiny_qwen3_model(
     config: Qwen3VLConfig | Qwen3VLMoeConfig, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration:
-    """Instantiate the model with seeded weights without touching the caller's global RNG."""
-    model_cls = (
-        Qwen3VLMoeForConditionalGeneration
-        if isinstance(config, Qwen3VLMoeConfig)
-        else Qwen3VLForConditionalGeneration
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    _perturb_identity_parameters(model, generator)
-    _spread_router_weights(model, generator)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ENDOFTEXT_ID,
-        pad_token_id=ENDOFTEXT_ID,
-        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
-        do_sample=False,
-    )
-    return model.to(dtype).eval()
+    """The tiny Qwen3-VL (or -MoE) with seeded weights and spread router rows."""
+    moe = isinstance(config, Qwen3VLMoeConfig)
+    model_cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    return seeded_tiny_model(model_cls, config, seed, dtype, extra_init=_spread_router_weights)
 
 
 def build_tiny_qwen3_vl(
@@ -326,13 +311,6 @@ def build_tiny_qwen3_vl(
     ``AutoProcessor.from_pretrained``. Weights are deterministic in ``seed``;
     ``max_shard_size`` (e.g. ``"100KB"``) forces a sharded checkpoint with an index.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = tiny_qwen3_vl_config(moe=moe, tie_word_embeddings=tie_word_embeddings)
     model = make_tiny_qwen3_model(config, seed=seed, dtype=dtype)
-    save_kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(str(out_dir), **save_kwargs)
-    tokenizer = make_tiny_qwen3_tokenizer()
-    tokenizer.save_pretrained(str(out_dir))
-    make_tiny_qwen3_processor(tokenizer).save_pretrained(str(out_dir))
-    return out_dir
+    return save_tiny_checkpoint(out_dir, model, make_tiny_qwen3_processor(), max_shard_size)
