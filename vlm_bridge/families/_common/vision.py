@@ -49,33 +49,67 @@ class PatchMerger(MegatronModule):
         return x
 
 
-def vision_tower_sharded_state_dict(
-    tower: MegatronModule, prefix: str, sharded_offsets: tuple, metadata: dict | None
-) -> dict:
-    """Sharded state dict of a tower with ``ModuleList`` children (ViT layers, DeepStack mergers).
+class VisionTower(MegatronModule):
+    """What every Qwen-VL ViT has: the Conv3d patch embedding (applied as a matmul on the
+    processor's flattened patches), Megatron transformer blocks, the 2x2 merger, 2D rotary angles
+    and a sharded state dict per ``ModuleList`` element. Families add their positions, masks and
+    extra mergers. ``s`` is the family's settings (patch sizes, merge size, rotary theta)."""
 
-    A plain ``ModuleList`` has no ``sharded_state_dict``, so Megatron would save its TP-sharded
-    weights as if replicated; each element contributes its own entries under ``<name>.<i>.``.
-    Other plain torch children (patch embed, position table) are replicated across TP.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.transformer.utils import sharded_state_dict_default
+    def __init__(self, config: TransformerConfig, s, patch_bias: bool) -> None:
+        from megatron.core.transformer.spec_utils import build_module
 
-    # Pass the TP group so replicated tensors get per-rank replica ids instead of all claiming to
-    # be the primary copy.
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    out: dict = {}
+        from vlm_bridge.families._common.specs import transformer_layer_spec
 
-    def add(module, key):
-        out.update(sharded_state_dict_default(module, key, sharded_offsets, metadata, tp_group=tp_group))
+        super().__init__(config=config)
+        self.s = s
+        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
+        self.patch_embed = torch.nn.Conv3d(
+            s.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=patch_bias,
+            dtype=config.params_dtype,
+        )
+        spec = transformer_layer_spec()
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        self.merger = PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size)
 
-    for name, child in tower.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            for i, element in enumerate(child):
-                add(element, f"{prefix}{name}.{i}.")
-        else:
-            add(child, f"{prefix}{name}.")
-    return out
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[patches, C*T*P*P]`` -> ``[patches, hidden]``: the Conv3d as one matmul."""
+        w = self.patch_embed.weight
+        return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embed.bias)
+
+    def rotary(self, grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """2D rotary angles of every patch, in the processor's patch order."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        positions = get_vision_position_ids(grid_thw, self.s.spatial_merge_size).to(device)
+        return vision_rotary_freqs(positions, self.config.kv_channels, self.s.vision_rope_theta)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        """Checkpoint keys per ``ModuleList`` element (ViT layers, DeepStack mergers).
+
+        A plain ``ModuleList`` has no ``sharded_state_dict``, so Megatron would save its TP-sharded
+        weights as if replicated; each element contributes its own entries under ``<name>.<i>.``.
+        Other plain torch children (patch embed, position table) are replicated across TP.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        # Pass the TP group so replicated tensors get per-rank replica ids instead of all claiming
+        # to be the primary copy.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        out: dict = {}
+
+        def add(module, key):
+            out.update(sharded_state_dict_default(module, key, sharded_offsets, metadata, tp_group=tp_group))
+
+        for name, child in self.named_children():
+            if isinstance(child, torch.nn.ModuleList):
+                for i, element in enumerate(child):
+                    add(element, f"{prefix}{name}.{i}.")
+            else:
+                add(child, f"{prefix}{name}.")
+        return out
 
 
 def vision_rotary_freqs(

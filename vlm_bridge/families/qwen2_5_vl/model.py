@@ -15,58 +15,27 @@ Non-obvious transforms (all mirrored from the HF implementation):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from transformers.vision_utils import (
-    get_vision_cu_seqlens,
-    get_vision_position_ids,
-    get_vision_window_index,
-)
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.vision import (
-    PatchMerger,
-    scatter_vision_embeddings,
-    vision_rotary_freqs,
-    vision_tower_sharded_state_dict,
-)
+from vlm_bridge.families._common.vision import VisionTower, scatter_vision_embeddings
 from vlm_bridge.families._common.vlm import VLMBase
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 
-class Qwen25VisionModel(MegatronModule):
+class Qwen25VisionModel(VisionTower):
     """The Qwen2.5-VL ViT: patch embed, 2D rotary, windowed/full attention blocks, 2x2 merger."""
 
     def __init__(self, config: TransformerConfig, s: Qwen25VLSettings) -> None:
-        super().__init__(config=config)
-        self.s = s
-        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
-        self.patch_embed = torch.nn.Conv3d(
-            s.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=False,
-            dtype=config.params_dtype,
-        )
-        spec = transformer_layer_spec()
-        self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
-        )
-        self.merger = PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """Checkpoint keys per layer; a plain ``ModuleList`` would be saved as if replicated."""
-        return vision_tower_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        super().__init__(config, s, patch_bias=False)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``pixel_values``: ``[patches, C*T*P*P]``; returns ``[patches / merge**2, out_hidden]``."""
         s, merge_unit = self.s, self.s.spatial_merge_size**2
-        weight = self.patch_embed.weight
-        x = F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))
-        freqs = vision_rotary_freqs(
-            get_vision_position_ids(grid_thw, s.spatial_merge_size).to(x.device),
-            self.config.kv_channels, s.vision_rope_theta,
-        )
+        x = self.embed_patches(pixel_values)
+        freqs = self.rotary(grid_thw, x.device)
         window_index, cu_window = get_vision_window_index(
             grid_thw, s.spatial_merge_size, s.window_size, s.patch_size
         )

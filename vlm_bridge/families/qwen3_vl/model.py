@@ -19,24 +19,12 @@ Non-obvious transforms (mirrored from the HF implementation):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from transformers.vision_utils import (
-    get_vision_cu_seqlens,
-    get_vision_interpolation_indices_and_weights,
-    get_vision_position_ids,
-)
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights
 
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.vision import (
-    PatchMerger,
-    scatter_vision_embeddings,
-    vision_rotary_freqs,
-    vision_tower_sharded_state_dict,
-)
+from vlm_bridge.families._common.vision import PatchMerger, VisionTower, scatter_vision_embeddings
 from vlm_bridge.families._common.vlm import VLMBase
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
 
@@ -60,49 +48,31 @@ class InterleavedMRoPE(torch.nn.Module):
         return emb.transpose(0, 1)[:, :, None, :].contiguous()
 
 
-class Qwen3VisionModel(MegatronModule):
+class Qwen3VisionModel(VisionTower):
     """Qwen3-VL ViT: patch embed (+bias), learned + rotary positions, LayerNorm/GELU blocks."""
 
     def __init__(self, config: TransformerConfig, s: Qwen3VLSettings) -> None:
-        super().__init__(config=config)
-        self.s = s
-        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
-        self.patch_embed = torch.nn.Conv3d(
-            s.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=True,
-            dtype=config.params_dtype,
-        )
+        super().__init__(config, s, patch_bias=True)
         self.pos_embed = torch.nn.Embedding(s.num_position_embeddings, config.hidden_size,
                                             dtype=config.params_dtype)
-        spec = transformer_layer_spec()
-        self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
-        )
-        self.merger = PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size)
         self.deepstack_mergers = torch.nn.ModuleList(
             PatchMerger(config, config.hidden_size, s.out_hidden_size, s.spatial_merge_size,
                         norm_after_merge=True)
             for _ in s.deepstack_visual_indexes
         )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        return vision_tower_sharded_state_dict(self, prefix, sharded_offsets, metadata)
-
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Returns (merged features, [DeepStack features per injection level])."""
         s = self.s
-        w = self.patch_embed.weight
-        x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embed.bias)
+        x = self.embed_patches(pixel_values)
         side = int(s.num_position_embeddings**0.5)
         idx, weights = get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=side, mode="bilinear", align_corners=True,
             spatial_merge_size=s.spatial_merge_size,
         )
         pos = (self.pos_embed(idx.to(x.device)) * weights.to(x.device)[:, :, None]).sum(1)
+        freqs = self.rotary(grid_thw, x.device)
         x = (x + pos.to(x.dtype))[:, None, :]
-        freqs = vision_rotary_freqs(
-            get_vision_position_ids(grid_thw, s.spatial_merge_size).to(x.device),
-            self.config.kv_channels, s.vision_rope_theta,
-        )
         mask = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False)
         deepstack = []
         for i, layer in enumerate(self.layers):
