@@ -212,10 +212,9 @@ def _hf_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recomput
                            len(batches)], device=dev)
     if world > 1:
         dist.all_reduce(counts)
-    experts = getattr(model.config.get_text_config(), "_experts_implementation", None)
     res.update(real_tokens=int(counts[0]), padded_tokens=int(counts[1]), microbatches=int(counts[2]),
                trainable_params=sum(p.numel() for p in params), recompute=recompute,
-               experts_implementation=experts or getattr(model.config, "_experts_implementation", None),
+               experts_implementation=getattr(model.config, "_experts_implementation", None),
                optimizer=f"torch AdamW(fused={dev.type == 'cuda'}), {args.dtype} params + states, no master")
     return res
 

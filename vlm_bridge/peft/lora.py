@@ -10,7 +10,7 @@ refused rather than silently re-freezing.
 Components select by module-name prefix: ``language_model`` (``language_model.``), ``vision`` (the
 ViT blocks, ``vision.layers.``) and ``projector`` (the merger, ``vision.merger.``); targets by the
 leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``); routed MoE experts are
-never adapted (see ``_EXPERT``). Names returned and used as keys are global (decoder layers numbered
+never adapted (see :func:`apply_lora`). Names returned and used as keys are global (decoder layers numbered
 across pipeline stages).
 
 :func:`merge_lora` folds adapters into the base weights (keeping a copy of each base weight) and
@@ -26,17 +26,13 @@ from dataclasses import dataclass
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from vlm_bridge.convert.distribute import shard
 from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
 COMPONENTS = {"language_model": "language_model.", "vision": "vision.layers.", "projector": "vision.merger."}
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
-# Routed MoE experts are never adapted: they run as grouped GEMMs (a wrapped expert would fall back
-# to one matmul chain per expert, ~10x slower steps at 128 experts), their linears skip the TP
-# reduction that an adapter's row-parallel path does, and HF stores them as fused 3-D tensors that
-# a PEFT LoRA module cannot target. ``linear_fc1``/``linear_fc2`` then match dense MLPs only.
-_EXPERT = ".experts.local_experts."
 
 
 @dataclass
@@ -86,11 +82,16 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     to_global = _global_name(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    # Routed MoE experts are never adapted: they run as grouped GEMMs (a wrapped expert falls back
+    # to one matmul chain per expert, ~10x slower steps at 128 experts), their linears skip the TP
+    # reduction an adapter's row-parallel path does, and HF stores them as fused 3-D tensors that a
+    # PEFT LoRA module cannot target. ``linear_fc1``/``linear_fc2`` then match dense MLPs only.
+    experts = {id(m) for e in model.modules() if isinstance(e, SequentialMLP) for m in e.modules()}
     matches = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
         and name.rsplit(".", 1)[-1] in cfg.targets and name.startswith(prefixes)
-        and _EXPERT not in name
+        and id(module) not in experts
     ]
     wrapped = []
     for name, module in matches:

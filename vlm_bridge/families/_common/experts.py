@@ -36,15 +36,26 @@ def experts_module() -> type[SequentialMLP]:
     return GroupedGemmExperts if choice == "grouped" else SequentialMLP
 
 
-def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _uses_grouped_kernel(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] > 0 and hasattr(torch, "_grouped_mm")
+
+
+def grouped_matmul(
+    x: torch.Tensor, weights: torch.Tensor, counts: list[int], offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """``cat_e(x_e @ weights[e].T)`` for consecutive row groups ``x_e`` of sizes ``counts``.
 
     ``weights`` is ``[E, out, in]`` (the nn.Linear layout). On CUDA in bf16 this is one
     ``torch._grouped_mm`` (Hopper grouped GEMM; it wants the second operand column-major, which the
-    transposed view of the stacked row-major weights is).
+    transposed view of the stacked row-major weights is) over the group ends ``offsets`` (int32 on
+    the device; computed from ``counts`` when not given).
     """
-    if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] > 0 and hasattr(torch, "_grouped_mm"):
-        offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    if _uses_grouped_kernel(x):
+        offsets = offsets if offsets is not None else _group_ends(counts, x.device)
         return torch._grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
     parts = [rows @ w.T for rows, w in zip(torch.split(x, counts), weights.unbind(0))]
     return torch.cat(parts) if parts else x.new_zeros(0, weights.shape[1])
@@ -84,11 +95,12 @@ class GroupedGemmExperts(SequentialMLP):
     ) -> tuple[torch.Tensor, None]:
         if not self._groupable():
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x = permuted_local_hidden_states
         counts = [int(c) for c in tokens_per_expert.tolist()]
+        offsets = _group_ends(counts, x.device) if _uses_grouped_kernel(x) else None  # both projections
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
-        hidden = grouped_matmul(permuted_local_hidden_states, fc1, counts)
-        hidden = self._activate(hidden, permuted_probs)
+        hidden = self._activate(grouped_matmul(x, fc1, counts, offsets), permuted_probs)
         # Expert linears never reduce over TP themselves (Megatron's dispatcher combines the partial
         # sums), so per-rank local matmuls are the whole computation at any TP x EP.
-        return grouped_matmul(hidden, fc2, counts), None
+        return grouped_matmul(hidden, fc2, counts, offsets), None
