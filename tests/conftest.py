@@ -22,6 +22,46 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Fixtures and words that mark a test as one that launches ranks (run_parallel or the CLI).
+_RANK_FIXTURES = {"run_cli", "parity", "tiny_megatron", "tiny_cfg"}
+
+
+def _launches_ranks(item, sources: dict) -> bool:
+    if _RANK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    path = str(item.path)
+    if path not in sources:
+        sources[path] = "run_parallel" in item.path.read_text() if item.path.suffix == ".py" else False
+    return sources[path]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_pool(request):
+    """Send every run_parallel job (single-rank ones and the CLI's included) to long-lived workers.
+
+    Importing torch and Megatron in a freshly spawned rank costs seconds per call; the pool pays it
+    once per worker. ``VLM_BRIDGE_TEST_WORKERS`` sets the number of workers (default 2; 0 spawns per
+    call as without a pool). Jobs with more ranks than workers still spawn. Workers start at once
+    when a collected test launches ranks (their imports overlap with fixture building), otherwise
+    on first use.
+    """
+    from vlm_bridge.parallel import WorkerPool, use_worker_pool
+
+    size = int(os.environ.get("VLM_BRIDGE_TEST_WORKERS", "2"))
+    if size <= 0:
+        yield None
+        return
+    pool = WorkerPool(size)
+    sources: dict = {}
+    if any(_launches_ranks(item, sources) for item in request.session.items):
+        pool.start()
+    try:
+        with use_worker_pool(pool):
+            yield pool
+    finally:
+        pool.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
     """Untied tiny Qwen2.5-VL, fp32, hub key layout."""
@@ -38,7 +78,7 @@ def tiny_hf_tied(tmp_path_factory) -> Path:
 
 
 def cli(*args) -> int:
-    """Run the CLI in-process (multi-rank commands still spawn their ranks)."""
+    """Run the CLI in-process; its ranks run in the session's worker pool (or are spawned)."""
     from vlm_bridge.cli import main
 
     return main([str(a) for a in args])

@@ -1,7 +1,9 @@
 """``vlm-bridge`` command line: import | export | verify | demo.
 
-User mistakes (bad paths, unsupported models, layouts that do not divide, corrupt files) end with a
-one-line ``error: ...`` on stderr and exit code 2; a failed parity check exits 1.
+Exit codes: 0 success; 1 a parity check that ran and failed; 2 a user mistake (bad paths,
+unsupported models, layouts that do not divide, corrupt files), with a one-line ``error: ...`` on
+stderr; 3 an internal error (a bug), with a one-line ``internal error: ...`` (the traceback with
+``VLM_BRIDGE_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 import sys
 import time
 
-EXIT_USAGE = 2
 EXIT_PARITY = 1
+EXIT_USAGE = 2
+EXIT_CRASH = 3
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
@@ -63,30 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("finetune", help="fine-tune (SFT or LoRA/DoRA) on Megatron-Core")
-    p.add_argument("--recipe", required=True, help="recipe name, e.g. qwen2_5_vl_7b_lora")
+    p.add_argument("--recipe", required=True, help="recipe name (an unknown name lists them all)")
     p.add_argument("--pretrained", required=True, help="HF folder or vlm-bridge Megatron checkpoint")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size when not under torchrun")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=2e-5")
 
-    p = sub.add_parser("demo", help="tiny Qwen2.5-VL: build, import, verify, export, round-trip")
+    p = sub.add_parser("demo", help="a tiny model: build, import, verify, export, fine-tune")
     p.add_argument("--workdir", default="demo_output")
+    p.add_argument("--family", default=None, help="registered family name (default: the demo family)")
     p.add_argument("--no-finetune", action="store_true", help="stop after the conversion steps")
     return parser
 
 
-def _parallel(args):
+def _parallel(args, hf_config_dir=None):
+    """The run's layout, refused here (before any rank starts) when the model cannot be split so."""
     from vlm_bridge.parallel import ParallelConfig
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
     parallel.validate()
+    known = hf_config_dir and os.path.isfile(os.path.join(hf_config_dir, "config.json"))
+    if parallel.conversion_world_size > 1 and known:
+        import torch
+
+        from vlm_bridge.loading import load_hf_config
+        from vlm_bridge.registry import family_for_config
+
+        config = load_hf_config(hf_config_dir)
+        family_for_config(config).build_configs(config, torch.float32, parallel.tp, parallel.pp, parallel.ep)
     return parallel
 
 
 def cmd_import(args) -> int:
-    from vlm_bridge.convert.engine import import_hf
+    from vlm_bridge.loading import import_hf
     from vlm_bridge.parallel import run_parallel
 
-    parallel = _parallel(args)
+    parallel = _parallel(args, args.hf_model)
     start = time.time()
     meta = run_parallel(
         import_hf, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
@@ -98,10 +112,10 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vlm_bridge.convert.engine import export_hf
+    from vlm_bridge.loading import export_hf
     from vlm_bridge.parallel import run_parallel
 
-    parallel = _parallel(args)
+    parallel = _parallel(args, os.path.join(args.megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(
         export_hf, parallel.conversion_world_size, args.megatron_path, args.hf_path, parallel,
@@ -112,33 +126,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-def format_report(r: dict) -> str:
-    lines = [
-        f"tokens compared      {r['tokens']} ({r['dtype']})",
-        f"max |logit diff|     {r['max_abs_diff']:.3e}   (tolerance {r['tolerance']:.1e})",
-        f"mean |logit diff|    {r['mean_abs_diff']:.3e}",
-        f"KL(HF || Megatron)   {r['kl_divergence']:.3e}",
-        f"top-1 agreement      {100 * r['top1_agreement']:.2f}%",
-    ]
-    if r.get("vision_max_abs_diff") is not None:
-        lines.append(f"vision tower diff    {r['vision_max_abs_diff']:.3e}")
-    per_layer = ", ".join(f"{d:.1e}" for d in r["layer_max_abs_diff"])
-    lines.append(f"per-layer max diff   [{per_layer}]")
-    first = r["first_divergent_layer"]
-    lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
-    if r.get("fp32_baseline"):
-        for name, b in r["fp32_baseline"].items():
-            lines.append(f"{name:<26} KL {b['kl_divergence']:.3e}  top-1 {100 * b['top1_agreement']:.2f}%"
-                         f"  max diff {b['max_abs_diff']:.3e}")
-    lines.append("PASS" if r["passed"] else "FAIL")
-    return "\n".join(lines)
-
-
 def cmd_verify(args) -> int:
     from vlm_bridge.parallel import run_parallel
-    from vlm_bridge.verify import DEFAULT_PROMPT, verify
+    from vlm_bridge.verify import DEFAULT_PROMPT, format_report, verify
 
-    parallel = _parallel(args)
+    parallel = _parallel(args, args.hf_model)
     report = run_parallel(
         verify, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
@@ -166,8 +158,9 @@ def cmd_finetune(args) -> int:
 
 def cmd_demo(args) -> int:
     from vlm_bridge.demo import run_demo
+    from vlm_bridge.families import DEMO_FAMILY
 
-    return run_demo(args.workdir, finetune=not args.no_finetune)
+    return run_demo(args.workdir, finetune=not args.no_finetune, family_name=args.family or DEMO_FAMILY)
 
 
 COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify,
@@ -175,18 +168,36 @@ COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_bridge.logging_setup import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     from vlm_bridge.convert.hf_io import CheckpointError
     from vlm_bridge.parallel import RankError
 
+    user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, ValueError, RankError, FileNotFoundError, OSError) as exc:
+    except (*user_errors, RankError) as exc:
+        if isinstance(exc, RankError) and not exc.user_error:
+            return _crash(exc)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # a bug: say so in one line, never as a failed parity check
+        if os.environ.get("VLM_BRIDGE_DEBUG"):
+            raise
+        return _crash(exc)
+
+
+def _crash(exc: BaseException) -> int:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if not isinstance(exc, RuntimeError) or type(exc).__name__ != "RankError":
+        text = f"{type(exc).__name__}: {text}"
+    print(f"internal error: {text} (run with VLM_BRIDGE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_CRASH
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``vlm-bridge demo``: the whole bridge on a tiny Qwen2.5-VL built locally (no downloads).
+"""``vlm-bridge demo``: the whole bridge on a family's tiny model built locally (no downloads).
 
 Steps: build a random tiny checkpoint with a real tokenizer, chat template and processor; import it
 into Megatron-Core at TP=2 (two processes); verify logits against HF at TP=1 x PP=2 from that
@@ -13,7 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from vlm_bridge.cli import format_report
+from vlm_bridge.families import DEMO_FAMILY
+from vlm_bridge.verify import format_report
 
 
 def _step(title: str) -> float:
@@ -21,17 +22,18 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def run_demo(workdir: str, finetune: bool = True) -> int:
-    from vlm_bridge.convert.engine import export_hf, import_hf
+def run_demo(workdir: str, finetune: bool = True, family_name: str = DEMO_FAMILY) -> int:
+    from vlm_bridge.loading import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
+    from vlm_bridge.registry import family_by_name
     from vlm_bridge.testing.checks import checkpoint_mismatches
-    from vlm_bridge.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
     from vlm_bridge.verify import DEFAULT_PROMPT, verify
 
     root = Path(workdir)
     shutil.rmtree(root, ignore_errors=True)
-    start = _step("1/8 build a tiny Qwen2.5-VL (random weights, real tokenizer and processor)")
-    hf = build_tiny_qwen2_5_vl(root / "hf")
+    family = family_by_name(family_name)
+    start = _step(f"1/8 build a tiny {family.name} (random weights, real tokenizer and processor)")
+    hf = family.build_tiny(root / "hf")
     print(f"   {hf} ({time.time() - start:.1f}s)")
 
     start = _step("2/8 import into Megatron-Core at TP=2")

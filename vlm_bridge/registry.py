@@ -1,13 +1,31 @@
-"""Family lookup by HF ``architectures`` / ``model_type`` (a registry, not if/else)."""
+"""Family lookup by HF ``architectures`` / ``model_type`` (a registry, not if/else).
+
+Families are discovered: every package ``vlm_bridge/families/<name>/`` (not starting with ``_``)
+that exports ``FAMILIES`` is registered, in name order. Adding a family adds its folder only.
+"""
 
 from __future__ import annotations
 
-from vlm_bridge.families.base import Family
-from vlm_bridge.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
-from vlm_bridge.families.qwen3_vl import FAMILY as QWEN3_VL
-from vlm_bridge.families.qwen3_vl import MOE_FAMILY as QWEN3_VL_MOE
+import importlib
+import pkgutil
 
-FAMILIES: list[Family] = [QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE]
+from vlm_bridge import families as _families_pkg
+from vlm_bridge.families.base import Family
+
+
+def _discover() -> list[Family]:
+    found: list[Family] = []
+    for info in sorted(pkgutil.iter_modules(_families_pkg.__path__), key=lambda i: i.name):
+        if not info.ispkg or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{_families_pkg.__name__}.{info.name}")
+        found.extend(getattr(module, "FAMILIES", []))
+    names = [f.name for f in found]
+    assert len(names) == len(set(names)), f"two families share a name: {names}"
+    return found
+
+
+FAMILIES: list[Family] = _discover()
 
 
 def supported_architectures() -> list[str]:

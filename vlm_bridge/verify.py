@@ -9,6 +9,7 @@ located at the first module that diverges.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlm_bridge.convert.engine import DTYPES, load_hf, load_megatron
+from vlm_bridge.convert.engine import DTYPES
+from vlm_bridge.convert.hf_io import CheckpointError
+from vlm_bridge.loading import load_hf, load_megatron
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
@@ -81,21 +84,33 @@ def default_media():
     )
 
 
-def build_batch(processor, images, video, prompt: str, fps: float = 2.0):
-    """Rows: images (if any), video (if any), text only; left-padded like HF generation."""
+def build_batch(processor, images, video, prompt: str, fps: float = 2.0, **processor_kwargs):
+    """Rows: images (if any), video (if any), text only; left-padded like HF generation.
+
+    Images are passed per row (a nested list), which every processor accepts and some require
+    (Gemma 3 counts images per prompt). ``processor_kwargs`` go to the processor call (e.g.
+    ``do_pan_and_scan=True``, which a saved processor folder cannot switch on).
+    """
     rows, media = [], {}
     if images:
         rows.append([*({"type": "image"} for _ in images), {"type": "text", "text": prompt}])
-        media["images"] = images
     if video is not None:
         rows.append([{"type": "video"}, {"type": "text", "text": prompt}])
         media["videos"] = [video]
         if isinstance(video, list):
             media["video_metadata"] = [{"total_num_frames": len(video), "fps": fps}]
     rows.append([{"type": "text", "text": prompt}])
+    if images:
+        media["images"] = [list(images)] + [[] for _ in rows[1:]]
     conversations = [[{"role": "user", "content": row}] for row in rows]
     texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None:
+        # Many real tokenizers have no pad token; padded positions are masked out, so any id does.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+    # The rendered template already holds every special token (e.g. Gemma's <bos>): add none.
+    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                     add_special_tokens=False, **media, **processor_kwargs)
 
 
 def compare_logits(hf: torch.Tensor, mg: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -117,37 +132,69 @@ def _capture_megatron(built) -> dict:
     model = built.model
     for layer in model.language_model.decoder.layers:
         idx = layer.layer_number - 1
-        # prepend: record the layer's own output, before hooks that add to it (DeepStack), as
-        # HF's hidden_states do.
+        # The layer's own output; additions after it (DeepStack) are not part of it, as in HF's
+        # hidden_states.
         layer.register_forward_hook(
-            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone()),
-            prepend=True,
+            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
         )
     if model.vision is not None:
-        # Some towers also return DeepStack features: compare the merged output.
+        # Some towers also return extra features (DeepStack): compare what goes into the sequence.
         model.vision.register_forward_hook(
-            lambda m, i, o: store["vision"].append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+            lambda m, i, o: store["vision"].append(_vision_features(o).detach().cpu())
         )
     return store
 
 
-def _run_hf(hf_dir: str, dtype: torch.dtype, batch) -> tuple[torch.Tensor, list, list]:
+class ReferenceLoadError(CheckpointError):
+    """transformers could not load the HF reference completely (it would re-initialise weights)."""
+
+
+def load_hf_reference(hf_dir: str, dtype: torch.dtype):
+    """The HF model, refusing a partial load: transformers fills missing or mismatched weights with
+    random values and only logs it, which would make any comparison blame the conversion."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        hf_dir, dtype=dtype, local_files_only=True, output_loading_info=True
+    )
+    problems = [f"{len(info[k])} {k.replace('_', ' ')} ({', '.join(sorted(map(str, info[k]))[:3])})"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if problems:
+        raise ReferenceLoadError(
+            f"{hf_dir}: transformers did not load the HF model completely: {'; '.join(problems)}; "
+            "the HF side would run with re-initialised weights, so no comparison was made"
+        )
+    return model
+
+
+def _vision_features(output) -> torch.Tensor:
+    """The tensor a vision module hands the language model, whatever container it returns."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    return output[0]
+
+
+def _run_hf(hf_dir: str, dtype: torch.dtype, batch, vision_module: str) -> tuple[torch.Tensor, list, list]:
+    model = load_hf_reference(hf_dir, dtype)
     model.to(device())
     model.eval()
     vision_out: list = []
-    visual = getattr(model.model, "visual", None)
+    try:
+        visual = operator.attrgetter(vision_module)(model)
+    except AttributeError:
+        visual = None
     if visual is not None:
-        visual.register_forward_hook(lambda m, i, o: vision_out.append(o.pooler_output.detach()))
+        visual.register_forward_hook(lambda m, i, o: vision_out.append(_vision_features(o).detach()))
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
     del model  # the caller may load another copy (fp32 baseline)
     return out.logits, list(out.hidden_states), vision_out
 
 
-def verify(
+def _verify(
     hf_dir: str,
     megatron_dir: str | None,
     parallel: ParallelConfig,
@@ -157,8 +204,12 @@ def verify(
     dtype_arg: str | None,
     tolerance: float | None,
     fp32_baseline: bool = False,
+    processor_kwargs: dict | None = None,
 ) -> dict:
     """Run on every rank; rank 0 returns the report as a dict.
+
+    Families without video (``"video" not in family.modalities``) get no video row; asking for a
+    video explicitly is then an error.
 
     With ``fp32_baseline`` and a half-precision dtype, HF also runs in fp32 and both half-precision
     models are compared with it: Megatron passes when its distance to the fp32 reference is within
@@ -177,10 +228,18 @@ def verify(
         dtype = DTYPES[dtype_arg] if dtype_arg else torch.float32
         built = load_hf(hf_dir, parallel, dtype)
     built.model.eval()
+    if dtype == torch.float32:
+        # An fp32 check means fp32: TF32 matmuls and convolutions (HF's patch Conv) would add
+        # ~1e-3 noise on GPUs on one side only. Restored by verify() on the way out.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if "video" not in built.family.modalities:
+        if video is not None:
+            raise ValueError(f"--video: the {built.family.name} family takes no video input")
+        frames = None
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
-    batch = build_batch(processor, pil, frames, prompt).to(device())
+    batch = build_batch(processor, pil, frames, prompt, **(processor_kwargs or {})).to(device())
     store = _capture_megatron(built)
-    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
     logits = pipeline_forward_logits(built.model, kwargs)
     vocab = built.settings.vocab_size
     src = last_stage_rank()
@@ -188,7 +247,7 @@ def verify(
     layers = _gather_layers(store["layers"])
     if dist.get_rank() != 0:
         return {}
-    hf_logits, hf_hidden, hf_vision = _run_hf(hf_dir, dtype, batch)
+    hf_logits, hf_hidden, hf_vision = _run_hf(hf_dir, dtype, batch, built.family.hf_vision_module)
     valid = batch["attention_mask"].bool().cpu()
     hf_hidden = [h.cpu() for h in hf_hidden]
     hf_vision = [v.cpu() for v in hf_vision]
@@ -198,7 +257,8 @@ def verify(
     vision_diff = None
     if store["vision"] and hf_vision:
         vision_diff = max(
-            float((a.float() - b.float()).abs().max()) for a, b in zip(store["vision"], hf_vision)
+            float((a.float().reshape(-1, a.shape[-1]) - b.float().reshape(-1, b.shape[-1])).abs().max())
+            for a, b in zip(store["vision"], hf_vision)
         )
     first_bad = next((i for i, d in enumerate(layer_diffs) if d > tol), None)
     passed = stats["max_abs_diff"] <= tol and stats["top1_agreement"] >= (
@@ -207,7 +267,7 @@ def verify(
     baseline = None
     if fp32_baseline and dtype != torch.float32:
         del hf_hidden, hf_vision
-        ref = _run_hf(hf_dir, torch.float32, batch)[0].cpu()
+        ref = _run_hf(hf_dir, torch.float32, batch, built.family.hf_vision_module)[0].cpu()
         baseline = {
             "hf_half_vs_hf_fp32": compare_logits(ref, hf_logits.cpu(), valid),
             "megatron_half_vs_hf_fp32": compare_logits(ref, mg_logits, valid),
@@ -221,6 +281,15 @@ def verify(
         first_divergent_layer=first_bad, fp32_baseline=baseline,
     )
     return report.to_dict()
+
+
+def verify(*args, **kwargs) -> dict:
+    """See :func:`_verify`; TF32 settings are put back afterwards (verify may switch them off)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        return _verify(*args, **kwargs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _gather_layers(local: dict) -> dict:
@@ -245,3 +314,25 @@ def _layer_diffs(layers: dict, hf_hidden: list, valid: torch.Tensor) -> list[flo
         mg = layers[idx].transpose(0, 1)[valid].float()
         diffs.append(float((mg - hf_hidden[idx + 1][valid].float()).abs().max()))
     return diffs
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"tokens compared      {r['tokens']} ({r['dtype']})",
+        f"max |logit diff|     {r['max_abs_diff']:.3e}   (tolerance {r['tolerance']:.1e})",
+        f"mean |logit diff|    {r['mean_abs_diff']:.3e}",
+        f"KL(HF || Megatron)   {r['kl_divergence']:.3e}",
+        f"top-1 agreement      {100 * r['top1_agreement']:.2f}%",
+    ]
+    if r.get("vision_max_abs_diff") is not None:
+        lines.append(f"vision tower diff    {r['vision_max_abs_diff']:.3e}")
+    per_layer = ", ".join(f"{d:.1e}" for d in r["layer_max_abs_diff"])
+    lines.append(f"per-layer max diff   [{per_layer}]")
+    first = r["first_divergent_layer"]
+    lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
+    if r.get("fp32_baseline"):
+        for name, b in r["fp32_baseline"].items():
+            lines.append(f"{name:<26} KL {b['kl_divergence']:.3e}  top-1 {100 * b['top1_agreement']:.2f}%"
+                         f"  max diff {b['max_abs_diff']:.3e}")
+    lines.append("PASS" if r["passed"] else "FAIL")
+    return "\n".join(lines)

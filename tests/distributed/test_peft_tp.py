@@ -17,14 +17,10 @@ VARIANTS = {  # name: (components, use_dora)
 
 
 def _build(hf_dir: str, parallel: ParallelConfig, name: str):
-    from vlm_bridge.convert.engine import build_rank_model, fill_from_hf, load_hf_config
-    from vlm_bridge.convert.hf_io import SafetensorsReader
-    from vlm_bridge.convert.layout import detect_layout
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.peft import LoraConfig, apply_lora
 
-    reader = SafetensorsReader(hf_dir)
-    built = build_rank_model(load_hf_config(hf_dir), torch.float32, parallel)
-    fill_from_hf(built, reader, detect_layout(built.family.layouts, reader.keys()), hf_dir)
+    built = load_hf(hf_dir, parallel, torch.float32)
     built.model.eval()
     components, use_dora = VARIANTS[name]
     apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=components, use_dora=use_dora))
@@ -34,7 +30,7 @@ def _build(hf_dir: str, parallel: ParallelConfig, name: str):
 def _logits(built, batch):
     from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
-    logits = pipeline_forward_logits(built.model, built.family.prepare_inputs(built.settings, dict(batch)))
+    logits = pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
     vocab = built.settings.vocab_size
     return to_rank0(logits[..., :vocab] if logits is not None else None, last_stage_rank())
 
@@ -44,7 +40,7 @@ def _adapter_grads(built, batch) -> dict:
     from vlm_bridge.convert.distribute import gather
     from vlm_bridge.peft import lora_modules
 
-    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
     logits = built.model(**kwargs, runtime_gather_output=True)[..., : built.settings.vocab_size]
     logits.pow(2).mean().backward()
     return {

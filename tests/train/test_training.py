@@ -45,52 +45,10 @@ def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):
     assert ckpt.latest_step(root) == 2
 
 
-def _packed_vs_padded(hf_dir, jsonl):
-    import torch
-    from transformers import AutoProcessor
-
-    from vlm_bridge.convert.engine import load_hf
-    from vlm_bridge.data.encode import SampleEncoder
-    from vlm_bridge.data.sources import load_source
-    from vlm_bridge.parallel import ParallelConfig, init_distributed
-    from vlm_bridge.train.batching import collate_packed, collate_padded
-
-    init_distributed(ParallelConfig())
-    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
-    processor = AutoProcessor.from_pretrained(hf_dir)
-    encoder = SampleEncoder(processor, 256)
-    samples = [encoder.encode(s) for s in list(load_source(f"jsonl:{jsonl}"))[:4]]
-    pad = processor.tokenizer.pad_token_id
-    results = []
-    for mb in (collate_packed([samples[:2], samples[2:]], built.family, built.settings, 256, pad),
-               collate_padded(samples, built.family, built.settings, pad)):
-        built.model.zero_grad(set_to_none=True)
-        per_token = built.model(**mb.inputs, labels=mb.labels)
-        loss = (per_token * mb.loss_mask).sum() / mb.loss_mask.sum()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}
-        results.append((float(loss), grads, float(mb.loss_mask.sum())))
-    return results
-
-
-def test_packed_and_padded_batches_give_same_loss_and_grads(tiny_hf, shapes_data):
-    from vlm_bridge.parallel import run_parallel
-
-    (loss_p, grads_p, n_p), (loss_u, grads_u, n_u) = run_parallel(
-        _packed_vs_padded, 1, str(tiny_hf), str(shapes_data["train"])
-    )
-    assert n_p == n_u > 0
-    assert abs(loss_p - loss_u) <= 1e-5, (loss_p, loss_u)
-    assert grads_p.keys() == grads_u.keys() and len(grads_p) > 50
-    for name in grads_p:
-        diff = (grads_p[name] - grads_u[name]).abs().max().item()
-        assert diff <= 1e-5, (name, diff)
-
-
 def _trainable(hf_dir, freeze: dict, peft: str | None):
     import torch
 
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train.config import FreezeSettings, PeftSettings
     from vlm_bridge.train.freeze import apply_freeze_and_peft, component_of
@@ -101,7 +59,7 @@ def _trainable(hf_dir, freeze: dict, peft: str | None):
     out = {"adapter": 0, "language_model": 0, "vision": 0, "projector": 0}
     for name, p in built.model.named_parameters():
         if p.requires_grad:
-            out["adapter" if ".lora_" in name else component_of(name)] += 1
+            out["adapter" if ".lora_" in name else component_of(name, built.model.component_prefixes)] += 1
     return out
 
 
@@ -153,9 +111,9 @@ def _loss_vs_hf(hf_dir, jsonl):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_bridge.convert.engine import load_hf
     from vlm_bridge.data.encode import SampleEncoder
     from vlm_bridge.data.sources import load_source
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train.batching import collate_padded
 
@@ -216,7 +174,7 @@ def _lr_groups(hf_dir, overrides):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.recipes import get_recipe
     from vlm_bridge.train.config import apply_overrides
@@ -230,19 +188,26 @@ def _lr_groups(hf_dir, overrides):
     opt = _optimizer(cfg, ddp, torch.float32)
     by_param = {id(p): g["max_lr"] for g in opt.param_groups for p in g["params"]}
     names = {n: by_param[id(p)] for n, p in built.model.named_parameters() if id(p) in by_param}
-    return {k: v for k, v in names.items()
-            if k in ("vision.layers.0.mlp.linear_fc1.weight", "vision.merger.linear_fc1.weight",
-                     "language_model.decoder.layers.0.mlp.linear_fc1.weight")}
+    return names
 
 
-def test_separate_learning_rates_per_component(tiny_hf):
+@pytest.mark.parametrize("fixture", ["tiny_hf", "tiny_qwen3"])
+def test_separate_learning_rates_per_component(request, fixture):
+    """Every parameter gets its component's rate, including Qwen3-VL's learned position table
+    (vision) and DeepStack mergers (projector)."""
     from vlm_bridge.parallel import run_parallel
 
-    lrs = run_parallel(_lr_groups, 1, str(tiny_hf),
+    lrs = run_parallel(_lr_groups, 1, str(request.getfixturevalue(fixture)),
                        ["optim.lr=1e-3", "optim.vision_lr=1e-5", "optim.projector_lr=1e-4"])
-    assert lrs == {"vision.layers.0.mlp.linear_fc1.weight": 1e-5,
-                   "vision.merger.linear_fc1.weight": 1e-4,
-                   "language_model.decoder.layers.0.mlp.linear_fc1.weight": 1e-3}
+    expected = {"vision.layers.0.mlp.linear_fc1.weight": 1e-5, "vision.patch_embed.weight": 1e-5,
+                "vision.merger.linear_fc1.weight": 1e-4,
+                "language_model.decoder.layers.0.mlp.linear_fc1.weight": 1e-3,
+                "language_model.embedding.word_embeddings.weight": 1e-3}
+    if fixture == "tiny_qwen3":
+        expected.update({"vision.pos_embed.weight": 1e-5,
+                         "vision.deepstack_mergers.0.linear_fc1.weight": 1e-4})
+    assert {k: lrs[k] for k in expected} == expected
+    assert set(lrs.values()) == {1e-5, 1e-4, 1e-3}
 
 
 def test_run_writes_tensorboard_and_loss_plot(tiny_cfg, tmp_path):
@@ -254,7 +219,7 @@ def test_run_writes_tensorboard_and_loss_plot(tiny_cfg, tmp_path):
 def _recompute_count(hf_dir):
     import torch
 
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train.trainer import apply_full_recompute
 
@@ -274,11 +239,25 @@ def test_recompute_wraps_every_lm_and_vit_layer(tiny_hf):
     ("tiny_qwen3_moe", {"peft.method": "lora", "peft.targets": "linear_qkv,linear_proj"}),
 ])
 def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tiny_cfg, tmp_path):
-    """No family-specific code in the trainer: dense SFT and MoE LoRA on Qwen3-VL."""
-    cfg = tiny_cfg(steps=6, **{"optim.lr": "3e-3", **extra})
+    """No family-specific code in the trainer: dense SFT and MoE LoRA on Qwen3-VL. The saved
+    checkpoint keeps the source's expert layout, so its HF export writes fused experts again,
+    and the LoRA adapter exports in HF-PEFT format."""
+    import json
+
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
+    cfg = tiny_cfg(steps=6, **{"optim.lr": "3e-3", "checkpoint.export_hf": "true", **extra})
     cfg.pretrained = str(request.getfixturevalue(fixture))
     result = run_train(cfg)
     assert len(result["losses"]) == 6 and result["losses"][-1] < result["losses"][0]
+    saved = tmp_path / "run" / "checkpoints" / "iter_0000006"
+    meta = json.loads((saved / "vlm_bridge.json").read_text())
+    source = SafetensorsReader(cfg.pretrained).keys()
+    assert SafetensorsReader(saved / "hf_export").keys() == source
+    if fixture == "tiny_qwen3_moe":
+        assert meta["expert_layout"] == "fused_out_in"
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in source)
+        assert (saved / "hf_peft_adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_moe_expert_parallel_training_matches_ep1(tiny_qwen3_moe, tiny_cfg, tmp_path):

@@ -33,7 +33,7 @@ def test_environment_picks_the_experts_class(monkeypatch):
 
 
 def _compare_on_first_moe_layer(hf_dir: str) -> dict:
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=0)
@@ -79,7 +79,7 @@ def test_grouped_experts_equal_sequential(tiny_qwen3_moe):
 
 
 def _lora_targets(hf_dir: str) -> dict:
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.peft.lora import LoraConfig, apply_lora
 

@@ -15,15 +15,11 @@ ALL = ("language_model", "vision", "projector")
 
 def build(hf_dir: str, parallel: ParallelConfig):
     """This rank's fp32 model filled from the HF checkpoint (as verify.py does)."""
-    from vlm_bridge.convert.engine import build_rank_model, fill_from_hf, load_hf_config
-    from vlm_bridge.convert.hf_io import SafetensorsReader
-    from vlm_bridge.convert.layout import detect_layout
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import init_distributed
 
     init_distributed(parallel)
-    reader = SafetensorsReader(hf_dir)
-    built = build_rank_model(load_hf_config(hf_dir), torch.float32, parallel)
-    fill_from_hf(built, reader, detect_layout(built.family.layouts, reader.keys()), hf_dir)
+    built = load_hf(hf_dir, parallel, torch.float32)
     built.model.eval()
     return built
 
@@ -42,7 +38,7 @@ def megatron_logits(built, batch) -> torch.Tensor | None:
     """Logits ``[b, s, vocab]`` on rank 0 (CPU), ``None`` elsewhere."""
     from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
-    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
     logits = pipeline_forward_logits(built.model, kwargs)
     vocab = built.settings.vocab_size
     return to_rank0(logits[..., :vocab] if logits is not None else None, last_stage_rank())
@@ -77,7 +73,7 @@ def _freeze_and_noop(hf_dir: str) -> dict:
     adapters = {n for n, _ in built.model.named_parameters() if n.rsplit(".", 1)[-1].startswith("lora_")}
     with_lora = megatron_logits(built, batch)
     # Gradients reach the adapters only (B = 0 still gives A a zero grad, B a nonzero one).
-    kwargs = built.family.prepare_inputs(built.settings, dict(batch))
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
     built.model(**kwargs, runtime_gather_output=True).float().pow(2).mean().backward()
     grads = {n for n, p in built.model.named_parameters() if p.grad is not None}
     b_grads = [p.grad.abs().max() for n, p in built.model.named_parameters() if n.endswith("lora_B")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlm_bridge.attention.core import AttentionMask
-from vlm_bridge.families._common.mrope import mrope_position_ids
+from vlm_bridge.families._qwen.mrope import mrope_position_ids
 
 
 def test_mrope_positions_match_hf(tiny_hf):

@@ -5,18 +5,28 @@ Megatron-Core's ``SelfAttention`` hands its core-attention submodule ``query/key
 ``[s, b, heads * head_dim]`` back. This module computes it with ``scaled_dot_product_attention``.
 
 The ``attention_mask`` Megatron passes through its layers untouched is, for our models, an
-:class:`AttentionMask` describing the mask *structurally* (causal or not, which tokens belong to
-which segment, which tokens are padding). That keeps one object valid for every layer and lets each
-backend build what it needs: a dense boolean mask for SDPA on CPU, or nothing at all for plain
-causal/full attention (SDPA then picks its fused kernels). A raw boolean tensor in Megatron's
-convention (True = masked out) is accepted too.
+:class:`~vlm_bridge.attention.mask.AttentionMask` describing the mask *structurally* (segments,
+padding, causal, bidirectional spans, sliding window, query offset). That keeps one object valid
+for every layer, and the backend is chosen per mask:
+
+* plain causal / full attention over whole rows: SDPA with no mask (its fused kernels);
+* one packed row of causal segments on CUDA in half precision: varlen flash attention over
+  ``cu_seqlens`` (no mask tensor);
+* spans or sliding windows on CUDA: FlexAttention with a block mask from the same predicate
+  (blocks outside the window or segment are skipped, never an S x S tensor);
+* anything else (and everything on CPU): SDPA with a dense boolean mask built once per forward.
+
+``VLM_BRIDGE_ATTENTION=flex|dense`` forces a backend (tests compare them). A layer with a sliding
+window (``window`` in its spec params) applies it on top of the shared mask. A raw boolean tensor
+in Megatron's convention (True = masked out) is accepted too.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,79 +35,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from vlm_bridge.attention.mask import AttentionMask
 
-@dataclass
-class AttentionMask:
-    """Structural attention mask shared by all layers of one forward pass.
-
-    segment_ids: ``[b, s]`` int; tokens attend only within their own segment (a packed document, an
-        image, or a ViT window). Negative ids mark padding, which attends to nothing but itself.
-        ``None`` means one segment per row and no padding.
-    causal: whether a token may attend to later tokens of its segment.
-    """
-
-    segment_ids: torch.Tensor | None = None
-    causal: bool = True
-    # Built once per forward and reused by every layer (a ViT has 32 of them).
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool) -> AttentionMask:
-        """Block-diagonal mask for one packed row whose segments end at ``cu_seqlens[1:]``."""
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-        return cls(segment_ids=ids[None], causal=causal)
-
-    @classmethod
-    def from_padding(cls, attention_mask: torch.Tensor | None) -> AttentionMask:
-        """Causal mask for a padded batch (HF ``attention_mask``: 1 = token, 0 = padding)."""
-        if attention_mask is None or bool(attention_mask.all()):
-            return cls(segment_ids=None, causal=True)
-        return cls(segment_ids=torch.where(attention_mask.bool(), 0, -1), causal=True)
-
-    def dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean ``[b|1, 1, sq, sk]`` mask, True where attention is allowed (SDPA convention)."""
-        key = ("dense", sq, sk, str(device))
-        if key not in self._cache:
-            self._cache[key] = self._build_dense(sq, sk, device)
-        return self._cache[key]
-
-    def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, int] | None:
-        """``(cu_seqlens int32, max_len)`` when this is one row of contiguous segments, else None.
-
-        Padding (id -1) forms segments of its own, which is harmless: padded positions never
-        carry loss and nothing real attends to them.
-        """
-        key = ("cu", str(device))
-        if key not in self._cache:
-            self._cache[key] = None
-            ids = self.segment_ids
-            if ids is not None and ids.shape[0] == 1:
-                ids = ids[0]
-                change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
-                bounds = torch.cat([change.new_zeros(1), change, change.new_tensor([ids.numel()])])
-                starts = ids[bounds[:-1]]
-                real = starts[starts >= 0]
-                if real.unique().numel() == real.numel():  # every segment is one contiguous run
-                    lengths = bounds[1:] - bounds[:-1]
-                    self._cache[key] = (bounds.to(device, torch.int32), int(lengths.max()))
-        return self._cache[key]
-
-    def _build_dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-        allowed = None
-        if self.segment_ids is not None:
-            ids = self.segment_ids.to(device)
-            allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
-            # Padding queries attend to themselves so that softmax never sees an all-masked row.
-            eye = torch.eye(sq, sk, dtype=torch.bool, device=device)
-            allowed = allowed | (eye[None] & (ids[:, :, None] < 0))
-        if self.causal:
-            causal = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
-            allowed = causal[None] if allowed is None else allowed & causal[None]
-        return None if allowed is None else allowed[:, None]
-
-    def needs_dense(self) -> bool:
-        return self.segment_ids is not None
+__all__ = ["AttentionMask", "TorchCoreAttention"]
 
 
 def _varlen_fn():
@@ -110,6 +50,19 @@ def _varlen_fn():
 
 
 _VARLEN, _VARLEN_ARGS = _varlen_fn()
+_COMPILED_FLEX = None
+
+
+def _flex_attention(cuda: bool):
+    """FlexAttention, compiled into a fused kernel on the GPU (eager it materialises the scores)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 class TorchCoreAttention(MegatronModule):
@@ -125,6 +78,7 @@ class TorchCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        window: int | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -144,6 +98,7 @@ class TorchCoreAttention(MegatronModule):
             self.head_dim
         )
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.window = window  # sliding-window layer (e.g. Gemma 3's local layers)
 
     def forward(
         self,
@@ -158,26 +113,52 @@ class TorchCoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("pass packing as AttentionMask.segment_ids, not THD params")
         sq, b = query.shape[0], query.shape[1]
-        if self._use_varlen(query, attention_mask):
+        if isinstance(attention_mask, AttentionMask) and self.window is not None:
+            attention_mask = attention_mask.with_window(self.window)
+        if self._use_varlen(query, attention_mask, key):
             return self._varlen(query, key, value, attention_mask)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, k.shape[2], q.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.softmax_scale,
-            enable_gqa=self.groups_per_partition != self.heads_per_partition,
-        )
+        if self._use_flex(q, attention_mask):
+            out = self._flex(q, k, v, attention_mask)
+        else:
+            mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, k.shape[2], q.device)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                scale=self.softmax_scale,
+                enable_gqa=self.groups_per_partition != self.heads_per_partition,
+            )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
 
-    def _use_varlen(self, query: torch.Tensor, mask) -> bool:
+    def _use_flex(self, q: torch.Tensor, mask) -> bool:
+        forced = os.environ.get("VLM_BRIDGE_ATTENTION")
+        if not isinstance(mask, AttentionMask) or forced == "dense" or mask.is_plain():
+            return False
+        if self.training and self.dropout_p > 0:  # FlexAttention has no attention dropout
+            return False
+        if forced == "flex":
+            return True
+        return q.is_cuda and (mask.span_ids is not None or mask.window is not None)
+
+    def _flex(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
+        flex_attention = _flex_attention(q.is_cuda)
+        block = mask.block_mask(q.shape[2], k.shape[2], q.device, q.shape[1])
+        with warnings.catch_warnings():
+            # On the CPU FlexAttention runs unfused (tests only); it says so on every call.
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block,
+                                  scale=self.softmax_scale,
+                                  enable_gqa=self.groups_per_partition != self.heads_per_partition)
+
+    def _use_varlen(self, query: torch.Tensor, mask, key: torch.Tensor | None = None) -> bool:
         return (
             _VARLEN is not None and query.is_cuda and query.shape[1] == 1
+            and (key is None or key.shape[0] == query.shape[0])
             and query.dtype in (torch.float16, torch.bfloat16)
             and isinstance(mask, AttentionMask) and mask.cu_seqlens(query.device) is not None
         )
@@ -203,7 +184,9 @@ class TorchCoreAttention(MegatronModule):
 
     def _sdpa_mask(self, attention_mask, attn_mask_type, sq, sk, device):
         if isinstance(attention_mask, AttentionMask):
-            if not attention_mask.needs_dense():
+            # SDPA's is_causal aligns queries to the first keys; with an offset the mask says where.
+            aligned = attention_mask.offset(sq, sk) == 0
+            if attention_mask.is_plain() and (aligned or not attention_mask.causal):
                 return None, attention_mask.causal and sq > 1
             return attention_mask.dense(sq, sk, device), False
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type

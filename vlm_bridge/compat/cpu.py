@@ -11,20 +11,27 @@ Megatron-Core assumes CUDA in a handful of places that matter for our models:
 Rather than patching those call sites one by one (they move between releases), a
 ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and the few ``torch.cuda``
 helpers that would raise are replaced by harmless CPU equivalents. Everything here is applied only
-when CUDA is absent: :func:`enable_cpu_compat` is a no-op on a GPU machine.
+when CUDA is absent: :func:`cpu_compat` is a no-op on a GPU machine.
+
+The layer is a context manager rather than a one-way switch because it rewrites torch for the whole
+process: :func:`vlm_bridge.parallel.run_parallel` enters it around each rank's work and restores
+every original object afterwards, so a test process, a notebook or a long-lived worker that runs
+several jobs is left with a stock torch in between (and never sees CUDA calls silently turned into
+CPU ones outside a run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
-_ENABLED = False
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -71,37 +78,61 @@ class _CpuStream:
         return lambda *a, **k: _CpuStream()
 
 
-def _patch_torch_cuda() -> None:
+_MISSING = object()
+
+
+class _Patcher:
+    """Sets attributes and remembers what was there, so :meth:`restore` can put it back exactly."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        # The owner's own __dict__, not getattr: a class attribute inherited from a base must be
+        # deleted again on restore, not copied onto the subclass.
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def restore(self) -> None:
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def _patch_torch_cuda(p: _Patcher) -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0  # the mode maps device 0 to the CPU
-    cuda.synchronize = lambda *a, **k: None
-    cuda.set_device = lambda *a, **k: None
-    cuda.device_count = lambda: 0
-    cuda.Stream = _CpuStream  # type: ignore[misc,assignment]
-    cuda.Event = _CpuStream  # type: ignore[misc,assignment]
-    cuda.current_stream = lambda *a, **k: _CpuStream()
-    cuda.default_stream = lambda *a, **k: _CpuStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.empty_cache = lambda *a, **k: None
+    p.set(cuda, "current_device", lambda: 0)  # the mode maps device 0 to the CPU
+    p.set(cuda, "synchronize", lambda *a, **k: None)
+    p.set(cuda, "set_device", lambda *a, **k: None)
+    p.set(cuda, "device_count", lambda: 0)
+    p.set(cuda, "Stream", _CpuStream)
+    p.set(cuda, "Event", _CpuStream)
+    p.set(cuda, "current_stream", lambda *a, **k: _CpuStream())
+    p.set(cuda, "default_stream", lambda *a, **k: _CpuStream())
+    p.set(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    p.set(cuda, "memory_allocated", lambda *a, **k: 0)
+    p.set(cuda, "max_memory_allocated", lambda *a, **k: 0)
+    p.set(cuda, "empty_cache", lambda *a, **k: None)
     # "The CUDA generator" becomes the CPU generator, so Megatron's TP RNG tracker keeps its
     # meaning (independent streams per TP rank for dropout/init) instead of being disabled.
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it: must not recurse
+    p.set(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    p.set(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    p.set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    p.set(cuda, "manual_seed_all", lambda seed: None)  # torch.manual_seed calls it: must not recurse
 
 
-def _patch_megatron_rng() -> None:
+def _patch_megatron_rng(p: _Patcher) -> None:
     """Megatron's TP RNG tracker forks CUDA RNG states; on CPU fork the CPU generator instead."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    p.set(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    p.set(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
 
 
-def _patch_all_to_all_split_sizes() -> None:
+def _patch_all_to_all_split_sizes(p: _Patcher) -> None:
     """Megatron's MoE dispatcher moves split sizes to the host as numpy arrays on GPU; on CPU they
     stay tensors, which ``all_to_all_single`` rejects. Convert them to lists."""
     import torch.distributed as dist
@@ -116,10 +147,10 @@ def _patch_all_to_all_split_sizes() -> None:
         return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes),
                         *args, **kwargs)
 
-    dist.all_to_all_single = all_to_all_single
+    p.set(dist, "all_to_all_single", all_to_all_single)
 
 
-def _run_custom_backwards_in_mode(mode: TorchFunctionMode) -> None:
+def _run_custom_backwards_in_mode(p: _Patcher, mode: TorchFunctionMode) -> None:
     """A torch-function mode is off while its own handler runs, and ``torch.autograd.backward`` goes
     through the handler: custom ``autograd.Function`` backwards (Megatron's all-to-all allocates its
     output on ``torch.cuda.current_device()``) would run without it. Re-enter the mode around them."""
@@ -131,7 +162,7 @@ def _run_custom_backwards_in_mode(mode: TorchFunctionMode) -> None:
         with mode:
             return original(self, *args)
 
-    BackwardCFunction.apply = apply
+    p.set(BackwardCFunction, "apply", apply)
 
 
 def cuda_available() -> bool:
@@ -141,21 +172,76 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def enable_cpu_compat() -> bool:
-    """Apply the CPU compatibility layer once per process when CUDA is absent.
+class _State:
+    """What an active layer holds: nesting depth, the patches to undo and the mode to pop."""
 
-    Returns True when the layer is (now) active, False on a CUDA machine.
-    """
-    global _ENABLED
-    if _ENABLED:
+    lock = threading.Lock()
+    depth = 0
+    patcher: _Patcher | None = None
+    mode: _CudaToCpuMode | None = None
+
+
+def _activate() -> bool:
+    """Apply the layer (or count one more nested user). False on a CUDA machine: nothing to do."""
+    with _State.lock:
+        if _State.depth:
+            _State.depth += 1
+            return True
+        if cuda_available():
+            return False
+        patcher, mode = _Patcher(), _CudaToCpuMode()
+        try:
+            _patch_torch_cuda(patcher)
+            _patch_megatron_rng(patcher)
+            _patch_all_to_all_split_sizes(patcher)
+            _run_custom_backwards_in_mode(patcher, mode)
+            mode.__enter__()
+        except BaseException:
+            patcher.restore()
+            raise
+        _State.depth, _State.patcher, _State.mode = 1, patcher, mode
         return True
-    if cuda_available():
-        return False
-    _patch_torch_cuda()
-    _patch_megatron_rng()
-    _patch_all_to_all_split_sizes()
-    mode = _CudaToCpuMode()
-    _run_custom_backwards_in_mode(mode)
-    mode.__enter__()  # stays on the mode stack for the life of the process
-    _ENABLED = True
-    return True
+
+
+def _deactivate() -> None:
+    with _State.lock:
+        _State.depth -= 1
+        if _State.depth:
+            return
+        patcher, mode = _State.patcher, _State.mode
+        _State.patcher = _State.mode = None
+        assert patcher is not None and mode is not None
+        try:
+            stack = torch.overrides._get_current_function_mode_stack()
+            if not stack or stack[-1] is not mode:
+                raise RuntimeError(
+                    "cpu_compat exited while another torch function mode it did not push is on top "
+                    "of the mode stack; exit that mode first"
+                )
+            mode.__exit__(None, None, None)
+        finally:
+            patcher.restore()
+
+
+@contextlib.contextmanager
+def cpu_compat() -> Iterator[bool]:
+    """Let Megatron-Core run on the CPU for the duration of the block.
+
+    On entry (when CUDA is absent) the ``torch.cuda`` helpers, Megatron's RNG-state helpers,
+    ``dist.all_to_all_single`` and ``BackwardCFunction.apply`` are patched and a CUDA-to-CPU
+    ``TorchFunctionMode`` is pushed; on exit every original object is put back and the mode popped.
+    Nested blocks are counted: only the outermost one applies and undoes the patches. The mode is
+    pushed in the entering thread only. Yields whether the layer is active (False on a CUDA machine,
+    where the block changes nothing).
+    """
+    active = _activate()
+    try:
+        yield active
+    finally:
+        if active:
+            _deactivate()
+
+
+def cpu_compat_active() -> bool:
+    """True while some :func:`cpu_compat` block is open in this process."""
+    return _State.depth > 0

@@ -1,5 +1,8 @@
 """HF safetensors <-> Megatron-Core distributed checkpoint, streaming, exhaustive and loud.
 
+This module knows no family and no PEFT: it converts a rank's parameters (global name ->
+parameter) through a weight table; ``vlm_bridge.loading`` builds models and runs the commands.
+
 Import (on every rank of a TP x PP layout): check the HF tensors against the family table (each used
 exactly once, names and shapes), build this rank's model, fill each parameter from the tensors of
 its table entry (read lazily, converted, sharded), then write a ``torch_dist`` checkpoint, which
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
 
-from vlm_bridge.convert.distribute import gather, global_param_names, shard
+from vlm_bridge.convert.distribute import gather, shard
 from vlm_bridge.convert.experts import (
     PER_EXPERT,
     ExpertFusingWriter,
@@ -41,11 +44,9 @@ from vlm_bridge.convert.hf_io import (
     atomic_output_dir,
     copy_hf_side_files,
 )
-from vlm_bridge.convert.layout import KeyLayout, detect_layout, layout_by_name
+from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry
-from vlm_bridge.families.base import Family
-from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
-from vlm_bridge.registry import family_for_config
+from vlm_bridge.parallel import cpu_group
 
 META_FILE = "vlm_bridge.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,54 +58,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-@dataclass
-class BuiltModel:
-    """A model for this rank plus everything needed to convert it."""
-
-    family: Family
-    hf_config: object
-    settings: object
-    model: torch.nn.Module
-    table: list[Entry]
-    params: dict[str, torch.nn.Parameter]
-    key_layout: str = "hub"  # on-disk layout of the HF source, reproduced on export
-    hf_side_dir: str = ""  # folder with config, tokenizer and processor files
-    expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.params.values())).dtype
-
-
-def load_hf_config(folder: str | Path):
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
-
-
-def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:
-    """This rank's Megatron model (pre/post-process by pipeline stage) and the family table."""
-    family = family_for_config(hf_config)
-    language, vision, settings = family.build_configs(
-        hf_config, dtype, parallel.tp, parallel.pp, parallel.ep
-    )
-    model = family.build_model(
-        language, vision, settings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    # Plain torch submodules (patch embedding, torch norms) start on the CPU in fp32.
-    model.to(device=device(), dtype=dtype)
-    table = family.weight_table(language, vision, settings)
-    return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
-
-
-def _entry_for(built: BuiltModel) -> dict[str, Entry]:
-    by_name = {e.megatron: e for e in built.table}
-    if TIED_OUTPUT in built.params and TIED_OUTPUT not in by_name:
+def _entry_for(params: dict, table: list[Entry]) -> dict[str, Entry]:
+    by_name = {e.megatron: e for e in table}
+    if TIED_OUTPUT in params and TIED_OUTPUT not in by_name:
         # Tied embeddings under PP: the last stage holds its own copy of the embedding matrix.
         by_name[TIED_OUTPUT] = by_name[TIED_SOURCE]
     return by_name
@@ -128,8 +84,8 @@ def check_coverage(table: list[Entry], file_keys: list[str], layout: KeyLayout, 
         )
 
 
-def _check_local_coverage(built: BuiltModel, by_name: dict[str, Entry]) -> None:
-    unknown = sorted(set(built.params) - set(by_name))
+def _check_local_coverage(params: dict, by_name: dict[str, Entry]) -> None:
+    unknown = sorted(set(params) - set(by_name))
     assert not unknown, f"Megatron parameters without a table entry: {unknown[:8]}"
 
 
@@ -152,11 +108,13 @@ def _convert_and_shard(entry: Entry, tensors: list[torch.Tensor], param, src: st
     return local
 
 
-def fill_from_hf(built: BuiltModel, reader: SafetensorsReader, layout: KeyLayout, src: str) -> None:
-    """Load this rank's parameters from HF tensors; every shape is checked before any is read."""
-    by_name = _entry_for(built)
-    _check_local_coverage(built, by_name)
-    plan = [(param, by_name[name]) for name, param in built.params.items()]
+def fill_from_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], reader: SafetensorsReader,
+                 layout: KeyLayout, src: str) -> None:
+    """Load this rank's parameters (global name -> parameter) from HF tensors through the table;
+    every shape is checked before any tensor is read."""
+    by_name = _entry_for(params, table)
+    _check_local_coverage(params, by_name)
+    plan = [(param, by_name[name]) for name, param in params.items()]
     for param, entry in plan:  # shapes from the headers only, on the meta device
         files = [layout.to_file(n) for n in entry.hf]
         metas = [torch.empty(reader.shape(f), dtype=reader.dtype(f), device="meta") for f in files]
@@ -165,28 +123,6 @@ def fill_from_hf(built: BuiltModel, reader: SafetensorsReader, layout: KeyLayout
         tensors = [reader.get(layout.to_file(n)) for n in entry.hf]
         with torch.no_grad():
             param.copy_(_convert_and_shard(entry, tensors, param, src).to(param.dtype))
-
-
-def import_hf(
-    hf_dir: str, out_dir: str, parallel: ParallelConfig, dtype_arg: str | None, overwrite: bool
-) -> dict:
-    """Run on every rank: convert an HF folder into a Megatron distributed checkpoint."""
-    init_distributed(parallel)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
-    built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
-    meta = {
-        "family": built.family.name,
-        "dtype": dtype_name(built.dtype),
-        "key_layout": built.key_layout,
-        "expert_layout": built.expert_layout,
-        "saved_tp": parallel.tp,
-        "saved_pp": parallel.pp,
-        "saved_ep": parallel.ep,
-    }
-    save_megatron(built.model, out, meta, hf_dir, overwrite)
-    return meta
 
 
 def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwrite: bool) -> None:
@@ -248,27 +184,6 @@ def read_meta(megatron_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
-    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
-    meta = read_meta(megatron_dir)
-    hf_config = load_hf_config(Path(megatron_dir) / "hf")
-    dtype = dtype or DTYPES[meta["dtype"]]
-    built = build_rank_model(hf_config, dtype, parallel)
-    built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
-    built.expert_layout = meta.get("expert_layout", PER_EXPERT)
-    peft = meta.get("peft")
-    if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
-        from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
-
-        apply_lora(built.model, LoraConfig(
-            rank=peft["rank"], alpha=peft["alpha"], targets=tuple(peft["targets"]),
-            components=tuple(peft["components"]), use_dora=peft["method"] == "dora"))
-    load_in_place(built.model, f"{megatron_dir}/weights")
-    if peft:
-        merge_lora(built.model)
-    return built, meta
-
-
 def load_in_place(model, weights_dir: str) -> None:
     """Read a torch_dist checkpoint straight into the model's parameters.
 
@@ -285,45 +200,18 @@ def load_in_place(model, weights_dir: str) -> None:
     dist_checkpointing.load(sd, weights_dir)
 
 
-def open_hf_weights(hf_dir: str, hf_config) -> tuple:
+def open_hf_weights(hf_dir: str, hidden_size: int) -> tuple:
     """The folder's tensors, with fused MoE experts presented per expert; and their layout."""
     reader = SafetensorsReader(hf_dir)
-    text = getattr(hf_config, "text_config", hf_config)
-    expert_layout = detect_expert_layout(reader, text.hidden_size)
+    expert_layout = detect_expert_layout(reader, hidden_size)
     if expert_layout != PER_EXPERT:
         reader = ExpertSplitReader(reader, expert_layout)
     return reader, expert_layout
 
 
-def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
-    """Build this rank's model and fill it from an HF folder (conversion on the fly).
-
-    ``dtype`` None keeps the checkpoint's own dtype.
-    """
-    hf_config = load_hf_config(hf_dir)
-    family_for_config(hf_config)  # unsupported architectures fail before any file is opened
-    reader, expert_layout = open_hf_weights(hf_dir, hf_config)
-    built = build_rank_model(hf_config, dtype or reader.dtype(reader.keys()[0]), parallel)
-    layout = detect_layout(built.family.layouts, reader.keys())
-    check_coverage(built.table, reader.keys(), layout, hf_dir)
-    fill_from_hf(built, reader, layout, hf_dir)
-    built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
-    built.expert_layout = expert_layout
-    return built
-
-
-def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
-    """An HF folder or a vlm-bridge Megatron checkpoint, at this run's layout."""
-    if not path:
-        raise ValueError("no pretrained model given (--pretrained DIR)")
-    if (Path(path) / META_FILE).is_file():
-        return load_megatron(path, parallel, dtype)[0]
-    return load_hf(path, parallel, dtype)
-
-
-def _owners(built: BuiltModel) -> dict[str, int]:
+def _owners(params: dict, table: list[Entry]) -> dict[str, int]:
     """Global rank that sends each table entry to rank 0 (TP rank 0 of the stage that holds it)."""
-    mine = [e.megatron for e in built.table if e.megatron in built.params]
+    mine = [e.megatron for e in table if e.megatron in params]
     if parallel_state.get_tensor_model_parallel_rank() != 0:
         mine = []
     everyone: list = [None] * dist.get_world_size()
@@ -355,46 +243,42 @@ def _recv_tensor(src: int) -> torch.Tensor:
     return t
 
 
-def export_hf(
-    megatron_dir: str, hf_dir: str, parallel: ParallelConfig, dtype_arg: str | None,
-    overwrite: bool, max_shard_bytes: int = 2 * 1024**3, expert_layout: str | None = None,
-) -> dict:
-    """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
-    init_distributed(parallel)
-    if Path(hf_dir).exists() and not overwrite:
-        raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
-    built, meta = load_megatron(megatron_dir, parallel)
-    out_dtype = DTYPES[dtype_arg or meta["dtype"]]
-    if expert_layout:
-        built.expert_layout = expert_layout
-    write_hf(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True)
-    return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}
+@dataclass
+class HFTarget:
+    """Where and how an export writes: key layout, expert layout, side files, dtype."""
+
+    folder: Path
+    layout: KeyLayout
+    dtype: torch.dtype
+    side_dir: str | Path  # config, tokenizer and processor files copied next to the weights
+    expert_layout: str = PER_EXPERT
+    num_experts: int = 0
+    max_shard_bytes: int = 2 * 1024**3
 
 
-def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
-             max_shard_bytes: int = 2 * 1024**3, consume: bool = False) -> None:
-    """Run on every rank: stream this model to an HF folder; rank 0 writes.
+def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: HFTarget,
+             overwrite: bool, consume: bool = False) -> None:
+    """Run on every rank: stream these parameters to an HF folder through the table; rank 0 writes.
 
     ``consume`` frees each parameter once it is handed to the writer (the export command discards
     the model anyway), so peak memory falls as the export proceeds instead of adding the output
     buffer on top of a full model.
     """
-    layout = layout_by_name(built.family.layouts, built.key_layout)
-    owners = _owners(built)
+    owners = _owners(params, table)
     rank = dist.get_rank()
-    ctx = atomic_output_dir(Path(hf_dir), overwrite=overwrite) if rank == 0 else None
+    ctx = atomic_output_dir(Path(target.folder), overwrite=overwrite) if rank == 0 else None
     tmp = ctx.__enter__() if ctx is not None else None
     try:
         writer = None
         if tmp is not None:
-            experts = getattr(built.model.language_model.config, "num_moe_experts", None) or 0
             writer = ExpertFusingWriter(
-                ShardedSafetensorsWriter(tmp, max_shard_bytes), built.expert_layout, experts
+                ShardedSafetensorsWriter(tmp, target.max_shard_bytes), target.expert_layout,
+                target.num_experts,
             )
-        for entry in _progress(built.table, "export", rank == 0):
+        for entry in _progress(table, "export", rank == 0):
             full = None
-            if entry.megatron in built.params:
-                param = built.params[entry.megatron]
+            if entry.megatron in params:
+                param = params[entry.megatron]
                 full = gather(param.data, param, entry.op.tp_chunks)
             owner = owners[entry.megatron]
             if rank == owner and owner != 0:
@@ -402,14 +286,14 @@ def write_hf(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, over
             elif rank == 0:
                 full = full if owner == 0 else _recv_tensor(owner)
                 for name, t in zip(entry.hf, entry.op.to_hf(full)):
-                    writer.add(layout.to_file(name), t.to(device="cpu", dtype=out_dtype))
+                    writer.add(target.layout.to_file(name), t.to(device="cpu", dtype=target.dtype))
             del full
-            if consume and entry.megatron in built.params:
-                built.params[entry.megatron].data = torch.empty(0)
+            if consume and entry.megatron in params:
+                params[entry.megatron].data = torch.empty(0)
         if rank == 0:
             writer.finalize()
-            copy_hf_side_files(built.hf_side_dir, tmp)
-            _write_config_dtype(tmp, out_dtype)
+            copy_hf_side_files(target.side_dir, tmp)
+            _write_config_dtype(tmp, target.dtype)
             ctx.__exit__(None, None, None)
             ctx = None
     finally:

@@ -4,8 +4,9 @@ Checkpoints store experts either per expert (``mlp.experts.E.{gate,up,down}_proj
 fused: ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` with the experts stacked first.
 The fused tensors come in two inner orders: the hub's ``[E, hidden, 2*inter]`` / ``[E, inter,
 hidden]`` and the ``[E, 2*inter, hidden]`` / ``[E, hidden, inter]`` some transformers versions
-write. The order is decided by which dimension equals the hidden size; when both do (hidden ==
-2*inter, or hidden == inter for down_proj), the checkpoint is ambiguous and we refuse it.
+write. Each fused tensor's order is read off which dimension equals the hidden size; a square one
+(hidden == 2*inter for gate_up_proj, hidden == inter for down_proj) fits both, so the order is
+decided over all fused tensors together, and refused only when every one of them is square.
 
 Family tables name experts one by one. :class:`ExpertSplitReader` presents fused checkpoints under
 those names (reading each fused tensor once per layer), and :class:`ExpertFusingWriter` re-fuses
@@ -29,28 +30,106 @@ _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _SPLIT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def _orientation(name: str, shape: tuple[int, ...], hidden: int) -> str:
+_ORDER = {
+    FUSED_HUB: "hub order ([E, hidden, 2I] / [E, I, hidden])",
+    FUSED_OUT_IN: "out-in order ([E, 2I, hidden] / [E, hidden, I])",
+}
+# Index of the hidden dimension in a fused tensor, by (role, layout).
+_HIDDEN_AT = {
+    ("gate_up_proj", FUSED_HUB): 1,
+    ("gate_up_proj", FUSED_OUT_IN): 2,
+    ("down_proj", FUSED_HUB): 2,
+    ("down_proj", FUSED_OUT_IN): 1,
+}
+
+
+def _readings(name: str, role: str, shape: tuple[int, ...], hidden: int) -> dict[str, int]:
+    """The layouts one fused tensor's shape allows, each with the intermediate size I it implies.
+
+    A square tensor (gate_up with hidden == 2I, down with hidden == I) allows both; the caller
+    lets the other fused tensors decide."""
     if len(shape) != 3:
         raise CheckpointError(f"{name}: expected a 3-D fused expert tensor, found shape {shape}")
-    first, second = shape[1] == hidden, shape[2] == hidden
-    if first == second:
+    readings: dict[str, int] = {}
+    for layout in (FUSED_HUB, FUSED_OUT_IN):
+        at = _HIDDEN_AT[role, layout]
+        if shape[at] != hidden:
+            continue
+        other = shape[3 - at]
+        if role == "gate_up_proj":
+            if other % 2:  # gate and up are stacked, so this dimension is 2I
+                continue
+            other //= 2
+        readings[layout] = other
+    if readings:
+        return readings
+    if hidden not in shape[1:]:
         raise CheckpointError(
-            f"{name} {shape}: cannot tell the inner order of fused experts (hidden size {hidden}); "
-            "convert it to per-expert tensors first"
+            f"{name} {shape}: neither inner dimension equals the hidden size {hidden}; "
+            "not a fused expert tensor of this model"
         )
-    is_gate_up = name.endswith("gate_up_proj")
-    # gate_up: hub stores [E, hidden, 2I]; down: hub stores [E, I, hidden].
-    return FUSED_HUB if first == is_gate_up else FUSED_OUT_IN
+    raise CheckpointError(
+        f"{name} {shape}: the dimension beside the hidden size {hidden} is odd, "
+        "so it cannot hold gate and up stacked (2 x the expert intermediate size)"
+    )
 
 
 def detect_expert_layout(reader, hidden: int) -> str:
-    fused = [k for k in reader.keys() if _FUSED.match(k)]
+    """How the checkpoint stores MoE experts: PER_EXPERT, FUSED_HUB or FUSED_OUT_IN.
+
+    Decided from all fused tensors together: each allows the layouts its shape fits, and the
+    layout is what every tensor allows. A square tensor alone (e.g. gate_up with hidden == 2I, as
+    in transformers' own tiny Qwen3-VL-MoE config) fits both, but its down_proj, or any other
+    layer's, usually tells. Raises CheckpointError when the tensors contradict each other, when
+    gate_up's 2I and down's I disagree within a layer, or when every tensor is square."""
+    fused: list[tuple[str, str, str, tuple[int, ...], dict[str, int]]] = []
+    for key in sorted(reader.keys()):
+        match = _FUSED.match(key)
+        if match:
+            shape = tuple(reader.shape(key))
+            role = match.group(2)
+            fused.append((key, match.group(1), role, shape, _readings(key, role, shape, hidden)))
     if not fused:
         return PER_EXPERT
-    found = {_orientation(k, tuple(reader.shape(k)), hidden) for k in fused}
-    if len(found) > 1:
-        raise CheckpointError("fused expert tensors mix two inner orders; cannot convert")
-    return found.pop()
+
+    allowed = {FUSED_HUB, FUSED_OUT_IN}
+    witness: tuple[str, tuple[int, ...]] | None = None  # the tensor that narrowed `allowed`
+    for key, _, _, shape, readings in fused:
+        narrowed = allowed & readings.keys()
+        if not narrowed:
+            assert witness is not None  # only a tensor fitting one layout can leave one allowed
+            (was,) = allowed
+            (now,) = readings
+            raise CheckpointError(
+                f"fused expert tensors mix inner orders: {witness[0]} {witness[1]} is in {_ORDER[was]} "
+                f"but {key} {shape} is in {_ORDER[now]} (hidden size {hidden}); cannot convert"
+            )
+        if narrowed != allowed:
+            allowed, witness = narrowed, (key, shape)
+
+    # Every remaining layout reads the same I from each tensor (a square tensor implies
+    # I = hidden / 2 or hidden either way), so any one of them checks the layers.
+    layout = min(allowed)
+    layers: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {}
+    for key, prefix, role, shape, readings in fused:
+        layers.setdefault(prefix, {})[role] = (key, shape, readings[layout])
+    for roles in layers.values():
+        if len(roles) == 2:
+            (gu, gu_shape, gu_inter), (dn, dn_shape, dn_inter) = roles["gate_up_proj"], roles["down_proj"]
+            if gu_inter != dn_inter:
+                raise CheckpointError(
+                    f"{gu} {gu_shape} and {dn} {dn_shape} disagree on the expert intermediate size: "
+                    f"2I = {2 * gu_inter} but I = {dn_inter} (hidden size {hidden})"
+                )
+
+    if len(allowed) > 1:
+        key, _, _, shape, _ = fused[0]
+        raise CheckpointError(
+            f"the inner order of fused experts is ambiguous: {key} {shape} fits both "
+            f"{_ORDER[FUSED_HUB]} and {_ORDER[FUSED_OUT_IN]} with hidden size {hidden}, and so does "
+            "every other fused expert tensor; convert them to per-expert tensors first"
+        )
+    return layout
 
 
 class ExpertSplitReader:

@@ -34,9 +34,24 @@ class KeyLayout:
         return all(any(k.startswith(src) for k in keys) for src in self.file_to_canonical)
 
 
-def detect_layout(layouts: list[KeyLayout], keys: Iterable[str]) -> KeyLayout:
-    """The most specific layout whose prefixes all occur; the first (hub) layout otherwise."""
+def detect_layout(layouts: list[KeyLayout], keys: Iterable[str],
+                  wanted: Iterable[str] | None = None) -> KeyLayout:
+    """The layout of a checkpoint's keys.
+
+    With ``wanted`` (the canonical names a weight table needs), the layout under which they match
+    the file's keys best (fewest missing plus unexpected; the first listed wins a tie): layouts may
+    nest prefixes (``vision_tower.`` vs ``vision_tower.vision_model.``), which prefix presence
+    alone cannot tell apart. Without it, the most specific layout whose prefixes all occur, else
+    the first (hub) layout.
+    """
     keys = list(keys)
+    if wanted is not None:
+        wanted, present = list(wanted), set(keys)
+
+        def mismatches(lay: KeyLayout) -> int:
+            return len({lay.to_file(n) for n in wanted} ^ present)
+
+        return min(layouts, key=mismatches)
     candidates = [lay for lay in layouts if lay.file_to_canonical and lay.matches(keys)]
     return max(candidates, key=lambda lay: len(lay.file_to_canonical)) if candidates else layouts[0]
 

@@ -35,14 +35,14 @@ IGNORE_INDEX = -100
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Decoders transformers.video_utils.load_video can use, in order of preference.
 _VIDEO_BACKENDS = (("torchcodec", "torchcodec"), ("av", "pyav"), ("decord", "decord"), ("cv2", "opencv"))
-# Processor outputs that are one tensor per media kind, sliced when media is dropped.
-_VISION_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-)
+# How a processor lays out each media kind: the pixel tensor, an optional per-item grid (Qwen-style
+# processors flatten every item's patches into one tensor, item i owning grid[i].prod() rows) and
+# per-item extras. Processors without a grid (one entry per item, e.g. [n, C, H, W]) work too.
+# Used to drop whole media items from the end when a sample is truncated.
+MEDIA_LAYOUT = {
+    "image": ("pixel_values", "image_grid_thw", ()),
+    "video": ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
+}
 SKIP_REASONS = ("too_long", "bad_media", "no_loss_tokens")
 
 
@@ -59,25 +59,28 @@ class EncodedSample:
     elsewhere), the Hugging Face convention. The trainer shifts (logits at ``i - 1`` are
     scored against ``labels[i]``).
 
-    The vision tensors are exactly what the processor returned for this sample (minus media
-    dropped by truncation); they are None when the sample has no such media. Qwen-style
-    processors flatten patches of all items into ``pixel_values`` rows, item after item, with
-    ``image_grid_thw[i].prod()`` rows for item ``i``. ``mm_token_type_ids`` (per token, 0 text,
-    1 image, 2 video) is what HF Qwen-VL models need to compute M-RoPE positions; ``extra``
-    keeps any other per-token processor output (e.g. ``token_type_ids``).
+    ``media`` holds exactly the processor's non-per-token tensors for this sample (pixels, grids,
+    timing; minus media dropped by truncation), whatever the family's processor calls them.
+    ``tokens`` holds its other per-token outputs without the batch dimension (e.g. Qwen's
+    ``mm_token_type_ids``, Gemma's ``token_type_ids``). Both are also readable as attributes
+    (``sample.pixel_values``), None when absent.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     num_loss_tokens: int
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
-    second_per_grid_ts: torch.Tensor | None = None
-    mm_token_type_ids: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     truncated: bool = False
+
+    def __getattr__(self, name: str):
+        # Only called for names that are not fields: processor outputs by name.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        fields = self.__dict__
+        if name in fields.get("media", {}):
+            return fields["media"][name]
+        return fields.get("tokens", {}).get(name)
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -87,14 +90,9 @@ class EncodedSample:
         batch: dict[str, torch.Tensor] = {
             "input_ids": self.input_ids[None],
             "attention_mask": torch.ones_like(self.input_ids)[None],
+            **self.media,
+            **{key: value[None] for key, value in self.tokens.items()},
         }
-        for key in _VISION_KEYS:
-            value = getattr(self, key)
-            if value is not None:
-                batch[key] = value
-        if self.mm_token_type_ids is not None:
-            batch["mm_token_type_ids"] = self.mm_token_type_ids[None]
-        batch.update({key: value[None] for key, value in self.extra.items()})
         if with_labels:
             batch["labels"] = self.labels[None]
         return batch
@@ -340,22 +338,27 @@ class SampleEncoder:
             raise BadMediaError(f"{where}: the processor rejected its media ({exc})") from None
         input_ids = out["input_ids"][0].long()
         labels = self._labels(text, num_assistant, input_ids, where)
-        vision = {key: out[key] for key in _VISION_KEYS if out.get(key) is not None}
         per_token = {
             key: value[0]
             for key, value in out.items()
-            if key not in ("input_ids", "attention_mask", *_VISION_KEYS)
+            if key not in ("input_ids", "attention_mask")
             and isinstance(value, torch.Tensor)
             and value.shape[:2] == (1, input_ids.numel())
         }
-        others = set(out) - {"input_ids", "attention_mask", *_VISION_KEYS, *per_token}
+        vision = {
+            key: value for key, value in out.items()
+            if key not in ("input_ids", "attention_mask", *per_token) and isinstance(value, torch.Tensor)
+        }
+        others = set(out) - {"input_ids", "attention_mask", *per_token, *vision}
         if int((labels != IGNORE_INDEX).sum()) == 0:
             self._skip("no_loss_tokens")
             return None
         truncated = input_ids.numel() > self.max_seq_len
         if truncated:
-            if others:
-                raise ValueError(f"{where}: cannot truncate processor outputs {sorted(others)}")
+            known = {k for pix, grid, extra in MEDIA_LAYOUT.values() for k in (pix, grid, *extra)}
+            unknown = others | (set(vision) - known)
+            if unknown:
+                raise ValueError(f"{where}: cannot truncate processor outputs {sorted(unknown)}")
             cut, keep = self._safe_cut(input_ids, vision, where)
             input_ids, labels = input_ids[:cut], labels[:cut]
             per_token = {key: value[:cut] for key, value in per_token.items()}
@@ -365,15 +368,13 @@ class SampleEncoder:
                 return None
         self.stats["encoded"] += 1
         self.stats["truncated"] += int(truncated)
-        mm_types = per_token.pop("mm_token_type_ids", None)
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
             num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
-            mm_token_type_ids=mm_types,
-            extra=per_token,
+            media=vision,
+            tokens=per_token,
             truncated=truncated,
-            **vision,
         )
 
     def iter_encoded(self, samples: Iterable[Mapping[str, Any]]) -> Iterator[EncodedSample]:
@@ -421,7 +422,7 @@ class SampleEncoder:
         group (Qwen3-VL style); anything else is refused rather than guessed.
         """
         spans = []
-        for kind, grid_key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+        for kind, (_, grid_key, _) in MEDIA_LAYOUT.items():
             token_id, grid = self.media_token_ids[kind], vision.get(grid_key)
             runs = _runs(input_ids, token_id) if token_id is not None else []
             count = int(grid.shape[0]) if grid is not None else len(runs)
@@ -459,16 +460,14 @@ class SampleEncoder:
     def _drop_media(vision: Mapping[str, torch.Tensor], keep: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """Vision tensors of the first ``keep[kind]`` images / videos."""
         out: dict[str, torch.Tensor] = {}
-        for kind, pix_key, grid_key in (
-            ("image", "pixel_values", "image_grid_thw"),
-            ("video", "pixel_values_videos", "video_grid_thw"),
-        ):
+        for kind, (pix_key, grid_key, extras) in MEDIA_LAYOUT.items():
             pixels, grid = keep_first_media(vision.get(pix_key), vision.get(grid_key), keep[kind])
             if pixels is None:
                 continue
             out[pix_key] = pixels
             if grid is not None:
                 out[grid_key] = grid
-            if kind == "video" and "second_per_grid_ts" in vision:
-                out["second_per_grid_ts"] = vision["second_per_grid_ts"][: keep[kind]]
+            for key in extras:
+                if key in vision:
+                    out[key] = vision[key][: keep[kind]]
         return out

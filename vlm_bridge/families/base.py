@@ -1,11 +1,35 @@
-"""What a family provides to the engine, trainer and CLI: configs, model, weight table, layouts."""
+"""The family contract: everything shared code may ask of a model family, declared in one place.
+
+Shared code (conversion, training, PEFT, verify, data) never names a family; it asks the
+:class:`Family` object found by the registry. A family declares
+
+* how to build it: ``build_configs`` (HF config -> Megatron configs + settings), ``build_model``
+  (a :class:`~vlm_bridge.families._common.vlm.VLMModel` subclass), ``weight_table``, ``layouts``;
+* its **components** and their Megatron parameter prefixes (freeze flags, per-component learning
+  rates, LoRA components) and the HF module paths of its hub tensors (HF-PEFT export);
+* the **processor outputs** it consumes: ``media_keys`` (concatenated over the samples of a
+  batch, passed to the model) and ``token_keys`` (per-token ``[b, s]`` extras such as token types,
+  packed along the sequence like ``input_ids``);
+* how **positions** are computed per sample (``position_ids``: 1-D ``[b, s]`` or ``[P, b, s]``);
+* where its **vision features** can be observed on the HF model (verify);
+* its **recipes** and its **tiny test builder** (tests are parametrized over the registry).
+
+Anything the conversion needs to carry in checkpoint metadata (key layout, expert layout) is
+recorded by the loader for every family alike (see ``vlm_bridge.loading.conversion_meta``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
 
 from vlm_bridge.convert.layout import KeyLayout
+
+# Components every family maps its parameters onto; shared code iterates over these names.
+COMPONENTS = ("language_model", "vision", "projector")
 
 
 @dataclass(frozen=True)
@@ -15,12 +39,57 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
-    # (hf_config, dtype, tp, pp) -> (language TransformerConfig, vision TransformerConfig, settings)
+    # (hf_config, dtype, tp, pp, ep) -> (language TransformerConfig, vision TransformerConfig, settings)
     build_configs: Callable
-    # (language, vision, settings, pre_process, post_process) -> MegatronModule
+    # (language, vision, settings, pre_process, post_process) -> VLMModel
     build_model: Callable
     # (language, vision, settings) -> list[Entry]
     weight_table: Callable
     layouts: list[KeyLayout]
-    # (settings, batch of HF processor outputs) -> dict of model forward kwargs
-    prepare_inputs: Callable
+    # component -> Megatron parameter-name prefixes; every parameter belongs to exactly one
+    components: Mapping[str, tuple[str, ...]]
+    # hub tensor-name prefix -> module path in the model transformers builds (HF-PEFT names)
+    hf_module_prefixes: Mapping[str, str]
+    # processor outputs passed to the model besides input_ids / attention_mask
+    media_keys: tuple[str, ...]
+    # (settings, batch of processor outputs, one or more rows) -> position ids [b, s] or [P, b, s]
+    position_ids: Callable[[object, dict], torch.Tensor]
+    # dotted path of the HF module whose output is the vision features fed to the LM (verify)
+    hf_vision_module: str
+    # "module:function" of the tiny test-model builder, (folder, **options) -> folder
+    tiny_builder: str
+    # per-token processor outputs ([b, s]) the model consumes, packed along the sequence
+    token_keys: tuple[str, ...] = ()
+    # media kinds the family's processor and model take ("image", "video")
+    modalities: tuple[str, ...] = ("image", "video")
+    # recipe name -> function returning a TrainConfig
+    recipes: Mapping[str, Callable] = field(default_factory=dict)
+    # options for tiny_builder that give the variants the tests cover (e.g. tied embeddings)
+    tiny_variants: Mapping[str, dict] = field(default_factory=lambda: {"default": {}})
+
+    def hf_module_path(self, hf_tensor: str) -> str:
+        """Hub tensor name -> the module path transformers gives it in memory (HF PEFT keys)."""
+        module = hf_tensor.rsplit(".", 1)[0]
+        for src, dst in self.hf_module_prefixes.items():
+            if module.startswith(src):
+                return dst + module[len(src):]
+        return module
+
+    def model_inputs(self, settings, batch: Mapping) -> dict:
+        """Processor outputs (a padded batch) -> model forward kwargs, for any family."""
+        from vlm_bridge.attention.core import AttentionMask
+
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "position_ids": self.position_ids(settings, dict(batch)),
+            "attention_mask": AttentionMask.from_padding(batch.get("attention_mask")),
+        }
+        for key in (*self.media_keys, *self.token_keys):
+            if batch.get(key) is not None:
+                inputs[key] = batch[key]
+        return inputs
+
+    def build_tiny(self, folder, **options):
+        """Write this family's tiny test checkpoint (random weights, real processor) to ``folder``."""
+        module, _, function = self.tiny_builder.partition(":")
+        return getattr(importlib.import_module(module), function)(folder, **options)

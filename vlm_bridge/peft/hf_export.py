@@ -12,8 +12,8 @@ Keys are those ``peft`` writes for a LoRA on the loaded transformers model::
     base_model.model.<module path>.lora_B.weight          [out, r]
     base_model.model.<module path>.lora_magnitude_vector  [out]      (DoRA)
 
-where ``<module path>`` is the in-memory name (``model.language_model.layers.0.self_attn.q_proj``,
-``model.visual.blocks.0.attn.qkv``, ``model.visual.merger.mlp.0``), not the hub checkpoint key.
+where ``<module path>`` is the in-memory name (e.g. ``model.language_model.layers.0.self_attn.q_proj``),
+not the hub checkpoint key: the family declares how its hub names map (``hf_module_prefixes``).
 """
 
 from __future__ import annotations
@@ -28,22 +28,6 @@ from megatron.core import parallel_state
 from vlm_bridge.convert.distribute import gather
 from vlm_bridge.parallel import cpu_group
 from vlm_bridge.peft.lora import LoraConfig, lora_modules
-
-# Hub tensor-name prefix -> module path in the model transformers builds in memory, per family.
-HF_MODULE_PREFIXES = {
-    "qwen2_5_vl": {"model.": "model.language_model.", "visual.": "model.visual.", "lm_head": "lm_head"},
-}
-
-
-def hf_module_path(family: str, hf_tensor: str) -> str:
-    """``model.layers.0.self_attn.q_proj.weight`` -> ``model.language_model.layers.0.self_attn.q_proj``."""
-    if family not in HF_MODULE_PREFIXES:
-        raise NotImplementedError(f"HF PEFT export does not know the module paths of family {family!r}")
-    module = hf_tensor.rsplit(".", 1)[0]
-    for src, dst in HF_MODULE_PREFIXES[family].items():
-        if module.startswith(src):
-            return dst + module[len(src):]
-    return module
 
 
 def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
@@ -66,7 +50,7 @@ def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None
         if "lora_magnitude" in full:
             per_row["lora_magnitude_vector"] = entry.op.to_hf(full["lora_magnitude"])
         for i, hf_name in enumerate(entry.hf):
-            path = "base_model.model." + hf_module_path(built.family.name, hf_name)
+            path = "base_model.model." + built.family.hf_module_path(hf_name)
             out[f"{path}.lora_A.weight"] = full["lora_A"].clone()
             for key, tensors in per_row.items():
                 out[f"{path}.{key}"] = tensors[i].clone().contiguous()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -45,9 +44,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from vlm_bridge.convert.distribute import shard
-
-if TYPE_CHECKING:
-    from vlm_bridge.peft.lora import LoraConfig
+from vlm_bridge.peft.config import LoraConfig
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 

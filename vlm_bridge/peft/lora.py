@@ -7,11 +7,11 @@ freezes every base parameter. Freeze flags combine: call ``apply_lora`` first, t
 ``requires_grad`` on whatever else should train (e.g. the projector); a later ``apply_lora`` is
 refused rather than silently re-freezing.
 
-Components select by module-name prefix: ``language_model`` (``language_model.``), ``vision`` (the
-ViT blocks, ``vision.layers.``) and ``projector`` (the merger, ``vision.merger.``); targets by the
-leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``); routed MoE experts are
-never adapted (see :func:`apply_lora`). Names returned and used as keys are global (decoder layers numbered
-across pipeline stages).
+Components (``language_model``, ``vision``, ``projector``) select modules by the parameter-name
+prefixes the model's family declares (``model.component_prefixes``, set when the model is built);
+targets by the leaf name (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``); routed
+MoE experts are never adapted (see :func:`apply_lora`). Names returned and used as keys are global
+(decoder layers numbered across pipeline stages).
 
 :func:`merge_lora` folds adapters into the base weights (keeping a copy of each base weight) and
 :func:`unmerge_lora` restores them bit-exactly; merged modules run the base layer only (for
@@ -21,7 +21,7 @@ inference / export, not training).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -29,25 +29,12 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from vlm_bridge.convert.distribute import shard
+from vlm_bridge.peft.config import LoraConfig
 from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
-COMPONENTS = {"language_model": "language_model.", "vision": "vision.layers.", "projector": "vision.merger."}
+__all__ = ["LoraConfig", "apply_lora", "lora_modules", "adapter_state_dict", "merge_lora", "unmerge_lora"]
+
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-    components: tuple[str, ...] = ("language_model",)
-    use_dora: bool = False
-    seed: int = 0  # lora_A init: drawn per module from (seed, global name), so identical at any TP
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,15 +57,23 @@ def _global_name(model: torch.nn.Module):
     return to_global
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
-    """Wrap matching parallel linears in place, freeze all base parameters; global names wrapped."""
-    unknown = set(cfg.components) - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown LoRA components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
+               components: Mapping[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Wrap matching parallel linears in place, freeze all base parameters; global names wrapped.
+
+    ``components`` maps component names to parameter-name prefixes (default: the family's, from
+    ``model.component_prefixes``).
+    """
     model = _unwrap(model)
+    components = components if components is not None else getattr(model, "component_prefixes", None)
+    if components is None:
+        raise ValueError("apply_lora: the model declares no components; pass components=")
+    unknown = set(cfg.components) - set(components)
+    if unknown:
+        raise ValueError(f"unknown LoRA components {sorted(unknown)}; known: {sorted(components)}")
     if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA adapters")
-    prefixes = tuple(COMPONENTS[c] for c in cfg.components)
+    prefixes = tuple(p for c in cfg.components for p in components[c])
     to_global = _global_name(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -93,6 +88,13 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
         and name.rsplit(".", 1)[-1] in cfg.targets and name.startswith(prefixes)
         and id(module) not in experts
     ]
+    # A component this rank holds (pipeline stages hold some only) that offers nothing to adapt.
+    held = {c for c in cfg.components for n, _ in model.named_parameters() if n.startswith(components[c])}
+    empty = [c for c in cfg.components
+             if c in held and not any(n.startswith(components[c]) for n, _ in matches)]
+    if empty:
+        raise ValueError(f"LoRA components {empty} hold no linear layer named {list(cfg.targets)} in this "
+                         "model; train them fully with freeze.<component>=false instead")
     wrapped = []
     for name, module in matches:
         parent_name, _, leaf = name.rpartition(".")

@@ -1,9 +1,11 @@
 """Encoded samples -> model micro-batches: padding-free packing or padded batches.
 
 Packing concatenates whole samples into rows of ``seq_len`` tokens. Each sample keeps its own
-segment id, so attention never crosses sample boundaries, and its own 3-D positions (computed per
-sample, so they restart at 0). Labels are shifted inside each sample only; the token-mean loss
-over all loss tokens is then identical to the unpacked batch.
+segment id, so attention never crosses sample boundaries, and its own positions (computed per
+sample by the family, 1-D or 3-D, so they restart at 0). Labels are shifted inside each sample
+only; the token-mean loss over all loss tokens is then identical to the unpacked batch. Which
+processor outputs travel with the tokens is the family's declaration: ``media_keys`` are
+concatenated over the samples, ``token_keys`` are packed along the sequence like ``input_ids``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import torch
 from vlm_bridge.attention.core import AttentionMask
 
 IGNORE = -100
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-               "second_per_grid_ts")
 
 
 @dataclass
@@ -32,8 +32,8 @@ class MicroBatch:
         def move(v):
             if isinstance(v, torch.Tensor):
                 return v.to(device)
-            if isinstance(v, AttentionMask) and v.segment_ids is not None:
-                return AttentionMask(v.segment_ids.to(device), v.causal)
+            if isinstance(v, AttentionMask):
+                return v.to(device)
             return v
 
         return MicroBatch({k: move(v) for k, v in self.inputs.items()}, self.labels.to(device),
@@ -62,39 +62,50 @@ def pack_greedy(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def _vision_of(samples) -> dict:
+def _media_of(samples, keys) -> dict:
+    """The samples' media tensors, concatenated per key in sample order (as a processor batches)."""
     out = {}
-    for key in VISION_KEYS:
-        parts = [getattr(s, key) for s in samples if getattr(s, key, None) is not None]
+    for key in keys:
+        parts = [s.media[key] for s in samples if key in s.media]
         if parts:
             out[key] = torch.cat(parts)
     return out
 
 
 def _sample_positions(family, settings, sample) -> torch.Tensor:
-    batch = {"input_ids": sample.input_ids[None], **_vision_of([sample])}
-    return family.prepare_inputs(settings, batch)["position_ids"]  # [3, 1, n]
+    """The family's positions of one sample alone: ``[..., 1, n]``."""
+    batch = {"input_ids": sample.input_ids[None], **sample.media,
+             **{k: v[None] for k, v in sample.tokens.items()}}
+    return family.position_ids(settings, batch)
 
 
 def collate_packed(rows: list[list], family, settings, seq_len: int, pad_id: int) -> MicroBatch:
     """One micro-batch of packed rows, each padded to ``seq_len``."""
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     seg = torch.full((len(rows), seq_len), -1, dtype=torch.long)
-    pos = torch.zeros(3, len(rows), seq_len, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    tokens = {key: torch.zeros(len(rows), seq_len, dtype=torch.long) for key in family.token_keys}
+    pos = None
     for r, row in enumerate(rows):
         start = 0
         for j, sample in enumerate(row):
             n = sample.input_ids.numel()
             ids[r, start:start + n] = sample.input_ids
             seg[r, start:start + n] = j
-            pos[:, r, start:start + n] = _sample_positions(family, settings, sample)[:, 0]
+            sample_pos = _sample_positions(family, settings, sample)
+            if pos is None:  # [len(rows), seq_len] after the family's leading axes (3 for MRoPE)
+                pos = torch.zeros(*sample_pos.shape[:-2], len(rows), seq_len, dtype=torch.long)
+            pos[..., r, start:start + n] = sample_pos[..., 0, :]
             labels[r, start:start + n] = shift_labels(sample.labels)
+            for key, packed in tokens.items():
+                if key in sample.tokens:
+                    packed[r, start:start + n] = sample.tokens[key]
             start += n
     flat = [s for row in rows for s in row]
+    present = {k: v for k, v in tokens.items() if any(k in s.tokens for s in flat)}
     inputs = {"input_ids": ids, "position_ids": pos,
-              "attention_mask": AttentionMask(segment_ids=seg, causal=True), **_vision_of(flat)}
-    inputs.pop("second_per_grid_ts", None)
+              "attention_mask": AttentionMask(segment_ids=seg, causal=True),
+              **_media_of(flat, family.media_keys), **present}
     return _finish(inputs, labels, int((seg >= 0).sum()))
 
 
@@ -104,11 +115,18 @@ def collate_padded(samples: list, family, settings, pad_id: int, length: int | N
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(samples), n, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+    tokens = {key: torch.zeros(len(samples), n, dtype=torch.long) for key in family.token_keys
+              if any(key in s.tokens for s in samples)}
     for r, s in enumerate(samples):
         k = s.input_ids.numel()
         ids[r, :k], mask[r, :k], labels[r, :k] = s.input_ids, 1, shift_labels(s.labels)
-    batch = {"input_ids": ids, "attention_mask": mask, **_vision_of(samples)}
-    inputs = family.prepare_inputs(settings, batch)
+        for key, padded in tokens.items():
+            if key in s.tokens:
+                padded[r, :k] = s.tokens[key]
+    # Every media key the processor gave (positions may need more than the model consumes).
+    media_keys = sorted({key for s in samples for key in s.media})
+    batch = {"input_ids": ids, "attention_mask": mask, **tokens, **_media_of(samples, media_keys)}
+    inputs = family.model_inputs(settings, batch)
     # Always a segment mask (even without padding) so the shape matches packed rows.
     inputs["attention_mask"] = AttentionMask(segment_ids=torch.where(mask.bool(), 0, -1), causal=True)
     return _finish(inputs, labels, int(mask.sum()))

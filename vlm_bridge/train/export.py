@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_bridge.convert.engine import DTYPES, write_hf
+from vlm_bridge.convert.engine import DTYPES
+from vlm_bridge.loading import write_built
 
 
 def export_run_checkpoint(run, checkpoint_path: Path) -> Path:
@@ -20,7 +21,7 @@ def export_run_checkpoint(run, checkpoint_path: Path) -> Path:
         export_hf_peft(run.built, Path(checkpoint_path) / "hf_peft_adapter", run.cfg.pretrained)
         merge_lora(model)
     try:
-        write_hf(run.built, out, DTYPES[run.cfg.dtype], overwrite=True)
+        write_built(run.built, out, DTYPES[run.cfg.dtype], overwrite=True)
     finally:
         if peft:
             unmerge_lora(model)

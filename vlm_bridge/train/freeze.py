@@ -1,7 +1,7 @@
 """Freeze flags and PEFT on a built model, combined in one documented order.
 
-Each component (``language_model``: embeddings, decoder, output layer; ``vision``: patch embedding
-and ViT layers; ``projector``: the vision merger) has a freeze flag that is True, False or unset:
+Each component (``language_model``, ``vision``, ``projector``; which parameters each holds is the
+family's declaration, ``model.component_prefixes``) has a freeze flag that is True, False or unset:
 
 * unset: the mode's default: trainable in full fine-tuning, frozen under LoRA/DoRA;
 * True: frozen in either mode;
@@ -16,18 +16,13 @@ import torch
 
 from vlm_bridge.train.config import FreezeSettings, PeftSettings
 
-COMPONENT_PREFIXES = {
-    "language_model": ("language_model.",),
-    "vision": ("vision.patch_embed.", "vision.layers."),
-    "projector": ("vision.merger.",),
-}
 
-
-def component_of(name: str) -> str | None:
-    for component, prefixes in COMPONENT_PREFIXES.items():
+def component_of(name: str, components: dict[str, tuple[str, ...]]) -> str:
+    """The component of a parameter; a parameter no component claims is a family bug, not a guess."""
+    for component, prefixes in components.items():
         if name.startswith(prefixes):
             return component
-    return None
+    raise AssertionError(f"parameter {name} belongs to no component of the family: {components}")
 
 
 def _is_adapter(name: str) -> bool:
@@ -44,11 +39,12 @@ def apply_freeze_and_peft(model: torch.nn.Module, freeze: FreezeSettings, peft: 
                                      targets=tuple(peft.targets), components=tuple(peft.components),
                                      use_dora=peft.method == "dora"))
     default_trainable = peft.method is None
+    components = model.component_prefixes
     for name, param in model.named_parameters():
         if _is_adapter(name):
             param.requires_grad = True
             continue
-        flag = getattr(freeze, component_of(name) or "language_model")
+        flag = getattr(freeze, component_of(name, components))
         param.requires_grad = default_trainable if flag is None else not flag
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: every component is frozen and no PEFT method is set")

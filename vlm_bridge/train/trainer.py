@@ -25,7 +25,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from vlm_bridge.compat.cpu import cuda_available
-from vlm_bridge.convert.engine import DTYPES, dtype_name, load_pretrained
+from vlm_bridge.convert.engine import DTYPES, dtype_name
+from vlm_bridge.loading import conversion_meta, load_pretrained
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train.config import TrainConfig, to_dict
@@ -62,10 +63,13 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
         use_distributed_optimizer=distributed,
     )
     overrides = {}
-    for pattern, lr in (("*vision.layers.*", o.vision_lr), ("*vision.patch_embed.*", o.vision_lr),
-                        ("*vision.merger.*", o.projector_lr), ("*language_model.*", o.language_lr)):
+    # Per-component learning rates over the prefixes the family declares for each component.
+    component_lr = {"language_model": o.language_lr, "vision": o.vision_lr, "projector": o.projector_lr}
+    for component, prefixes in model.module.component_prefixes.items():
+        lr = component_lr[component]
         if lr is not None:
-            overrides[ParamKey(name=pattern)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
+            patterns = tuple(f"*{prefix}*" for prefix in prefixes)
+            overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
     return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
 
 
@@ -223,11 +227,11 @@ def save(run: Run) -> Path:
     extra = {"step": run.step, "data_epoch": run.stream.position.epoch,
              "data_index": run.stream.position.index, "losses": run.losses,
              "config": to_dict(run.cfg)}
-    meta = {"family": run.built.family.name, "dtype": dtype_name(DTYPES[run.cfg.dtype]),
-            "key_layout": run.built.key_layout, "saved_tp": run.cfg.parallel.tp,
-            "saved_pp": run.cfg.parallel.pp,
-            # export/verify rebuild the adapters from this and merge them into the weights
-            "peft": dataclasses.asdict(run.cfg.peft) if run.cfg.peft.method else None}
+    parallel = ParallelConfig(tp=run.cfg.parallel.tp, pp=run.cfg.parallel.pp, ep=run.cfg.parallel.ep)
+    # The same metadata as an import (key and expert layouts), plus what export needs to rebuild
+    # and merge the adapters.
+    meta = conversion_meta(run.built, parallel, dtype=dtype_name(DTYPES[run.cfg.dtype]),
+                           peft=dataclasses.asdict(run.cfg.peft) if run.cfg.peft.method else None)
     return ckpt.save_checkpoint(_checkpoint_root(run.cfg), run.step, run.model, run.optimizer,
                                 run.scheduler, extra, meta, run.built.hf_side_dir)
 

@@ -1,9 +1,24 @@
-"""What every family's VLM wrapper shares: the GPTModel language model with MRoPE, the hooks
-Megatron's schedules look for, and the loss over an unpadded vocabulary."""
+"""The one VLM forward every family shares: it owns the run of the language model.
+
+A family subclasses :class:`VLMModel` and provides
+
+* ``language_layer_spec()`` (and, if its stack is not a GPT decoder, ``build_language_model``),
+* ``build_vision(vision_config)`` for the first pipeline stage,
+* ``embed(input_ids, **media)`` -> :class:`Embedded`: text embeddings with its vision features merged
+  in, plus any additions to the hidden states after given decoder layers (DeepStack), passed to
+  the decoder run as explicit inputs rather than forward hooks,
+* optionally ``rotary(position_ids)`` when its positions are not Megatron's MRoPE.
+
+This class runs embedding -> decoder layers (+ additions) -> final norm -> output layer -> loss,
+and is the single place where inference state and sequence slicing for context parallelism plug
+in. Parameter names stay Megatron's ``GPTModel`` ones (``language_model.embedding...``,
+``language_model.decoder.layers.N...``, ``language_model.output_layer``), so checkpoints load at any
+layout with Megatron's own sharded state dicts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.enums import ModelType
@@ -12,117 +27,139 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import make_viewless_tensor
 
-from vlm_bridge.families._common.vocab import mask_padded_vocab, padded_vocab_size
+from vlm_bridge.families._common.vocab import mask_padded_vocab
 
 
-class VLMBase(MegatronModule):
-    """Vision tower (first pipeline stage only; set by the subclass) + Megatron GPTModel."""
+@dataclass
+class Embedded:
+    """What ``embed`` hands the decoder: ``[s, b, h]`` inputs and per-layer additions.
 
-    def __init__(self, language_config: TransformerConfig, layer_spec: ModuleSpec, s,
-                 pre_process: bool, post_process: bool) -> None:
+    ``layer_additions[i]`` (``[s, b, h]``) is added to the output of global decoder layer ``i``.
+    """
+
+    decoder_input: torch.Tensor
+    layer_additions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class VLMModel(MegatronModule):
+    """Vision tower (first pipeline stage) + a Megatron language model, one forward for all families.
+
+    ``s`` is the family's settings object; it must carry ``vocab_size``, ``padded_vocab_size``,
+    ``max_position_embeddings``, ``tie_word_embeddings`` and ``rope_theta``.
+    """
+
+    # Megatron GPTModel position embedding this family's language model uses.
+    position_embedding_type = "mrope"
+
+    def __init__(self, language_config: TransformerConfig, vision_config: TransformerConfig, s,
+                 pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__(config=language_config)
         self.s = s
         self.pre_process, self.post_process = pre_process, post_process
-        self.language_model = GPTModel(
-            config=language_config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=s.padded_vocab_size,
-            max_sequence_length=s.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=s.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=s.rope_theta,
-        )
+        self.language_model = self.build_language_model(language_config)
+        self.vision = self.build_vision(vision_config) if pre_process else None
         # Megatron's schedules and optimizer look these up on the outermost module.
         self.share_embeddings_and_output_weights = s.tie_word_embeddings
         self.model_type = ModelType.encoder_or_decoder
 
+    # ---- what a family provides -------------------------------------------------------------
+    def language_layer_spec(self) -> ModuleSpec:
+        raise NotImplementedError
+
+    def build_language_model(self, config: TransformerConfig) -> MegatronModule:
+        s = self.s
+        return GPTModel(
+            config=config, transformer_layer_spec=self.language_layer_spec(),
+            vocab_size=s.padded_vocab_size, max_sequence_length=s.max_position_embeddings,
+            pre_process=self.pre_process, post_process=self.post_process,
+            share_embeddings_and_output_weights=s.tie_word_embeddings,
+            position_embedding_type=self.position_embedding_type, rotary_base=s.rope_theta,
+        )
+
+    def build_vision(self, config: TransformerConfig) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, **media) -> Embedded:
+        raise NotImplementedError
+
+    def structure_mask(self, attention_mask, inputs: dict):
+        """The family's additions to the structural mask from its per-token inputs (e.g. spans of
+        image tokens that attend bidirectionally); unchanged by default."""
+        return attention_mask
+
+    def rotary(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotary angles for every decoder layer (Megatron's multimodal rotary by default); a
+        family whose layers differ may return a dict its layers pick from."""
+        lm = self.language_model
+        return lm.rotary_pos_emb(position_ids, lm.mrope_section)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h]`` token embeddings (the family merges vision features into these)."""
+        return self.language_model.embedding(input_ids=input_ids, position_ids=None)
+
+    # ---- Megatron pipeline hooks -------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
-    def run_language_model(self, decoder_input, position_ids, attention_mask, labels,
-                           runtime_gather_output) -> torch.Tensor:
-        """Logits ``[b, s, vocab]``, or the per-token loss when ``labels`` is given.
+    # ---- the run ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask,
+                labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None,
+                **media) -> torch.Tensor:
+        """Logits ``[b, s, vocab]`` (or per-token loss ``[b, s]`` with ``labels``) on the last
+        stage; the hidden states ``[s, b, h]`` on the others."""
+        attention_mask = self.structure_mask(attention_mask, media)
+        embedded = self.embed(input_ids, **media) if self.pre_process else None
+        hidden = self.run_decoder(embedded, position_ids, attention_mask)
+        if not self.post_process:
+            return hidden.contiguous()  # sent to the next stage as is
+        return self.output(hidden, labels, runtime_gather_output)
 
-        Megatron's built-in loss would count the padded vocabulary rows (logit 0, not -inf), so
-        with a padded vocabulary the loss is computed here after masking them.
+    def run_decoder(self, embedded: Embedded | None, position_ids, attention_mask) -> torch.Tensor:
+        """Decoder layers with the family's additions after the layers it names, then final norm."""
+        decoder = self.language_model.decoder
+        hidden = embedded.decoder_input if embedded is not None else decoder.input_tensor
+        additions = embedded.layer_additions if embedded is not None else {}
+        # Pipeline stages exchange this tensor; Megatron needs it to own its storage.
+        hidden = make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True)
+        rotary = self.rotary(position_ids)
+        # MoE routing (and its load-balancing loss) leaves padding out, so packed and padded
+        # batches route the same real tokens.
+        padding = getattr(attention_mask, "segment_ids", None)
+        padding = padding < 0 if padding is not None else None
+        for layer in decoder.layers:
+            hidden, _ = layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                              padding_mask=padding)
+            extra = additions.get(layer.layer_number - 1)
+            if extra is not None:
+                hidden = hidden + extra.to(hidden.dtype)
+        if decoder.final_layernorm is not None:
+            hidden = make_viewless_tensor(inp=decoder.final_layernorm(hidden), requires_grad=True,
+                                          keep_graph=True)
+        elif not self.pre_process and len(decoder.layers) == 0:
+            hidden = hidden.clone()
+        return hidden
+
+    def output(self, hidden: torch.Tensor, labels: torch.Tensor | None,
+               runtime_gather_output: bool | None) -> torch.Tensor:
+        """Output layer, then logits ``[b, s, vocab]`` or the per-token loss ``[b, s]``.
+
+        Padded vocabulary rows (logit 0, not -inf) are masked before the loss, so the loss equals
+        HF's over the real vocabulary.
         """
-        padded = self.post_process and self.s.padded_vocab_size > self.s.vocab_size
-        out = self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=None if padded else labels,
-            runtime_gather_output=runtime_gather_output and labels is None,
-        )
-        if not (padded and labels is not None):
-            return out
-        logits = mask_padded_vocab(out, self.s.vocab_size)
-        loss = vocab_parallel_cross_entropy(
-            logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
-        )
-        return loss.transpose(0, 1)
-
-
-@dataclass
-class QwenVLSettings:
-    """Fields both Qwen VLM families need beyond their TransformerConfigs."""
-
-    vocab_size: int
-    padded_vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    mrope_section: list[int]
-    tie_word_embeddings: bool
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-    patch_size: int
-    temporal_patch_size: int
-    in_channels: int
-    spatial_merge_size: int
-    vision_rope_theta: float
-    out_hidden_size: int
-
-
-def qwen_vl_settings(hf_config, language: TransformerConfig, tp: int, default_rope_theta: float) -> dict:
-    """Keyword arguments for the :class:`QwenVLSettings` fields, read from the HF config."""
-    text, vision = hf_config.text_config, hf_config.vision_config
-    rope = dict(text.rope_parameters or {})
-    return dict(
-        vocab_size=text.vocab_size,
-        padded_vocab_size=padded_vocab_size(text.vocab_size, tp),
-        max_position_embeddings=text.max_position_embeddings,
-        rope_theta=float(rope.get("rope_theta", default_rope_theta)),
-        mrope_section=list(language.mrope_section),
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        image_token_id=hf_config.image_token_id,
-        video_token_id=hf_config.video_token_id,
-        vision_start_token_id=hf_config.vision_start_token_id,
-        patch_size=vision.patch_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        in_channels=vision.in_channels,
-        spatial_merge_size=vision.spatial_merge_size,
-        vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
-        out_hidden_size=vision.out_hidden_size,
-    )
-
-
-def check_divisibility(hf_config, tp: int, pp: int) -> None:
-    """One-line errors for layouts a Qwen-style VLM cannot be split into (before Megatron asserts)."""
-    text, vision = hf_config.text_config, hf_config.vision_config
-    checks = [
-        ("language attention heads", text.num_attention_heads, tp, "--tp"),
-        ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
-        ("language FFN size", text.intermediate_size, tp, "--tp"),
-        ("vision attention heads", vision.num_heads, tp, "--tp"),
-        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
-        ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
-        ("language layers", text.num_hidden_layers, pp, "--pp"),
-    ]
-    for what, size, parts, flag in checks:
-        if size % parts:
-            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
+        lm = self.language_model
+        weight = lm.shared_embedding_or_output_weight() if self.s.tie_word_embeddings else None
+        gather = runtime_gather_output and labels is None
+        logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=gather)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        if self.s.padded_vocab_size > self.s.vocab_size:
+            logits = mask_padded_vocab(logits, self.s.vocab_size)
+            loss = vocab_parallel_cross_entropy(logits.float().contiguous(),
+                                                labels.transpose(0, 1).contiguous())
+            return loss.transpose(0, 1).contiguous()
+        return lm.compute_language_model_loss(labels, logits)

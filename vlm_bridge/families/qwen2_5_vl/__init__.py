@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-from vlm_bridge.attention.core import AttentionMask
-from vlm_bridge.families._common.mrope import mrope_position_ids
+import torch
+
+from vlm_bridge.families._qwen.mrope import mrope_position_ids
 from vlm_bridge.families.base import Family
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings, build_configs
 from vlm_bridge.families.qwen2_5_vl.mapping import LAYOUTS, weight_table
 from vlm_bridge.families.qwen2_5_vl.model import Qwen25VLModel
+from vlm_bridge.families.qwen2_5_vl.recipes import RECIPES
 
 
-def prepare_inputs(s: Qwen25VLSettings, batch: dict) -> dict:
-    """HF processor outputs -> :class:`Qwen25VLModel` forward kwargs (positions and mask built here)."""
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    positions = mrope_position_ids(
-        input_ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-        image_token_id=s.image_token_id, video_token_id=s.video_token_id,
+def position_ids(s: Qwen25VLSettings, batch: dict) -> torch.Tensor:
+    """3-D MRoPE positions; video time steps scale with ``second_per_grid_ts``."""
+    return mrope_position_ids(
+        batch["input_ids"], batch.get("attention_mask"), batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"), image_token_id=s.image_token_id, video_token_id=s.video_token_id,
         spatial_merge_size=s.spatial_merge_size, tokens_per_second=s.tokens_per_second,
         second_per_grid_ts=batch.get("second_per_grid_ts"),
     )
-    return dict(
-        input_ids=input_ids,
-        position_ids=positions,
-        attention_mask=AttentionMask.from_padding(mask),
-        pixel_values=batch.get("pixel_values"),
-        image_grid_thw=batch.get("image_grid_thw"),
-        pixel_values_videos=batch.get("pixel_values_videos"),
-        video_grid_thw=batch.get("video_grid_thw"),
-    )
+
 
 FAMILY = Family(
     name="qwen2_5_vl",
@@ -38,5 +30,19 @@ FAMILY = Family(
     build_model=Qwen25VLModel,
     weight_table=weight_table,
     layouts=LAYOUTS,
-    prepare_inputs=prepare_inputs,
+    components={
+        "vision": ("vision.patch_embed.", "vision.layers."),
+        "projector": ("vision.merger.",),
+        "language_model": ("language_model.",),
+    },
+    # hub names (model.layers.*, visual.*) -> transformers 5 module paths
+    hf_module_prefixes={"model.": "model.language_model.", "visual.": "model.visual.", "lm_head": "lm_head"},
+    media_keys=("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"),
+    position_ids=position_ids,
+    hf_vision_module="model.visual",
+    tiny_builder="vlm_bridge.testing.tiny_qwen2_5_vl:build_tiny_qwen2_5_vl",
+    tiny_variants={"default": {}, "tied": {"tie_word_embeddings": True}},
+    recipes=RECIPES,
 )
+
+FAMILIES = [FAMILY]

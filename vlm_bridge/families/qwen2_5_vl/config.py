@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import qwen_language_config, qwen_vision_config
-from vlm_bridge.families._common.vlm import QwenVLSettings, check_divisibility, qwen_vl_settings
+from vlm_bridge.families._qwen.config import qwen_language_config, qwen_vision_config
+from vlm_bridge.families._qwen.settings import QwenVLSettings, check_divisibility, qwen_vl_settings
 
 HF_DEFAULT_MROPE_SECTION = [16, 24, 24]
 VISION_NORM_EPS = 1e-6  # Qwen2_5_VLVisionBlock builds its RMSNorms with eps=1e-6, not from config

@@ -19,9 +19,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.families._common.modules import scatter_vision_embeddings
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.vision import VisionTower, scatter_vision_embeddings
-from vlm_bridge.families._common.vlm import VLMBase
+from vlm_bridge.families._common.vlm import Embedded, VLMModel
+from vlm_bridge.families._qwen.vision import VisionTower
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 
@@ -57,19 +58,14 @@ class Qwen25VisionModel(VisionTower):
         return merged[torch.argsort(window_index)]
 
 
-class Qwen25VLModel(VLMBase):
-    """Vision tower (first stage only) + Megatron GPTModel; Megatron's pipeline schedules drive it."""
+class Qwen25VLModel(VLMModel):
+    """Qwen2.5-VL: its ViT on the first stage, a GPT decoder with MRoPE, features scattered in."""
 
-    def __init__(
-        self,
-        language_config: TransformerConfig,
-        vision_config: TransformerConfig,
-        s: Qwen25VLSettings,
-        pre_process: bool = True,
-        post_process: bool = True,
-    ) -> None:
-        super().__init__(language_config, transformer_layer_spec(), s, pre_process, post_process)
-        self.vision = Qwen25VisionModel(vision_config, s) if pre_process else None
+    def language_layer_spec(self):
+        return transformer_layer_spec()
+
+    def build_vision(self, config: TransformerConfig) -> Qwen25VisionModel:
+        return Qwen25VisionModel(config, self.s)
 
     def embed(
         self,
@@ -78,34 +74,13 @@ class Qwen25VLModel(VLMBase):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> Embedded:
         """Text embeddings ``[s, b, h]`` with vision features in place of the placeholders."""
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        emb = self.embed_text(input_ids)
         if pixel_values is not None:
             feats = self.vision(pixel_values, image_grid_thw)
             emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images")
         if pixel_values_videos is not None:
             feats = self.vision(pixel_values_videos, video_grid_thw)
             emb = scatter_vision_embeddings(emb, input_ids, self.s.video_token_id, feats, "videos")
-        return emb
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: AttentionMask,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        runtime_gather_output: bool | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[b, s, vocab]`` (or per-token loss when ``labels`` is given) on the last stage."""
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-            )
-        return self.run_language_model(decoder_input, position_ids, attention_mask, labels,
-                                       runtime_gather_output)
+        return Embedded(emb)

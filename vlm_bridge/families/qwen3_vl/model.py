@@ -7,9 +7,9 @@ Non-obvious transforms (mirrored from the HF implementation):
   image or video frame.
 * DeepStack: the outputs of ViT layers ``deepstack_visual_indexes`` go through their own mergers
   (which normalise after the 2x2 merge) and are added to the LM hidden states at the visual
-  positions right after LM layers 0..K-1. They are applied by forward hooks on those layers, with
-  a zero-filled ``[s, b, h]`` tensor per level so that text positions are left bit-identical.
-  Those layers must sit on the first pipeline stage (checked in config.py).
+  positions right after LM layers 0..K-1. ``embed`` returns them as explicit decoder inputs
+  (zero-filled ``[s, b, h]`` per level, so text positions stay bit-identical), which the shared
+  decoder run adds after those layers. They must sit on the first pipeline stage (config.py).
 * MRoPE is interleaved: rotary channel i takes its angle from the t, h or w position by ``i % 3``
   within the h/w sections, unlike Qwen2.5-VL's contiguous sections; Megatron's rotary module is
   replaced by :class:`InterleavedMRoPE`.
@@ -23,9 +23,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights
 
 from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.families._common.modules import scatter_vision_embeddings
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.vision import PatchMerger, VisionTower, scatter_vision_embeddings
-from vlm_bridge.families._common.vlm import VLMBase
+from vlm_bridge.families._common.vlm import Embedded, VLMModel
+from vlm_bridge.families._qwen.vision import PatchMerger, VisionTower
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
 
 
@@ -83,60 +84,35 @@ class Qwen3VisionModel(VisionTower):
         return self.merger(x[:, 0]), deepstack
 
 
-class Qwen3VLModel(VLMBase):
-    """ViT (first stage) + GPTModel with q/k norm, interleaved MRoPE and DeepStack injection."""
+class Qwen3VLModel(VLMModel):
+    """ViT (first stage) + GPT decoder with q/k norm, interleaved MRoPE and DeepStack additions."""
 
-    def __init__(self, language_config: TransformerConfig, vision_config: TransformerConfig,
-                 s: Qwen3VLSettings, pre_process: bool = True, post_process: bool = True) -> None:
-        spec = transformer_layer_spec(qk_norm=True, num_experts=language_config.num_moe_experts)
-        super().__init__(language_config, spec, s, pre_process, post_process)
-        self.vision = Qwen3VisionModel(vision_config, s) if pre_process else None
-        self.language_model.rotary_pos_emb = InterleavedMRoPE(language_config.kv_channels, s.rope_theta)
-        self._deepstack: list[torch.Tensor] | None = None
-        for layer in self.language_model.decoder.layers:
-            level = layer.layer_number - 1
-            if level < len(s.deepstack_visual_indexes):
-                layer.register_forward_hook(self._inject(level))
+    def build_language_model(self, config: TransformerConfig):
+        lm = super().build_language_model(config)
+        lm.rotary_pos_emb = InterleavedMRoPE(config.kv_channels, self.s.rope_theta)
+        return lm
 
-    def _inject(self, level: int):
-        def hook(module, args, output):
-            if self._deepstack is None:
-                return output
-            hidden, context = output
-            return hidden + self._deepstack[level].to(hidden.dtype), context
+    def language_layer_spec(self):
+        return transformer_layer_spec(qk_norm=True, num_experts=self.config.num_moe_experts)
 
-        return hook
-
-    def _scatter(self, input_ids, feats, token_id, what, base):
-        return scatter_vision_embeddings(base, input_ids, token_id, feats, what)
+    def build_vision(self, config: TransformerConfig) -> Qwen3VisionModel:
+        return Qwen3VisionModel(config, self.s)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None):
-        """Text embeddings with vision features, and the DeepStack additions ``[s, b, h]``."""
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+              video_grid_thw=None) -> Embedded:
+        """Text embeddings with vision features, and the DeepStack additions ``[s, b, h]`` after
+        LM layers 0..K-1 (zero at text positions, so those stay bit-identical)."""
+        emb = self.embed_text(input_ids)
         levels = [torch.zeros_like(emb) for _ in self.s.deepstack_visual_indexes]
+        has_vision = False
         for pixels, grid, token, what in (
             (pixel_values, image_grid_thw, self.s.image_token_id, "images"),
             (pixel_values_videos, video_grid_thw, self.s.video_token_id, "videos"),
         ):
             if pixels is None:
                 continue
+            has_vision = True
             merged, deep = self.vision(pixels, grid)
-            emb = self._scatter(input_ids, merged, token, what, emb)
-            levels = [self._scatter(input_ids, d, token, what, lv) for d, lv in zip(deep, levels)]
-        has_vision = pixel_values is not None or pixel_values_videos is not None
-        return emb, (levels if has_vision else None)
-
-    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None,
-                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, labels=None,
-                runtime_gather_output=None):
-        decoder_input = None
-        if self.pre_process:
-            decoder_input, self._deepstack = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-            )
-        try:
-            return self.run_language_model(decoder_input, position_ids, attention_mask, labels,
-                                           runtime_gather_output)
-        finally:
-            self._deepstack = None
+            emb = scatter_vision_embeddings(emb, input_ids, token, merged, what)
+            levels = [scatter_vision_embeddings(lv, input_ids, token, d, what) for d, lv in zip(deep, levels)]
+        return Embedded(emb, dict(enumerate(levels)) if has_vision else {})

@@ -1,13 +1,16 @@
-"""Vision-side building blocks shared by the families: patch merger, 2D rotary, embedding scatter."""
+"""The Qwen-VL vision tower base: Conv3d patch embedding, Megatron blocks, 2x2 merger, 2D rotary."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vlm_bridge.families._common.modules import per_element_sharded_state_dict
 
 
 def _init_noop(weight: torch.Tensor) -> None:
@@ -30,13 +33,14 @@ class PatchMerger(MegatronModule):
         self.norm_after_merge = norm_after_merge
         norm_dim = self.hidden if norm_after_merge else context_dim
         self.norm = WrappedTorchNorm(config, norm_dim, eps=config.layernorm_epsilon)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         self.linear_fc1 = ColumnParallelLinear(
             self.hidden, self.hidden, config=config, init_method=_init_noop, bias=True,
-            gather_output=False,
+            gather_output=False, tp_group=tp_group,
         )
         self.linear_fc2 = RowParallelLinear(
             self.hidden, out_dim, config=config, init_method=_init_noop, bias=True,
-            input_is_parallel=True, skip_bias_add=False,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,31 +89,7 @@ class VisionTower(MegatronModule):
         positions = get_vision_position_ids(grid_thw, self.s.spatial_merge_size).to(device)
         return vision_rotary_freqs(positions, self.config.kv_channels, self.s.vision_rope_theta)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        """Checkpoint keys per ``ModuleList`` element (ViT layers, DeepStack mergers).
-
-        A plain ``ModuleList`` has no ``sharded_state_dict``, so Megatron would save its TP-sharded
-        weights as if replicated; each element contributes its own entries under ``<name>.<i>.``.
-        Other plain torch children (patch embed, position table) are replicated across TP.
-        """
-        from megatron.core import parallel_state
-        from megatron.core.transformer.utils import sharded_state_dict_default
-
-        # Pass the TP group so replicated tensors get per-rank replica ids instead of all claiming
-        # to be the primary copy.
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        out: dict = {}
-
-        def add(module, key):
-            out.update(sharded_state_dict_default(module, key, sharded_offsets, metadata, tp_group=tp_group))
-
-        for name, child in self.named_children():
-            if isinstance(child, torch.nn.ModuleList):
-                for i, element in enumerate(child):
-                    add(element, f"{prefix}{name}.{i}.")
-            else:
-                add(child, f"{prefix}{name}.")
-        return out
+    sharded_state_dict = per_element_sharded_state_dict
 
 
 def vision_rotary_freqs(
@@ -128,22 +108,3 @@ def vision_rotary_freqs(
     freqs = hw_positions[..., None].float() * inv_freq  # [N, 2, spatial/2]
     hw = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
     return torch.cat([hw, hw], dim=-1)[:, None, None, :]
-
-
-def scatter_vision_embeddings(
-    embeddings: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor,
-    what: str,
-) -> torch.Tensor:
-    """Place vision features at the positions of ``token_id`` in ``[s, b, h]`` text embeddings.
-
-    Features are consumed in row-major (batch, position) order, as the HF models do.
-    """
-    mask = input_ids == token_id  # [b, s]
-    count = int(mask.sum())
-    if count != features.shape[0]:
-        raise ValueError(
-            f"{what}: {count} placeholder tokens in input_ids but {features.shape[0]} features"
-        )
-    # masked_scatter fills in the logical order of its input, so scatter into a [b, s, h] view.
-    out = embeddings.transpose(0, 1).masked_scatter(mask[..., None], features.to(embeddings.dtype))
-    return out.transpose(0, 1)

@@ -45,30 +45,7 @@ def _peft(size: str) -> TrainConfig:
     )
 
 
-def demo_tiny() -> TrainConfig:
-    """The demo's tiny model on the synthetic shapes task: fast on 2 CPU cores."""
-    return TrainConfig(
-        name="demo_tiny",
-        output_dir="runs/demo_tiny",
-        dtype="fp32",
-        steps=120,
-        log_every=10,
-        micro_batch_size=4,
-        global_batch_size=8,
-        tensorboard=False,
-        optim=OptimSettings(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.0),
-        data=_demo_data(),
-    )
-
-
-def _demo_data():
-    from vlm_bridge.train.config import DataSettings
-
-    return DataSettings(seq_len=512, pack=True)
-
-
 RECIPES = {
     **{f"qwen2_5_vl_{s}_sft": (lambda s=s: _sft(s)) for s in LAYOUTS},
     **{f"qwen2_5_vl_{s}_lora": (lambda s=s: _peft(s)) for s in LAYOUTS},
-    "demo_tiny": demo_tiny,
 }

@@ -1,0 +1,170 @@
+"""The structural attention mask shared by every layer of one forward pass, and its predicates.
+
+A mask is described, not materialised: which tokens belong to which segment (a packed document, an
+image, a ViT window; negative ids are padding), whether attention is causal, which tokens form
+bidirectional spans inside a causal sequence (the soft tokens of one image in Gemma 3), an
+optional one-sided sliding window, and the offset of the queries into the keys (chunked prefill,
+decoding). Each backend builds what it needs from the same small predicates:
+
+    allowed(q, k) = same_segment(q, k) and not padding(k)
+                    and (causal(q, k) or same_span(q, k))
+                    and in_window(q, k)
+
+with positions ``q`` counted from ``query_offset`` so that a query block of a longer key sequence
+sees exactly what the full sequence would. The window is the one transformers 5.24 applies to
+Gemma 3's sliding layers: key ``k`` is visible from query ``q`` when ``q - k < window``, applied on
+top of the causal-or-span rule (so an image block stays whole only inside the window).
+
+A padding query attends to itself only, so that softmax never sees an all-masked row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMask:
+    """Structural attention mask (see the module docstring).
+
+    segment_ids: ``[b, s_k]`` int; tokens attend only within their own segment. Negative ids mark
+        padding. ``None`` means one segment per row and no padding.
+    causal: whether a token may not attend to later tokens (outside its span).
+    span_ids: ``[b, s_k]`` int; tokens sharing a non-negative id attend to each other both ways
+        even in a causal mask (image soft tokens). ``None`` or negative: no span.
+    window: sliding window size (``q - k < window``), or ``None`` for global attention.
+    query_offset: position of the first query among the keys (queries are the last ``s_q``
+        positions when equal to ``s_k - s_q``, the default when ``None``).
+    """
+
+    segment_ids: torch.Tensor | None = None
+    causal: bool = True
+    span_ids: torch.Tensor | None = None
+    window: int | None = None
+    query_offset: int | None = None
+    # Built once per forward and reused by every layer (a ViT has 32 of them).
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool) -> AttentionMask:
+        """Block-diagonal mask for one packed row whose segments end at ``cu_seqlens[1:]``."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        return cls(segment_ids=ids[None], causal=causal)
+
+    @classmethod
+    def from_padding(cls, attention_mask: torch.Tensor | None) -> AttentionMask:
+        """Causal mask for a padded batch (HF ``attention_mask``: 1 = token, 0 = padding)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return cls(segment_ids=None, causal=True)
+        return cls(segment_ids=torch.where(attention_mask.bool(), 0, -1), causal=True)
+
+    def with_window(self, window: int | None) -> AttentionMask:
+        """The same mask with a sliding window; cached, so every sliding layer shares one."""
+        if window == self.window:
+            return self
+        key = ("window", window)
+        if key not in self._cache:
+            self._cache[key] = dataclasses.replace(self, window=window, _cache={})
+        return self._cache[key]
+
+    def to(self, device) -> AttentionMask:
+        def move(t):
+            return t.to(device) if t is not None else None
+
+        return dataclasses.replace(self, segment_ids=move(self.segment_ids), span_ids=move(self.span_ids),
+                                   _cache={})
+
+    # ---- what backends ask -------------------------------------------------------------------
+    def is_plain(self) -> bool:
+        """Plain causal or full attention over whole rows: SDPA needs no mask at all."""
+        return self.segment_ids is None and self.span_ids is None and self.window is None
+
+    def needs_dense(self) -> bool:
+        return not self.is_plain()
+
+    def offset(self, sq: int, sk: int) -> int:
+        return sk - sq if self.query_offset is None else self.query_offset
+
+    def allowed(self, b, q, k):
+        """The predicate on index tensors (broadcastable): True where query q may see key k.
+
+        ``b`` indexes the batch of ``segment_ids`` / ``span_ids``; ``q`` is already offset.
+        """
+        ok = torch.ones_like(q >= 0) & torch.ones_like(k >= 0)
+        if self.causal:
+            order = k <= q
+            if self.span_ids is not None:
+                spans = self.span_ids
+                order = order | ((spans[b, q] == spans[b, k]) & (spans[b, k] >= 0))
+            ok = ok & order
+        if self.window is not None:
+            ok = ok & (q - k < self.window)
+        if self.segment_ids is not None:
+            ids = self.segment_ids
+            ok = ok & (ids[b, q] == ids[b, k]) & (ids[b, k] >= 0)
+            ok = ok | ((ids[b, q] < 0) & (q == k))  # padding attends to itself
+        return ok
+
+    def dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean ``[b|1, 1, sq, sk]`` mask, True where attention is allowed (SDPA convention);
+        None for plain full attention."""
+        key = ("dense", sq, sk, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._build_dense(sq, sk, torch.device(device))
+        return self._cache[key]
+
+    def _build_dense(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
+        if self.is_plain() and not self.causal:
+            return None
+        moved = self.to(device)
+        rows = 1
+        for ids in (moved.segment_ids, moved.span_ids):
+            if ids is not None:
+                rows = ids.shape[0]
+        b = torch.arange(rows, device=device)[:, None, None]
+        q = torch.arange(sq, device=device)[None, :, None] + self.offset(sq, sk)
+        k = torch.arange(sk, device=device)[None, None, :]
+        return moved.allowed(b, q, k)[:, None]
+
+    def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """``(cu_seqlens int32, max_len)`` when this is one row of contiguous segments with no
+        spans, windows or offsets (what varlen flash attention computes), else None.
+
+        Padding (id -1) forms segments of its own, which is harmless: padded positions never
+        carry loss and nothing real attends to them.
+        """
+        key = ("cu", str(device))
+        if key not in self._cache:
+            self._cache[key] = None
+            ids = self.segment_ids
+            simple = self.span_ids is None and self.window is None and not self.query_offset
+            if simple and ids is not None and ids.shape[0] == 1:
+                ids = ids[0]
+                change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+                bounds = torch.cat([change.new_zeros(1), change, change.new_tensor([ids.numel()])])
+                starts = ids[bounds[:-1]]
+                real = starts[starts >= 0]
+                if real.unique().numel() == real.numel():  # every segment is one contiguous run
+                    lengths = bounds[1:] - bounds[:-1]
+                    self._cache[key] = (bounds.to(device, torch.int32), int(lengths.max()))
+        return self._cache[key]
+
+    def block_mask(self, sq: int, sk: int, device: torch.device, heads: int):
+        """A FlexAttention ``BlockMask`` from the same predicate (GPU kernels skip empty blocks)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = ("block", sq, sk, str(device))
+        if key not in self._cache:
+            moved = self.to(device)
+            offset = self.offset(sq, sk)
+            rows = next((t.shape[0] for t in (moved.segment_ids, moved.span_ids) if t is not None), 1)
+
+            def mask_mod(b, h, q, k):
+                return moved.allowed(b if rows > 1 else b * 0, q + offset, k)
+
+            self._cache[key] = create_block_mask(mask_mod, rows, None, sq, sk, device=device)
+        return self._cache[key]

@@ -1,0 +1,195 @@
+"""Build a family's Megatron model on this rank and fill it: from an HF folder, or from a Megatron
+checkpoint saved at any layout; and the ``import`` / ``export`` commands on top of the engine.
+
+This is where the registry, the conversion engine and PEFT meet: ``convert/`` knows no family and
+no adapters; a training checkpoint with LoRA/DoRA adapters is loaded here with the adapters
+merged into the weights.
+
+Checkpoint metadata (``vlm_bridge.json``) is written by :func:`conversion_meta` for imports and
+training saves alike, so what conversion needs later (key layout, expert layout) is never lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from vlm_bridge.convert.distribute import global_param_names
+from vlm_bridge.convert.engine import (
+    DTYPES,
+    HFTarget,
+    check_coverage,
+    dtype_name,
+    fill_from_hf,
+    load_in_place,
+    open_hf_weights,
+    read_meta,
+    save_megatron,
+    write_hf,
+)
+from vlm_bridge.convert.experts import PER_EXPERT
+from vlm_bridge.convert.hf_io import CheckpointError
+from vlm_bridge.convert.layout import detect_layout, layout_by_name
+from vlm_bridge.convert.ops import Entry
+from vlm_bridge.families.base import Family
+from vlm_bridge.parallel import ParallelConfig, device, init_distributed
+from vlm_bridge.registry import family_for_config
+
+
+@dataclass
+class BuiltModel:
+    """A model for this rank plus everything needed to convert it."""
+
+    family: Family
+    hf_config: object
+    settings: object
+    model: torch.nn.Module
+    table: list[Entry]
+    params: dict[str, torch.nn.Parameter]
+    key_layout: str = "hub"  # on-disk layout of the HF source, reproduced on export
+    hf_side_dir: str = ""  # folder with config, tokenizer and processor files
+    expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def num_experts(self) -> int:
+        return getattr(self.model.language_model.config, "num_moe_experts", None) or 0
+
+
+def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dict:
+    """``vlm_bridge.json`` contents: everything export and verify need to reproduce the source."""
+    return {
+        "family": built.family.name,
+        "dtype": dtype_name(built.dtype),
+        "key_layout": built.key_layout,
+        "expert_layout": built.expert_layout,
+        "saved_tp": parallel.tp,
+        "saved_pp": parallel.pp,
+        "saved_ep": parallel.ep,
+        **extra,
+    }
+
+
+def load_hf_config(folder: str | Path):
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:
+    """This rank's Megatron model (pre/post-process by pipeline stage) and the family table."""
+    family = family_for_config(hf_config)
+    language, vision, settings = family.build_configs(
+        hf_config, dtype, parallel.tp, parallel.pp, parallel.ep
+    )
+    model = family.build_model(
+        language, vision, settings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    # Plain torch submodules (patch embedding, torch norms) start on the CPU in fp32.
+    model.to(device=device(), dtype=dtype)
+    # Freeze flags, per-component learning rates and LoRA select parameters by these prefixes.
+    model.component_prefixes = dict(family.components)
+    table = family.weight_table(language, vision, settings)
+    return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
+
+
+def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
+    """Build this rank's model and fill it from an HF folder (conversion on the fly).
+
+    ``dtype`` None keeps the checkpoint's own dtype.
+    """
+    hf_config = load_hf_config(hf_dir)
+    family_for_config(hf_config)  # unsupported architectures fail before any file is opened
+    text = getattr(hf_config, "text_config", hf_config)
+    reader, expert_layout = open_hf_weights(hf_dir, text.hidden_size)
+    built = build_rank_model(hf_config, dtype or reader.dtype(reader.keys()[0]), parallel)
+    layout = detect_layout(built.family.layouts, reader.keys(), [n for e in built.table for n in e.hf])
+    check_coverage(built.table, reader.keys(), layout, hf_dir)
+    fill_from_hf(built.params, built.table, reader, layout, hf_dir)
+    built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
+    built.expert_layout = expert_layout
+    return built
+
+
+def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
+    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
+    meta = read_meta(megatron_dir)
+    hf_config = load_hf_config(Path(megatron_dir) / "hf")
+    dtype = dtype or DTYPES[meta["dtype"]]
+    built = build_rank_model(hf_config, dtype, parallel)
+    built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
+    built.expert_layout = meta.get("expert_layout", PER_EXPERT)
+    peft = meta.get("peft")
+    if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
+        from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
+
+        apply_lora(built.model, LoraConfig(
+            rank=peft["rank"], alpha=peft["alpha"], targets=tuple(peft["targets"]),
+            components=tuple(peft["components"]), use_dora=peft["method"] == "dora"))
+    load_in_place(built.model, f"{megatron_dir}/weights")
+    if peft:
+        merge_lora(built.model)
+    return built, meta
+
+
+def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
+    """An HF folder or a vlm-bridge Megatron checkpoint, at this run's layout."""
+    from vlm_bridge.convert.engine import META_FILE
+
+    if not path:
+        raise ValueError("no pretrained model given (--pretrained DIR)")
+    if (Path(path) / META_FILE).is_file():
+        return load_megatron(path, parallel, dtype)[0]
+    return load_hf(path, parallel, dtype)
+
+
+def write_built(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
+                max_shard_bytes: int = 2 * 1024**3, consume: bool = False) -> None:
+    """Run on every rank: export this model to an HF folder in its source's key/expert layout."""
+    target = HFTarget(
+        folder=Path(hf_dir), layout=layout_by_name(built.family.layouts, built.key_layout),
+        dtype=out_dtype, side_dir=built.hf_side_dir, expert_layout=built.expert_layout,
+        num_experts=built.num_experts, max_shard_bytes=max_shard_bytes,
+    )
+    write_hf(built.params, built.table, target, overwrite, consume=consume)
+
+
+def import_hf(
+    hf_dir: str, out_dir: str, parallel: ParallelConfig, dtype_arg: str | None, overwrite: bool
+) -> dict:
+    """Run on every rank: convert an HF folder into a Megatron distributed checkpoint."""
+    init_distributed(parallel)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
+    built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
+    meta = conversion_meta(built, parallel)
+    save_megatron(built.model, out, meta, hf_dir, overwrite)
+    return meta
+
+
+def export_hf(
+    megatron_dir: str, hf_dir: str, parallel: ParallelConfig, dtype_arg: str | None,
+    overwrite: bool, max_shard_bytes: int = 2 * 1024**3, expert_layout: str | None = None,
+) -> dict:
+    """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
+    init_distributed(parallel)
+    if Path(hf_dir).exists() and not overwrite:
+        raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
+    built, meta = load_megatron(megatron_dir, parallel)
+    out_dtype = DTYPES[dtype_arg or meta["dtype"]]
+    if expert_layout:
+        built.expert_layout = expert_layout
+    write_built(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True)
+    return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}
