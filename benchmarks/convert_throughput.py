@@ -125,8 +125,8 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
     """All phases; ``workdir`` receives ``megatron/`` and ``export/``."""
     import torch
 
-    from vlm_bridge.convert.engine import export_hf, import_hf
     from vlm_bridge.convert.hf_io import SafetensorsReader
+    from vlm_bridge.loading import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
 
     parallel = ParallelConfig(tp=tp)

@@ -1,4 +1,4 @@
-"""Write a random-weight Qwen2.5-VL HF folder at real 7B dimensions, streaming, for benchmarks.
+"""Write a random-weight Qwen-VL or Gemma 3 HF folder at real dimensions, streaming, for benchmarks.
 
 The 7B checkpoint (~16.6 GB in bf16) is never held in memory: the HF model is built on the
 ``meta`` device only to enumerate parameter names and shapes, and each tensor is generated from
@@ -11,6 +11,15 @@ network); the config's special-token ids are set to the tiny tokenizer's ids, wh
 
     python benchmarks/make_checkpoint.py --size 7b --out /data/qwen7b-random [--dtype bf16] [--tie]
     python benchmarks/make_checkpoint.py --size 7b --dry-run   # tensor count and bytes only
+    python benchmarks/make_checkpoint.py --size gemma3_4b --out /data/gemma3-4b-random
+
+Gemma 3 (``gemma3_4b``, ``gemma3_12b``, ``gemma3_27b``; ``gemma3_tiny`` is the tiny builder's config
+written the same way) follows the same recipe with the tiny Gemma tokenizer from
+:mod:`vlm_bridge.testing.tiny_gemma3_vl`: the config carries its special-token ids (boi/eoi/image at
+386-388 instead of 255999/256000/262144) and the vocab stays 262208. The keys are the hub upload's
+(``language_model.model.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, no
+``lm_head``: Gemma 3 is always tied, ``--tie`` is ignored), and the processor takes images to the
+config's 896x896 with 256 soft tokens each, like google/gemma-3-4b-it's.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from transformers import (
 )
 
 from vlm_bridge.convert.hf_io import CheckpointError, ShardedSafetensorsWriter, atomic_output_dir
+from vlm_bridge.testing import tiny_gemma3_vl as tiny_gemma
 from vlm_bridge.testing import tiny_qwen2_5_vl as tiny
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,7 +127,76 @@ def qwen3_30b_a3b_config(tie: bool, layers: int = 48):
     )
 
 
+# Text dimensions of google/gemma-3-{4b,12b,27b}-it; everything else is shared (gemma3_config).
+GEMMA3_TEXT = {
+    "gemma3_4b": {"hidden_size": 2560, "num_hidden_layers": 34, "num_attention_heads": 8,
+                  "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 10240,
+                  "query_pre_attn_scalar": 256},
+    "gemma3_12b": {"hidden_size": 3840, "num_hidden_layers": 48, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 15360,
+                   "query_pre_attn_scalar": 256},
+    # 168 = hidden / heads, not head_dim 128: the one size whose attention scale is not head_dim ** -0.5
+    "gemma3_27b": {"hidden_size": 5376, "num_hidden_layers": 62, "num_attention_heads": 32,
+                   "num_key_value_heads": 16, "head_dim": 128, "intermediate_size": 21504,
+                   "query_pre_attn_scalar": 168},
+}
+GEMMA3_SIZES = (*GEMMA3_TEXT, "gemma3_tiny")
+GEMMA3_SLIDING_WINDOW_PATTERN = 6  # 5 local (sliding) layers, then 1 global
+
+
+def gemma3_config(size: str):
+    """Gemma 3 4B/12B/27B dimensions (or the tiny builder's), with the tiny tokenizer's special ids.
+
+    Always tied, as every Gemma 3 checkpoint (and the Megatron family, which refuses untied ones).
+    """
+    if size == "gemma3_tiny":
+        return tiny_gemma.tiny_gemma3_vl_config()
+    layers = GEMMA3_TEXT[size]["num_hidden_layers"]
+    pattern = GEMMA3_SLIDING_WINDOW_PATTERN
+    text = {
+        **GEMMA3_TEXT[size], "vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "attention_bias": False,
+        "attention_dropout": 0.0, "sliding_window": 1024,
+        # Explicit layer_types plus the matching legacy pattern (the config would otherwise
+        # serialise a default pattern that need not agree with the list).
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "sliding_window_pattern": pattern,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "use_bidirectional_attention": False, "tie_word_embeddings": True,
+        "pad_token_id": tiny_gemma.PAD_TOKEN_ID, "eos_token_id": tiny_gemma.EOS_TOKEN_ID,
+        "bos_token_id": tiny_gemma.BOS_TOKEN_ID,
+    }
+    vision = {  # SigLIP so400m at 896 px: 64x64 = 4096 patches, pooled 4x4 -> 256 soft tokens
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+        "num_hidden_layers": 27, "num_attention_heads": 16, "num_channels": 3, "image_size": 896,
+        "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0, "vision_use_head": False,
+    }
+    from transformers import Gemma3Config
+
+    # The real ids are 255999/256000/262144; the tiny tokenizer emits 386/387/388.
+    return Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=256,
+        boi_token_index=tiny_gemma.BOI_TOKEN_ID, eoi_token_index=tiny_gemma.EOI_TOKEN_ID,
+        image_token_index=tiny_gemma.IMAGE_TOKEN_ID,
+        eos_token_id=[tiny_gemma.EOS_TOKEN_ID, tiny_gemma.END_OF_TURN_ID], tie_word_embeddings=True,
+    )
+
+
+def is_gemma3(size_or_config) -> bool:
+    if isinstance(size_or_config, str):
+        return size_or_config in GEMMA3_SIZES
+    return size_or_config.model_type == "gemma3"
+
+
 def build_config(size: str, tie: bool):
+    if is_gemma3(size):
+        return gemma3_config(size)
     if size == "qwen3_8b":
         return qwen3_8b_config(tie)
     if size.startswith("qwen3_30b_a3b"):  # qwen3_30b_a3b or qwen3_30b_a3b_<layers>l
@@ -136,29 +215,55 @@ def hub_key(name: str) -> str:
     return name
 
 
+# transformers 5 in-memory prefix -> the hub's on-disk one for Gemma 3 (5.x save_pretrained would
+# write a flat vision_tower.*; the hub's vision_tower.vision_model.* is what downloads look like).
+GEMMA3_HUB_PREFIXES = {"model.language_model.": "language_model.model.",
+                       "model.vision_tower.": "vision_tower.vision_model.",
+                       "model.multi_modal_projector.": "multi_modal_projector."}
+
+
+def gemma3_hub_key(name: str) -> str:
+    for memory, disk in GEMMA3_HUB_PREFIXES.items():
+        if name.startswith(memory):
+            return disk + name.removeprefix(memory)
+    return name
+
+
 def tensor_specs(config: Qwen2_5_VLConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(hub key, shape) of every saved tensor, from a meta-device model (allocates nothing)."""
     from transformers import AutoModelForImageTextToText
 
     qwen3 = config.model_type in ("qwen3_vl", "qwen3_vl_moe")
+    gemma3 = is_gemma3(config)
     with torch.device("meta"):
-        model = (AutoModelForImageTextToText.from_config(config) if qwen3
+        model = (AutoModelForImageTextToText.from_config(config) if qwen3 or gemma3
                  else Qwen2_5_VLForConditionalGeneration(config))
-    rename = (lambda n: n) if qwen3 else hub_key
+    rename = gemma3_hub_key if gemma3 else (lambda n: n) if qwen3 else hub_key
     specs = [(rename(n), tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)]
     if config.tie_word_embeddings:  # HF does not save the tied output layer
         specs = [s for s in specs if s[0] != "lm_head.weight"]
     return sorted(specs)
 
 
-def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Deterministic per key: a tensor's values do not depend on which others are written."""
+def gemma_rms_norm(key: str, shape: tuple[int, ...]) -> bool:
+    """A Gemma RMSNorm weight (applied as 1 + w): every 1-D tensor of the Gemma decoder (it has no
+    biases) and the projector's norm; the SigLIP tower's LayerNorms (plain w, with biases) are not."""
+    return len(shape) == 1 and key.startswith(("language_model.", "multi_modal_projector."))
+
+
+def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
+                  norm_centre: float = 1.0) -> torch.Tensor:
+    """Deterministic per key: a tensor's values do not depend on which others are written.
+
+    ``norm_centre`` is where 1-D norm weights are drawn around: 1 for norms that scale by w, 0 for
+    Gemma's that scale by 1 + w (around 1 they would double every normalised activation).
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     t = torch.randn(shape, generator=gen, dtype=torch.float32)
     if key.endswith(".bias"):
         t.mul_(0.02)
-    elif len(shape) == 1:  # RMSNorm / LayerNorm scales: around 1, not exactly 1, so swaps show up
-        t.mul_(0.05).add_(1.0)
+    elif len(shape) == 1:  # RMSNorm / LayerNorm scales: near the centre, not on it, so swaps show up
+        t.mul_(0.05).add_(norm_centre)
     else:  # matrices: a stable forward through 28 layers with residual connections
         t.mul_(0.02)
     return t.to(dtype)
@@ -176,6 +281,23 @@ def make_processor(min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
     )
 
 
+def make_gemma3_processor(config):
+    """The tiny Gemma processor at the config's image size and soft tokens per image (896 px, 256
+    for the real sizes), with pan-and-scan's crop minimum of the hub (256 px) when images are 896."""
+    from transformers import Gemma3Processor
+
+    side = config.vision_config.image_size
+    base = tiny_gemma.make_tiny_gemma3_processor()
+    image_processor = base.image_processor
+    image_processor.size = {"height": side, "width": side}
+    if side != tiny_gemma.IMAGE_SIZE:
+        image_processor.pan_and_scan_min_crop_size = 256
+    # image_seq_length is baked into the expanded image string at construction: build a new one.
+    return Gemma3Processor(image_processor=image_processor, tokenizer=base.tokenizer,
+                           chat_template=tiny_gemma.CHAT_TEMPLATE,
+                           image_seq_length=config.mm_tokens_per_image)
+
+
 def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie: bool = False,
                     seed: int = 0, overwrite: bool = False, max_shard_bytes: int = SHARD_BYTES,
                     max_pixels: int = MAX_PIXELS) -> dict:
@@ -183,17 +305,26 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
     config = build_config(size, tie)
     config.dtype = DTYPES[dtype]
     specs = tensor_specs(config)
+    gemma3 = is_gemma3(size)
     start = time.time()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for key, shape in specs:  # one tensor alive at a time, plus the writer's shard buffer
-            writer.add(key, random_tensor(key, shape, DTYPES[dtype], seed))
+            centre = 0.0 if gemma3 and gemma_rms_norm(key, shape) else 1.0
+            writer.add(key, random_tensor(key, shape, DTYPES[dtype], seed, centre))
         shards = len(set(writer.finalize().values()))
         config.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
-                         eos_token_id=[tiny.IM_END_ID, tiny.ENDOFTEXT_ID],
-                         do_sample=False).save_pretrained(tmp)
-        if size.startswith("qwen3"):
+        if gemma3:  # the hub's: stop on <eos> or <end_of_turn>
+            GenerationConfig(bos_token_id=tiny_gemma.BOS_TOKEN_ID, pad_token_id=tiny_gemma.PAD_TOKEN_ID,
+                             eos_token_id=[tiny_gemma.EOS_TOKEN_ID, tiny_gemma.END_OF_TURN_ID],
+                             do_sample=False).save_pretrained(tmp)
+        else:
+            GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
+                             eos_token_id=[tiny.IM_END_ID, tiny.ENDOFTEXT_ID],
+                             do_sample=False).save_pretrained(tmp)
+        if gemma3:
+            make_gemma3_processor(config).save_pretrained(tmp)
+        elif size.startswith("qwen3"):
             from vlm_bridge.testing.tiny_qwen3_vl import make_tiny_qwen3_processor
 
             processor = make_tiny_qwen3_processor()
@@ -209,7 +340,7 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
     numel = [torch.Size(s).numel() for _, s in specs]
     parts = {"text": 0, "vision": 0, "lm_head": 0}
     for (key, _), n in zip(specs, numel):
-        vision = key.startswith(("visual.", "model.visual."))
+        vision = key.startswith(("visual.", "model.visual.", "vision_tower.", "multi_modal_projector."))
         parts["vision" if vision else "lm_head" if key == "lm_head.weight" else "text"] += (
             n * dtype.itemsize)
     return {"tensors": len(specs), "params": sum(numel), "bytes": sum(numel) * dtype.itemsize,
@@ -219,12 +350,14 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="7b",
-                   help="7b, qwen3_8b, qwen3_30b_a3b, qwen3_30b_a3b_<N>l (N LM layers), tiny")
+                   help="7b, qwen3_8b, qwen3_30b_a3b, qwen3_30b_a3b_<N>l (N LM layers), tiny, "
+                        "gemma3_4b, gemma3_12b, gemma3_27b, gemma3_tiny")
     p.add_argument("--out", help="output folder (required unless --dry-run)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (not 7B's)")
+    p.add_argument("--tie", action="store_true",
+                   help="tie lm_head to the embedding (not 7B's; Gemma 3 is always tied)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="Qwen only (Gemma 3: 896x896)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list tensors and bytes, write nothing")
     args = p.parse_args(argv)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("CI", "1")
 
-    from vlm_bridge.convert.engine import export_hf, import_hf
+    from vlm_bridge.loading import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
     from vlm_bridge.testing.checks import checkpoint_mismatches
     from vlm_bridge.verify import DEFAULT_PROMPT, verify

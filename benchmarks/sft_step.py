@@ -1,9 +1,11 @@
-"""One SFT (and LoRA) step of a Qwen-VL model on 1..N GPUs: the Megatron path vs HF transformers.
+"""One SFT (and LoRA) step of a Qwen-VL or Gemma 3 model on 1..N GPUs: the Megatron path vs HF transformers.
 
     python benchmarks/sft_step.py --size 7b --workdir /tmp/w [--steps 5] [--warmup 2] [--mode sft,lora]
     python benchmarks/sft_step.py --size qwen3_30b_a3b_8l --gpus 2 --ep 2 --workdir /tmp/m \
         --mode sft --systems hf,megatron,megatron_sequential      # MoE: EP=2 vs HF DDP on 2 GPUs
     python benchmarks/sft_step.py --size tiny --workdir /tmp/t --dtype fp32 --steps 1 --warmup 1  # CPU
+    python benchmarks/sft_step.py --size gemma3_4b --workdir /tmp/g4b --mode sft,lora
+    python benchmarks/sft_step.py --size gemma3_tiny --workdir /tmp/gt --dtype fp32 --steps 1 --warmup 1
 
 Both systems train on the same seeded samples (one image of 224-896 px a side, 100-700 text tokens
 of random words), encoded once by ``SampleEncoder`` and packed once into rows of ``--seq-len``
@@ -18,9 +20,9 @@ per-token loss over the global step (``num_items_in_batch``), fused AdamW on the
 (bf16 states, no fp32 master: what HF Trainer does with a bf16-loaded model), grad clipping 1.0 as
 Megatron, experts as transformers' default for the model (grouped_mm for Qwen3-VL-MoE).
 ``first_loss_diff`` (loss before any update) checks both see the same data; it is 0 up to dtype
-noise when the vocabulary is a multiple of 128, while Megatron's loss also covers the padded vocab
-columns otherwise (tiny: 300 -> 384 adds ~ln(384/300) = 0.247). MFU = model FLOPs (``step_flops``:
-real tokens, active experts only) / (step time * GPUs * --peak-tflops).
+noise: Megatron pads the vocabulary to a multiple of 128 (tiny: 300 -> 384) but masks the padded
+logit columns out of the loss. MFU = model FLOPs (``step_flops``: real tokens, active experts only)
+/ (step time * GPUs * --peak-tflops).
 
 Memory at 7B (8.29e9 params): Megatron SFT keeps bf16 weights 2 B + fp32 grad buffer 4 B
 (grad_reduce_in_fp32) + fp32 master 4 B + Adam 8 B = 18 B/param = 149 GB before activations (the
@@ -29,6 +31,13 @@ distributed optimizer shards nothing at DP=1): it does NOT fit one H200 (141 GB)
 checkpoint; K=16: 99 GB of Megatron state). LoRA fits at full depth. An OOM is recorded and the
 system retried once with recomputation (HF: gradient checkpointing); any other error is recorded
 and the run goes on. Peak memory is the largest over the GPUs.
+
+Gemma 3: every image is resized to 896x896 (256 soft tokens; ``--max-pixels`` does not apply) and
+the HF batches carry the processor's ``token_type_ids``: without them transformers 5.24 silently
+drops the bidirectional attention within each image (a causal mask only), unlike Megatron. 4B:
+4.30e9 params, Megatron SFT 77 GB of state, HF 34 GB: both fit one H200. 12B (219 GB) and 27B
+(494 GB) do not for SFT: use --num-layers or LoRA. LoRA trainable counts differ between the systems
+by design (Megatron adapts the fused QKV and gate/up matrices).
 """
 
 from __future__ import annotations
@@ -90,10 +99,12 @@ def trimmed_checkpoint(src: Path, layers: int) -> Path:
     if not 0 < layers <= text["num_hidden_layers"]:
         raise SystemExit(f"--num-layers must be in 1..{text['num_hidden_layers']}")
     text["num_hidden_layers"] = layers
-    text["max_window_layers"] = min(text.get("max_window_layers", layers), layers)
+    if "max_window_layers" in text:  # a Qwen field; Gemma 3 has none
+        text["max_window_layers"] = min(text["max_window_layers"], layers)
     if "layer_types" in text:
         text["layer_types"] = text["layer_types"][:layers]
-    layer_key = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+    # Qwen2.5-VL model.layers.N, Qwen3-VL model.language_model.layers.N, Gemma 3 language_model.model.layers.N
+    layer_key = re.compile(r"^(?:model\.(?:language_model\.)?|language_model\.model\.)layers\.(\d+)\.")
     with hf_io.atomic_output_dir(dst, overwrite=True) as tmp, hf_io.SafetensorsReader(src) as reader:
         writer = hf_io.ShardedSafetensorsWriter(tmp)
         for key in reader.keys():
@@ -139,18 +150,25 @@ def run_hf(*args) -> dict:
 
 
 def _hf_batches(group: list, pad_id: int) -> dict:
-    """Processor-style right padding; labels -100 on padding and non-assistant tokens."""
+    """Processor-style right padding; labels -100 on padding and non-assistant tokens.
+
+    Whatever the family's processor returned travels as it would in a processor batch: every
+    per-token output the encoder kept (``EncodedSample.tokens``: Qwen's ``mm_token_type_ids``,
+    Gemma's ``token_type_ids``) padded with 0 (text), every media tensor (``EncodedSample.media``:
+    ``pixel_values`` and Qwen's ``image_grid_thw``) concatenated in sample order.
+    """
     import torch
 
     shape = (len(group), max(len(s) for s in group))
+    token_keys = sorted({key for s in group for key in s.tokens})
+    media_keys = sorted({key for s in group for key in s.media})
     b = {"input_ids": torch.full(shape, pad_id), "labels": torch.full(shape, -100),
          "attention_mask": torch.zeros(shape, dtype=torch.long),
-         "mm_token_type_ids": torch.zeros(shape, dtype=torch.long),
-         "pixel_values": torch.cat([s.pixel_values for s in group]),
-         "image_grid_thw": torch.cat([s.image_grid_thw for s in group])}
+         **{key: torch.zeros(shape, dtype=torch.long) for key in token_keys},
+         **{key: torch.cat([s.media[key] for s in group if key in s.media]) for key in media_keys}}
     for r, s in enumerate(group):
-        for key, value in (("input_ids", s.input_ids), ("attention_mask", 1), ("labels", s.labels),
-                           ("mm_token_type_ids", s.mm_token_type_ids)):
+        per_token = {"input_ids": s.input_ids, "attention_mask": 1, "labels": s.labels, **s.tokens}
+        for key, value in per_token.items():
             b[key][r, :len(s)] = value
     return b
 
@@ -240,7 +258,8 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     """trainer.setup without the data stream, then trainer.train_step on fixed packed rows."""
 
     from vlm_bridge.compat.cpu import cuda_available
-    from vlm_bridge.convert.engine import DTYPES, load_hf
+    from vlm_bridge.convert.engine import DTYPES
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train import trainer
     from vlm_bridge.train.batching import collate_packed
@@ -385,7 +404,8 @@ def _packed_rows(encoded: list, args) -> list[list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="7b", help="7b, tiny, qwen3_8b, qwen3_30b_a3b[_<N>l] (make_checkpoint)")
+    p.add_argument("--size", default="7b", help="7b, tiny, qwen3_8b, qwen3_30b_a3b[_<N>l], gemma3_4b, "
+                   "gemma3_12b, gemma3_27b, gemma3_tiny (make_checkpoint)")
     p.add_argument("--hf", default=None, help="use this HF folder instead of WORKDIR/hf")
     p.add_argument("--workdir", required=True, help="checkpoint in WORKDIR/hf (written if missing)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -395,12 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="hf,megatron", help=f"comma list of {', '.join(SYSTEMS)}")
     p.add_argument("--gpus", type=int, default=1, help="ranks (one per GPU); HF runs DDP over them")
     p.add_argument("--ep", type=int, default=1, help="Megatron expert parallelism (MoE; divides --gpus)")
-    p.add_argument("--samples", type=int, default=None, help="default 24 (7b) / 8 (tiny)")
+    p.add_argument("--samples", type=int, default=None, help="default 24 / 8 (tiny, gemma3_tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4096, help="max sample length and packed row length")
     p.add_argument("--hf-batch", type=int, default=4)
     p.add_argument("--max-pixels", type=int, default=896 * 896,
-                   help="processor pixel cap (the checkpoint's is 448*448; 896*896 keeps every image whole)")
+                   help="Qwen processor pixel cap (the checkpoint's is 448*448; 896*896 keeps every image "
+                        "whole); Gemma 3 always uses 896x896")
     p.add_argument("--num-layers", type=int, default=None, help="keep only the first K LM layers (both)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200)")
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
@@ -413,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CI", "1")
 
     import torch
-    from make_checkpoint import build_config, make_checkpoint
+    from make_checkpoint import build_config, is_gemma3, make_checkpoint
     from step_flops import model_flops
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from vlm_bridge.data.encode import SampleEncoder
 
@@ -431,22 +452,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.hf:
         if not (hf_dir / "config.json").is_file():
             make_checkpoint(hf_dir, args.size, "bf16", overwrite=True)
-        hidden = json.loads((hf_dir / "config.json").read_text())["text_config"]["hidden_size"]
-        if hidden != build_config(args.size, False).text_config.hidden_size:
-            raise SystemExit(f"{hf_dir} holds hidden size {hidden}, not a {args.size} checkpoint")
+        saved = json.loads((hf_dir / "config.json").read_text())
+        want = build_config(args.size, False)
+        # The model type too: tiny Qwen and tiny Gemma share hidden size 64.
+        if (saved.get("model_type"), saved["text_config"]["hidden_size"]) != (
+                want.model_type, want.text_config.hidden_size):
+            raise SystemExit(f"{hf_dir} holds a {saved.get('model_type')} of hidden size "
+                             f"{saved['text_config']['hidden_size']}, not a {args.size} checkpoint")
     if args.num_layers is not None:
         hf_dir = trimmed_checkpoint(hf_dir, args.num_layers)
+    hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
+    if not is_gemma3(hf_config):  # Gemma's image processor resizes to a fixed square instead
+        processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
     tok = processor.tokenizer
     args.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     encoder = SampleEncoder(processor, max_seq_len=args.seq_len)
-    raw = make_samples(args.samples or (8 if args.size == "tiny" else 24), args.seed, tok)
+    raw = make_samples(args.samples or (8 if args.size in ("tiny", "gemma3_tiny") else 24), args.seed, tok)
     all_encoded = [e for e in (encoder.encode(s) for s in raw) if e is not None]
     rows = _packed_rows(all_encoded, args)
     used = sorted(i for row in rows for i in row)  # FLOPs and statistics over the trained samples
     encoded = [all_encoded[i] for i in used]
-    image_id = processor.image_token_id
+    # From the config: Gemma's processor.image_token_id is <start_of_image>, one per image, while the
+    # model's image_token_id is the soft token that the features replace (256 per image).
+    image_id = hf_config.image_token_id
     result = {"size": args.size, "dtype": args.dtype, "hf_dir": str(hf_dir), "gpus": args.gpus, "ep": args.ep,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "peak_tflops": args.peak_tflops,
               "steps": args.steps, "warmup": args.warmup, "samples": len(encoded),

@@ -1,4 +1,4 @@
-"""Model FLOPs of one training step of a Qwen-VL model (Qwen2.5-VL, Qwen3-VL dense and MoE).
+"""Model FLOPs of one training step of a Qwen-VL (Qwen2.5-VL, Qwen3-VL dense and MoE) or Gemma 3 model.
 
 Real tokens only (T = LM tokens incl. image tokens, P = ViT patches, h_attn = heads x head_dim of
 the LM, hv = ViT hidden, n = LM layers). N_lm = LM parameters active per token except the input
@@ -12,6 +12,17 @@ top_k / num_experts count):
   patches: 3 * 4 * w^2 * hv per block.
 LoRA: frozen weights get no weight gradient (LM dense 4 * N_lm * T) and the frozen ViT runs forward
 only (x1/3); adapter FLOPs (<1%) are not counted.
+
+Gemma 3 (same rules, its own layout): N_lm covers attention, the GeGLU MLP (gate, up, down: 3
+matmuls), the norms and the tied output layer (vocab x hidden) once. The SigLIP tower sees every image
+whole at 896 px: P = images * (896 / 14)^2 = 4096 patches each (its learned position table is a
+lookup, its patch embedding a matmul and counts), full attention within each image (w = 4096, the
+formula above), non-gated MLP (both in N_vit). The projector (RMSNorm + 1152 x hidden) runs on the
+pooled tokens only: 6 * N_proj * images * mm_tokens_per_image (256; the average pool is free). LM
+attention counts query-key pairs: causal L^2 / 2 per sample on the global layers, as for Qwen; on
+the local (sliding) layers each query sees at most ``sliding_window`` keys, so L * W - W^2 / 2 once
+L > W (L^2 / 2 below it); on every layer each image's m = mm_tokens_per_image soft tokens also see
+the later tokens of their image (bidirectional within an image), m^2 / 2 more pairs per image.
 """
 
 from __future__ import annotations
@@ -24,6 +35,10 @@ import torch
 def _part(key: str) -> str | None:
     if key.endswith(("embed_tokens.weight", "lm_head.weight")):
         return None
+    if key.startswith("vision_tower."):  # Gemma 3's SigLIP (hub keys, see make_checkpoint)
+        return None if "position_embedding" in key else "vit"
+    if key.startswith("multi_modal_projector."):
+        return "merger"
     if "visual." in key:
         if "pos_embed" in key:
             return None
@@ -48,6 +63,8 @@ def model_flops(hf_dir: Path, encoded: list, lora: bool) -> dict:
     experts = getattr(tc, "num_experts", 0) or 0
     active_lm = count["lm"] + (count["experts"] * tc.num_experts_per_tok / experts if experts else 0)
     tokens = sum(len(s) for s in encoded)
+    if config.model_type == "gemma3":
+        return _gemma3_flops(config, encoded, lora, count, active_lm, tokens)
     grids = torch.cat([s.image_grid_thw for s in encoded])
     patches = int(grids.prod(-1).sum())
     sq = lambda cu: float((torch.as_tensor(cu).diff().double() ** 2).sum())  # noqa: E731
@@ -69,3 +86,31 @@ def model_flops(hf_dir: Path, encoded: list, lora: bool) -> dict:
              "vit_attention": vit_passes * vit_attn}
     return {"total": sum(parts.values()), **parts, "params": count, "active_lm_params": active_lm,
             "lm_tokens": tokens, "patches": patches}
+
+
+def _causal_pairs(length: int, window: int | None = None) -> float:
+    """Query-key pairs of causal attention over ``length`` tokens (L^2 / 2, the module's convention),
+    each query seeing at most ``window`` keys (itself included) when one is given."""
+    if window is None or length <= window:
+        return length * length / 2
+    return length * window - window * window / 2
+
+
+def _gemma3_flops(config, encoded: list, lora: bool, count: dict, active_lm: float, tokens: int) -> dict:
+    """Gemma 3's terms (module docstring): windowed local layers, whole-image SigLIP, pooled projector."""
+    tc, vc = config.text_config, config.vision_config
+    images = sum(int(s.pixel_values.shape[0]) for s in encoded if s.pixel_values is not None)
+    per_image = (vc.image_size // vc.patch_size) ** 2
+    patches, pooled = images * per_image, images * config.mm_tokens_per_image
+    local = sum(kind == "sliding_attention" for kind in tc.layer_types)
+    pairs = sum(local * _causal_pairs(len(s), tc.sliding_window)
+                + (tc.num_hidden_layers - local) * _causal_pairs(len(s)) for s in encoded)
+    pairs += tc.num_hidden_layers * images * config.mm_tokens_per_image ** 2 / 2
+    lm_attn = 4 * tc.num_attention_heads * tc.head_dim * pairs  # QK^T and AV, forward
+    vit_attn = 4 * vc.hidden_size * vc.num_hidden_layers * images * per_image ** 2
+    dense, vit_passes = (4, 1) if lora else (6, 3)
+    parts = {"lm_dense": dense * active_lm * tokens, "lm_attention": 3 * lm_attn,
+             "vit_dense": 2 * vit_passes * (count["vit"] * patches + count["merger"] * pooled),
+             "vit_attention": vit_passes * vit_attn}
+    return {"total": sum(parts.values()), **parts, "params": count, "active_lm_params": active_lm,
+            "lm_tokens": tokens, "patches": patches, "images": images}

@@ -40,7 +40,7 @@ def test_round_trip_on_gpu(tiny_hf, run_cli, tmp_path):
 
 def _packed_logits(hf_dir, use_varlen: bool):
     from vlm_bridge.attention import core
-    from vlm_bridge.convert.engine import load_hf
+    from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, device, init_distributed
     from vlm_bridge.testing.media import make_image
     from vlm_bridge.train.batching import collate_packed
@@ -101,3 +101,20 @@ def test_grouped_gemm_kernel_matches_per_expert_matmuls():
     for g, ref in zip(grouped, looped):
         assert (g - ref).abs().max() <= 2e-2 * ref.abs().max(), (g - ref).abs().max()
     assert grouped[2][1].abs().max() == 0  # an expert without tokens gets a zero weight gradient
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    from vlm_bridge.testing.tiny_gemma3_vl import build_tiny_gemma3_vl
+
+    return build_tiny_gemma3_vl(tmp_path_factory.mktemp("gemma") / "hf")
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"], ids=["fp32", "bf16"])
+def test_gemma3_parity_through_flex_attention(tiny_gemma, parity, dtype):
+    """On CUDA the image spans and sliding windows run through compiled FlexAttention block masks."""
+    report = parity(tiny_gemma, None, dtype=dtype)
+    if dtype is None:
+        assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0, report
+    else:
+        assert report["kl_divergence"] < 1e-2 and report["top1_agreement"] >= 0.9, report

@@ -1,0 +1,134 @@
+"""Gemma 3 VL specifics beyond the per-family tests (tests/families): the image-bidirectional mask
+and the sliding window each matter (so parity does not pass by accident), pan-and-scan crops,
+and all four on-disk key layouts round-trip bit-exactly (sharded and single-file, bf16 and fp32)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm_bridge.parallel import run_parallel
+from vlm_bridge.testing.checks import checkpoint_mismatches
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    from vlm_bridge.testing.tiny_gemma3_vl import build_tiny_gemma3_vl
+
+    return build_tiny_gemma3_vl(tmp_path_factory.mktemp("gemma") / "hf")
+
+
+def _ablations(hf_dir: str) -> dict:
+    """Megatron logits as built, without the image spans, and without the sliding window."""
+    from transformers import AutoProcessor
+
+    from vlm_bridge.attention.core import TorchCoreAttention
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.runtime import pipeline_forward_logits
+    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media, load_hf_reference
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    built.model.eval()
+    images, _ = default_media()
+    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
+    vocab = built.settings.vocab_size
+    out = {"full": pipeline_forward_logits(built.model, kwargs)[..., :vocab]}
+    out["no_spans"] = pipeline_forward_logits(
+        built.model, {k: v for k, v in kwargs.items() if k != "token_type_ids"})[..., :vocab]
+    windows = [m for m in built.model.modules() if isinstance(m, TorchCoreAttention) and m.window]
+    for m in windows:
+        m.window = None
+    out["no_window"] = pipeline_forward_logits(built.model, kwargs)[..., :vocab]
+    hf = load_hf_reference(hf_dir, torch.float32).eval()
+    with torch.no_grad():
+        out["hf"] = hf(**batch).logits
+    out["valid"] = batch["attention_mask"].bool()
+    out["tokens"] = int(batch["input_ids"].shape[1])
+    out["windowed_layers"] = len(windows)
+    return out
+
+
+def test_image_spans_and_sliding_window_each_change_the_logits(gemma):
+    r = run_parallel(_ablations, 1, str(gemma))
+    valid = r["valid"]
+
+    def diff(name):
+        return float((r[name][valid] - r["hf"][valid]).abs().max())
+
+    assert r["windowed_layers"] == 4 and r["tokens"] > 16  # the window (16) is shorter than the prompt
+    assert diff("full") <= TOL
+    assert diff("no_spans") > 1e-3, "the image-bidirectional mask had no effect"
+    assert diff("no_window") > 1e-3, "the sliding window had no effect"
+
+
+def test_pan_and_scan_crops_match_hf(gemma, tmp_path, parity):
+    """A wide image becomes a thumbnail plus crops (several images in one prompt), a square one
+    stays whole; the processor options travel through verify."""
+    from vlm_bridge.parallel import ParallelConfig
+    from vlm_bridge.testing.media import make_image
+    from vlm_bridge.testing.tiny_gemma3_vl import PAN_AND_SCAN_KWARGS
+    from vlm_bridge.verify import DEFAULT_PROMPT, verify
+
+    paths = []
+    for i, (w, h) in enumerate([(168, 56), (56, 56)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        make_image(w, h, seed=i).save(paths[-1])
+    report = run_parallel(verify, 1, str(gemma), None, ParallelConfig(), paths, None, DEFAULT_PROMPT, None,
+                          None, False, dict(PAN_AND_SCAN_KWARGS))
+    assert report["max_abs_diff"] <= TOL and report["top1_agreement"] == 1.0, report
+    assert report["vision_max_abs_diff"] <= TOL, report
+    assert report["tokens"] > 60, report  # 5 image entries of 4 soft tokens each, plus text
+
+
+LM, VIS, PROJ = "language_model.model.", "vision_tower.vision_model.", "multi_modal_projector."
+LAYOUT_PREFIXES = {  # canonical prefix -> file prefix
+    "hub": {LM: LM, VIS: VIS, PROJ: PROJ},
+    "transformers-4.5x": {LM: "model.language_model.", VIS: "model.vision_tower.vision_model.",
+                          PROJ: "model.multi_modal_projector."},
+    "transformers-5": {LM: LM, VIS: "vision_tower.", PROJ: PROJ},
+    "transformers-5-native": {LM: "model.language_model.", VIS: "model.vision_tower.",
+                              PROJ: "model.multi_modal_projector."},
+}
+
+
+def _write_layout(src, dst, layout: str, dtype: torch.dtype, sharded: bool):
+    """The tiny checkpoint (saved by transformers 5: flat vision_tower.*) in another layout."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for key, value in load_file(src / "model.safetensors").items():
+        canonical = VIS + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
+        prefix = next(p for p in LAYOUT_PREFIXES["hub"] if canonical.startswith(p))
+        tensors[LAYOUT_PREFIXES[layout][prefix] + canonical[len(prefix):]] = value.to(dtype).contiguous()
+    names = sorted(tensors)
+    parts = [names[: len(names) // 2], names[len(names) // 2:]] if sharded else [names]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" if sharded else "model.safetensors"
+        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    if sharded:
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_PREFIXES))
+@pytest.mark.parametrize("dtype,sharded", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-single", "bf16-sharded"])
+def test_every_layout_round_trips_bit_exact(gemma, run_cli, tmp_path, layout, dtype, sharded):
+    src = _write_layout(gemma, tmp_path / "src", layout, dtype, sharded)
+    meg, out = tmp_path / "meg", tmp_path / "out"
+    assert run_cli("import", "--hf-model", src, "--megatron-path", meg) == 0
+    assert json.loads((meg / "vlm_bridge.json").read_text())["key_layout"] == layout
+    assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
+    assert checkpoint_mismatches(src, out) == []
+    assert not any(k.endswith("lm_head.weight") for k in load_file(next(out.glob("*.safetensors"))))
