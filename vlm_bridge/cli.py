@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype(p, "compute dtype (default: fp32 for --hf-model, else the checkpoint's)")
     p.add_argument("--tolerance", type=float, default=None, help="max abs logit diff allowed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--processor-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the HF processor call, e.g. do_pan_and_scan=true (repeatable)")
     p.add_argument(
         "--fp32-baseline", action="store_true",
         help="half precision: also run HF in fp32 and judge against HF's own half-precision error",
@@ -134,10 +136,24 @@ def cmd_verify(args) -> int:
     report = run_parallel(
         verify, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
-        args.fp32_baseline,
+        args.fp32_baseline, _key_values(args.processor_arg, "--processor-arg"),
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] else EXIT_PARITY
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """``["a=1", "b=true"]`` -> ``{"a": 1, "b": True}`` (JSON values, else the plain string)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def cmd_finetune(args) -> int:

@@ -132,3 +132,19 @@ def test_every_layout_round_trips_bit_exact(gemma, run_cli, tmp_path, layout, dt
     assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
     assert checkpoint_mismatches(src, out) == []
     assert not any(k.endswith("lm_head.weight") for k in load_file(next(out.glob("*.safetensors"))))
+
+
+def test_processor_options_from_the_command_line(gemma, run_cli, tmp_path, capsys):
+    from vlm_bridge.testing.media import make_image
+    from vlm_bridge.testing.tiny_gemma3_vl import PAN_AND_SCAN_KWARGS
+
+    wide = tmp_path / "wide.png"
+    make_image(168, 56, seed=0).save(wide)
+    options = [x for k, v in PAN_AND_SCAN_KWARGS.items() for x in ("--processor-arg", f"{k}={json.dumps(v)}")]
+    assert run_cli("verify", "--hf-model", gemma, "--image", wide, *options, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] > 40 and report["max_abs_diff"] <= TOL, report
+    assert run_cli("verify", "--hf-model", gemma, "--processor-arg", "do_pan_and_scan") == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert run_cli("verify", "--hf-model", gemma, "--video", wide) == 2
+    assert "takes no video input" in capsys.readouterr().err

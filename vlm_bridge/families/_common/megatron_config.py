@@ -33,3 +33,13 @@ def common_kwargs(dtype: torch.dtype) -> dict:
         init_method=skip_init,
         output_layer_init_method=skip_init,
     )
+
+
+def require_divisible(checks: list[tuple[str, int, int, str]]) -> None:
+    """One-line errors for layouts a model cannot be split into (before Megatron asserts).
+
+    Each check is ``(what, size, parts, flag)``, e.g. ``("vision FFN size", 3420, 8, "--tp")``.
+    """
+    for what, size, parts, flag in checks:
+        if size % parts:
+            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from vlm_bridge.families._common.megatron_config import require_divisible
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 
@@ -67,6 +68,4 @@ def check_divisibility(hf_config, tp: int, pp: int) -> None:
         ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
         ("language layers", text.num_hidden_layers, pp, "--pp"),
     ]
-    for what, size, parts, flag in checks:
-        if size % parts:
-            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
+    require_divisible(checks)

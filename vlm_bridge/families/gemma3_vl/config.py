@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.megatron_config import common_kwargs, require_divisible
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -82,9 +82,7 @@ def check_layout(hf_config, tp: int, pp: int, ep: int) -> None:
         ("language hidden size (projector output)", text.hidden_size, tp, "--tp"),
         ("language layers", text.num_hidden_layers, pp, "--pp"),
     ]
-    for what, size, parts, flag in checks:
-        if size % parts:
-            raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
+    require_divisible(checks)
 
 
 def build_configs(
