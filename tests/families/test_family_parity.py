@@ -57,6 +57,13 @@ def test_every_parameter_belongs_to_exactly_one_component(case):
     assert all(o != ["language_model"] for n, o in r["owners"].items() if n.startswith("vision."))
 
 
+def built_components(hf_dir) -> dict:
+    from vlm_bridge.loading import load_hf_config
+    from vlm_bridge.registry import family_for_config
+
+    return dict(family_for_config(load_hf_config(hf_dir)).components)
+
+
 def _export_adapter(hf_dir: str, out_dir: str):
     from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import init_distributed
@@ -68,14 +75,7 @@ def _export_adapter(hf_dir: str, out_dir: str):
     init_distributed(ParallelConfig())
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
     built.model.eval()
-    # every component with adaptable linears (Gemma 3's projector is a bare matrix in HF)
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    linears = [n for n, m in built.model.named_modules()
-               if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and n.rsplit(".", 1)[-1] in (
-                   "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")]
-    components = [c for c in ALL if any(n.startswith(built.family.components[c]) for n in linears)]
-    wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=tuple(components)))
+    wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=ALL))
     randomize_adapters_(built.model, seed=5, std=0.1)
     export_hf_peft(built, out_dir, hf_dir)
     from transformers import AutoProcessor
@@ -96,6 +96,8 @@ def test_lora_on_every_component_exports_as_hf_peft(case, tmp_path):
     out = tmp_path / "adapter"
     mg, wrapped = run_parallel(_export_adapter, 1, str(hf), str(out))
     assert {w.split(".")[0] for w in wrapped} == {"language_model", "vision"}
+    projector = built_components(hf)["projector"]
+    assert any(w.startswith(projector) for w in wrapped), wrapped
     images, video = default_media()
     batch = build_batch(AutoProcessor.from_pretrained(hf), images, video, DEFAULT_PROMPT)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(hf), out).eval()

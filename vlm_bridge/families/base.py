@@ -71,8 +71,8 @@ class Family:
         """Hub tensor name -> the module path transformers gives it in memory (HF PEFT keys)."""
         module = hf_tensor.rsplit(".", 1)[0]
         for src, dst in self.hf_module_prefixes.items():
-            if module.startswith(src):
-                return dst + module[len(src):]
+            if (module + ".").startswith(src):  # the prefix may name the module itself
+                return (dst + module[len(src):]) if len(module) >= len(src) else dst.rstrip(".")
         return module
 
     def model_inputs(self, settings, batch: Mapping) -> dict:

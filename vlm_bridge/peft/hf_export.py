@@ -26,15 +26,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from vlm_bridge.convert.distribute import gather
+from vlm_bridge.convert.ops import Transpose
 from vlm_bridge.parallel import cpu_group
 from vlm_bridge.peft.lora import LoraConfig, lora_modules
 
 
-def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
-    """HF-PEFT tensors of this pipeline stage (non-empty on TP rank 0 only; all TP ranks gather)."""
+def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None, list[str]]:
+    """HF-PEFT tensors of this pipeline stage (non-empty on TP rank 0 only; all TP ranks gather),
+    and the HF parameters adapted directly (PEFT ``target_parameters``)."""
     by_name = {e.megatron: e for e in built.table}
     keep = parallel_state.get_tensor_model_parallel_rank() == 0
     out: dict[str, torch.Tensor] = {}
+    parameters: list[str] = []
     cfg = None
     for name, mod in sorted(lora_modules(built.model).items()):
         entry = by_name.get(f"{name}.weight")
@@ -46,6 +49,10 @@ def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None
         if not keep:
             continue
         cfg = mod.cfg
+        if isinstance(entry.op, Transpose):
+            out.update(_parameter_adapter(built, name, entry.hf[0], full))
+            parameters.append(built.family.hf_module_path(entry.hf[0]) + "." + entry.hf[0].rsplit(".", 1)[1])
+            continue
         per_row = {"lora_B.weight": entry.op.to_hf(full["lora_B"])}
         if "lora_magnitude" in full:
             per_row["lora_magnitude_vector"] = entry.op.to_hf(full["lora_magnitude"])
@@ -54,18 +61,30 @@ def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None
             out[f"{path}.lora_A.weight"] = full["lora_A"].clone()
             for key, tensors in per_row.items():
                 out[f"{path}.{key}"] = tensors[i].clone().contiguous()
-    return out, cfg
+    return out, cfg, parameters
 
 
-def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_path: str):
-    """The ``peft.LoraConfig`` matching our adapters (exact module paths as targets)."""
+def _parameter_adapter(built, name: str, hf_name: str, full: dict) -> dict[str, torch.Tensor]:
+    """A bare HF matrix ``W`` used as ``x @ W`` (stored as our Linear's transpose): PEFT adapts it
+    as a parameter, ``W + s B' A'`` with ``B' = A^T`` and ``A' = B^T`` of our ``W^T + s B A``."""
+    if "lora_magnitude" in full:
+        raise ValueError(f"{name}: DoRA on {hf_name} cannot be exported (PEFT adapts that parameter "
+                         "with plain LoRA only); use peft.method=lora or leave that component out")
+    path = "base_model.model." + built.family.hf_module_path(hf_name)
+    return {f"{path}.lora_A.weight": full["lora_B"].t().contiguous(),
+            f"{path}.lora_B.weight": full["lora_A"].t().contiguous()}
+
+
+def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_path: str,
+                target_parameters: list[str] | None = None):
+    """The ``peft.LoraConfig`` matching our adapters (exact module and parameter paths as targets)."""
     import peft
 
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     return peft.LoraConfig(
         r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=target_modules,
-        use_dora=cfg.use_dora, bias="none", task_type=None, inference_mode=True,
-        base_model_name_or_path=base_model_name_or_path,
+        target_parameters=target_parameters or None, use_dora=cfg.use_dora, bias="none",
+        task_type=None, inference_mode=True, base_model_name_or_path=base_model_name_or_path,
     )
 
 
@@ -78,17 +97,19 @@ def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> 
     dist.all_gather_object(everyone, local, group=cpu_group())
     if dist.get_rank() == 0:
         tensors: dict[str, torch.Tensor] = {}
-        cfg = None
-        for part, part_cfg in everyone:
+        cfg, parameters = None, []
+        for part, part_cfg, part_parameters in everyone:
             tensors.update(part)
             cfg = cfg or part_cfg
+            parameters += part_parameters
         if cfg is None:
             raise ValueError("export_hf_peft: the model has no LoRA adapters")
-        targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors})
+        owners = {p.rsplit(".", 1)[0] for p in parameters}
+        targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors} - owners)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(dict(sorted(tensors.items())), out / "adapter_model.safetensors", metadata={"format": "pt"})
-        config = peft_config(cfg, targets, base_model_name_or_path).to_dict()
+        config = peft_config(cfg, targets, base_model_name_or_path, sorted(parameters)).to_dict()
         # As peft's save_pretrained writes it, with sets sorted so that every run writes the same file.
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

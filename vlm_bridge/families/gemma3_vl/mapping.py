@@ -59,7 +59,7 @@ def _vision_entries(vision) -> list[Entry]:
         Entry("vision.post_layernorm.bias", (VIS + "post_layernorm.bias",), Rename()),
         Entry("vision.projector.norm.weight", (PROJ + "mm_soft_emb_norm.weight",), Rename()),
         # stored [vision_hidden, text_hidden]: the transpose of a Linear weight
-        Entry("vision.projector.linear.weight", (PROJ + "mm_input_projection_weight",), Transpose()),
+        Entry("vision.projector.linear_fc1.weight", (PROJ + "mm_input_projection_weight",), Transpose()),
     ]
     return out
 

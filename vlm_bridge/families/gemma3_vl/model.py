@@ -122,7 +122,7 @@ class GemmaProjector(MegatronModule):
         self.patches_per_side = s.image_size // s.patch_size
         self.kernel = self.patches_per_side // int(s.mm_tokens_per_image**0.5)
         self.norm = GemmaRMSNorm(config, config.hidden_size, s.vision_norm_eps)
-        self.linear = ColumnParallelLinear(
+        self.linear_fc1 = ColumnParallelLinear(
             config.hidden_size, s.hidden_size, config=config, init_method=_skip_init, bias=False,
             gather_output=True, tp_group=parallel_state.get_tensor_model_parallel_group(),
         )
@@ -132,7 +132,7 @@ class GemmaProjector(MegatronModule):
         n, _, hidden = x.shape
         grid = x.transpose(1, 2).reshape(n, hidden, self.patches_per_side, self.patches_per_side)
         pooled = F.avg_pool2d(grid, self.kernel, self.kernel).flatten(2).transpose(1, 2)
-        out, _ = self.linear(self.norm(pooled))
+        out, _ = self.linear_fc1(self.norm(pooled))
         return out.reshape(-1, out.shape[-1]).type_as(x)
 
 
