@@ -174,3 +174,17 @@ def _code_words(path: Path) -> set[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             words.add(node.value)
     return words
+
+
+def test_verify_works_with_a_tokenizer_without_pad_token(tiny_hf, tmp_path, parity):
+    """Many real tokenizers have none; the batch of rows of different lengths must still pad."""
+    from transformers import AutoProcessor
+
+    folder = tmp_path / "no_pad"
+    shutil.copytree(tiny_hf, folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.pad_token = None
+    processor.save_pretrained(folder)
+    assert AutoProcessor.from_pretrained(folder).tokenizer.pad_token is None
+    report = parity(folder, None)
+    assert report["max_abs_diff"] <= TOL and report["top1_agreement"] == 1.0, report
