@@ -148,3 +148,36 @@ def test_processor_options_from_the_command_line(gemma, run_cli, tmp_path, capsy
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert run_cli("verify", "--hf-model", gemma, "--video", wide) == 2
     assert "takes no video input" in capsys.readouterr().err
+
+
+HUB_STYLE_CONFIG = {  # as sparse as google/gemma-3-4b-it's: legacy rope fields, a window pattern
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "boi_token_index": 386, "eoi_token_index": 387, "image_token_index": 388, "eos_token_id": [1, 6],
+    "initializer_range": 0.02, "mm_tokens_per_image": 4, "torch_dtype": "float32",
+    "transformers_version": "4.50.0.dev0",
+    "text_config": {
+        "model_type": "gemma3_text", "head_dim": 24, "hidden_size": 64, "intermediate_size": 96,
+        "num_attention_heads": 4, "num_hidden_layers": 6, "num_key_value_heads": 2,
+        "query_pre_attn_scalar": 20, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0, "sliding_window": 16,
+        "sliding_window_pattern": 3, "vocab_size": 400, "max_position_embeddings": 4096,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 56, "intermediate_size": 48,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "patch_size": 14, "vision_use_head": False,
+    },
+}
+
+
+def test_a_sparse_hub_config_in_the_hub_layout_imports_and_matches(gemma, tmp_path, run_cli, parity):
+    """A folder shaped like the hub upload: sparse config with the legacy rope fields and
+    ``sliding_window_pattern`` (read through AutoConfig's defaults), hub key layout."""
+    hub = _write_layout(gemma, tmp_path / "hub", "hub", torch.float32, sharded=True)
+    (hub / "config.json").write_text(json.dumps(HUB_STYLE_CONFIG, indent=2))
+    meg, out = tmp_path / "meg", tmp_path / "out"
+    assert run_cli("import", "--hf-model", hub, "--megatron-path", meg) == 0
+    report = parity(hub, meg)
+    assert report["max_abs_diff"] <= TOL and report["top1_agreement"] == 1.0, report
+    assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
+    assert checkpoint_mismatches(hub, out) == []
+    assert json.loads((out / "config.json").read_text())["text_config"]["sliding_window_pattern"] == 3
