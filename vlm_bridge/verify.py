@@ -88,7 +88,7 @@ def build_batch(processor, images, video, prompt: str, fps: float = 2.0, **proce
     """Rows: images (if any), video (if any), text only; left-padded like HF generation.
 
     Images are passed per row (a nested list), which every processor accepts and some require
-    (Gemma 3 counts images per prompt). ``processor_kwargs`` go to the processor call (e.g.
+    (some count images per prompt). ``processor_kwargs`` go to the processor call (e.g.
     ``do_pan_and_scan=True``, which a saved processor folder cannot switch on).
     """
     rows, media = [], {}
@@ -108,7 +108,7 @@ def build_batch(processor, images, video, prompt: str, fps: float = 2.0, **proce
     if tokenizer.pad_token is None:
         # Many real tokenizers have no pad token; padded positions are masked out, so any id does.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
-    # The rendered template already holds every special token (e.g. Gemma's <bos>): add none.
+    # The rendered template already holds every special token (e.g. a <bos>): add none.
     return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
                      add_special_tokens=False, **media, **processor_kwargs)
 

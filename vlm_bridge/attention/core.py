@@ -98,7 +98,7 @@ class TorchCoreAttention(MegatronModule):
             self.head_dim
         )
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.window = window  # sliding-window layer (e.g. Gemma 3's local layers)
+        self.window = window  # this layer's sliding window (local layers), None for global
 
     def forward(
         self,

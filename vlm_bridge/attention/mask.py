@@ -2,7 +2,7 @@
 
 A mask is described, not materialised: which tokens belong to which segment (a packed document, an
 image, a ViT window; negative ids are padding), whether attention is causal, which tokens form
-bidirectional spans inside a causal sequence (the soft tokens of one image in Gemma 3), an
+bidirectional spans inside a causal sequence (the soft tokens of one image), an
 optional one-sided sliding window, and the offset of the queries into the keys (chunked prefill,
 decoding). Each backend builds what it needs from the same small predicates:
 
@@ -12,7 +12,7 @@ decoding). Each backend builds what it needs from the same small predicates:
 
 with positions ``q`` counted from ``query_offset`` so that a query block of a longer key sequence
 sees exactly what the full sequence would. The window is the one transformers 5.24 applies to
-Gemma 3's sliding layers: key ``k`` is visible from query ``q`` when ``q - k < window``, applied on
+sliding-window layers: key ``k`` is visible from query ``q`` when ``q - k < window``, applied on
 top of the causal-or-span rule (so an image block stays whole only inside the window).
 
 A padding query attends to itself only, so that softmax never sees an all-masked row.

@@ -79,7 +79,7 @@ def detect_expert_layout(reader, hidden: int) -> str:
 
     Decided from all fused tensors together: each allows the layouts its shape fits, and the
     layout is what every tensor allows. A square tensor alone (e.g. gate_up with hidden == 2I, as
-    in transformers' own tiny Qwen3-VL-MoE config) fits both, but its down_proj, or any other
+    in transformers' own tiny MoE tester configs) fits both, but its down_proj, or any other
     layer's, usually tells. Raises CheckpointError when the tensors contradict each other, when
     gate_up's 2I and down's I disagree within a layer, or when every tensor is square."""
     fused: list[tuple[str, str, str, tuple[int, ...], dict[str, int]]] = []

@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Decoders transformers.video_utils.load_video can use, in order of preference.
 _VIDEO_BACKENDS = (("torchcodec", "torchcodec"), ("av", "pyav"), ("decord", "decord"), ("cv2", "opencv"))
-# How a processor lays out each media kind: the pixel tensor, an optional per-item grid (Qwen-style
+# How a processor lays out each media kind: the pixel tensor, an optional per-item grid (grid-based
 # processors flatten every item's patches into one tensor, item i owning grid[i].prod() rows) and
 # per-item extras. Processors without a grid (one entry per item, e.g. [n, C, H, W]) work too.
 # Used to drop whole media items from the end when a sample is truncated.
@@ -61,8 +61,8 @@ class EncodedSample:
 
     ``media`` holds exactly the processor's non-per-token tensors for this sample (pixels, grids,
     timing; minus media dropped by truncation), whatever the family's processor calls them.
-    ``tokens`` holds its other per-token outputs without the batch dimension (e.g. Qwen's
-    ``mm_token_type_ids``, Gemma's ``token_type_ids``). Both are also readable as attributes
+    ``tokens`` holds its other per-token outputs without the batch dimension (e.g.
+    ``mm_token_type_ids`` or ``token_type_ids``). Both are also readable as attributes
     (``sample.pixel_values``), None when absent.
     """
 
@@ -103,7 +103,7 @@ def keep_first_media(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Return the pixel rows and grid rows of the first ``keep`` media items of one kind.
 
-    Qwen-style processors concatenate every item's patches into one ``pixel_values`` tensor,
+    Grid-based processors concatenate every item's patches into one ``pixel_values`` tensor,
     item after item, so item ``i`` owns ``grid_thw[i].prod()`` consecutive rows and the first
     ``keep`` items own the first ``grid_thw[:keep].prod(-1).sum()`` rows. Processors without a
     grid (one entry per item, e.g. ``[n, C, H, W]``) keep the first ``keep`` entries. Truncation
@@ -135,8 +135,8 @@ def _embed(plain: list[int], expanded: list[int]) -> list[int | None] | None:
     """Position in ``expanded`` of each ``plain`` token, or None if ``expanded`` is not ``plain``
     with tokens inserted.
 
-    Processors expand a media placeholder by inserting tokens around or after it (Qwen repeats
-    ``<|image_pad|>``, Gemma wraps ``<start_of_image>``), so one greedy linear pass finds the
+    Processors expand a media placeholder by inserting tokens around or after it (one repeats
+    ``<|image_pad|>``, another wraps ``<start_of_image>``), so one greedy linear pass finds the
     mapping; insertions only happen in prompt turns, so assistant tokens are never matched to an
     inserted token.
     """
@@ -177,7 +177,7 @@ class SampleEncoder:
 
     ``video_fps`` is the frame rate videos are sampled at when decoded from a file, and the
     rate assumed for videos given as frames (folder or list), which sets the temporal position
-    spacing (e.g. Qwen's ``second_per_grid_ts``). ``stats`` counts encoded, truncated and
+    spacing (e.g. ``second_per_grid_ts``). ``stats`` counts encoded, truncated and
     skipped samples, the latter by reason (``too_long``, ``bad_media``, ``no_loss_tokens``).
     """
 
@@ -419,7 +419,7 @@ class SampleEncoder:
         A span is the run(s) of one item's placeholder tokens plus the control tokens right
         before and after (e.g. ``<|vision_start|>`` / ``<|vision_end|>``). Items are matched to
         runs one to one, or by temporal grid steps for processors that emit one run per frame
-        group (Qwen3-VL style); anything else is refused rather than guessed.
+        group; anything else is refused rather than guessed.
         """
         spans = []
         for kind, (_, grid_key, _) in MEDIA_LAYOUT.items():
