@@ -158,8 +158,8 @@ class VLMModel(MegatronModule):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         if self.s.padded_vocab_size > self.s.vocab_size:
-            logits = mask_padded_vocab(logits, self.s.vocab_size)
-            loss = vocab_parallel_cross_entropy(logits.float().contiguous(),
-                                                labels.transpose(0, 1).contiguous())
+            # The loss works in fp32 anyway: mask that copy in place rather than make another.
+            logits = mask_padded_vocab(logits.float(), self.s.vocab_size, inplace=True)
+            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
             return loss.transpose(0, 1).contiguous()
         return lm.compute_language_model_loss(labels, logits)

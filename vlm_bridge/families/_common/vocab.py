@@ -20,8 +20,10 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return padded
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the logits of padded vocabulary rows to -inf on this TP rank's vocabulary shard.
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, inplace: bool = False) -> torch.Tensor:
+    """Set the logits of padded vocabulary rows to -inf on this TP rank's vocabulary shard
+    (``inplace`` on a tensor nothing else needs, e.g. the loss's own fp32 copy: at a 262k
+    vocabulary every full-size copy of the logits is gigabytes).
 
     Padded rows are zero, so their logits are 0, not -inf: left in, they would add
     ``exp(0)`` terms to every softmax and the training loss would differ from HF's.
@@ -33,4 +35,4 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if start + local <= vocab_size:
         return logits
     cols = torch.arange(start, start + local, device=logits.device) >= vocab_size
-    return logits.masked_fill(cols, float("-inf"))
+    return logits.masked_fill_(cols, float("-inf")) if inplace else logits.masked_fill(cols, float("-inf"))
