@@ -9,33 +9,13 @@ is 262,208 rows, so the output layer and its logits dominate activations at shor
 
 from __future__ import annotations
 
-from vlm_bridge.train.config import OptimSettings, ParallelSettings, PeftSettings, TrainConfig
+from vlm_bridge.recipes.build import lora_recipe, sft_recipe
 
 # size -> (SFT tp, SFT pp, LoRA tp, LoRA pp)
 LAYOUTS = {"4b": (1, 1, 1, 1), "12b": (2, 1, 1, 1), "27b": (4, 1, 2, 1)}
-
-
-def _sft(size: str) -> TrainConfig:
-    tp, pp, _, _ = LAYOUTS[size]
-    return TrainConfig(
-        name=f"gemma3_vl_{size}_sft", output_dir=f"runs/gemma3_vl_{size}_sft", steps=1000,
-        global_batch_size=32, parallel=ParallelSettings(tp=tp, pp=pp),
-        optim=OptimSettings(lr=1e-5, min_lr=1e-6, warmup_steps=50, vision_lr=2e-6),
-        recompute=size != "4b",
-    )
-
-
-def _lora(size: str) -> TrainConfig:
-    _, _, tp, pp = LAYOUTS[size]
-    return TrainConfig(
-        name=f"gemma3_vl_{size}_lora", output_dir=f"runs/gemma3_vl_{size}_lora", steps=1000,
-        global_batch_size=32, parallel=ParallelSettings(tp=tp, pp=pp),
-        optim=OptimSettings(lr=1e-4, min_lr=1e-5, warmup_steps=50),
-        peft=PeftSettings(method="lora", rank=16, alpha=32.0),
-    )
-
-
 RECIPES = {
-    **{f"gemma3_vl_{s}_sft": (lambda s=s: _sft(s)) for s in LAYOUTS},
-    **{f"gemma3_vl_{s}_lora": (lambda s=s: _lora(s)) for s in LAYOUTS},
+    **{f"gemma3_vl_{s}_sft": (lambda s=s: sft_recipe(f"gemma3_vl_{s}_sft", *LAYOUTS[s][:2],
+                                                      recompute=s != "4b")) for s in LAYOUTS},
+    **{f"gemma3_vl_{s}_lora": (lambda s=s: lora_recipe(f"gemma3_vl_{s}_lora", *LAYOUTS[s][2:]))
+       for s in LAYOUTS},
 }
