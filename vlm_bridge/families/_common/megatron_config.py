@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.compat.cpu import cuda_available
 
@@ -43,3 +44,17 @@ def require_divisible(checks: list[tuple[str, int, int, str]]) -> None:
     for what, size, parts, flag in checks:
         if size % parts:
             raise ValueError(f"{flag} {parts} does not divide the {what} ({size})")
+
+
+def vision_tower_config(*, layers: int, hidden: int, ffn: int, heads: int, norm_eps: float,
+                        dtype: torch.dtype, tp: int, **family_fields) -> TransformerConfig:
+    """The TransformerConfig of a ViT: biased linears, full multi-head attention, whole on the first
+    pipeline stage; ``family_fields`` set its norm and MLP kind."""
+    fields = dict(
+        num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+        num_query_groups=heads, kv_channels=hidden // heads, layernorm_epsilon=norm_eps,
+        add_bias_linear=True, add_qkv_bias=True, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
+        **common_kwargs(dtype),
+    )
+    return TransformerConfig(**{**fields, **family_fields})

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import common_kwargs
+from vlm_bridge.families._common.megatron_config import common_kwargs, vision_tower_config
 
 
 def qwen_language_config(
@@ -42,21 +42,9 @@ def qwen_language_config(
 
 def qwen_vision_config(vision_config, dtype: torch.dtype, tp: int, norm_eps: float,
                        **family_fields) -> TransformerConfig:
-    """The TransformerConfig of a Qwen-VL vision tower (biased linears, full multi-head attention,
-    whole on the first pipeline stage); ``family_fields`` set its norm and MLP kind."""
-    heads = vision_config.num_heads
-    fields = dict(
-        num_layers=vision_config.depth,
-        hidden_size=vision_config.hidden_size,
-        ffn_hidden_size=vision_config.intermediate_size,
-        num_attention_heads=heads,
-        num_query_groups=heads,
-        kv_channels=vision_config.hidden_size // heads,
-        layernorm_epsilon=norm_eps,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
-        **common_kwargs(dtype),
+    """The TransformerConfig of a Qwen-VL vision tower from its HF ``vision_config``."""
+    return vision_tower_config(
+        layers=vision_config.depth, hidden=vision_config.hidden_size,
+        ffn=vision_config.intermediate_size, heads=vision_config.num_heads, norm_eps=norm_eps,
+        dtype=dtype, tp=tp, **family_fields,
     )
-    return TransformerConfig(**{**fields, **family_fields})

@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import common_kwargs, require_divisible
+from vlm_bridge.families._common.megatron_config import (
+    common_kwargs,
+    require_divisible,
+    vision_tower_config,
+)
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -117,23 +121,11 @@ def build_configs(
         softmax_scale=float(text.query_pre_attn_scalar) ** -0.5,
         **{**common_kwargs(dtype), "bias_activation_fusion": False},
     )
-    heads = vision.num_attention_heads
-    vision_cfg = TransformerConfig(
-        num_layers=vision.num_hidden_layers,
-        hidden_size=vision.hidden_size,
-        ffn_hidden_size=vision.intermediate_size,
-        num_attention_heads=heads,
-        num_query_groups=heads,
-        kv_channels=vision.hidden_size // heads,
-        layernorm_epsilon=vision.layer_norm_eps,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        normalization="LayerNorm",
-        gated_linear_unit=False,
-        activation_func=_gelu_tanh,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
-        **{**common_kwargs(dtype), "bias_activation_fusion": False},
+    vision_cfg = vision_tower_config(
+        layers=vision.num_hidden_layers, hidden=vision.hidden_size, ffn=vision.intermediate_size,
+        heads=vision.num_attention_heads, norm_eps=vision.layer_norm_eps, dtype=dtype, tp=tp,
+        normalization="LayerNorm", gated_linear_unit=False, activation_func=_gelu_tanh,
+        bias_activation_fusion=False,
     )
     rope = _rope(text)
     settings = Gemma3VLSettings(
