@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from vlm_bridge.convert.distribute import global_param_names
 from vlm_bridge.convert.engine import (
     DTYPES,
+    META_FILE,
     HFTarget,
     check_coverage,
     dtype_name,
@@ -145,8 +146,6 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
 
 def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
     """An HF folder or a vlm-bridge Megatron checkpoint, at this run's layout."""
-    from vlm_bridge.convert.engine import META_FILE
-
     if not path:
         raise ValueError("no pretrained model given (--pretrained DIR)")
     if (Path(path) / META_FILE).is_file():

@@ -94,7 +94,7 @@ class AttentionMask:
 
         ``b`` indexes the batch of ``segment_ids`` / ``span_ids``; ``q`` is already offset.
         """
-        ok = torch.ones_like(q >= 0) & torch.ones_like(k >= 0)
+        ok = (q >= 0) & (k >= 0)  # all true: the index shapes broadcast to the mask's
         if self.causal:
             order = k <= q
             if self.span_ids is not None:

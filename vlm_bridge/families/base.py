@@ -72,7 +72,7 @@ class Family:
         module = hf_tensor.rsplit(".", 1)[0]
         for src, dst in self.hf_module_prefixes.items():
             if (module + ".").startswith(src):  # the prefix may name the module itself
-                return (dst + module[len(src):]) if len(module) >= len(src) else dst.rstrip(".")
+                return (dst + (module + ".")[len(src):]).rstrip(".")
         return module
 
     def model_inputs(self, settings, batch: Mapping) -> dict:
