@@ -58,3 +58,22 @@ def vision_tower_config(*, layers: int, hidden: int, ffn: int, heads: int, norm_
         **common_kwargs(dtype),
     )
     return TransformerConfig(**{**fields, **family_fields})
+
+
+def decoder_config(text_config, dtype: torch.dtype, tp: int, pp: int, **family_fields) -> TransformerConfig:
+    """The TransformerConfig of a GQA decoder with RMSNorm and a gated MLP from an HF
+    ``text_config`` (head_dim from the config, else hidden / heads; no linear biases unless
+    ``attention_bias``); ``family_fields`` add to or override these fields."""
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads)
+    fields = dict(
+        num_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size,
+        ffn_hidden_size=text_config.intermediate_size,
+        num_attention_heads=text_config.num_attention_heads,
+        num_query_groups=text_config.num_key_value_heads, kv_channels=head_dim,
+        layernorm_epsilon=text_config.rms_norm_eps,
+        add_bias_linear=bool(getattr(text_config, "attention_bias", False)),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, normalization="RMSNorm",
+        gated_linear_unit=True, **common_kwargs(dtype),
+    )
+    return TransformerConfig(**{**fields, **family_fields})

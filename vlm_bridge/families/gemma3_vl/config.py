@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.megatron_config import (
-    common_kwargs,
+    decoder_config,
     require_divisible,
     vision_tower_config,
 )
@@ -102,24 +102,9 @@ def build_configs(
     unknown = set(layer_types) - {SLIDING, FULL}
     if unknown:
         raise ValueError(f"Gemma 3 layer_types {sorted(unknown)} are not supported")
-    head_dim = text.head_dim
-    language = TransformerConfig(
-        num_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size,
-        ffn_hidden_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads,
-        num_query_groups=text.num_key_value_heads,
-        kv_channels=head_dim,
-        layernorm_epsilon=text.rms_norm_eps,
-        add_bias_linear=bool(getattr(text, "attention_bias", False)),
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        normalization="RMSNorm",
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=_gelu_tanh,
-        softmax_scale=float(text.query_pre_attn_scalar) ** -0.5,
-        **{**common_kwargs(dtype), "bias_activation_fusion": False},
+    language = decoder_config(
+        text, dtype, tp, pp, qk_layernorm=True, activation_func=_gelu_tanh,
+        softmax_scale=float(text.query_pre_attn_scalar) ** -0.5, bias_activation_fusion=False,
     )
     vision_cfg = vision_tower_config(
         layers=vision.num_hidden_layers, hidden=vision.hidden_size, ffn=vision.intermediate_size,
