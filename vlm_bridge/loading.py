@@ -11,12 +11,13 @@ training saves alike, so what conversion needs later (key layout, expert layout)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
+from vlm_bridge.convert import passthrough
 from vlm_bridge.convert.distribute import global_param_names
 from vlm_bridge.convert.engine import (
     DTYPES,
@@ -53,6 +54,8 @@ class BuiltModel:
     key_layout: str = "hub"  # on-disk layout of the HF source, reproduced on export
     hf_side_dir: str = ""  # folder with config, tokenizer and processor files
     expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
+    # non-weight tensors of the source folder, written back on export (convert/passthrough.py)
+    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,6 +76,7 @@ def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dic
         "saved_tp": parallel.tp,
         "saved_pp": parallel.pp,
         "saved_ep": parallel.ep,
+        "passthrough": passthrough.to_json(built.passthrough),
         **extra,
     }
 
@@ -115,9 +119,15 @@ def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) ->
     text = getattr(hf_config, "text_config", hf_config)
     reader, expert_layout = open_hf_weights(hf_dir, text.hidden_size)
     built = build_rank_model(hf_config, dtype or reader.dtype(reader.keys()[0]), parallel)
-    layout = detect_layout(built.family.layouts, reader.keys(), [n for e in built.table for n in e.hf])
-    check_coverage(built.table, reader.keys(), layout, hf_dir)
-    fill_from_hf(built.params, built.table, reader, layout, hf_dir)
+    keys, constants = passthrough.split_keys(reader.keys(), built.family.passthrough)
+    layout = detect_layout(built.family.layouts, keys, built.table)
+    table = layout.table(built.table)
+    check_coverage(table, keys, layout, hf_dir)
+    built.passthrough = {name: reader.get(name) for name in constants}
+    for name, tensor in built.passthrough.items():
+        if built.family.check_passthrough is not None:
+            built.family.check_passthrough(built.hf_config, name, tensor)
+    fill_from_hf(built.params, table, reader, layout, hf_dir)
     built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
     built.expert_layout = expert_layout
     return built
@@ -131,6 +141,7 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
     built = build_rank_model(hf_config, dtype, parallel)
     built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
     built.expert_layout = meta.get("expert_layout", PER_EXPERT)
+    built.passthrough = passthrough.from_json(meta.get("passthrough", {}))
     peft = meta.get("peft")
     if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
         from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
@@ -156,12 +167,14 @@ def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | No
 def write_built(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
                 max_shard_bytes: int = 2 * 1024**3, consume: bool = False) -> None:
     """Run on every rank: export this model to an HF folder in its source's key/expert layout."""
+    layout = layout_by_name(built.family.layouts, built.key_layout)
     target = HFTarget(
-        folder=Path(hf_dir), layout=layout_by_name(built.family.layouts, built.key_layout),
+        folder=Path(hf_dir), layout=layout,
         dtype=out_dtype, side_dir=built.hf_side_dir, expert_layout=built.expert_layout,
         num_experts=built.num_experts, max_shard_bytes=max_shard_bytes,
     )
-    write_hf(built.params, built.table, target, overwrite, consume=consume)
+    write_hf(built.params, layout.table(built.table), target, overwrite, consume=consume,
+             extra=built.passthrough)
 
 
 def import_hf(

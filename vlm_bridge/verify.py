@@ -84,8 +84,21 @@ def default_media():
     )
 
 
-def build_batch(processor, images, video, prompt: str, fps: float = 2.0, **processor_kwargs):
-    """Rows: images (if any), video (if any), text only; left-padded like HF generation.
+def verify_batches(family, processor, images, video, prompt: str, fps: float = 2.0,
+                   **processor_kwargs) -> list:
+    """The batches verify compares: one with every row, or, for a family whose HF processor takes
+    a video only as a prompt of its own (``family.video_batch_alone``), images + text, then the
+    video alone."""
+    if video is None or not family.video_batch_alone:
+        return [build_batch(processor, images, video, prompt, fps, **processor_kwargs)]
+    return [build_batch(processor, images, None, prompt, fps, **processor_kwargs),
+            build_batch(processor, [], video, prompt, fps, text_row=False, **processor_kwargs)]
+
+
+def build_batch(processor, images, video, prompt: str, fps: float = 2.0, text_row: bool = True,
+                **processor_kwargs):
+    """Rows: images (if any), video (if any), text only (unless ``text_row`` is False); left-padded
+    like HF generation.
 
     Images are passed per row (a nested list), which every processor accepts and some require
     (some count images per prompt). ``processor_kwargs`` go to the processor call (e.g.
@@ -99,7 +112,8 @@ def build_batch(processor, images, video, prompt: str, fps: float = 2.0, **proce
         media["videos"] = [video]
         if isinstance(video, list):
             media["video_metadata"] = [{"total_num_frames": len(video), "fps": fps}]
-    rows.append([{"type": "text", "text": prompt}])
+    if text_row:
+        rows.append([{"type": "text", "text": prompt}])
     if images:
         media["images"] = [list(images)] + [[] for _ in rows[1:]]
     conversations = [[{"role": "user", "content": row}] for row in rows]
@@ -128,20 +142,20 @@ def compare_logits(hf: torch.Tensor, mg: torch.Tensor, valid: torch.Tensor) -> d
 
 def _capture_megatron(built) -> dict:
     """Hooks recording each decoder layer's output ``[s, b, h]`` and the vision tower output."""
-    store: dict = {"layers": {}, "vision": []}
+    store: dict = {"layers": {}, "vision": [], "handles": []}
     model = built.model
     for layer in model.language_model.decoder.layers:
         idx = layer.layer_number - 1
         # The layer's own output; additions after it (DeepStack) are not part of it, as in HF's
         # hidden_states.
-        layer.register_forward_hook(
+        store["handles"].append(layer.register_forward_hook(
             lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
-        )
+        ))
     if model.vision is not None:
         # Some towers also return extra features (DeepStack): compare what goes into the sequence.
-        model.vision.register_forward_hook(
+        store["handles"].append(model.vision.register_forward_hook(
             lambda m, i, o: store["vision"].append(_vision_features(o).detach().cpu())
-        )
+        ))
     return store
 
 
@@ -177,7 +191,8 @@ def _vision_features(output) -> torch.Tensor:
     return output[0]
 
 
-def _run_hf(hf_dir: str, dtype: torch.dtype, batch, vision_module: str) -> tuple[torch.Tensor, list, list]:
+def _run_hf(hf_dir: str, dtype: torch.dtype, batches: list, vision_module: str) -> list[tuple]:
+    """``(logits, hidden states, vision features)`` of the HF model for each batch."""
     model = load_hf_reference(hf_dir, dtype)
     model.to(device())
     model.eval()
@@ -188,10 +203,14 @@ def _run_hf(hf_dir: str, dtype: torch.dtype, batch, vision_module: str) -> tuple
         visual = None
     if visual is not None:
         visual.register_forward_hook(lambda m, i, o: vision_out.append(_vision_features(o).detach()))
+    runs = []
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
+        for batch in batches:
+            vision_out.clear()
+            out = model(**batch, output_hidden_states=True)
+            runs.append((out.logits, list(out.hidden_states), list(vision_out)))
     del model  # the caller may load another copy (fp32 baseline)
-    return out.logits, list(out.hidden_states), vision_out
+    return runs
 
 
 def _verify(
@@ -237,40 +256,46 @@ def _verify(
             raise ValueError(f"--video: the {built.family.name} family takes no video input")
         frames = None
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
-    batch = build_batch(processor, pil, frames, prompt, **(processor_kwargs or {})).to(device())
-    store = _capture_megatron(built)
-    kwargs = built.family.model_inputs(built.settings, dict(batch))
-    logits = pipeline_forward_logits(built.model, kwargs)
-    vocab = built.settings.vocab_size
-    src = last_stage_rank()
-    mg_logits = to_rank0(logits[..., :vocab] if logits is not None else None, src)
-    layers = _gather_layers(store["layers"])
+    batches = [b.to(device()) for b in
+               verify_batches(built.family, processor, pil, frames, prompt, **(processor_kwargs or {}))]
+    runs = []  # per batch: (valid mask, Megatron logits, decoder layer outputs, vision features)
+    for batch in batches:
+        store = _capture_megatron(built)
+        logits = pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
+        mg_logits = to_rank0(logits[..., :built.settings.vocab_size] if logits is not None else None,
+                             last_stage_rank())
+        runs.append((batch["attention_mask"].bool().cpu(), mg_logits, _gather_layers(store["layers"]),
+                     store["vision"]))
+        for handle in store["handles"]:
+            handle.remove()
     if dist.get_rank() != 0:
         return {}
-    hf_logits, hf_hidden, hf_vision = _run_hf(hf_dir, dtype, batch, built.family.hf_vision_module)
-    valid = batch["attention_mask"].bool().cpu()
-    hf_hidden = [h.cpu() for h in hf_hidden]
-    hf_vision = [v.cpu() for v in hf_vision]
-    stats = compare_logits(hf_logits.cpu(), mg_logits, valid)
+    hf_runs = _run_hf(hf_dir, dtype, batches, built.family.hf_vision_module)
     tol = tolerance if tolerance is not None else default_tolerance(dtype)
-    layer_diffs = _layer_diffs(layers, hf_hidden, valid)
-    vision_diff = None
-    if store["vision"] and hf_vision:
-        vision_diff = max(
-            float((a.float().reshape(-1, a.shape[-1]) - b.float().reshape(-1, b.shape[-1])).abs().max())
-            for a, b in zip(store["vision"], hf_vision)
-        )
+    hf_rows = torch.cat([hf_logits.cpu()[valid] for (valid, *_), (hf_logits, _, _) in zip(runs, hf_runs)])
+    mg_rows = torch.cat([mg[valid] for valid, mg, _, _ in runs])
+    everywhere = torch.ones(len(hf_rows), dtype=torch.bool)
+    stats = compare_logits(hf_rows, mg_rows, everywhere)
+    per_batch = [_layer_diffs(layers, [h.cpu() for h in hf_hidden], valid)
+                 for (valid, _, layers, _), (_, hf_hidden, _) in zip(runs, hf_runs)]
+    layer_diffs = [max(d) for d in zip(*per_batch)]
+    vision_diffs = [
+        float((a.float().reshape(-1, a.shape[-1]) - b.cpu().float().reshape(-1, b.shape[-1])).abs().max())
+        for (_, _, _, mine), (_, _, theirs) in zip(runs, hf_runs) for a, b in zip(mine, theirs)
+    ]
+    vision_diff = max(vision_diffs) if vision_diffs else None
     first_bad = next((i for i, d in enumerate(layer_diffs) if d > tol), None)
     passed = stats["max_abs_diff"] <= tol and stats["top1_agreement"] >= (
         1.0 if dtype == torch.float32 else 0.9
     )
     baseline = None
     if fp32_baseline and dtype != torch.float32:
-        del hf_hidden, hf_vision
-        ref = _run_hf(hf_dir, torch.float32, batch, built.family.hf_vision_module)[0].cpu()
+        del hf_runs
+        ref_runs = _run_hf(hf_dir, torch.float32, batches, built.family.hf_vision_module)
+        ref_rows = torch.cat([ref.cpu()[valid] for (valid, *_), (ref, _, _) in zip(runs, ref_runs)])
         baseline = {
-            "hf_half_vs_hf_fp32": compare_logits(ref, hf_logits.cpu(), valid),
-            "megatron_half_vs_hf_fp32": compare_logits(ref, mg_logits, valid),
+            "hf_half_vs_hf_fp32": compare_logits(ref_rows, hf_rows, everywhere),
+            "megatron_half_vs_hf_fp32": compare_logits(ref_rows, mg_rows, everywhere),
         }
         hf_kl = baseline["hf_half_vs_hf_fp32"]["kl_divergence"]
         mg_kl = baseline["megatron_half_vs_hf_fp32"]["kl_divergence"]

@@ -30,7 +30,18 @@ def is_expert(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def shard(full: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+Chunks = int | tuple[int, ...]
+
+
+def _parts(t: torch.Tensor, chunks: Chunks, dim: int, tp: int = 1) -> tuple[torch.Tensor, ...]:
+    """``t`` cut into its table parts: ``chunks`` equal parts, or parts of the given full sizes
+    (divided by ``tp`` when ``t`` is one rank's shard)."""
+    if isinstance(chunks, tuple):
+        return t.split([c // tp for c in chunks], dim=dim)
+    return t.chunk(chunks, dim=dim)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torch.Tensor:
     """This TP rank's piece of ``full`` for ``param``."""
     if not is_tp_sharded(param):
         return full
@@ -41,11 +52,11 @@ def shard(full: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Ten
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
     dim = param.partition_dim
-    parts = [p.chunk(tp, dim=dim)[rank] for p in full.chunk(chunks, dim=dim)]
-    return torch.cat(parts, dim=dim) if chunks > 1 else parts[0]
+    parts = [p.chunk(tp, dim=dim)[rank] for p in _parts(full, chunks, dim)]
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
-def gather(local: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torch.Tensor:
     """Inverse of :func:`shard`: every TP rank of the group receives the full tensor."""
     if not is_tp_sharded(param):
         return local.detach()
@@ -55,8 +66,8 @@ def gather(local: torch.Tensor, param: torch.Tensor, chunks: int = 1) -> torch.T
     pieces = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(pieces, local.detach().contiguous(), group=group)
     dim = param.partition_dim
-    per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
-    return torch.cat([torch.cat([r[c] for r in per_rank], dim=dim) for c in range(chunks)], dim=dim)
+    per_rank = [_parts(p, chunks, dim, tp) for p in pieces]
+    return torch.cat([torch.cat([r[c] for r in per_rank], dim=dim) for c in range(len(per_rank[0]))], dim=dim)
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -257,8 +257,11 @@ class HFTarget:
 
 
 def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: HFTarget,
-             overwrite: bool, consume: bool = False) -> None:
+             overwrite: bool, consume: bool = False, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Run on every rank: stream these parameters to an HF folder through the table; rank 0 writes.
+
+    ``extra`` are non-weight tensors written as they are under their file names (floating ones in
+    the output dtype), e.g. the passthrough constants of the source folder.
 
     ``consume`` frees each parameter once it is handed to the writer (the export command discards
     the model anyway), so peak memory falls as the export proceeds instead of adding the output
@@ -291,6 +294,8 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)
         if rank == 0:
+            for name, t in (extra or {}).items():
+                writer.add(name, t.to(target.dtype) if t.is_floating_point() else t)
             writer.finalize()
             copy_hf_side_files(target.side_dir, tmp)
             _write_config_dtype(tmp, target.dtype)

@@ -7,14 +7,23 @@ import, and reproduced at export so that a round trip gives back the same key se
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from vlm_bridge.convert.ops import Entry
 
 
 @dataclass(frozen=True)
 class KeyLayout:
     name: str
     file_to_canonical: dict[str, str] = field(default_factory=dict)
+    # For layouts that differ beyond prefixes (inner modules renamed, q/k/v stored fused): the
+    # canonical table entry -> this layout's entry; prefixes are then mapped as above.
+    rewrite: Callable[[Entry], Entry] | None = None
+
+    def table(self, entries: Iterable[Entry]) -> list[Entry]:
+        """The family's canonical weight table as this layout stores it."""
+        return [self.rewrite(e) for e in entries] if self.rewrite else list(entries)
 
     def to_canonical(self, key: str) -> str:
         for src, dst in self.file_to_canonical.items():
@@ -35,21 +44,21 @@ class KeyLayout:
 
 
 def detect_layout(layouts: list[KeyLayout], keys: Iterable[str],
-                  wanted: Iterable[str] | None = None) -> KeyLayout:
+                  table: Iterable[Entry] | None = None) -> KeyLayout:
     """The layout of a checkpoint's keys.
 
-    With ``wanted`` (the canonical names a weight table needs), the layout under which they match
-    the file's keys best (fewest missing plus unexpected; the first listed wins a tie): layouts may
+    With ``table`` (the family's canonical weight table), the layout under which its HF names
+    match the file's keys best (fewest missing plus unexpected; the first listed wins a tie): layouts may
     nest prefixes (``vision_tower.`` vs ``vision_tower.vision_model.``), which prefix presence
     alone cannot tell apart. Without it, the most specific layout whose prefixes all occur, else
     the first (hub) layout.
     """
     keys = list(keys)
-    if wanted is not None:
-        wanted, present = list(wanted), set(keys)
+    if table is not None:
+        table, present = list(table), set(keys)
 
         def mismatches(lay: KeyLayout) -> int:
-            return len({lay.to_file(n) for n in wanted} ^ present)
+            return len({lay.to_file(n) for e in lay.table(table) for n in e.hf} ^ present)
 
         return min(layouts, key=mismatches)
     candidates = [lay for lay in layouts if lay.file_to_canonical and lay.matches(keys)]

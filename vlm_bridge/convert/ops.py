@@ -3,7 +3,8 @@
 Each op turns the HF tensors of one table entry into the one full (unsharded) Megatron tensor and
 back. ``to_hf(to_megatron(x)) == x`` bit-exactly for every op: they only move, concatenate, slice
 or zero-pad data. ``tp_chunks`` tells the generic sharding step that the Megatron tensor is a
-concatenation of that many parts which are each split across TP ranks (Megatron's fused gate/up).
+concatenation of that many equal parts (or of parts of the sizes it lists) which are each split
+across TP ranks (Megatron's fused gate/up, Mamba's fused input projection).
 
 QKV layout: HF keeps ``q`` (heads * d), ``k`` and ``v`` (groups * d) apart or concatenated in that
 order; Megatron's ``linear_qkv`` interleaves them per query group,
@@ -89,6 +90,19 @@ class ConcatRows(Op):
 
     def to_hf(self, t: torch.Tensor) -> list[torch.Tensor]:
         return [x.clone() for x in t.chunk(self.parts, dim=0)]
+
+
+@dataclass
+class Parts(Op):
+    """One HF tensor that is a concatenation of parts of different sizes along dim 0, each split
+    across TP on its own (Mamba's ``in_proj`` rows ``[z, x, B, C, dt]``, its conv channels
+    ``[x, B, C]``); the data is unchanged."""
+
+    sizes: tuple[int, ...]
+
+    @property
+    def tp_chunks(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.sizes
 
 
 @dataclass

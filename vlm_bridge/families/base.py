@@ -62,10 +62,16 @@ class Family:
     token_keys: tuple[str, ...] = ()
     # media kinds the family's processor and model take ("image", "video")
     modalities: tuple[str, ...] = ("image", "video")
+    # the HF processor/model take a video only as a one-prompt batch with no images
+    video_batch_alone: bool = False
     # recipe name -> function returning a TrainConfig
     recipes: Mapping[str, Callable] = field(default_factory=dict)
     # options for tiny_builder that give the variants the tests cover (e.g. tied embeddings)
     tiny_variants: Mapping[str, dict] = field(default_factory=lambda: {"default": {}})
+    # regexes of non-weight tensors on disk (index buffers, identity scales) kept as they are
+    # through a round trip (convert/passthrough.py), and a check that may refuse their values
+    passthrough: tuple[str, ...] = ()
+    check_passthrough: Callable[[object, str, torch.Tensor], None] | None = None
 
     def hf_module_path(self, hf_tensor: str) -> str:
         """Hub tensor name -> the module path transformers gives it in memory (HF PEFT keys)."""

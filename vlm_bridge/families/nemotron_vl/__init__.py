@@ -1,0 +1,58 @@
+"""Nemotron VL (NemotronH_Omni_Reasoning_V3 and NemotronH_Nano_VL_V2) on Megatron-Core."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_bridge.families.base import Family
+from vlm_bridge.families.nemotron_vl.config import NemotronVLSettings, build_configs
+from vlm_bridge.families.nemotron_vl.mapping import LAYOUTS, weight_table
+from vlm_bridge.families.nemotron_vl.model import NemotronVLModel
+from vlm_bridge.families.nemotron_vl.recipes import RECIPES
+
+
+def position_ids(s: NemotronVLSettings, batch: dict) -> torch.Tensor:
+    """Plain 0..s-1 per row; unused by the model (Nemotron-H attention has no positions), kept so
+    that every family hands the trainer the same inputs."""
+    b, n = batch["input_ids"].shape
+    return torch.arange(n, device=batch["input_ids"].device).expand(b, n)
+
+
+def check_passthrough(hf_config, name: str, tensor: torch.Tensor) -> None:
+    """LayerScales pass through only when they are the identity (C-RADIO has none)."""
+    if "layer_scale" in name and not bool((tensor == 1).all()):
+        raise ValueError(f"{name}: RADIO LayerScale other than 1 is not supported")
+
+
+FAMILIES = [
+    Family(
+        name="nemotron_vl",
+        architectures=("NemotronH_Omni_Reasoning_V3",),
+        model_types=("nemotron_h_omni",),
+        build_configs=build_configs,
+        build_model=NemotronVLModel,
+        weight_table=weight_table,
+        layouts=LAYOUTS,
+        components={
+            "vision": ("vision.patch_projection.", "vision.video_patch_projection.",
+                       "vision.position_embedding.", "vision.cls_register_token.", "vision.layers."),
+            "projector": ("vision.projector.",),
+            "language_model": ("language_model.",),
+        },
+        # canonical names are transformers 5.24's in-memory module paths already
+        hf_module_prefixes={},
+        media_keys=("pixel_values", "image_grid_hw", "pixel_values_videos"),
+        modalities=("image", "video"),
+        # transformers' processor takes videos with a single prompt only, and its model cannot
+        # take images and a video in one forward (both fill the image placeholder)
+        video_batch_alone=True,
+        position_ids=position_ids,
+        hf_vision_module="multi_modal_projector",
+        tiny_builder="vlm_bridge.testing.tiny_nemotron_vl:build_tiny_nemotron_vl",
+        recipes=RECIPES,
+        # RADIO's summary-token indices, identity LayerScales, input statistics: not weights
+        passthrough=(r"(^|\.)summary_idxs$", r"\.layer_scale[12]\.lambda1$",
+                     r"input_conditioner\.norm_(mean|std)$"),
+        check_passthrough=check_passthrough,
+    )
+]

@@ -1,0 +1,105 @@
+"""Nemotron VL on Megatron-Core: RADIO + projector on the first stage, a hybrid Nemotron-H decoder.
+
+The decoder is Megatron's block with one layer spec per layer (this pipeline stage's share of
+``layers_block_type``), all without Transformer Engine:
+
+* ``M``: :class:`MambaLayer` = ``x + mixer(norm(x))`` with the shared Mamba-2 mixer; packed samples
+  and padding come from the structural mask's segment ids (state and conv reset per sample);
+* ``*``: Megatron's ``TransformerLayer`` with attention only (no MLP), no positional encoding;
+* ``-``: ``TransformerLayer`` with the MLP only (squared ReLU, no gate).
+
+Every norm is Nemotron-H's RMSNorm (weight multiply in fp32). Layers differ in their parameters,
+so checkpoints key each layer separately (``hetereogenous_dist_checkpoint`` in the config).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from vlm_bridge.families._common.mamba import MambaMixer, MambaSettings
+from vlm_bridge.families._common.modules import scatter_vision_embeddings
+from vlm_bridge.families._common.specs import transformer_layer_spec
+from vlm_bridge.families._common.vlm import Embedded, VLMModel
+from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP
+from vlm_bridge.families.nemotron_vl.radio import Fp32RMSNorm, RadioVisionTower
+
+
+class MambaLayer(MegatronModule):
+    """``x + mixer(norm(x))``; called like a ``TransformerLayer`` by the shared decoder run."""
+
+    def __init__(self, config: TransformerConfig, submodules=None, layer_number: int = 1,
+                 pg_collection=None, vp_stage: int | None = None,
+                 settings: MambaSettings | None = None) -> None:
+        super().__init__(config=config)
+        # Global 1-based number, as TransformerLayer computes it (checkpoint keys use it).
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage)
+        self.norm = Fp32RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+        self.mixer = MambaMixer(config, settings, layer_number=self.layer_number)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        segments = getattr(attention_mask, "segment_ids", None)
+        out, _ = self.mixer(self.norm(hidden_states), segment_ids=segments)
+        return hidden_states + out, None
+
+
+def _attention_only() -> ModuleSpec:
+    spec = transformer_layer_spec()
+    sub = copy.copy(spec.submodules)
+    sub.input_layernorm = Fp32RMSNorm
+    sub.pre_mlp_layernorm, sub.mlp, sub.mlp_bda = IdentityOp, IdentityOp, IdentityFuncOp
+    return ModuleSpec(module=spec.module, submodules=sub)
+
+
+def _mlp_only() -> ModuleSpec:
+    spec = transformer_layer_spec()
+    sub = copy.copy(spec.submodules)
+    sub.pre_mlp_layernorm = Fp32RMSNorm
+    sub.input_layernorm, sub.self_attention, sub.self_attn_bda = IdentityOp, IdentityOp, IdentityFuncOp
+    return ModuleSpec(module=spec.module, submodules=sub)
+
+
+def layer_spec(kind: str, mamba: MambaSettings) -> ModuleSpec:
+    if kind == MAMBA:
+        return ModuleSpec(module=MambaLayer, params={"settings": mamba})
+    if kind == ATTENTION:
+        return _attention_only()
+    if kind == MLP:
+        return _mlp_only()
+    raise ValueError(f"Nemotron-H layer type {kind!r} is not supported")
+
+
+class NemotronVLModel(VLMModel):
+    """RADIO + projector on the first stage, a hybrid Mamba-2 / attention / MLP decoder."""
+
+    position_embedding_type = "none"
+
+    def language_layer_spec(self) -> TransformerBlockSubmodules:
+        s, config = self.s, self.config
+        # This pipeline stage's layers only, as Megatron's own decoder block specs do.
+        offset, count = get_transformer_layer_offset(config), get_num_layers_to_build(config)
+        specs = [layer_spec(kind, s.mamba) for kind in s.layer_types[offset:offset + count]]
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=Fp32RMSNorm)
+
+    def build_vision(self, config: TransformerConfig) -> RadioVisionTower:
+        return RadioVisionTower(config, self.s)
+
+    def rotary(self, position_ids: torch.Tensor) -> None:
+        return None  # Nemotron-H attention has no positional encoding
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_hw: torch.Tensor | None = None,
+              pixel_values_videos: torch.Tensor | None = None) -> Embedded:
+        emb = self.embed_text(input_ids)
+        if pixel_values is not None or pixel_values_videos is not None:
+            feats = self.vision(pixel_values, image_grid_hw, pixel_values_videos)
+            # Images and video frames share the image placeholder token, as in HF.
+            emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images/video")
+        return Embedded(emb)
