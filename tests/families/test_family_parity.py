@@ -70,7 +70,7 @@ def _export_adapter(hf_dir: str, out_dir: str):
     from vlm_bridge.peft import LoraConfig, apply_lora, export_hf_peft
     from vlm_bridge.peft.lora import randomize_adapters_
     from vlm_bridge.runtime import pipeline_forward_logits
-    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
+    from vlm_bridge.verify import DEFAULT_PROMPT, default_media, verify_batches
 
     init_distributed(ParallelConfig())
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
@@ -81,32 +81,36 @@ def _export_adapter(hf_dir: str, out_dir: str):
     from transformers import AutoProcessor
 
     images, video = default_media()
-    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, video, DEFAULT_PROMPT)
-    logits = pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
-    return logits[..., : built.settings.vocab_size], wrapped
+    logits = [
+        pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
+        for batch in verify_batches(built.family, AutoProcessor.from_pretrained(hf_dir), images, video,
+                                    DEFAULT_PROMPT)
+    ]
+    return [x[..., : built.settings.vocab_size] for x in logits], wrapped
 
 
 def test_lora_on_every_component_exports_as_hf_peft(case, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
+    from vlm_bridge.verify import DEFAULT_PROMPT, default_media, verify_batches
 
-    _, hf = case
+    family, hf = case
     out = tmp_path / "adapter"
     mg, wrapped = run_parallel(_export_adapter, 1, str(hf), str(out))
     assert {w.split(".")[0] for w in wrapped} == {"language_model", "vision"}
     projector = built_components(hf)["projector"]
     assert any(w.startswith(projector) for w in wrapped), wrapped
     images, video = default_media()
-    batch = build_batch(AutoProcessor.from_pretrained(hf), images, video, DEFAULT_PROMPT)
+    batches = verify_batches(family, AutoProcessor.from_pretrained(hf), images, video, DEFAULT_PROMPT)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(hf), out).eval()
-    with torch.no_grad():
-        with_adapter = model(**batch).logits
-        with model.disable_adapter():
-            base = model(**batch).logits
-    valid = batch["attention_mask"].bool()
-    assert float((with_adapter[valid] - base[valid]).abs().max()) > 1e-2  # the adapter does something
-    assert float((with_adapter[valid] - mg[valid]).abs().max()) <= TOL
+    for batch, mg_logits in zip(batches, mg, strict=True):
+        with torch.no_grad():
+            with_adapter = model(**batch).logits
+            with model.disable_adapter():
+                base = model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        assert float((with_adapter[valid] - base[valid]).abs().max()) > 1e-2  # the adapter does something
+        assert float((with_adapter[valid] - mg_logits[valid]).abs().max()) <= TOL
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(hf)

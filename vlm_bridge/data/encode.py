@@ -211,18 +211,26 @@ class SampleEncoder:
     def _probe_template(self) -> tuple[str, str, str]:
         """Read the assistant header, footer and end-of-turn text off the chat template.
 
-        header = render([user], generation prompt) minus render([user]);
+        header = what the template puts between the user turn and a stored assistant message's
+        content (else the generation prompt: render([user], generation prompt) minus render([user]));
         footer = what follows an assistant message's content; end-of-turn = its first token.
+
+        The two headers differ in reasoning templates, whose generation prompt opens a ``<think>``
+        block that stored assistant turns do not carry: training follows the stored form.
         """
         user = {"role": "user", "content": [{"type": "text", "text": "Probe question."}]}
         sentinel = "Probe answer 7QX."
         bare, prompted = self.render([user]), self.render([user], add_generation_prompt=True)
-        if not prompted.startswith(bare) or len(prompted) == len(bare):
-            raise ValueError("chat template: the generation prompt is not a suffix of the user turn")
-        header = prompted[len(bare) :]
         full = self.render([user, {"role": "assistant", "content": [{"type": "text", "text": sentinel}]}])
         if sentinel not in full:
             raise ValueError("chat template does not render assistant text content")
+        before = full[: full.rindex(sentinel)]
+        if before.startswith(bare) and len(before) > len(bare):
+            header = before[len(bare) :]
+        elif prompted.startswith(bare) and len(prompted) > len(bare):
+            header = prompted[len(bare) :]
+        else:
+            raise ValueError("chat template: the generation prompt is not a suffix of the user turn")
         footer = full[full.rindex(sentinel) + len(sentinel) :]
         offsets = self.tokenizer(footer, add_special_tokens=False, return_offsets_mapping=True)[
             "offset_mapping"

@@ -63,7 +63,8 @@ def seeded(name: str, seed: int) -> torch.Generator:
 class LoraLinear(torch.nn.Module):
     """A Megatron parallel linear plus a low-rank (optionally DoRA) adapter; returns ``(out, bias)``."""
 
-    def __init__(self, base: torch.nn.Module, cfg: LoraConfig, name: str, tp_chunks: int = 1) -> None:
+    def __init__(self, base: torch.nn.Module, cfg: LoraConfig, name: str,
+                 tp_chunks: int | tuple[int, ...] = 1) -> None:
         super().__init__()
         if base.weight is None:
             raise ValueError(f"{name}: LoRA needs the layer's own weight (tied output layer?)")
@@ -71,7 +72,8 @@ class LoraLinear(torch.nn.Module):
             raise NotImplementedError("LoRA with sequence parallelism is not supported")
         self.base_layer = base
         self.cfg = cfg
-        self.tp_chunks = tp_chunks  # 2 for a GLU fc1: rows are [gate; up], each part TP-split
+        # 2 for a GLU fc1 (rows [gate; up]), part sizes for Mamba's in_proj; each part TP-split
+        self.tp_chunks = tp_chunks
         self.column = isinstance(base, ColumnParallelLinear)
         self.scaling, self.p_drop, self.use_dora = cfg.scaling, cfg.dropout, cfg.use_dora
         self.merged = False

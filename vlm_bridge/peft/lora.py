@@ -100,7 +100,9 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         glu = leaf == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
-        setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=2 if glu else 1))
+        # A fused projection of unequal parts (Mamba's in_proj) declares them; a GLU fc1 has two.
+        chunks = getattr(module, "tp_parts", None) or (2 if glu else 1)
+        setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=chunks))
         wrapped.append(to_global(name))
     return wrapped
 

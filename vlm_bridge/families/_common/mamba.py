@@ -129,7 +129,8 @@ class MambaMixer(MegatronModule):
         super().__init__(config=config)
         s = settings
         tp = config.tensor_model_parallel_size
-        require_divisible([("Mamba heads", s.num_heads, tp, "--tp"), ("Mamba groups", s.n_groups, tp, "--tp")])
+        require_divisible([("Mamba heads", s.num_heads, tp, "--tp"),
+                           ("Mamba groups", s.n_groups, tp, "--tp")])
         if s.num_heads % s.n_groups:
             raise ValueError(f"Mamba heads ({s.num_heads}) must be a multiple of the groups ({s.n_groups})")
         self.settings = s
@@ -142,6 +143,8 @@ class MambaMixer(MegatronModule):
             config.hidden_size, sum(s.in_proj_sizes()), config=config, init_method=skip_init,
             bias=s.proj_bias, gather_output=False, tp_group=tp_group,
         )
+        # Its rows are five parts, each split over TP on its own; LoRA shards its B rows alike.
+        self.in_proj.tp_parts = tuple(s.in_proj_sizes())
         # The rank-local parameters live where Megatron put the linears' weights.
         factory = dict(device=self.in_proj.weight.device, dtype=config.params_dtype)
         self.conv1d = torch.nn.Conv1d(
@@ -251,23 +254,24 @@ class MambaMixer(MegatronModule):
         )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        groups = dict(tp_group=parallel_state.get_tensor_model_parallel_group(),
-                      dp_cp_group=metadata["dp_cp_group"])
+        pgs = dict(tp_group=parallel_state.get_tensor_model_parallel_group(),
+                   dp_cp_group=metadata["dp_cp_group"])
         out = make_sharded_tensors_for_checkpoint(
             {"dt_bias": self.dt_bias, "A_log": self.A_log, "D": self.D}, prefix,
-            {"dt_bias": 0, "A_log": 0, "D": 0}, sharded_offsets, **groups,
+            {"dt_bias": 0, "A_log": 0, "D": 0}, sharded_offsets, **pgs,
         )
         for name, module in (("conv1d", self.conv1d), ("norm", self.norm)):
             local = module.state_dict(prefix="", keep_vars=True)
             out.update(make_sharded_tensors_for_checkpoint(
-                local, f"{prefix}{name}.", dict.fromkeys(local, 0), sharded_offsets, **groups))
+                local, f"{prefix}{name}.", dict.fromkeys(local, 0), sharded_offsets, **pgs))
         for name in ("in_proj", "out_proj"):
             out.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
         tp = self.config.tensor_model_parallel_size
         splits = {"in_proj": (self.settings.in_proj_sizes(tp), ["z", "x", "B", "C", "dt"]),
                   "conv1d": (self.settings.conv_sizes(tp), ["x", "B", "C"])}
         for module, (sizes, names) in splits.items():
-            for tensor in ("weight", "bias"):
+            # a LoRA/DoRA on in_proj adds row-sharded tensors that split like its weight
+            for tensor in ("weight", "bias", "lora_B", "lora_magnitude"):
                 key = f"{prefix}{module}.{tensor}"
                 if key in out:
                     out[key] = _split_tensor_factory(out[key], sizes, names, 0)

@@ -1,0 +1,175 @@
+"""Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts round-trip
+bit-exactly (sharded and single-file, bf16 and fp32, through TP=2), the dt clamp matters (parity
+does not pass by accident), LoRA on the Mamba projections exports as an HF-PEFT adapter at TP=2,
+and unsupported inputs fail with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm_bridge.parallel import ParallelConfig, run_parallel
+from vlm_bridge.testing.checks import checkpoint_mismatches
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def nemotron(tmp_path_factory):
+    from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
+
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron") / "hf")
+
+
+@pytest.fixture(scope="module")
+def nemotron_native(tmp_path_factory):
+    from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
+
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_native") / "hf", key_format="native")
+
+
+def _resave(src, dst, dtype: torch.dtype, sharded: bool):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in load_file(src / "model.safetensors").items()}
+    names = sorted(tensors)
+    parts = [names[: len(names) // 2], names[len(names) // 2:]] if sharded else [names]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" if sharded else "model.safetensors"
+        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    if sharded:
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.mark.parametrize("form,layout", [("nemotron", "v2"), ("nemotron_native", "native")])
+@pytest.mark.parametrize("dtype,sharded", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-single", "bf16-sharded"])
+def test_both_layouts_round_trip_bit_exact_through_tp2(request, run_cli, tmp_path, form, layout, dtype,
+                                                       sharded):
+    src = _resave(request.getfixturevalue(form), tmp_path / "src", dtype, sharded)
+    meg, out = tmp_path / "meg", tmp_path / "out"
+    assert run_cli("import", "--hf-model", src, "--megatron-path", meg, "--tp", "2") == 0
+    meta = json.loads((meg / "vlm_bridge.json").read_text())
+    assert meta["key_layout"] == layout and "summary_idxs" in "".join(meta["passthrough"])
+    assert run_cli("export", "--megatron-path", meg, "--hf-path", out, "--pp", "2") == 0
+    assert checkpoint_mismatches(src, out) == []
+
+
+def test_native_layout_matches_hf(nemotron_native, parity):
+    report = parity(nemotron_native, None, tp=2)
+    assert report["max_abs_diff"] <= TOL and report["top1_agreement"] == 1.0, report
+    assert report["vision_max_abs_diff"] <= TOL, report
+
+
+def _clamp_ablation(hf_dir: str) -> dict:
+    import dataclasses
+
+    from transformers import AutoProcessor
+
+    from vlm_bridge.families._common.mamba import MambaMixer
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.parallel import init_distributed
+    from vlm_bridge.runtime import pipeline_forward_logits
+    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media, load_hf_reference
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    built.model.eval()
+    images, _ = default_media()
+    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
+    kwargs = built.family.model_inputs(built.settings, dict(batch))
+    vocab = built.settings.vocab_size
+    out = {"full": pipeline_forward_logits(built.model, kwargs)[..., :vocab]}
+    mixers = [m for m in built.model.modules() if isinstance(m, MambaMixer)]
+    for m in mixers:
+        m.settings = dataclasses.replace(m.settings, time_step_min=0.0)
+    out["no_clamp"] = pipeline_forward_logits(built.model, kwargs)[..., :vocab]
+    with torch.no_grad():
+        out["hf"] = load_hf_reference(hf_dir, torch.float32).eval()(**batch).logits
+    out["valid"] = batch["attention_mask"].bool()
+    out["tokens"], out["chunk"] = int(batch["input_ids"].shape[1]), mixers[0].settings.chunk_size
+    return out
+
+
+def test_dt_clamp_matters_and_the_scan_crosses_chunks(nemotron):
+    r = run_parallel(_clamp_ablation, 1, str(nemotron))
+    valid = r["valid"]
+    assert r["tokens"] > 4 * r["chunk"]
+    assert float((r["full"][valid] - r["hf"][valid]).abs().max()) <= TOL
+    assert float((r["no_clamp"][valid] - r["hf"][valid]).abs().max()) > 1e-3, "the dt clamp had no effect"
+
+
+def _mamba_lora(hf_dir: str, out_dir: str):
+    from transformers import AutoProcessor
+
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.parallel import init_distributed
+    from vlm_bridge.peft import LoraConfig, apply_lora, export_hf_peft
+    from vlm_bridge.peft.lora import randomize_adapters_
+    from vlm_bridge.runtime import pipeline_forward_logits
+    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
+
+    parallel = ParallelConfig(tp=2)
+    init_distributed(parallel)
+    built = load_hf(hf_dir, parallel, torch.float32)
+    built.model.eval()
+    wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, targets=("in_proj", "out_proj")))
+    randomize_adapters_(built.model, seed=3, std=0.1)
+    export_hf_peft(built, out_dir, hf_dir)
+    images, _ = default_media()
+    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
+    logits = pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
+    return logits[..., : built.settings.vocab_size], wrapped
+
+
+def test_lora_on_mamba_projections_exports_at_tp2(nemotron, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
+
+    out = tmp_path / "adapter"
+    mg, wrapped = run_parallel(_mamba_lora, 2, str(nemotron), str(out))
+    assert {w.rsplit(".", 1)[1] for w in wrapped} == {"in_proj", "out_proj"}
+    images, _ = default_media()
+    batch = build_batch(AutoProcessor.from_pretrained(nemotron), images, None, DEFAULT_PROMPT)
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(nemotron), out).eval()
+    with torch.no_grad():
+        with_adapter = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert float((with_adapter[valid] - base[valid]).abs().max()) > 1e-2
+    assert float((with_adapter[valid] - mg[valid]).abs().max()) <= TOL
+
+
+def _edit_config(src, dst, edit) -> str:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("edit,args,message", [
+    (lambda c: c.update(audio_config={}), (), "audio tower (audio_config) is not supported"),
+    (lambda c: c["text_config"].update(layers_block_type=["moe" if t == "mlp" else t for t in
+                                                            c["text_config"]["layers_block_type"]]),
+     (), "MoE ('E') layers is not supported"),
+    (lambda c: c["text_config"].update(n_groups=1), ("--tp", "2"),
+     "--tp 2 does not divide the Mamba groups (1)"),
+], ids=["audio", "moe-layer", "mamba-groups"])
+def test_unsupported_inputs_fail_with_one_line(nemotron, run_cli, capsys, tmp_path, edit, args, message):
+    folder = _edit_config(nemotron, tmp_path / "edited", edit)
+    assert run_cli("import", "--hf-model", folder, "--megatron-path", tmp_path / "meg", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "meg").exists()
