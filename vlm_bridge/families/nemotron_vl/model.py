@@ -98,6 +98,11 @@ class NemotronVLModel(VLMModel):
               image_grid_hw: torch.Tensor | None = None,
               pixel_values_videos: torch.Tensor | None = None) -> Embedded:
         emb = self.embed_text(input_ids)
+        if pixel_values is not None and pixel_values_videos is not None:
+            # Both fill the one image placeholder token, so their order along the sequence is not
+            # recoverable from the inputs (transformers refuses this batch as well).
+            raise ValueError("Nemotron VL: one batch with both images and video is not supported; "
+                             "keep image and video samples in separate batches (no packing across them)")
         if pixel_values is not None or pixel_values_videos is not None:
             feats = self.vision(pixel_values, image_grid_hw, pixel_values_videos)
             # Images and video frames share the image placeholder token, as in HF.
