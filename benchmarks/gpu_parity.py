@@ -1,9 +1,10 @@
-"""HF vs Megatron parity at real Qwen-VL / Gemma 3 dimensions (random weights), meant for one H200.
+"""HF vs Megatron parity at real Qwen-VL / Gemma 3 / Nemotron VL dimensions (random weights), for one H200.
 
     python benchmarks/gpu_parity.py --size 7b --dtype bf16 --workdir /scratch/vlmb [--import-export]
     python benchmarks/gpu_parity.py --size tiny --workdir /tmp/vlmb      # the same path, CPU-sized
     python benchmarks/gpu_parity.py --size gemma3_4b --dtype bf16 --workdir /scratch/g4b
     python benchmarks/gpu_parity.py --size gemma3_27b --tp 2 --workdir /scratch/g27b   # 2 GPUs
+    python benchmarks/gpu_parity.py --size nemotron_12b --workdir /scratch/n12
 
 Writes the checkpoint with make_checkpoint.py into ``WORKDIR/hf`` (reused when present: 16.6 GB
 of random bf16 takes minutes to write), runs ``vlm_bridge.verify.verify`` (in-memory import, then
@@ -20,6 +21,10 @@ vs bf16 Megatron directly and, with random weights, may FAIL on near-tied argmax
 Gemma 3 has no video: verify runs an image row (two images) and a text-only row. ``--import-export``
 writes two more model copies (Megatron + export): 3 x 55 GB at 27B, more than a 128 GiB disk; there
 time the on-disk import alone (``vlm-bridge import --tp 2``, then ``verify --megatron-path``).
+Nemotron VL (``nemotron_12b``, 26.3 GB in bf16; ``nemotron_tiny`` on CPU): verify runs the images +
+text batch and then the video alone (its HF model cannot take both in one forward); GPU 0 holds
+Megatron bf16 (26 GB) and at most one HF copy at a time (26 GB bf16, then 53 GB fp32). HF runs
+transformers' pure-torch Mamba scan (no ``mamba_ssm``), Megatron the family's own.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ def _gpu_peak_gb() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="7b",
-                   choices=["7b", "qwen3_8b", "tiny", "gemma3_4b", "gemma3_12b", "gemma3_27b", "gemma3_tiny"])
+                   choices=["7b", "qwen3_8b", "tiny", "gemma3_4b", "gemma3_12b", "gemma3_27b", "gemma3_tiny",
+                            "nemotron_12b", "nemotron_tiny"])
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="checkpoint and compute dtype")
     p.add_argument("--workdir", required=True)
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_bridge.verify import DEFAULT_PROMPT, verify
 
     if not torch.cuda.is_available():
-        print("note: no CUDA device; running on CPU (fine for --size tiny / gemma3_tiny)", file=sys.stderr)
+        print("note: no CUDA device; running on CPU (fine for the *tiny sizes)", file=sys.stderr)
     elif args.tp > torch.cuda.device_count():
         raise SystemExit(f"--tp {args.tp}: only {torch.cuda.device_count()} CUDA devices")
     workdir = Path(args.workdir)

@@ -1,4 +1,4 @@
-"""Write a random-weight Qwen-VL or Gemma 3 HF folder at real dimensions, streaming, for benchmarks.
+"""Write a random-weight Qwen-VL, Gemma 3 or Nemotron VL HF folder at real dimensions, streaming.
 
 The 7B checkpoint (~16.6 GB in bf16) is never held in memory: the HF model is built on the
 ``meta`` device only to enumerate parameter names and shapes, and each tensor is generated from
@@ -12,6 +12,7 @@ network); the config's special-token ids are set to the tiny tokenizer's ids, wh
     python benchmarks/make_checkpoint.py --size 7b --out /data/qwen7b-random [--dtype bf16] [--tie]
     python benchmarks/make_checkpoint.py --size 7b --dry-run   # tensor count and bytes only
     python benchmarks/make_checkpoint.py --size gemma3_4b --out /data/gemma3-4b-random
+    python benchmarks/make_checkpoint.py --size nemotron_12b --out /data/nemotron-12b-random
 
 Gemma 3 (``gemma3_4b``, ``gemma3_12b``, ``gemma3_27b``; ``gemma3_tiny`` is the tiny builder's config
 written the same way) follows the same recipe with the tiny Gemma tokenizer from
@@ -20,12 +21,25 @@ written the same way) follows the same recipe with the tiny Gemma tokenizer from
 (``language_model.model.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, no
 ``lm_head``: Gemma 3 is always tied, ``--tie`` is ignored), and the processor takes images to the
 config's 896x896 with 256 soft tokens each, like google/gemma-3-4b-it's.
+
+Nemotron VL (``nemotron_12b``: NVIDIA-Nemotron-Nano-12B-v2-VL dimensions as transformers 5.24's
+``NemotronH_Omni_Reasoning_V3``; ``nemotron_tiny``: the tiny builder's config written the same way)
+uses the tiny Nemotron tokenizer of :mod:`vlm_bridge.testing.tiny_nemotron_vl` (control ids 0-31,
+``<image>`` 18; the vocab stays 131072). The keys are the in-memory names (the family's ``native``
+layout, what ``save_pretrained(save_original_format=False)`` writes) without RADIO's identity
+LayerScales (transformers re-creates them as 1.0, as for hub folders); the persistent buffer
+``vision_model.summary_idxs`` is written with its real values. Mamba's ``A_log``, ``dt_bias`` and
+``D`` get values of the usual Mamba-2 init (``A`` in [-16, -1], ``softplus(dt_bias)`` log-uniform
+in [1e-3, 0.1], ``D`` near 1), not the generic draw. The processor takes images at their own grid
+scaled into [1024, 4096] patches of 16 px (256-1024 image tokens after the 2x2 pixel shuffle: a
+448 px square becomes 512 px, 896 px stays as is); ``--max-pixels`` does not apply.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import zlib
@@ -194,6 +208,82 @@ def is_gemma3(size_or_config) -> bool:
     return size_or_config.model_type == "gemma3"
 
 
+# NVIDIA-Nemotron-Nano-12B-v2(-VL): 62 layers, 28 Mamba-2 (M), 6 attention (*), 28 squared-ReLU MLP (-).
+NEMOTRON_12B_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+NEMOTRON_BLOCKS = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+NEMOTRON_SIZES = ("nemotron_12b", "nemotron_tiny")
+# Patches of 16 px per image before the 2x2 pixel shuffle: 256..1024 image tokens.
+NEMOTRON_MIN_PATCHES, NEMOTRON_MAX_PATCHES = 1024, 4096
+NEMOTRON_VIDEO_PATCHES = 1024  # per frame, the video processor's default
+
+
+def is_nemotron(size_or_config) -> bool:
+    if isinstance(size_or_config, str):
+        return size_or_config in NEMOTRON_SIZES
+    return size_or_config.model_type == "nemotron_h_omni"
+
+
+def nemotron_config(size: str):
+    """NVIDIA-Nemotron-Nano-12B-v2-VL dimensions (or the tiny builder's), with the tiny tokenizer's ids.
+
+    RADIO ViT-H/16 with 10 prefix tokens (Megatron's RADIO class_token_len for this model; the
+    2 cls + 8 registers split is not from the hub, and only the total matters to the forward), a
+    CPE table for 2048 px; the projector's hidden is 4x the LM's MLP.
+    """
+    from transformers import NemotronH_Omni_Reasoning_V3_Config
+
+    from vlm_bridge.testing import tiny_nemotron_vl as tiny_nemotron
+
+    if size == "nemotron_tiny":
+        return tiny_nemotron.tiny_nemotron_vl_config()
+    if len(NEMOTRON_12B_PATTERN) != 62:
+        raise AssertionError("the 12B pattern has 62 layers")
+    text = {
+        "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 20480,
+        "layers_block_type": [NEMOTRON_BLOCKS[c] for c in NEMOTRON_12B_PATTERN],
+        "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "attention_bias": False,
+        "mlp_hidden_act": "relu2", "mlp_bias": False,
+        "mamba_num_heads": 128, "mamba_head_dim": 80, "n_groups": 8, "ssm_state_size": 128,
+        "conv_kernel": 4, "use_conv_bias": True, "use_bias": False, "mamba_proj_bias": False,
+        "mamba_hidden_act": "silu", "expand": 2, "chunk_size": 128,
+        "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": False, "max_position_embeddings": 131072,
+        "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
+        "pad_token_id": tiny_nemotron.PAD_TOKEN_ID, "bos_token_id": tiny_nemotron.BOS_TOKEN_ID,
+        "eos_token_id": tiny_nemotron.EOS_TOKEN_ID,
+    }
+    vision = {
+        "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "mlp_ratio": 4.0,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": True, "use_swiglu_ffn": False,
+        "num_channels": 3, "patch_size": 16, "image_size": 512, "max_img_size": 2048,
+        "num_cls_tokens": 2, "num_registers": 8, "video_temporal_patch_size": 2,
+    }
+    # The real image id is 131072 (past the text vocab); the tiny tokenizer emits <image> = 18.
+    return NemotronH_Omni_Reasoning_V3_Config(
+        text_config=text, vision_config=vision, audio_config=None, force_image_size=512,
+        downsample_ratio=0.5, projector_hidden_size=20480, vision_hidden_size=1280,
+        video_temporal_patch_size=2, video_pruning_rate=0.0,
+        image_token_id=tiny_nemotron.IMAGE_TOKEN_ID, video_token_id=None,
+        audio_token_id=tiny_nemotron.SPECIAL_TOKEN_IDS["<so_embedding>"], tie_word_embeddings=False,
+    )
+
+
+def nemotron_constants(config) -> dict[str, torch.Tensor]:
+    """Persistent non-weight buffers written with their real values (RADIO's summary-token indices)."""
+    return {"vision_model.summary_idxs": torch.tensor(config.vision_config.summary_idxs, dtype=torch.long)}
+
+
+def make_nemotron_processor():
+    """The tiny Nemotron processor with this script's patch budget (module docstring)."""
+    from vlm_bridge.testing import tiny_nemotron_vl as tiny_nemotron
+
+    processor = tiny_nemotron.make_tiny_nemotron_processor()
+    processor.image_processor.min_num_patches = NEMOTRON_MIN_PATCHES
+    processor.image_processor.max_num_patches = NEMOTRON_MAX_PATCHES
+    processor.video_processor.video_target_num_patches = NEMOTRON_VIDEO_PATCHES
+    return processor
+
+
 def build_config(size: str, tie: bool):
     if is_gemma3(size):
         return gemma3_config(size)
@@ -202,6 +292,8 @@ def build_config(size: str, tie: bool):
     if size.startswith("qwen3_30b_a3b"):  # qwen3_30b_a3b or qwen3_30b_a3b_<layers>l
         layers = int(size.rsplit("_", 1)[1][:-1]) if size.endswith("l") else 48
         return qwen3_30b_a3b_config(tie, layers)
+    if is_nemotron(size):
+        return nemotron_config(size)
     return qwen7b_config(tie) if size == "7b" else tiny.tiny_qwen2_5_vl_config(tie_word_embeddings=tie)
 
 
@@ -235,9 +327,12 @@ def tensor_specs(config: Qwen2_5_VLConfig) -> list[tuple[str, tuple[int, ...]]]:
 
     qwen3 = config.model_type in ("qwen3_vl", "qwen3_vl_moe")
     gemma3 = is_gemma3(config)
+    nemotron = is_nemotron(config)
     with torch.device("meta"):
-        model = (AutoModelForImageTextToText.from_config(config) if qwen3 or gemma3
+        model = (AutoModelForImageTextToText.from_config(config) if qwen3 or gemma3 or nemotron
                  else Qwen2_5_VLForConditionalGeneration(config))
+    if nemotron:  # in-memory names; the state dict adds the persistent buffer summary_idxs
+        return sorted((n, tuple(t.shape)) for n, t in model.state_dict().items() if ".layer_scale" not in n)
     rename = gemma3_hub_key if gemma3 else (lambda n: n) if qwen3 else hub_key
     specs = [(rename(n), tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)]
     if config.tie_word_embeddings:  # HF does not save the tied output layer
@@ -251,6 +346,21 @@ def gemma_rms_norm(key: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 1 and key.startswith(("language_model.", "multi_modal_projector."))
 
 
+MAMBA_PARAMS = (".mixer.A_log", ".mixer.dt_bias", ".mixer.D")
+
+
+def mamba_param(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """``A = -exp(A_log)`` in [-16, -1]; ``dt = softplus(dt_bias)`` log-uniform in [1e-3, 0.1]
+    (``dt_bias`` is its inverse softplus); the skip ``D`` near 1."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if key.endswith(".A_log"):
+        return torch.log(1 + 15 * u).float()
+    if key.endswith(".dt_bias"):
+        dt = torch.exp(math.log(1e-3) + u * (math.log(0.1) - math.log(1e-3)))
+        return (dt + torch.log(-torch.expm1(-dt))).float()
+    return (1 + 0.2 * (u - 0.5)).float()
+
+
 def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
                   norm_centre: float = 1.0) -> torch.Tensor:
     """Deterministic per key: a tensor's values do not depend on which others are written.
@@ -259,6 +369,8 @@ def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: in
     Gemma's that scale by 1 + w (around 1 they would double every normalised activation).
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    if key.endswith(MAMBA_PARAMS):  # Nemotron's Mamba-2 mixer: values of its own init, not N(0, s)
+        return mamba_param(key, shape, gen).to(dtype)
     t = torch.randn(shape, generator=gen, dtype=torch.float32)
     if key.endswith(".bias"):
         t.mul_(0.02)
@@ -305,16 +417,28 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
     config = build_config(size, tie)
     config.dtype = DTYPES[dtype]
     specs = tensor_specs(config)
-    gemma3 = is_gemma3(size)
+    gemma3, nemotron = is_gemma3(size), is_nemotron(size)
+    constants = nemotron_constants(config) if nemotron else {}
+    if nemotron:  # the omni model casts pixels to vision_config.dtype: keep the sub-configs in step
+        config.text_config.dtype = config.vision_config.dtype = DTYPES[dtype]
     start = time.time()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for key, shape in specs:  # one tensor alive at a time, plus the writer's shard buffer
+            if key in constants:
+                writer.add(key, constants[key])
+                continue
             centre = 0.0 if gemma3 and gemma_rms_norm(key, shape) else 1.0
             writer.add(key, random_tensor(key, shape, DTYPES[dtype], seed, centre))
         shards = len(set(writer.finalize().values()))
         config.save_pretrained(tmp)
-        if gemma3:  # the hub's: stop on <eos> or <end_of_turn>
+        if nemotron:
+            from vlm_bridge.testing import tiny_nemotron_vl as tiny_nemotron
+
+            GenerationConfig(bos_token_id=tiny_nemotron.BOS_TOKEN_ID, pad_token_id=tiny_nemotron.PAD_TOKEN_ID,
+                             eos_token_id=[tiny_nemotron.IM_END_ID, tiny_nemotron.EOS_TOKEN_ID],
+                             do_sample=False).save_pretrained(tmp)
+        elif gemma3:  # the hub's: stop on <eos> or <end_of_turn>
             GenerationConfig(bos_token_id=tiny_gemma.BOS_TOKEN_ID, pad_token_id=tiny_gemma.PAD_TOKEN_ID,
                              eos_token_id=[tiny_gemma.EOS_TOKEN_ID, tiny_gemma.END_OF_TURN_ID],
                              do_sample=False).save_pretrained(tmp)
@@ -322,7 +446,11 @@ def make_checkpoint(out: str | Path, size: str = "7b", dtype: str = "bf16", tie:
             GenerationConfig(bos_token_id=tiny.ENDOFTEXT_ID, pad_token_id=tiny.ENDOFTEXT_ID,
                              eos_token_id=[tiny.IM_END_ID, tiny.ENDOFTEXT_ID],
                              do_sample=False).save_pretrained(tmp)
-        if gemma3:
+        if nemotron:
+            processor = make_nemotron_processor()
+            processor.tokenizer.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        elif gemma3:
             make_gemma3_processor(config).save_pretrained(tmp)
         elif size.startswith("qwen3"):
             from vlm_bridge.testing.tiny_qwen3_vl import make_tiny_qwen3_processor
@@ -340,8 +468,10 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
     numel = [torch.Size(s).numel() for _, s in specs]
     parts = {"text": 0, "vision": 0, "lm_head": 0}
     for (key, _), n in zip(specs, numel):
-        vision = key.startswith(("visual.", "model.visual.", "vision_tower.", "multi_modal_projector."))
-        parts["vision" if vision else "lm_head" if key == "lm_head.weight" else "text"] += (
+        vision = key.startswith(("visual.", "model.visual.", "vision_tower.", "vision_model.",
+                                 "multi_modal_projector."))
+        lm_head = key in ("lm_head.weight", "language_model.lm_head.weight")
+        parts["vision" if vision else "lm_head" if lm_head else "text"] += (
             n * dtype.itemsize)
     return {"tensors": len(specs), "params": sum(numel), "bytes": sum(numel) * dtype.itemsize,
             "gb": round(sum(numel) * dtype.itemsize / 1e9, 3), "bytes_by_part": parts}
@@ -351,13 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="7b",
                    help="7b, qwen3_8b, qwen3_30b_a3b, qwen3_30b_a3b_<N>l (N LM layers), tiny, "
-                        "gemma3_4b, gemma3_12b, gemma3_27b, gemma3_tiny")
+                        "gemma3_4b, gemma3_12b, gemma3_27b, gemma3_tiny, nemotron_12b, nemotron_tiny")
     p.add_argument("--out", help="output folder (required unless --dry-run)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--tie", action="store_true",
-                   help="tie lm_head to the embedding (not 7B's; Gemma 3 is always tied)")
+                   help="tie lm_head to the embedding (not 7B's; Gemma 3 is always tied, Nemotron never)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="Qwen only (Gemma 3: 896x896)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="Qwen only (Gemma 3: 896x896; Nemotron: 1024-4096 patches of 16 px)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list tensors and bytes, write nothing")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""One SFT (and LoRA) step of a Qwen-VL or Gemma 3 model on 1..N GPUs: the Megatron path vs HF transformers.
+"""One SFT (and LoRA) step of a Qwen-VL, Gemma 3 or Nemotron VL model on 1..N GPUs: Megatron vs HF.
 
     python benchmarks/sft_step.py --size 7b --workdir /tmp/w [--steps 5] [--warmup 2] [--mode sft,lora]
     python benchmarks/sft_step.py --size qwen3_30b_a3b_8l --gpus 2 --ep 2 --workdir /tmp/m \
@@ -6,6 +6,8 @@
     python benchmarks/sft_step.py --size tiny --workdir /tmp/t --dtype fp32 --steps 1 --warmup 1  # CPU
     python benchmarks/sft_step.py --size gemma3_4b --workdir /tmp/g4b --mode sft,lora
     python benchmarks/sft_step.py --size gemma3_tiny --workdir /tmp/gt --dtype fp32 --steps 1 --warmup 1
+    python benchmarks/sft_step.py --size nemotron_12b --workdir /tmp/n12 --mode lora
+    python benchmarks/sft_step.py --size nemotron_tiny --workdir /tmp/nt --dtype fp32 --steps 1 --warmup 1
 
 Both systems train on the same seeded samples (one image of 224-896 px a side, 100-700 text tokens
 of random words), encoded once by ``SampleEncoder`` and packed once into rows of ``--seq-len``
@@ -38,6 +40,16 @@ drops the bidirectional attention within each image (a causal mask only), unlike
 4.30e9 params, Megatron SFT 77 GB of state, HF 34 GB: both fit one H200. 12B (219 GB) and 27B
 (494 GB) do not for SFT: use --num-layers or LoRA. LoRA trainable counts differ between the systems
 by design (Megatron adapts the fused QKV and gate/up matrices).
+
+Nemotron VL (``nemotron_12b``: 13.2e9 params, 12.3e9 of them the hybrid LM): images go through its
+processor at their own patch grid, scaled into 1024..``--max-pixels`` / 256 patches (224-896 px ->
+256-784 image tokens); the HF batches carry ``image_grid_hw`` in sample order. LoRA adapts the same
+layers on both sides: the family's Megatron targets (``nemotron_vl.recipes.LORA_TARGETS``: fused
+QKV, attention output, MLP fc1/fc2, Mamba ``in_proj``/``out_proj``) and HF's q/k/v/o, up/down and
+Mamba ``in_proj``/``out_proj`` of every ``language_model.model.layers.N.mixer``. Neither side has
+``mamba_ssm``: HF runs transformers' pure-torch chunked scan (``hf_mamba_kernels`` in the result
+says whether the package was importable), Megatron the family's pure-torch mixer. SFT at 12B needs
+~237 GB of Megatron state: LoRA (or --num-layers) on one H200.
 """
 
 from __future__ import annotations
@@ -59,6 +71,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 WORDS = ("red green blue square circle image left right top bottom large small shape colour corner "
          "centre the a of is and with near above below inside outside shows picture background").split()
 HF_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Nemotron-H: every layer's module is ``mixer`` (Mamba-2, attention or MLP); the RADIO tower has q/k/v/o too.
+HF_LORA_TARGETS_NEMOTRON = (r".*language_model\.model\.layers\.\d+\.mixer\."
+                            r"(in_proj|out_proj|q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)")
+
+
+def lora_targets(model_type: str) -> tuple[str, tuple[str, ...] | None]:
+    """(HF PEFT target regex, Megatron LoRA targets or None for the trainer's default) of a family."""
+    if model_type == "nemotron_h_omni":
+        from vlm_bridge.families.nemotron_vl.recipes import LORA_TARGETS
+
+        return HF_LORA_TARGETS_NEMOTRON, LORA_TARGETS
+    return HF_LORA_TARGETS, None
 
 
 def make_samples(n: int, seed: int, tokenizer) -> list[dict]:
@@ -96,15 +120,21 @@ def trimmed_checkpoint(src: Path, layers: int) -> Path:
         return dst
     cfg = json.loads((src / "config.json").read_text())
     text = cfg["text_config"]
-    if not 0 < layers <= text["num_hidden_layers"]:
-        raise SystemExit(f"--num-layers must be in 1..{text['num_hidden_layers']}")
-    text["num_hidden_layers"] = layers
+    blocks = text.get("layers_block_type")  # Nemotron-H: the layer count is this list's length
+    total = len(blocks) if blocks is not None else text["num_hidden_layers"]
+    if not 0 < layers <= total:
+        raise SystemExit(f"--num-layers must be in 1..{total}")
+    if blocks is None or "num_hidden_layers" in text:
+        text["num_hidden_layers"] = layers
     if "max_window_layers" in text:  # a Qwen field; Gemma 3 has none
         text["max_window_layers"] = min(text["max_window_layers"], layers)
-    if "layer_types" in text:
-        text["layer_types"] = text["layer_types"][:layers]
-    # Qwen2.5-VL model.layers.N, Qwen3-VL model.language_model.layers.N, Gemma 3 language_model.model.layers.N
-    layer_key = re.compile(r"^(?:model\.(?:language_model\.)?|language_model\.model\.)layers\.(\d+)\.")
+    for kinds in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
+        if text.get(kinds) is not None:
+            text[kinds] = text[kinds][:layers]
+    # Qwen2.5-VL model.layers.N, Qwen3-VL model.language_model.layers.N, Gemma 3 and Nemotron
+    # language_model.model.layers.N (Nemotron's v2 layout: language_model.backbone.layers.N)
+    layer_key = re.compile(
+        r"^(?:model\.(?:language_model\.)?|language_model\.(?:model|backbone)\.)layers\.(\d+)\.")
     with hf_io.atomic_output_dir(dst, overwrite=True) as tmp, hf_io.SafetensorsReader(src) as reader:
         writer = hf_io.ShardedSafetensorsWriter(tmp)
         for key in reader.keys():
@@ -192,8 +222,9 @@ def _hf_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recomput
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_targets(model.config.model_type)[0]
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                 target_modules=HF_LORA_TARGETS))
+                                                 target_modules=targets))
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -234,6 +265,10 @@ def _hf_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recomput
                trainable_params=sum(p.numel() for p in params), recompute=recompute,
                experts_implementation=getattr(model.config, "_experts_implementation", None),
                optimizer=f"torch AdamW(fused={dev.type == 'cuda'}), {args.dtype} params + states, no master")
+    if model.config.model_type == "nemotron_h_omni":  # False: transformers' pure-torch Mamba scan
+        import importlib.util
+
+        res["hf_mamba_kernels"] = importlib.util.find_spec("mamba_ssm") is not None
     return res
 
 
@@ -272,6 +307,9 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
     if lora:  # routed experts are never adapted, like HF's targets (its experts are 3-D tensors)
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
+        targets = lora_targets(args.model_type)[1]  # the family's (Nemotron: Mamba in/out too)
+        if targets is not None:
+            cfg.peft.targets = targets
     init_distributed(parallel, seed=cfg.seed)
     built = load_hf(str(hf_dir), parallel, DTYPES[cfg.dtype])
     trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream
@@ -405,7 +443,7 @@ def _packed_rows(encoded: list, args) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="7b", help="7b, tiny, qwen3_8b, qwen3_30b_a3b[_<N>l], gemma3_4b, "
-                   "gemma3_12b, gemma3_27b, gemma3_tiny (make_checkpoint)")
+                   "gemma3_12b, gemma3_27b, gemma3_tiny, nemotron_12b, nemotron_tiny (make_checkpoint)")
     p.add_argument("--hf", default=None, help="use this HF folder instead of WORKDIR/hf")
     p.add_argument("--workdir", required=True, help="checkpoint in WORKDIR/hf (written if missing)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -415,13 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="hf,megatron", help=f"comma list of {', '.join(SYSTEMS)}")
     p.add_argument("--gpus", type=int, default=1, help="ranks (one per GPU); HF runs DDP over them")
     p.add_argument("--ep", type=int, default=1, help="Megatron expert parallelism (MoE; divides --gpus)")
-    p.add_argument("--samples", type=int, default=None, help="default 24 / 8 (tiny, gemma3_tiny)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="default 24 / 8 (tiny, gemma3_tiny, nemotron_tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4096, help="max sample length and packed row length")
     p.add_argument("--hf-batch", type=int, default=4)
     p.add_argument("--max-pixels", type=int, default=896 * 896,
                    help="Qwen processor pixel cap (the checkpoint's is 448*448; 896*896 keeps every image "
-                        "whole); Gemma 3 always uses 896x896")
+                        "whole); Nemotron: at most this / 16^2 patches per image (at least 1024); "
+                        "Gemma 3 always uses 896x896")
     p.add_argument("--num-layers", type=int, default=None, help="keep only the first K LM layers (both)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200)")
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
@@ -434,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CI", "1")
 
     import torch
-    from make_checkpoint import build_config, is_gemma3, make_checkpoint
+    from make_checkpoint import build_config, is_gemma3, is_nemotron, make_checkpoint
     from step_flops import model_flops
     from transformers import AutoConfig, AutoProcessor
 
@@ -463,12 +503,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir = trimmed_checkpoint(hf_dir, args.num_layers)
     hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
-    if not is_gemma3(hf_config):  # Gemma's image processor resizes to a fixed square instead
+    args.model_type = hf_config.model_type
+    if is_nemotron(hf_config):  # a patch budget per image, not a pixel range
+        ip = processor.image_processor
+        ip.max_num_patches = max(ip.min_num_patches, args.max_pixels // ip.patch_size**2)
+    elif not is_gemma3(hf_config):  # Gemma's image processor resizes to a fixed square instead
         processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
     tok = processor.tokenizer
     args.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     encoder = SampleEncoder(processor, max_seq_len=args.seq_len)
-    raw = make_samples(args.samples or (8 if args.size in ("tiny", "gemma3_tiny") else 24), args.seed, tok)
+    tiny_sizes = ("tiny", "gemma3_tiny", "nemotron_tiny")
+    raw = make_samples(args.samples or (8 if args.size in tiny_sizes else 24), args.seed, tok)
     all_encoded = [e for e in (encoder.encode(s) for s in raw) if e is not None]
     rows = _packed_rows(all_encoded, args)
     used = sorted(i for row in rows for i in row)  # FLOPs and statistics over the trained samples

@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from vlm_bridge.families._common import ssd_triton
 from vlm_bridge.families._common.megatron_config import require_divisible, skip_init
 from vlm_bridge.families._common.ssd_scan import causal_conv1d, segment_runs, ssd_scan
 
@@ -222,10 +223,13 @@ class MambaMixer(MegatronModule):
         xbc = F.silu(causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, runs)).transpose(1, 2)
         x, B, C = xbc.split(s.conv_sizes(self.config.tensor_model_parallel_size), dim=-1)
         x = x.reshape(batch, seq, self.heads, s.head_dim)
-        y, ssm_state = ssd_scan(
-            x, self._dt(dt), self._A(), B.reshape(batch, seq, self.groups, s.d_state),
-            C.reshape(batch, seq, self.groups, s.d_state), s.chunk_size, runs,
-        )
+        B = B.reshape(batch, seq, self.groups, s.d_state)
+        C = C.reshape(batch, seq, self.groups, s.d_state)
+        needs_grad = torch.is_grad_enabled() and zxbcdt.requires_grad
+        if not conv_tail and ssd_triton.available(x.device, needs_grad):  # Triton kernels (fla-core)
+            y, ssm_state = ssd_triton.triton_scan(x, self._dt(dt), self._A(), B, C, runs), None
+        else:
+            y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, s.chunk_size, runs)
         out = self._output(y, x, z, hidden_states.dtype)
         if not conv_tail:
             return out, None, None

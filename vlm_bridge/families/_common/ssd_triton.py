@@ -1,0 +1,71 @@
+"""The Mamba-2 scan on GPUs through fla-core's chunked simple-GLA Triton kernels.
+
+Simple GLA computes the same recurrence as Mamba-2's SSD with head-wise decay:
+``h_t = exp(g_t) h_{t-1} + k_t^T v_t``, ``o_t = scale * q_t h_t``; with ``q = C``, ``k = B``,
+``v = dt * x``, ``g = dt * A`` and ``scale = 1`` it is ``y_t = C_t h_t`` of :func:`ssd_scan`.
+Packed samples, padding runs and row ends become varlen sequences (``cu_seqlens`` over the
+flattened batch), so state never crosses them. fla-core is pure Python (Triton), installed from
+the package registry; without it, on CPU, or with ``VLM_BRIDGE_MAMBA_SCAN=torch`` the mixer uses
+the torch scan. The decay ``g`` stays fp32; ``q``/``k``/``v`` take the activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+SCAN_ENV = "VLM_BRIDGE_MAMBA_SCAN"
+
+
+@functools.cache
+def _kernel():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return None
+    return chunk_simple_gla
+
+
+def _backward_ok(device: torch.device) -> bool:
+    """fla-core refuses its gated backward on Hopper with Triton 3.4-3.7.0 (wrong results there):
+    training then keeps the torch scan, forwards (verify, generation) still use the kernels."""
+    import triton
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:3] if v.isdigit())
+    return torch.cuda.get_device_capability(device)[0] != 9 or not (3, 4) <= version < (3, 7, 1)
+
+
+def available(device: torch.device, needs_grad: bool = False) -> bool:
+    """Whether the Triton scan can run here (CUDA, fla-core present, not switched off, and a
+    correct backward when one is needed)."""
+    if device.type != "cuda" or os.environ.get(SCAN_ENV, "auto") == "torch" or _kernel() is None:
+        return False
+    return not needs_grad or _backward_ok(device)
+
+
+def _cu_seqlens(batch: int, seq: int, runs: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Sequence starts over the flattened ``[b * s]`` tokens: every row, and every run inside it."""
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)
+    ids = rows * (seq + 1) + (runs if runs is not None else 0)
+    flat = ids.reshape(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    edges = [torch.zeros(1, dtype=torch.long, device=device), starts,
+             torch.full((1,), batch * seq, dtype=torch.long, device=device)]
+    return torch.cat(edges)
+
+
+def triton_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                runs: torch.Tensor | None) -> torch.Tensor:
+    """Shapes as :func:`~vlm_bridge.families._common.ssd_scan.ssd_scan`; returns fp32 ``y``
+    ``[b, s, heads, head_dim]`` (no final state: training and full forwards only)."""
+    batch, seq, heads, head_dim = x.shape
+    per_group = heads // B.shape[2]
+    dtype = x.dtype
+    q = C.repeat_interleave(per_group, dim=2).to(dtype).reshape(1, batch * seq, heads, -1)
+    k = B.repeat_interleave(per_group, dim=2).to(dtype).reshape(1, batch * seq, heads, -1)
+    v = (x.float() * dt[..., None]).to(dtype).reshape(1, batch * seq, heads, head_dim)
+    g = (dt * A.float()).reshape(1, batch * seq, heads)
+    out, _ = _kernel()(q, k, v, g=g, scale=1.0, cu_seqlens=_cu_seqlens(batch, seq, runs, x.device))
+    return out.float().reshape(batch, seq, heads, head_dim)
