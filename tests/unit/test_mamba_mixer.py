@@ -186,7 +186,9 @@ def _assert_close(ours: dict, ref: dict, what: str) -> None:
 
 
 def test_data_exercises_the_dt_clamp(case):
-    assert MambaSettings.from_nemotron_h(_hf_config()) == SETTINGS
+    from vlm_bridge.families.nemotron_vl.config import mamba_settings
+
+    assert mamba_settings(_hf_config()) == SETTINGS
     w = case["weights"]
     dt = case["x"] @ w["in_proj.weight"][-SETTINGS.num_heads:].T + w["dt_bias"]
     clamped = int((torch.nn.functional.softplus(dt) < TIME_STEP_MIN).sum())

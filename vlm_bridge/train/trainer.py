@@ -141,9 +141,13 @@ def apply_full_recompute(model: torch.nn.Module) -> int:
     from megatron.core.transformer.transformer_layer import TransformerLayer
     from torch.utils.checkpoint import checkpoint
 
+    # Every transformer layer, and every decoder layer whatever its class (a hybrid stack's Mamba
+    # layers are not TransformerLayers).
+    decoder = getattr(getattr(model, "language_model", None), "decoder", None)
+    decoder_layers = {id(m) for m in getattr(decoder, "layers", [])}
     count = 0
     for module in model.modules():
-        if isinstance(module, TransformerLayer):
+        if isinstance(module, TransformerLayer) or id(module) in decoder_layers:
             forward = module.forward
 
             def checkpointed(*args, _forward=forward, _module=module, **kwargs):

@@ -2,7 +2,7 @@
 
 Megatron-Core's own ``MambaMixer`` needs the ``mamba_ssm`` and ``causal_conv1d`` CUDA kernels; this
 one keeps its parameter names and tensor-parallel layout (so checkpoints and conversion line up with
-Megatron's) and computes what transformers' ``NemotronHMamba2Mixer`` computes in its torch path:
+Megatron's) and computes what transformers' torch Mamba-2 mixers compute:
 
     in_proj -> [z, x, B, C, dt];  xBC = silu(causal depthwise conv(xBC));
     dt = clamp(softplus(dt + dt_bias));  y = SSD scan(x, dt, A = -exp(A_log), B, C) + D * x;
@@ -42,7 +42,7 @@ class MambaSettings:
     """Shape and numerics of one Mamba-2 mixer (the hidden size comes from the TransformerConfig).
 
     ``dt`` is clamped to ``[max(time_step_limit[0], time_step_min), time_step_limit[1]]``:
-    transformers' Nemotron-H floors it at ``time_step_min``; ``time_step_min=0`` gives the plain
+    transformers' hybrid models floor it at ``time_step_min``; ``time_step_min=0`` gives the plain
     ``time_step_limit`` clamp of other Mamba-2 implementations.
     """
 
@@ -74,20 +74,6 @@ class MambaSettings:
     def conv_sizes(self, tp: int = 1) -> list[int]:
         """Channels of one rank's ``conv1d`` per part ``[x, B, C]``."""
         return self.in_proj_sizes(tp)[1:4]
-
-    @classmethod
-    def from_nemotron_h(cls, config) -> MambaSettings:
-        """From a transformers ``NemotronHConfig``, matching its ``NemotronHMamba2Mixer``.
-
-        That mixer clamps dt to ``(time_step_min, inf)`` and ignores ``config.time_step_limit``;
-        its in/out projections take their bias flag from ``use_bias``.
-        """
-        return cls(
-            num_heads=config.mamba_num_heads, head_dim=config.mamba_head_dim, n_groups=config.n_groups,
-            d_state=config.ssm_state_size, d_conv=config.conv_kernel, chunk_size=config.chunk_size,
-            time_step_min=config.time_step_min, time_step_limit=(0.0, math.inf),
-            norm_eps=config.layer_norm_epsilon, conv_bias=config.use_conv_bias, proj_bias=config.use_bias,
-        )
 
 
 def shard_parts(full: torch.Tensor, sizes: list[int], tp: int, rank: int, dim: int = 0) -> torch.Tensor:

@@ -49,4 +49,7 @@ def scatter_vision_embeddings(
         )
     # masked_scatter fills in the logical order of its input, so scatter into a [b, s, h] view.
     out = embeddings.transpose(0, 1).masked_scatter(mask[..., None], features.to(embeddings.dtype))
-    return out.transpose(0, 1)
+    # Contiguous [s, b, h]: a transposed view would make every linear of the decoder (whose
+    # elementwise ops keep strides) run as a batched matmul over positions with its weight
+    # broadcast, when more than one row is batched.
+    return out.transpose(0, 1).contiguous()

@@ -21,6 +21,7 @@ exists yet), SwiGLU RADIO variants, audio towers, pixel shuffles other than 0.5.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +67,15 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def mamba_settings(text) -> MambaSettings:
-    """As transformers' ``NemotronHMamba2Mixer`` runs: ``dt`` floored at ``time_step_min`` (its
-    ``time_step_limit`` is ignored there), projection biases from ``use_bias``."""
-    return MambaSettings.from_nemotron_h(text)
+    """As transformers' ``NemotronHMamba2Mixer`` runs: ``dt`` floored at ``time_step_min`` (it
+    ignores ``time_step_limit``), projection biases from ``use_bias``."""
+    return MambaSettings(
+        num_heads=text.mamba_num_heads, head_dim=text.mamba_head_dim, n_groups=text.n_groups,
+        d_state=text.ssm_state_size, d_conv=text.conv_kernel, chunk_size=text.chunk_size,
+        time_step_min=float(text.time_step_min), time_step_limit=(0.0, math.inf),
+        norm_eps=float(text.layer_norm_epsilon), conv_bias=bool(text.use_conv_bias),
+        proj_bias=bool(text.use_bias),
+    )
 
 
 def _refuse_unsupported(hf_config) -> None:
