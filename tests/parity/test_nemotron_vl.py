@@ -32,6 +32,13 @@ def nemotron_native(tmp_path_factory):
     return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_native") / "hf", key_format="native")
 
 
+@pytest.fixture(scope="module")
+def shapes_jsonl(tmp_path_factory):
+    from vlm_bridge.testing.shapes_task import make_task
+
+    return make_task(tmp_path_factory.mktemp("shapes"), n_train=8, n_eval=2, size=56)["train"]
+
+
 def _resave(src, dst, dtype: torch.dtype, sharded: bool):
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
@@ -107,7 +114,7 @@ def test_dt_clamp_matters_and_the_scan_crosses_chunks(nemotron):
     assert float((r["no_clamp"][valid] - r["hf"][valid]).abs().max()) > 1e-3, "the dt clamp had no effect"
 
 
-def _mamba_lora(hf_dir: str, out_dir: str):
+def _mamba_lora(hf_dir: str, out_dir: str, dora: bool):
     from transformers import AutoProcessor
 
     from vlm_bridge.loading import load_hf
@@ -121,7 +128,8 @@ def _mamba_lora(hf_dir: str, out_dir: str):
     init_distributed(parallel)
     built = load_hf(hf_dir, parallel, torch.float32)
     built.model.eval()
-    wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, targets=("in_proj", "out_proj")))
+    wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, targets=("in_proj", "out_proj"),
+                                                 use_dora=dora))
     randomize_adapters_(built.model, seed=3, std=0.1)
     export_hf_peft(built, out_dir, hf_dir)
     images, _ = default_media()
@@ -130,14 +138,15 @@ def _mamba_lora(hf_dir: str, out_dir: str):
     return logits[..., : built.settings.vocab_size], wrapped
 
 
-def test_lora_on_mamba_projections_exports_at_tp2(nemotron, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_on_mamba_projections_exports_at_tp2(nemotron, tmp_path, dora):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
 
     out = tmp_path / "adapter"
-    mg, wrapped = run_parallel(_mamba_lora, 2, str(nemotron), str(out))
+    mg, wrapped = run_parallel(_mamba_lora, 2, str(nemotron), str(out), dora)
     assert {w.rsplit(".", 1)[1] for w in wrapped} == {"in_proj", "out_proj"}
     images, _ = default_media()
     batch = build_batch(AutoProcessor.from_pretrained(nemotron), images, None, DEFAULT_PROMPT)
@@ -173,3 +182,38 @@ def test_unsupported_inputs_fail_with_one_line(nemotron, run_cli, capsys, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "meg").exists()
+
+
+def test_mamba_lora_training_at_tp2_exports_at_tp1(nemotron, shapes_jsonl, tmp_path, run_cli):
+    """The family's LoRA targets (Mamba projections included) train at TP=2; the checkpoint (in_proj
+    adapters saved per part) folds into the weights at TP=1 exactly as its HF-PEFT adapter does."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_bridge.families.nemotron_vl.recipes import LORA_TARGETS
+    from vlm_bridge.recipes import get_recipe
+    from vlm_bridge.train.config import apply_overrides
+    from vlm_bridge.train.trainer import train
+
+    cfg = apply_overrides(get_recipe("demo_tiny"), [
+        "steps=2", "global_batch_size=4", "micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=5e-2",
+        "peft.method=lora", f"peft.targets={','.join(LORA_TARGETS)}", "parallel.tp=2",
+        "checkpoint.export_hf=true",
+    ])
+    cfg.pretrained, cfg.output_dir = str(nemotron), str(tmp_path / "run")
+    cfg.data.train = f"jsonl:{shapes_jsonl}"
+    result = run_parallel(train, 2, cfg)
+    assert len(result["losses"]) == 2 and all(map(torch.isfinite, torch.tensor(result["losses"])))
+    it = tmp_path / "run" / "checkpoints" / "iter_0000002"
+    out, adapter = tmp_path / "merged", it / "hf_peft_adapter"
+    assert run_cli("export", "--megatron-path", it, "--hf-path", out, "--tp", "1") == 0
+    moved = {k for k, v in load_file(adapter / "adapter_model.safetensors").items()
+             if "lora_B" in k and v.abs().max() > 0}
+    assert any("mixer.in_proj" in k for k in moved) and any("mixer.out_proj" in k for k in moved)
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(nemotron), adapter)
+    ids = torch.tensor([[1, 5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]])
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max()
+    assert diff < TOL

@@ -259,10 +259,13 @@ class MambaMixer(MegatronModule):
         tp = self.config.tensor_model_parallel_size
         splits = {"in_proj": (self.settings.in_proj_sizes(tp), ["z", "x", "B", "C", "dt"]),
                   "conv1d": (self.settings.conv_sizes(tp), ["x", "B", "C"])}
-        for module, (sizes, names) in splits.items():
-            # a LoRA/DoRA on in_proj adds row-sharded tensors that split like its weight
-            for tensor in ("weight", "bias", "lora_B", "lora_magnitude"):
-                key = f"{prefix}{module}.{tensor}"
-                if key in out:
-                    out[key] = _split_tensor_factory(out[key], sizes, names, 0)
+        # Matched on the checkpoint key, not the dict key: a LoRA/DoRA wrapper keeps its base under
+        # ``in_proj.base_layer.weight`` in the dict while the key stays ``in_proj.weight``, and adds
+        # row-sharded ``lora_B`` / ``lora_magnitude`` that split like the weight.
+        wanted = {f"{prefix}{module}.{tensor}": split for module, split in splits.items()
+                  for tensor in ("weight", "bias", "lora_B", "lora_magnitude")}
+        for name, sharded in list(out.items()):
+            split = wanted.get(getattr(sharded, "key", None))
+            if split is not None:
+                out[name] = _split_tensor_factory(sharded, *split, 0)
         return out
