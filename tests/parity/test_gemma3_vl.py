@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlm_bridge.parallel import run_parallel
-from vlm_bridge.testing.checks import checkpoint_mismatches
+from vlm_bridge.testing.checks import checkpoint_mismatches, write_hf_weights
 
 TOL = 1e-4
 
@@ -26,20 +26,11 @@ def gemma(tmp_path_factory):
 
 def _ablations(hf_dir: str) -> dict:
     """Megatron logits as built, without the image spans, and without the sliding window."""
-    from transformers import AutoProcessor
-
     from vlm_bridge.attention.core import TorchCoreAttention
-    from vlm_bridge.loading import load_hf
-    from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.runtime import pipeline_forward_logits
-    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media, load_hf_reference
+    from vlm_bridge.testing.checks import hf_logits, image_batch
 
-    init_distributed(ParallelConfig())
-    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
-    built.model.eval()
-    images, _ = default_media()
-    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
-    kwargs = built.family.model_inputs(built.settings, dict(batch))
+    built, batch, kwargs = image_batch(hf_dir)
     vocab = built.settings.vocab_size
     out = {"full": pipeline_forward_logits(built.model, kwargs)[..., :vocab]}
     out["no_spans"] = pipeline_forward_logits(
@@ -48,9 +39,7 @@ def _ablations(hf_dir: str) -> dict:
     for m in windows:
         m.window = None
     out["no_window"] = pipeline_forward_logits(built.model, kwargs)[..., :vocab]
-    hf = load_hf_reference(hf_dir, torch.float32).eval()
-    with torch.no_grad():
-        out["hf"] = hf(**batch).logits
+    out["hf"] = hf_logits(hf_dir, batch)
     out["valid"] = batch["attention_mask"].bool()
     out["tokens"] = int(batch["input_ids"].shape[1])
     out["windowed_layers"] = len(windows)
@@ -108,16 +97,7 @@ def _write_layout(src, dst, layout: str, dtype: torch.dtype, sharded: bool):
         canonical = VIS + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
         prefix = next(p for p in LAYOUT_PREFIXES["hub"] if canonical.startswith(p))
         tensors[LAYOUT_PREFIXES[layout][prefix] + canonical[len(prefix):]] = value.to(dtype).contiguous()
-    names = sorted(tensors)
-    parts = [names[: len(names) // 2], names[len(names) // 2:]] if sharded else [names]
-    weight_map = {}
-    for i, part in enumerate(parts):
-        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" if sharded else "model.safetensors"
-        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
-        weight_map.update({k: file for k in part})
-    if sharded:
-        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_hf_weights(tensors, dst, sharded)
     return dst
 
 

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlm_bridge.parallel import ParallelConfig, run_parallel
-from vlm_bridge.testing.checks import checkpoint_mismatches
+from vlm_bridge.testing.checks import checkpoint_mismatches, write_hf_weights
 
 TOL = 1e-4
 
@@ -41,18 +41,9 @@ def shapes_jsonl(tmp_path_factory):
 
 def _resave(src, dst, dtype: torch.dtype, sharded: bool):
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v
                for k, v in load_file(src / "model.safetensors").items()}
-    names = sorted(tensors)
-    parts = [names[: len(names) // 2], names[len(names) // 2:]] if sharded else [names]
-    weight_map = {}
-    for i, part in enumerate(parts):
-        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" if sharded else "model.safetensors"
-        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
-        weight_map.update({k: file for k in part})
-    if sharded:
-        (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    write_hf_weights(tensors, dst, sharded)
     return dst
 
 
@@ -79,28 +70,18 @@ def test_native_layout_matches_hf(nemotron_native, parity):
 def _clamp_ablation(hf_dir: str) -> dict:
     import dataclasses
 
-    from transformers import AutoProcessor
-
     from vlm_bridge.families._common.mamba import MambaMixer
-    from vlm_bridge.loading import load_hf
-    from vlm_bridge.parallel import init_distributed
     from vlm_bridge.runtime import pipeline_forward_logits
-    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media, load_hf_reference
+    from vlm_bridge.testing.checks import hf_logits, image_batch
 
-    init_distributed(ParallelConfig())
-    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
-    built.model.eval()
-    images, _ = default_media()
-    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
-    kwargs = built.family.model_inputs(built.settings, dict(batch))
+    built, batch, kwargs = image_batch(hf_dir)
     vocab = built.settings.vocab_size
     out = {"full": pipeline_forward_logits(built.model, kwargs)[..., :vocab]}
     mixers = [m for m in built.model.modules() if isinstance(m, MambaMixer)]
     for m in mixers:
         m.settings = dataclasses.replace(m.settings, time_step_min=0.0)
     out["no_clamp"] = pipeline_forward_logits(built.model, kwargs)[..., :vocab]
-    with torch.no_grad():
-        out["hf"] = load_hf_reference(hf_dir, torch.float32).eval()(**batch).logits
+    out["hf"] = hf_logits(hf_dir, batch)
     out["valid"] = batch["attention_mask"].bool()
     out["tokens"], out["chunk"] = int(batch["input_ids"].shape[1]), mixers[0].settings.chunk_size
     return out

@@ -93,7 +93,8 @@ def _build(tp: int, weights: dict[str, torch.Tensor]):
     """Our mixer at ``tp`` (distributed already initialised) holding this rank's shard of ``weights``."""
     from megatron.core import parallel_state
 
-    from vlm_bridge.families._common.mamba import MambaMixer, shard_parts
+    from vlm_bridge.convert.distribute import rank_piece
+    from vlm_bridge.families._common.mamba import MambaMixer
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     mixer = MambaMixer(_config(tp), SETTINGS, layer_number=1)
@@ -103,7 +104,7 @@ def _build(tp: int, weights: dict[str, torch.Tensor]):
     local = {}
     for name, full in weights.items():
         if name in parts:
-            local[name] = shard_parts(full, parts[name], tp, rank)
+            local[name] = rank_piece(full, parts[name], tp, rank)
         else:
             local[name] = full.chunk(tp, dim=split_dim.get(name, 0))[rank]
     mixer.load_state_dict(local, strict=True)
@@ -227,7 +228,7 @@ def _tp2_job(weights: dict, x: torch.Tensor, proj: torch.Tensor, ref_out: torch.
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
-    from vlm_bridge.families._common.mamba import shard_parts
+    from vlm_bridge.convert.distribute import rank_piece
     from vlm_bridge.parallel import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(tp=2), seed=0)
@@ -238,8 +239,8 @@ def _tp2_job(weights: dict, x: torch.Tensor, proj: torch.Tensor, ref_out: torch.
     for name, local in grads.items():
         full = ref_grads[name]
         if name.startswith(("in_proj", "conv1d")):
-            full = shard_parts(full, SETTINGS.in_proj_sizes() if "in_proj" in name else SETTINGS.conv_sizes(),
-                               2, rank)
+            full = rank_piece(full, SETTINGS.in_proj_sizes() if "in_proj" in name else SETTINGS.conv_sizes(),
+                              2, rank)
         else:
             full = full.chunk(2, dim=1 if name == "out_proj.weight" else 0)[rank]
         diffs[name] = _max_diff(local, full)

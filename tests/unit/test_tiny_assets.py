@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub, even by acc
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
+from vlm_bridge.testing.checks import saved_shapes  # noqa: E402
 from vlm_bridge.testing.media import (  # noqa: E402
     frames_to_array,
     load_video_frames,
@@ -32,14 +32,6 @@ from vlm_bridge.testing.tiny_qwen2_5_vl import (  # noqa: E402
 
 HUB_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "visual.", "lm_head.")
 MERGE_UNIT = 4  # spatial_merge_size ** 2
-
-
-def _saved_keys(folder) -> set[str]:
-    keys: set[str] = set()
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +94,7 @@ def test_token_ids_agree_between_config_and_tokenizer(tiny_dir):
 
 
 def test_saved_keys_use_hub_layout(tiny_dir):
-    keys = _saved_keys(tiny_dir)
+    keys = set(saved_shapes(tiny_dir))
     assert all(key.startswith(HUB_PREFIXES) for key in keys), sorted(keys)
     for prefix in HUB_PREFIXES:
         assert any(key.startswith(prefix) for key in keys), prefix
@@ -112,7 +104,7 @@ def test_tied_embeddings_drop_lm_head(tmp_path):
     folder = build_tiny_qwen2_5_vl(
         tmp_path / "tied", tie_word_embeddings=True, max_shard_size="200KB"
     )
-    keys = _saved_keys(folder)
+    keys = set(saved_shapes(folder))
     assert (folder / "model.safetensors.index.json").exists()
     assert "model.embed_tokens.weight" in keys
     assert not any(key.startswith("lm_head") for key in keys)

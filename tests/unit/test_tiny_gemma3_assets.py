@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub, even by acc
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
@@ -29,6 +28,7 @@ from transformers import (  # noqa: E402
     GemmaTokenizer,
 )
 
+from vlm_bridge.testing.checks import saved_shapes  # noqa: E402
 from vlm_bridge.testing.media import make_image  # noqa: E402
 from vlm_bridge.testing.tiny_gemma3_vl import (  # noqa: E402
     BOI_TOKEN_ID,
@@ -68,15 +68,6 @@ def _encode(processor, images, conversation=CONVERSATION):
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     # The template already starts with <bos>; the tokenizer would add a second one.
     return processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
-
-
-def _saved_tensors(folder) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = list(handle.get_slice(key).get_shape())
-    return shapes
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +251,7 @@ def test_pan_and_scan_adds_crops(tmp_path):
 
 
 def test_saved_weights_layout_and_init(folder, model):
-    shapes = _saved_tensors(folder)
+    shapes = saved_shapes(folder)
     layer = "language_model.model.layers.0."
     expected = {
         "language_model.model.embed_tokens.weight": [TINY_VOCAB_SIZE, H],
@@ -313,7 +304,7 @@ def test_hub_key_layout_loads_too(tmp_path, folder, model):
 
 def test_untied_variant_writes_lm_head(tmp_path):
     folder = build_tiny_gemma3_vl(tmp_path / "untied", tie_word_embeddings=False)
-    assert _saved_tensors(folder)["language_model.lm_head.weight"] == [TINY_VOCAB_SIZE, H]
+    assert saved_shapes(folder)["language_model.lm_head.weight"] == [TINY_VOCAB_SIZE, H]
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
     assert not torch.equal(model.lm_head.weight, model.model.language_model.embed_tokens.weight)

@@ -31,6 +31,7 @@ from transformers import (  # noqa: E402
     NemotronH_Omni_Reasoning_V3VideoProcessor,
 )
 
+from vlm_bridge.testing.checks import saved_shapes  # noqa: E402
 from vlm_bridge.testing.media import make_image, make_video_frames  # noqa: E402
 from vlm_bridge.testing.tiny_nemotron_vl import (  # noqa: E402
     CHAT_TEMPLATE,
@@ -77,15 +78,6 @@ def _images() -> list:
 def _video() -> list:
     # 3 frames: 2 tubelets, the last one padded with a copy of frame 3
     return make_video_frames(3, 72, 48, seed=3)
-
-
-def _saved_shapes(folder) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = list(handle.get_slice(key).get_shape())
-    return shapes
 
 
 def _saved_tensor(folder, key: str) -> torch.Tensor:
@@ -302,7 +294,7 @@ def _expected_keys(native: bool) -> set[str]:
 
 
 def test_default_format_uses_hub_names(folder):
-    shapes = _saved_shapes(folder)
+    shapes = saved_shapes(folder)
     assert set(shapes) == _expected_keys(native=False)
     text, radio = "language_model.backbone.", "vision_model.radio_model."
     expected = {
@@ -332,7 +324,7 @@ def test_default_format_uses_hub_names(folder):
 
 
 def test_native_format_uses_module_names_and_both_reload_alike(folder, native_folder, model):
-    shapes = _saved_shapes(native_folder)
+    shapes = saved_shapes(native_folder)
     assert set(shapes) == _expected_keys(native=True)
     assert shapes["vision_model.encoder.layer.0.attention.q_proj.weight"] == [32, 32]
     assert shapes["multi_modal_projector.linear_1.weight"] == [48, 4 * 32]
@@ -353,7 +345,7 @@ def test_sharded_default_checkpoint_loads_the_same_weights(tmp_path, model):
     folder = build_tiny_nemotron_vl(tmp_path / "sharded", max_shard_size="100KB")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert set(index["weight_map"]) == set(_saved_shapes(folder)) == _expected_keys(native=False)
+    assert set(index["weight_map"]) == set(saved_shapes(folder)) == _expected_keys(native=False)
     assert _same_weights(AutoModelForImageTextToText.from_pretrained(folder), model)
 
 
@@ -469,7 +461,7 @@ def test_tokenizer_without_pad_token(tmp_path):
 def test_moe_variant_in_both_formats(tmp_path, batch):
     default = build_tiny_nemotron_vl(tmp_path / "moe", moe=True)
     native = build_tiny_nemotron_vl(tmp_path / "moe_native", moe=True, key_format="native")
-    shapes, native_shapes = _saved_shapes(default), _saved_shapes(native)
+    shapes, native_shapes = saved_shapes(default), saved_shapes(native)
     layer = "language_model.backbone.layers.1.mixer."
     assert shapes[layer + "experts.3.up_proj.weight"] == [32, H]  # one tensor per expert
     assert shapes[layer + "experts.3.down_proj.weight"] == [H, 32]
@@ -488,7 +480,7 @@ def test_moe_variant_in_both_formats(tmp_path, batch):
 
 def test_vision_final_layernorm_variant(tmp_path, batch):
     folder = build_tiny_nemotron_vl(tmp_path / "vfl", vision_final_layernorm=True)
-    shapes = _saved_shapes(folder)
+    shapes = saved_shapes(folder)
     assert shapes["vision_projector.vision_final_layernorm.weight"] == [32]
     assert shapes["vision_projector.vision_final_layernorm.bias"] == [32]
     model = AutoModelForImageTextToText.from_pretrained(folder)

@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub, even by acc
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer  # noqa: E402
 
+from vlm_bridge.testing.checks import saved_shapes  # noqa: E402
 from vlm_bridge.testing.media import make_image, make_video_frames  # noqa: E402
 from vlm_bridge.testing.tiny_qwen3_vl import (  # noqa: E402
     SPECIAL_TOKEN_IDS,
@@ -79,15 +79,6 @@ def _merger(norm_width: int) -> dict[str, list[int]]:
     }
 
 
-def _saved_shapes(folder) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = list(handle.get_slice(key).get_shape())
-    return shapes
-
-
 def _with_prefix(prefix: str, entries: dict[str, list[int]]) -> dict[str, list[int]]:
     return {prefix + key: shape for key, shape in entries.items()}
 
@@ -148,7 +139,7 @@ def test_video_row_has_timestamps(variant):
 
 def test_saved_keys_use_save_pretrained_layout(variant):
     moe, folder, _, _, _ = variant
-    shapes = _saved_shapes(folder)
+    shapes = saved_shapes(folder)
     assert all(key.startswith(PREFIXES) for key in shapes), sorted(shapes)
     layer = "model.language_model.layers.1."
     expected = {
@@ -211,7 +202,7 @@ def test_config_and_token_ids(variant):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_tied_embeddings_drop_lm_head(tmp_path, moe):
     folder = build_tiny_qwen3_vl(tmp_path / "tied", moe=moe, tie_word_embeddings=True)
-    shapes = _saved_shapes(folder)
+    shapes = saved_shapes(folder)
     assert "model.language_model.embed_tokens.weight" in shapes
     assert not any(key.startswith("lm_head") for key in shapes)
     model = AutoModelForImageTextToText.from_pretrained(folder)

@@ -71,6 +71,12 @@ class AttentionMask:
             self._cache[key] = dataclasses.replace(self, window=window, _cache={})
         return self._cache[key]
 
+    def cached(self, key, build):
+        """``build()`` once per mask: what every layer of one forward derives from it alike."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def to(self, device) -> AttentionMask:
         def move(t):
             return t.to(device) if t is not None else None

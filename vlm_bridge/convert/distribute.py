@@ -36,7 +36,7 @@ Chunks = int | tuple[int, ...]
 def _parts(t: torch.Tensor, chunks: Chunks, dim: int, tp: int = 1) -> tuple[torch.Tensor, ...]:
     """``t`` cut into its table parts: ``chunks`` equal parts, or parts of the given full sizes
     (divided by ``tp`` when ``t`` is one rank's shard)."""
-    if isinstance(chunks, tuple):
+    if isinstance(chunks, (tuple, list)):
         return t.split([c // tp for c in chunks], dim=dim)
     return t.chunk(chunks, dim=dim)
 
@@ -51,7 +51,12 @@ def shard(full: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torch.
     else:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
-    dim = param.partition_dim
+    return rank_piece(full, chunks, tp, rank, param.partition_dim)
+
+
+def rank_piece(full: torch.Tensor, chunks: Chunks, tp: int, rank: int, dim: int = 0) -> torch.Tensor:
+    """Rank ``rank`` of ``tp``'s piece of a full tensor made of ``chunks`` parts (each part is
+    split on its own: a plain ``chunk`` would mix the parts)."""
     parts = [p.chunk(tp, dim=dim)[rank] for p in _parts(full, chunks, dim)]
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 

@@ -76,14 +76,6 @@ class MambaSettings:
         return self.in_proj_sizes(tp)[1:4]
 
 
-def shard_parts(full: torch.Tensor, sizes: list[int], tp: int, rank: int, dim: int = 0) -> torch.Tensor:
-    """Rank ``rank``'s shard of a tensor made of unequal parts (full sizes ``sizes`` along ``dim``),
-    each part cut in ``tp`` pieces: ``in_proj`` with :meth:`MambaSettings.in_proj_sizes` and
-    ``conv1d`` with :meth:`MambaSettings.conv_sizes`. A plain ``chunk`` would mix the parts."""
-    parts = torch.split(full, sizes, dim=dim)
-    return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim)
-
-
 class GatedGroupRMSNorm(torch.nn.Module):
     """``weight * rmsnorm_per_group(y * silu(gate))`` in fp32 (the gate applied before the norm).
 
@@ -151,11 +143,13 @@ class MambaMixer(MegatronModule):
             set_tensor_model_parallel_attributes(param, True, 0, 1)
 
     def forward(
-        self, hidden_states: torch.Tensor, segment_ids: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, segment_ids: torch.Tensor | None = None,
+        runs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``hidden_states`` ``[s, b, h]``; ``segment_ids`` ``[b, s]`` (packed samples 0, 1, ...,
-        padding -1), None for one sample per row."""
-        out, _, _ = self._mix(hidden_states, segment_runs(segment_ids))
+        padding -1), None for one sample per row; or their ``segment_runs`` computed once for
+        every layer."""
+        out, _, _ = self._mix(hidden_states, runs if runs is not None else segment_runs(segment_ids))
         return out, None
 
     def prefill(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadRows, Rename, Transpose
+from vlm_bridge.families._common.vit_mapping import vit_block_entries
 from vlm_bridge.families.gemma3_vl.config import Gemma3VLSettings
 
 LM, VIS, PROJ = "language_model.model.", "vision_tower.vision_model.", "multi_modal_projector."
@@ -41,19 +42,11 @@ def _vision_entries(vision) -> list[Entry]:
         Entry("vision.patch_embed.bias", (VIS + "embeddings.patch_embedding.bias",), Rename()),
         Entry("vision.position_embedding.weight", (VIS + "embeddings.position_embedding.weight",), Rename()),
     ]
+    names = {"input_layernorm": "layer_norm1", "self_attention.linear_proj": "self_attn.out_proj",
+             "pre_mlp_layernorm": "layer_norm2", "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2"}
     for i in range(vision.num_layers):
-        m, h = f"vision.layers.{i}.", f"{VIS}encoder.layers.{i}."
-        for suffix in ("weight", "bias"):
-            out += [
-                Entry(m + f"input_layernorm.{suffix}", (h + f"layer_norm1.{suffix}",), Rename()),
-                Entry(m + f"self_attention.linear_qkv.{suffix}",
-                      tuple(h + f"self_attn.{x}_proj.{suffix}" for x in "qkv"), qkv),
-                Entry(m + f"self_attention.linear_proj.{suffix}", (h + f"self_attn.out_proj.{suffix}",),
-                      Rename()),
-                Entry(m + f"pre_mlp_layernorm.{suffix}", (h + f"layer_norm2.{suffix}",), Rename()),
-                Entry(m + f"mlp.linear_fc1.{suffix}", (h + f"mlp.fc1.{suffix}",), Rename()),
-                Entry(m + f"mlp.linear_fc2.{suffix}", (h + f"mlp.fc2.{suffix}",), Rename()),
-            ]
+        out += vit_block_entries(f"vision.layers.{i}.", f"{VIS}encoder.layers.{i}.", names,
+                                 tuple(f"self_attn.{x}_proj" for x in "qkv"), qkv)
     out += [
         Entry("vision.post_layernorm.weight", (VIS + "post_layernorm.weight",), Rename()),
         Entry("vision.post_layernorm.bias", (VIS + "post_layernorm.bias",), Rename()),

@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from vlm_bridge.attention.mask import AttentionMask
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict, scatter_vision_embeddings
+from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families.gemma3_vl.config import FULL, SLIDING, Gemma3VLSettings
@@ -46,20 +47,14 @@ def _skip_init(weight: torch.Tensor) -> None:
     """Weights always come from a checkpoint."""
 
 
-class GemmaRMSNorm(torch.nn.Module):
-    """``norm(x.float()) * (1 + w.float())`` cast back to x's dtype (Megatron norm signature)."""
+class GemmaRMSNorm(Fp32RMSNorm):
+    """Gemma's RMSNorm: ``norm(x.float()) * (1 + w.float())`` cast back to x's dtype."""
+
+    offset = 1.0
 
     def __init__(self, config: TransformerConfig | None = None, hidden_size: int = 0,
                  eps: float = 1e-6) -> None:
-        super().__init__()
-        dtype = config.params_dtype if config is not None else torch.float32
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        super().__init__(config, hidden_size, eps)
 
 
 class GemmaTransformerLayer(TransformerLayer):

@@ -22,6 +22,7 @@ import re
 
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry, FuseQKV, PadRows, Parts, Rename
+from vlm_bridge.families._common.vit_mapping import vit_block_entries
 from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, NemotronVLSettings
 
 LM, VIS, PROJ = "language_model.", "vision_model.", "multi_modal_projector."
@@ -61,16 +62,14 @@ LAYOUTS = [KeyLayout("v2", rewrite=to_v2), KeyLayout("native")]
 
 
 def _mamba_entries(m: str, h: str, s: NemotronVLSettings) -> list[Entry]:
-    mb = s.mamba
-    inner, groups = mb.num_heads * mb.head_dim, mb.n_groups * mb.d_state
-    conv = Parts((inner, groups, groups))
+    conv = Parts(tuple(s.mamba.conv_sizes()))
     out = [
         Entry(m + "norm.weight", (h + "norm.weight",), Rename()),
         Entry(m + "mixer.in_proj.weight", (h + "mixer.in_proj.weight",),
-              Parts((inner, inner, groups, groups, mb.num_heads))),
+              Parts(tuple(s.mamba.in_proj_sizes()))),
         Entry(m + "mixer.conv1d.weight", (h + "mixer.conv1d.weight",), conv),
     ]
-    if mb.conv_bias:
+    if s.mamba.conv_bias:
         out.append(Entry(m + "mixer.conv1d.bias", (h + "mixer.conv1d.bias",), conv))
     out += [Entry(m + f"mixer.{p}", (h + f"mixer.{p}",), Rename()) for p in ("dt_bias", "A_log", "D")]
     out += [
@@ -120,20 +119,11 @@ def _vision_entries(vision, s: NemotronVLSettings) -> list[Entry]:
         Entry("vision.cls_register_token.weight", (emb + "cls_register_token",), Rename()),
     ]
     qkv = FuseQKV(vision.num_attention_heads, vision.num_attention_heads, vision.kv_channels)
+    names = {"input_layernorm": "norm1", "self_attention.linear_proj": "attention.o_proj",
+             "pre_mlp_layernorm": "norm2", "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2"}
     for i in range(vision.num_layers):
-        m, h = f"vision.layers.{i}.", f"{VIS}encoder.layer.{i}."
-        for suffix in ("weight", "bias") if vision.add_qkv_bias else ("weight",):
-            out.append(Entry(m + f"self_attention.linear_qkv.{suffix}",
-                             tuple(h + f"attention.{x}_proj.{suffix}" for x in "qkv"), qkv))
-        for suffix in ("weight", "bias"):
-            out += [
-                Entry(m + f"input_layernorm.{suffix}", (h + f"norm1.{suffix}",), Rename()),
-                Entry(m + f"self_attention.linear_proj.{suffix}", (h + f"attention.o_proj.{suffix}",),
-                      Rename()),
-                Entry(m + f"pre_mlp_layernorm.{suffix}", (h + f"norm2.{suffix}",), Rename()),
-                Entry(m + f"mlp.linear_fc1.{suffix}", (h + f"mlp.fc1.{suffix}",), Rename()),
-                Entry(m + f"mlp.linear_fc2.{suffix}", (h + f"mlp.fc2.{suffix}",), Rename()),
-            ]
+        out += vit_block_entries(f"vision.layers.{i}.", f"{VIS}encoder.layer.{i}.", names,
+                                 tuple(f"attention.{x}_proj" for x in "qkv"), qkv, vision.add_qkv_bias)
     out += [
         Entry("vision.projector.norm.weight", (PROJ + "layer_norm.weight",), Rename()),
         Entry("vision.projector.linear_fc1.weight", (PROJ + "linear_1.weight",), Rename()),

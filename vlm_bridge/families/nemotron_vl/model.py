@@ -26,10 +26,12 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from vlm_bridge.families._common.mamba import MambaMixer, MambaSettings
 from vlm_bridge.families._common.modules import scatter_vision_embeddings
+from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
+from vlm_bridge.families._common.ssd_scan import segment_runs
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP
-from vlm_bridge.families.nemotron_vl.radio import Fp32RMSNorm, RadioVisionTower
+from vlm_bridge.families.nemotron_vl.radio import RadioVisionTower
 
 
 class MambaLayer(MegatronModule):
@@ -45,24 +47,24 @@ class MambaLayer(MegatronModule):
         self.mixer = MambaMixer(config, settings, layer_number=self.layer_number)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
-        segments = getattr(attention_mask, "segment_ids", None)
-        out, _ = self.mixer(self.norm(hidden_states), segment_ids=segments)
+        runs = None
+        if getattr(attention_mask, "segment_ids", None) is not None:  # one derivation per forward
+            runs = attention_mask.cached("mamba_runs", lambda: segment_runs(attention_mask.segment_ids))
+        out, _ = self.mixer(self.norm(hidden_states), runs=runs)
         return hidden_states + out, None
 
 
-def _attention_only() -> ModuleSpec:
+def _one_sublayer(attention: bool) -> ModuleSpec:
+    """Megatron's layer with only its attention (``*``) or only its MLP (``-``), the other half an
+    identity, each behind a Nemotron-H RMSNorm."""
     spec = transformer_layer_spec()
     sub = copy.copy(spec.submodules)
-    sub.input_layernorm = Fp32RMSNorm
-    sub.pre_mlp_layernorm, sub.mlp, sub.mlp_bda = IdentityOp, IdentityOp, IdentityFuncOp
-    return ModuleSpec(module=spec.module, submodules=sub)
-
-
-def _mlp_only() -> ModuleSpec:
-    spec = transformer_layer_spec()
-    sub = copy.copy(spec.submodules)
-    sub.pre_mlp_layernorm = Fp32RMSNorm
-    sub.input_layernorm, sub.self_attention, sub.self_attn_bda = IdentityOp, IdentityOp, IdentityFuncOp
+    if attention:
+        sub.input_layernorm = Fp32RMSNorm
+        sub.pre_mlp_layernorm, sub.mlp, sub.mlp_bda = IdentityOp, IdentityOp, IdentityFuncOp
+    else:
+        sub.pre_mlp_layernorm = Fp32RMSNorm
+        sub.input_layernorm, sub.self_attention, sub.self_attn_bda = IdentityOp, IdentityOp, IdentityFuncOp
     return ModuleSpec(module=spec.module, submodules=sub)
 
 
@@ -70,9 +72,9 @@ def layer_spec(kind: str, mamba: MambaSettings) -> ModuleSpec:
     if kind == MAMBA:
         return ModuleSpec(module=MambaLayer, params={"settings": mamba})
     if kind == ATTENTION:
-        return _attention_only()
+        return _one_sublayer(attention=True)
     if kind == MLP:
-        return _mlp_only()
+        return _one_sublayer(attention=False)
     raise ValueError(f"Nemotron-H layer type {kind!r} is not supported")
 
 

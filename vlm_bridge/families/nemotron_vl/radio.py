@@ -27,29 +27,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.attention.mask import AttentionMask
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict
+from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families.nemotron_vl.config import NemotronVLSettings, squared_relu
 
 
 def _skip_init(weight: torch.Tensor) -> None:
     """Weights always come from a checkpoint."""
-
-
-class Fp32RMSNorm(torch.nn.Module):
-    """``(w.float() * norm(x.float()))`` cast back to x's dtype, as Nemotron-H's RMSNorms compute it
-    (the weight multiply stays in fp32). Megatron norm signature."""
-
-    def __init__(self, config: TransformerConfig | None = None, hidden_size: int = 0,
-                 eps: float = 1e-5) -> None:
-        super().__init__()
-        dtype = config.params_dtype if config is not None else torch.float32
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * out).to(x.dtype)
 
 
 class Table(torch.nn.Module):
