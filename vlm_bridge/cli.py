@@ -1,4 +1,4 @@
-"""``vlm-bridge`` command line: import | export | verify | demo.
+"""``vlm-bridge`` command line: import | export | verify | generate | evaluate | finetune | demo.
 
 Exit codes: 0 success; 1 a parity check that ran and failed; 2 a user mistake (bad paths,
 unsupported models, layouts that do not divide, corrupt files), with a one-line ``error: ...`` on
@@ -27,6 +27,43 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
 
 def _add_dtype(p: argparse.ArgumentParser, help_default: str) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=help_default)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--megatron-path", default=None,
+                   help="vlm-bridge checkpoint, or a training run's checkpoints folder (newest iteration)")
+    p.add_argument("--hf-model", default=None, help="HF folder, converted in memory")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+
+
+def _sampling(args):
+    from vlm_bridge.inference.generate import Sampling
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    sampling.validate()
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return sampling
+
+
+def _model_source(args) -> str:
+    """The folder whose HF config describes the model (checked before any rank starts)."""
+    from vlm_bridge.inference.command import resolve_megatron_path
+
+    if bool(args.megatron_path) == bool(args.hf_model):
+        raise ValueError("give exactly one of --megatron-path and --hf-model")
+    if args.megatron_path:
+        return str(resolve_megatron_path(args.megatron_path) / "hf")
+    return args.hf_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp32-baseline", action="store_true",
         help="half precision: also run HF in fp32 and judge against HF's own half-precision error",
     )
+
+    p = sub.add_parser("generate", help="answer prompts with a Megatron checkpoint (KV-cached decoding)")
+    _add_model_source(p)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", default=None, help="video file or folder of frame images")
+    p.add_argument("--prompt", default=None, help="one question (streams the answer)")
+    p.add_argument("--input", default=None, help="JSONL of chat-schema conversations, one per line")
+    p.add_argument("--output", default=None, help="answers as JSONL (with --input)")
+    _add_sampling(p)
+    _add_layout(p)
+    _add_dtype(p, "compute dtype (default: the checkpoint's)")
 
     p = sub.add_parser("finetune", help="fine-tune (SFT or LoRA/DoRA) on Megatron-Core")
     p.add_argument("--recipe", required=True, help="recipe name (an unknown name lists them all)")
@@ -142,6 +190,33 @@ def cmd_verify(args) -> int:
     return 0 if report["passed"] else EXIT_PARITY
 
 
+def cmd_generate(args) -> int:
+    from vlm_bridge.inference.command import generate_command
+    from vlm_bridge.inference.requests import check_media, load_requests, request_from_args
+    from vlm_bridge.parallel import run_parallel
+
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give exactly one of --prompt and --input")
+    if args.input and (args.image or args.video):
+        raise ValueError("--image/--video go with --prompt; with --input the conversations name their media")
+    requests = load_requests(args.input) if args.input else [request_from_args(args.prompt, args.image, args.video)]
+    check_media(requests)
+    sampling = _sampling(args)
+    parallel = _parallel(args, _model_source(args))
+    result = run_parallel(
+        generate_command, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
+        requests, sampling, args.batch_size, args.dtype, args.output, stream=args.prompt is not None,
+    )
+    if args.input:
+        done = sum(a["finish"] == "stop" for a in result["answers"])
+        where = f" -> {args.output}" if args.output else ""
+        print(f"answered {len(result['answers'])} prompts ({done} stopped at EOS){where}")
+        if not args.output:
+            for answer in result["answers"]:
+                print(json.dumps(answer, ensure_ascii=False))
+    return 0
+
+
 def _key_values(pairs: list[str], flag: str) -> dict:
     """``["a=1", "b=true"]`` -> ``{"a": 1, "b": True}`` (JSON values, else the plain string)."""
     out = {}
@@ -179,7 +254,7 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, finetune=not args.no_finetune, family_name=args.family or DEMO_FAMILY)
 
 
-COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify,
+COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify, "generate": cmd_generate,
             "finetune": cmd_finetune, "demo": cmd_demo}
 
 

@@ -1,6 +1,6 @@
 """The pure-torch Mamba-2 mixer equals transformers' NemotronHMamba2Mixer (torch path): outputs and
 every gradient, dt clamp exercised, across scan chunks. Packed rows equal their samples run alone;
-prefill + step equals a full forward; TP=2 (spawned gloo ranks) equals TP=1, and its checkpoint
+prefill + step equals HF's cached decoding; TP=2 (spawned gloo ranks) equals TP=1, and its checkpoint
 loads at TP=1."""
 
 from __future__ import annotations
@@ -220,7 +220,22 @@ def test_tp1_matches_hf_packed_and_generation(case):
     _assert_close({n: g for n, g in packed_grads.items() if n != "input"}, alone_params, "packed vs alone")
 
     full, stepped = res["generate"]
-    assert _max_diff(full, stepped) <= ATOL
+    assert _max_diff(full[:13], stepped[:13]) <= ATOL  # the prefill is a full forward
+    # Decoding steps follow HF's own cached decoding, which leaves out the time_step_min floor of
+    # its chunked scan (so neither equals a full forward here, where the floor bites).
+    assert _max_diff(stepped, _hf_cached_decode(case["weights"], case["x"], 13)) <= ATOL
+    assert _max_diff(full, stepped) > 1e-3
+
+
+def _hf_cached_decode(weights: dict, x: torch.Tensor, prefill: int) -> torch.Tensor:
+    """HF's mixer: ``prefill`` tokens through its chunked scan, then one token at a time from its cache."""
+    from transformers import DynamicCache
+
+    mixer, cache = _hf_mixer(weights), DynamicCache(config=_hf_config())
+    with torch.no_grad():
+        outs = [mixer(x[:, :prefill], cache=cache)]
+        outs += [mixer(x[:, t : t + 1], cache=cache) for t in range(prefill, x.shape[1])]
+    return torch.cat(outs, dim=1).transpose(0, 1)
 
 
 def _tp2_job(weights: dict, x: torch.Tensor, proj: torch.Tensor, ref_out: torch.Tensor, ref_grads: dict,

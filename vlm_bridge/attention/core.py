@@ -99,6 +99,7 @@ class TorchCoreAttention(MegatronModule):
         )
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = window  # this layer's sliding window (local layers), None for global
+        self.layer_number = layer_number  # keys this layer's piece of a decoding state
 
     def forward(
         self,
@@ -115,14 +116,18 @@ class TorchCoreAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         if isinstance(attention_mask, AttentionMask) and self.window is not None:
             attention_mask = attention_mask.with_window(self.window)
+        state = attention_mask.state if isinstance(attention_mask, AttentionMask) else None
+        if state is not None:  # generation: attend over every cached position plus the new ones
+            key, value = state.kv_cache(self.layer_number).extend(key, value, state.start)
         if self._use_varlen(query, attention_mask, key):
             return self._varlen(query, key, value, attention_mask)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self._use_flex(q, attention_mask):
+        if self._use_flex(q, attention_mask, k.shape[2]):
             out = self._flex(q, k, v, attention_mask)
         else:
             mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, k.shape[2], q.device)
+            k, v, mask = self._window_keys(k, v, mask, sq)
             out = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -135,9 +140,20 @@ class TorchCoreAttention(MegatronModule):
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
 
-    def _use_flex(self, q: torch.Tensor, mask) -> bool:
+    def _window_keys(self, k, v, mask, sq: int):
+        """Decoding a sliding-window layer: only the keys inside the window of some query (the
+        cache keeps the rest, masked anyway), so a step costs the window, not the sequence."""
+        sk = k.shape[2]
+        if self.window is None or mask is None or sk <= self.window + sq - 1:
+            return k, v, mask
+        first = sk - sq - self.window + 1
+        return k[:, :, first:], v[:, :, first:], mask[..., first:]
+
+    def _use_flex(self, q: torch.Tensor, mask, sk: int) -> bool:
         forced = os.environ.get("VLM_BRIDGE_ATTENTION")
         if not isinstance(mask, AttentionMask) or forced == "dense" or mask.is_plain():
+            return False
+        if q.shape[2] != sk:  # decoding against a cache: a few query rows, a dense mask is small
             return False
         if self.training and self.dropout_p > 0:  # FlexAttention has no attention dropout
             return False
@@ -188,6 +204,8 @@ class TorchCoreAttention(MegatronModule):
             aligned = attention_mask.offset(sq, sk) == 0
             if attention_mask.is_plain() and (aligned or not attention_mask.causal):
                 return None, attention_mask.causal and sq > 1
+            if attention_mask.is_plain() and sq == 1:  # one new token sees every key
+                return None, False
             return attention_mask.dense(sq, sk, device), False
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is None:

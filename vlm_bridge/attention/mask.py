@@ -36,6 +36,8 @@ class AttentionMask:
     span_ids: ``[b, s_k]`` int; tokens sharing a non-negative id attend to each other both ways
         even in a causal mask (image soft tokens). ``None`` or negative: no span.
     window: sliding window size (``q - k < window``), or ``None`` for global attention.
+    state: the decoding state of a generation (KV cache, Mamba state), carried to every layer with
+        the mask; ``None`` outside generation.
     query_offset: position of the first query among the keys (queries are the last ``s_q``
         positions when equal to ``s_k - s_q``, the default when ``None``).
     """
@@ -45,6 +47,8 @@ class AttentionMask:
     span_ids: torch.Tensor | None = None
     window: int | None = None
     query_offset: int | None = None
+    # Decoding state (vlm_bridge.inference.state.InferenceState) the layers fill in, or None.
+    state: object | None = field(default=None, compare=False)
     # Built once per forward and reused by every layer (a ViT has 32 of them).
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -664,6 +664,7 @@ def build_tiny_nemotron_vl(
     moe: bool = False,
     vision_final_layernorm: bool = False,
     max_shard_size: str | None = None,
+    time_step_min: float = TIME_STEP_MIN,
 ) -> Path:
     """Write a complete tiny Nemotron-H Omni checkpoint folder and return its path.
 
@@ -674,13 +675,15 @@ def build_tiny_nemotron_vl(
     minus RADIO's identity LayerScale) or ``"native"`` (``save_original_format=False``,
     the module names). ``moe`` / ``vision_final_layernorm`` select the variants of
     :func:`tiny_nemotron_vl_config`; ``max_shard_size`` (e.g. ``"100KB"``) forces a
-    sharded checkpoint with an index.
+    sharded checkpoint with an index. ``time_step_min`` sets the ``dt`` floor HF applies in its
+    chunked scan but not when decoding from its cache (a tiny value switches it off).
     """
     if key_format not in ("default", "native"):
         raise ValueError(f"key_format must be 'default' or 'native', got {key_format!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = tiny_nemotron_vl_config(moe=moe, vision_final_layernorm=vision_final_layernorm)
+    config = tiny_nemotron_vl_config(moe=moe, vision_final_layernorm=vision_final_layernorm,
+                                     text_config={"time_step_min": time_step_min})
     model = make_tiny_nemotron_model(config, seed=seed, dtype=dtype)
     save_kwargs: dict[str, Any] = {"save_original_format": key_format == "default"}
     if max_shard_size is not None:

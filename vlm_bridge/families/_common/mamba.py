@@ -179,7 +179,9 @@ class MambaMixer(MegatronModule):
         per_group = self.heads // self.groups
         B = B.float().reshape(batch, self.groups, s.d_state).repeat_interleave(per_group, dim=1)
         C = C.float().reshape(batch, self.groups, s.d_state).repeat_interleave(per_group, dim=1)
-        dt = self._dt(dt)  # [b, heads]
+        # HF's decoding step (``selective_state_update``) takes softplus(dt + bias) with no
+        # ``time_step_min`` floor, unlike its chunked scan: follow it, so generation matches HF's.
+        dt = self._dt(dt, floor=False)  # [b, heads]
         decay = torch.exp(dt * self._A())
         ssm_state = (ssm_state.float() * decay[..., None, None]
                      + (dt[..., None] * x.float())[..., None] * B[:, :, None, :])
@@ -187,9 +189,10 @@ class MambaMixer(MegatronModule):
         out = self._output(y[:, None], x[:, None], z[:, None], hidden_states.dtype)
         return out, window[..., 1:], ssm_state
 
-    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+    def _dt(self, dt: torch.Tensor, floor: bool = True) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
         low, high = self.settings.dt_range
-        return F.softplus(dt.float() + self.dt_bias.float()).clamp(min=low, max=high)
+        return dt.clamp(min=low, max=high) if floor else dt
 
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())

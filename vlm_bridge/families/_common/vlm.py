@@ -109,14 +109,17 @@ class VLMModel(MegatronModule):
     # ---- the run ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask,
                 labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None,
-                **media) -> torch.Tensor:
+                last_only: bool = False, **media) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` (or per-token loss ``[b, s]`` with ``labels``) on the last
-        stage; the hidden states ``[s, b, h]`` on the others."""
+        stage; the hidden states ``[s, b, h]`` on the others. ``last_only``: logits of the last
+        position only (``[b, 1, vocab]``), what generation samples from."""
         attention_mask = self.structure_mask(attention_mask, media)
         embedded = self.embed(input_ids, **media) if self.pre_process else None
         hidden = self.run_decoder(embedded, position_ids, attention_mask)
         if not self.post_process:
             return hidden.contiguous()  # sent to the next stage as is
+        if last_only:
+            hidden = hidden[-1:]
         return self.output(hidden, labels, runtime_gather_output)
 
     def run_decoder(self, embedded: Embedded | None, position_ids, attention_mask) -> torch.Tensor:

@@ -47,11 +47,27 @@ class MambaLayer(MegatronModule):
         self.mixer = MambaMixer(config, settings, layer_number=self.layer_number)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        state = getattr(attention_mask, "state", None)
+        if state is not None:
+            return self._generate(hidden_states, attention_mask, state), None
         runs = None
         if getattr(attention_mask, "segment_ids", None) is not None:  # one derivation per forward
             runs = attention_mask.cached("mamba_runs", lambda: segment_runs(attention_mask.segment_ids))
         out, _ = self.mixer(self.norm(hidden_states), runs=runs)
         return hidden_states + out, None
+
+    def _generate(self, hidden_states: torch.Tensor, attention_mask, state) -> torch.Tensor:
+        """Prefill keeps the conv inputs and SSM state of each row's last sample; each decoding
+        step continues from them one token at a time."""
+        key = ("mamba", self.layer_number)
+        if state.prefilling:
+            out, conv, ssm = self.mixer.prefill(self.norm(hidden_states), attention_mask.segment_ids)
+        else:
+            if hidden_states.shape[0] != 1:
+                raise ValueError("Mamba layers decode one token per step")
+            out, conv, ssm = self.mixer.step(self.norm(hidden_states), *state.pieces[key])
+        state.pieces[key] = (conv, ssm)
+        return hidden_states + out
 
 
 def _one_sublayer(attention: bool) -> ModuleSpec:

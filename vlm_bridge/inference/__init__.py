@@ -1,0 +1,1 @@
+"""Inference on Megatron-Core models: decoding state, the generation loop, evaluation, video files."""

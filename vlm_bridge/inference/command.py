@@ -1,0 +1,109 @@
+"""``vlm-bridge generate`` on every rank: load the model, batch the requests, generate, write answers."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch.distributed as dist
+
+from vlm_bridge.convert.engine import DTYPES, META_FILE
+from vlm_bridge.inference.generate import Generated, Sampling, generate_tokens
+from vlm_bridge.inference.requests import Request, build_prompt_batch, plan_batches, write_jsonl_atomic
+from vlm_bridge.parallel import ParallelConfig, init_distributed
+
+
+def resolve_megatron_path(path: str | Path) -> Path:
+    """A vlm-bridge checkpoint folder; a training run's checkpoint root (or the run folder above it)
+    resolves to its newest complete iteration."""
+    from vlm_bridge.train.checkpoint import iteration_dir, latest_step
+
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / META_FILE).is_file():
+            return root
+        step = latest_step(root) if root.is_dir() else None
+        if step is not None:
+            return iteration_dir(root, step)
+    raise FileNotFoundError(f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder)")
+
+
+def load_for_inference(hf_model: str | None, megatron_path: str | None, parallel: ParallelConfig,
+                       dtype_arg: str | None):
+    """This rank's model from a Megatron checkpoint (LoRA adapters merged) or an HF folder."""
+    from vlm_bridge.loading import load_hf, load_megatron
+
+    dtype = DTYPES[dtype_arg] if dtype_arg else None
+    if megatron_path:
+        return load_megatron(str(resolve_megatron_path(megatron_path)), parallel, dtype)[0]
+    return load_hf(hf_model, parallel, dtype)
+
+
+def stop_token_ids(hf_dir: str | Path, tokenizer) -> tuple[int, ...]:
+    """The generation config's EOS tokens (one id or a list), else the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    eos = None
+    if (Path(hf_dir) / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(hf_dir, local_files_only=True).eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+class _Streamer:
+    """Prints a single request's answer as it grows (rank 0 only)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.shown = tokenizer, ""
+
+    def __call__(self, tokens: list[list[int]]) -> None:
+        text = self.tokenizer.decode(tokens[0], skip_special_tokens=True)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def run_generation(built, processor, requests: list[Request], sampling: Sampling, batch_size: int,
+                   stream: bool = False, video_fps: float | None = None) -> list[dict]:
+    """Answers for every request (on every rank), in request order."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not sampling.stop_token_ids:
+        sampling = replace(sampling, stop_token_ids=stop_token_ids(built.hf_side_dir, tokenizer))
+    answers: list[dict] = [{} for _ in requests]
+    for indices in plan_batches(requests, batch_size, built.family.video_batch_alone):
+        batch = build_prompt_batch(processor, [requests[i] for i in indices], video_fps)
+        streamer = _Streamer(tokenizer) if stream and dist.get_rank() == 0 else None
+        out: Generated = generate_tokens(built, batch, sampling, on_step=streamer)
+        if streamer is not None:
+            print(flush=True)
+        for row, index in enumerate(indices):
+            answers[index] = {
+                "answer": tokenizer.decode(out.tokens[row], skip_special_tokens=True).strip(),
+                "tokens": len(out.tokens[row]),
+                "finish": out.finish[row],
+                "reference": requests[index].reference,
+            }
+    return answers
+
+
+def generate_command(hf_model: str | None, megatron_path: str | None, parallel: ParallelConfig,
+                     requests: list[Request], sampling: Sampling, batch_size: int, dtype_arg: str | None,
+                     output: str | None, stream: bool) -> dict:
+    """Run on every rank; rank 0 writes ``output`` (JSONL) and returns the answers."""
+    from transformers import AutoProcessor
+
+    init_distributed(parallel, seed=sampling.seed if sampling.seed is not None else 1234)
+    built = load_for_inference(hf_model, megatron_path, parallel, dtype_arg)
+    processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+    answers = run_generation(built, processor, requests, sampling, batch_size, stream)
+    if dist.get_rank() != 0:
+        return {}
+    if output:
+        write_jsonl_atomic(output, [{"index": i, **a} for i, a in enumerate(answers)])
+    return {"answers": answers, "dtype": str(built.dtype).removeprefix("torch.")}
+

@@ -1,0 +1,172 @@
+"""The generation loop on a Megatron-Core model: prefill once, then one token per step from the cache.
+
+Runs on every rank of a TP x PP (x EP) layout through the same pipeline schedule as verify, so any
+layout that loads also generates. Prompts of different lengths share a batch through left padding:
+padding keys carry segment id -1 in the structural mask and every row appends at the same column.
+
+Positions: the prefill uses the family's own ``position_ids`` (3-D MRoPE for Qwen, with the vision
+spans); each decoded token takes its row's last position plus one on every axis, which is HF's
+rule (for MRoPE it is the "rope delta" after the vision spans).
+
+Only the last position's logits are produced (``last_only``), and only on the last pipeline stage;
+the chosen tokens travel from there to every rank, so every rank feeds the same next input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from vlm_bridge.attention.mask import AttentionMask
+from vlm_bridge.inference.state import InferenceState
+from vlm_bridge.parallel import cpu_group, device
+from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy when ``temperature`` is 0 (the default)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generated:
+    """Generated token ids per row (stop token excluded), why each row ended, and timings."""
+
+    tokens: list[list[int]]
+    finish: list[str]  # "stop" or "length"
+    prompt_tokens: int
+    first_token_seconds: float = 0.0  # prefill (vision included) up to the first token
+    decode_seconds: float = 0.0  # every later token
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from ``[b, vocab]`` logits: argmax, or a draw after temperature, top-k
+    and top-p (nucleus) filtering."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        # Drop a token when the ones before it already hold top_p (the first always stays).
+        drop = (cumulative - ordered.softmax(-1)) >= sampling.top_p
+        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class _TokenRelay:
+    """Brings the tokens chosen on the last pipeline stage to every rank (CPU tensors over gloo)."""
+
+    def __init__(self) -> None:
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.source = last_stage_rank() if self.world > 1 else 0
+
+    def share(self, tokens: torch.Tensor | None, rows: int) -> torch.Tensor:
+        if self.world == 1:
+            return tokens.cpu()
+        buffer = tokens.cpu() if dist.get_rank() == self.source else torch.empty(rows, dtype=torch.long)
+        dist.broadcast(buffer, self.source, group=cpu_group())
+        return buffer
+
+
+def _on_device(inputs: dict) -> dict:
+    return {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def generate_tokens(built, batch: dict, sampling: Sampling,
+                    on_step: Callable[[list[list[int]]], None] | None = None, trace: bool = False) -> Generated:
+    """Run on every rank: generate for one left-padded batch of processor outputs.
+
+    ``on_step(tokens_so_far)`` is called on every rank after each step (streaming). ``trace`` keeps
+    each step's logits (last stage, CPU) and every token fed back in ``extra`` (tests compare them
+    with a full forward).
+    """
+    sampling.validate()
+    family, settings, model = built.family, built.settings, built.model
+    model.eval()
+    inputs = family.model_inputs(settings, dict(batch))
+    input_ids = inputs["input_ids"]
+    rows, prompt_len = input_ids.shape
+    padding = batch.get("attention_mask")
+    segments = None
+    if padding is not None and not bool(padding.all()):
+        segments = torch.where(padding.bool(), 0, -1).to(device())
+    state = InferenceState(capacity=prompt_len + sampling.max_new_tokens)
+    inputs["attention_mask"] = AttentionMask(segment_ids=segments, causal=True, state=state)
+    next_position = inputs["position_ids"][..., -1:].to(device()) + 1  # [b, 1] or [P, b, 1]
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device()).manual_seed(sampling.seed)
+    relay = _TokenRelay()
+    stops = set(sampling.stop_token_ids)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    finish = ["length"] * rows
+    done = torch.zeros(rows, dtype=torch.bool)
+    step_inputs = _on_device(inputs)
+    start = time.perf_counter()
+    generated = Generated(tokens, finish, prompt_len)
+    steps = 0
+    with torch.no_grad():
+        for steps in range(1, sampling.max_new_tokens + 1):
+            logits = pipeline_forward_logits(model, {**step_inputs, "last_only": True})
+            chosen = None
+            if logits is not None:
+                chosen = choose_tokens(logits[:, -1, : settings.vocab_size], sampling, generator)
+            chosen = relay.share(chosen, rows)
+            if trace:
+                kept = logits[:, -1, : settings.vocab_size].float().cpu() if logits is not None else None
+                generated.extra.setdefault("logits", []).append(kept)
+                generated.extra.setdefault("fed", []).append(chosen.clone())
+            if steps == 1:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                generated.first_token_seconds = time.perf_counter() - start
+            for row in torch.nonzero(~done).flatten().tolist():
+                token = int(chosen[row])
+                if token in stops:
+                    done[row], finish[row] = True, "stop"
+                else:
+                    tokens[row].append(token)
+            if on_step is not None:
+                on_step(tokens)
+            if bool(done.all()) or steps == sampling.max_new_tokens:
+                break
+            state.start += step_inputs["input_ids"].shape[1]
+            if segments is not None:
+                segments = torch.cat([segments, segments.new_zeros(rows, 1)], dim=1)
+            step_inputs = {
+                "input_ids": chosen[:, None].to(device()),
+                "position_ids": next_position,
+                "attention_mask": AttentionMask(segment_ids=segments, causal=True, state=state),
+            }
+            next_position = next_position + 1
+    generated.decode_seconds = time.perf_counter() - start - generated.first_token_seconds
+    generated.steps = steps
+    return generated

@@ -1,0 +1,140 @@
+"""Generation requests: chat-schema conversations -> left-padded processor batches.
+
+A request is a conversation in the data layer's schema (:mod:`vlm_bridge.data.schema`). A trailing
+assistant turn is the reference answer (what ``evaluate`` scores against); the prompt is every turn
+before it, rendered by the checkpoint's own chat template with the generation prompt. Media are
+loaded as the training encoder loads them (images, videos from files or folders of frames).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_bridge.data.media import load_image, load_video
+from vlm_bridge.data.schema import MEDIA_TYPES, content_items, iter_media, validate_sample
+from vlm_bridge.data.sources import load_json_samples
+
+
+@dataclass
+class Request:
+    """One prompt: its turns (no trailing assistant turn), the reference answer if any, and where
+    it came from (for messages)."""
+
+    messages: list[dict[str, Any]]
+    reference: str | None
+    where: str
+
+    @property
+    def has_video(self) -> bool:
+        return any(kind == "video" for kind, _ in iter_media({"messages": self.messages}))
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(item["text"] for item in content_items(message) if item["type"] == "text")
+
+
+def request_from_sample(sample: dict[str, Any], where: str) -> Request:
+    """Split a conversation into the prompt and its reference answer (a trailing assistant turn)."""
+    validate_sample(sample, where)
+    messages = list(sample["messages"])
+    reference = None
+    if messages[-1]["role"] == "assistant":
+        reference = _text_of(messages.pop())
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the prompt must end with a user turn")
+    return Request(messages, reference, where)
+
+
+def request_from_args(prompt: str, images: list[str], video: str | None) -> Request:
+    """The request ``--prompt`` / ``--image`` / ``--video`` describe: one user turn."""
+    content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in images]
+    if video is not None:
+        content.append({"type": "video", "video": video})
+    content.append({"type": "text", "text": prompt})
+    return request_from_sample({"messages": [{"role": "user", "content": content}]}, "--prompt")
+
+
+def load_requests(path: str | Path) -> list[Request]:
+    """Every conversation of a JSON/JSONL file (media paths relative to the file)."""
+    return [request_from_sample(sample, f"{path} sample {i}")
+            for i, sample in enumerate(load_json_samples(path))]
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batches of different lengths need a pad token; many real tokenizers have none. Padded
+    positions are masked out everywhere, so any existing token will do."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+
+
+def build_prompt_batch(processor, requests: list[Request], video_fps: float | None = None):
+    """One left-padded batch (HF ``BatchFeature``) of the requests' prompts, as HF generation takes."""
+    texts, images, videos, metadata, extra = [], [], [], [], {}
+    for request in requests:
+        plain = [{"role": m["role"],
+                  "content": [{"type": i["type"]} if i["type"] in MEDIA_TYPES else i for i in content_items(m)]}
+                 for m in request.messages]
+        texts.append(processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False))
+        row_images = []
+        for kind, value in iter_media({"messages": request.messages}):
+            try:
+                if kind == "image":
+                    row_images.append(load_image(value))
+                else:
+                    frames, meta, kwargs = load_video(value, processor, video_fps)
+                    videos.append(frames)
+                    metadata.append(meta)
+                    extra.update(kwargs)
+            except ValueError as exc:
+                raise ValueError(f"{request.where}: {exc}") from None
+        images.append(row_images)
+    media: dict[str, Any] = {}
+    if any(images):
+        media["images"] = images
+    if videos:
+        media["videos"], media["video_metadata"] = videos, metadata
+    ensure_pad_token(getattr(processor, "tokenizer", processor))
+    # The rendered template already holds every special token (e.g. a <bos>): add none.
+    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                     add_special_tokens=False, **media, **extra)
+
+
+def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
+    """Request indices per batch, in order; a family whose processor takes a video only as a
+    prompt of its own (``video_batch_alone``) gets each video request in a batch by itself."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    current: list[int] = []
+    for index, request in enumerate(requests):
+        if video_alone and request.has_video:
+            if current:
+                yield current
+                current = []
+            yield [index]
+            continue
+        current.append(index)
+        if len(current) == batch_size:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write every row, then rename: a failed run leaves no half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def check_media(requests: list[Request]) -> None:
+    """Fail before any model loads when a media path does not exist."""
+    for request in requests:
+        for kind, value in iter_media({"messages": request.messages}):
+            if isinstance(value, str | Path) and not Path(value).exists():
+                raise ValueError(f"{request.where}: {kind} {value} does not exist")
