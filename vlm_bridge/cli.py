@@ -199,13 +199,16 @@ def cmd_generate(args) -> int:
         raise ValueError("give exactly one of --prompt and --input")
     if args.input and (args.image or args.video):
         raise ValueError("--image/--video go with --prompt; with --input the conversations name their media")
-    requests = load_requests(args.input) if args.input else [request_from_args(args.prompt, args.image, args.video)]
+    if args.input:
+        requests = load_requests(args.input)
+    else:
+        requests = [request_from_args(args.prompt, args.image, args.video)]
     check_media(requests)
     sampling = _sampling(args)
     parallel = _parallel(args, _model_source(args))
     result = run_parallel(
         generate_command, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
-        requests, sampling, args.batch_size, args.dtype, args.output, stream=args.prompt is not None,
+        requests, sampling, args.batch_size, args.dtype, args.output, args.prompt is not None,
     )
     if args.input:
         done = sum(a["finish"] == "stop" for a in result["answers"])

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from vlm_bridge.convert.engine import DTYPES
 from vlm_bridge.convert.hf_io import CheckpointError
+from vlm_bridge.data.media import load_image, load_video
+from vlm_bridge.data.video import DecodedVideo
+from vlm_bridge.inference.requests import ensure_pad_token
 from vlm_bridge.loading import load_hf, load_megatron
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
@@ -50,29 +53,13 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 0.5
 
 
-def load_media(images: list[str], video: str | None):
-    """PIL images, and video frames (a folder of frame images, or a file the processor decodes)."""
-    from PIL import Image
-
-    pil = []
-    for path in images:
-        try:
-            pil.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path} ({type(exc).__name__})") from None
-    frames = None
-    if video is not None:
-        p = Path(video)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
-            if not files:
-                raise ValueError(f"video folder {video} holds no .png/.jpg frames")
-            frames = [Image.open(f).convert("RGB") for f in files]
-        elif p.is_file():
-            frames = str(p)
-        else:
-            raise ValueError(f"video {video} does not exist")
-    return pil, frames
+def load_media(images: list[str], video: str | None, processor):
+    """RGB PIL images, and the video (a file decoded as ``processor`` samples it, or a folder of
+    frame images) as frames + metadata + processor kwargs."""
+    pil = [load_image(path) for path in images]
+    if video is not None and not Path(video).exists():
+        raise ValueError(f"video {video} does not exist")
+    return pil, load_video(video, processor) if video is not None else None
 
 
 def default_media():
@@ -109,6 +96,9 @@ def build_batch(processor, images, video, prompt: str, fps: float = 2.0, text_ro
         rows.append([*({"type": "image"} for _ in images), {"type": "text", "text": prompt}])
     if video is not None:
         rows.append([{"type": "video"}, {"type": "text", "text": prompt}])
+        if isinstance(video, DecodedVideo):
+            processor_kwargs = {**video.processor_kwargs, **processor_kwargs}
+            video, media["video_metadata"] = video.frames, [video.metadata]
         media["videos"] = [video]
         if isinstance(video, list):
             media["video_metadata"] = [{"total_num_frames": len(video), "fps": fps}]
@@ -118,10 +108,7 @@ def build_batch(processor, images, video, prompt: str, fps: float = 2.0, text_ro
         media["images"] = [list(images)] + [[] for _ in rows[1:]]
     conversations = [[{"role": "user", "content": row}] for row in rows]
     texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if tokenizer.pad_token is None:
-        # Many real tokenizers have no pad token; padded positions are masked out, so any id does.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+    ensure_pad_token(getattr(processor, "tokenizer", processor))
     # The rendered template already holds every special token (e.g. a <bos>): add none.
     return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
                      add_special_tokens=False, **media, **processor_kwargs)
@@ -239,7 +226,8 @@ def _verify(
 
     init_distributed(parallel)
     # Inputs first: a bad image path must fail before minutes of model loading.
-    pil, frames = load_media(images, video) if (images or video) else default_media()
+    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
+    pil, frames = load_media(images, video, processor) if (images or video) else default_media()
     if megatron_dir:
         built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
         dtype = DTYPES[dtype_arg or meta["dtype"]]
@@ -255,7 +243,6 @@ def _verify(
         if video is not None:
             raise ValueError(f"--video: the {built.family.name} family takes no video input")
         frames = None
-    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     batches = [b.to(device()) for b in
                verify_batches(built.family, processor, pil, frames, prompt, **(processor_kwargs or {}))]
     runs = []  # per batch: (valid mask, Megatron logits, decoder layer outputs, vision features)

@@ -21,20 +21,16 @@ counts still agree. A sample left with nothing to learn is skipped and counted, 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlm_bridge.data.schema import MEDIA_TYPES, content_items, iter_media, validate_sample
+from vlm_bridge.data.media import load_image, load_video, processor_media
+from vlm_bridge.data.schema import MEDIA_TYPES, iter_media, template_messages, validate_sample
 
 IGNORE_INDEX = -100
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Decoders transformers.video_utils.load_video can use, in order of preference.
-_VIDEO_BACKENDS = (("torchcodec", "torchcodec"), ("av", "pyav"), ("decord", "decord"), ("cv2", "opencv"))
 # How a processor lays out each media kind: the pixel tensor, an optional per-item grid (grid-based
 # processors flatten every item's patches into one tensor, item i owning grid[i].prod() rows) and
 # per-item extras. Processors without a grid (one entry per item, e.g. [n, C, H, W]) work too.
@@ -162,27 +158,19 @@ def _align_slow(plain: list[int], expanded: list[int]) -> list[int | None]:
     return positions
 
 
-def _video_backend() -> str:
-    for module, backend in _VIDEO_BACKENDS:
-        if importlib.util.find_spec(module) is not None:
-            return backend
-    raise RuntimeError(
-        "decoding video files needs torchcodec, av, decord or opencv; install one, or give videos "
-        "as folders of frames / lists of PIL images"
-    )
-
-
 class SampleEncoder:
     """Encode schema samples with one HF processor; see the module docstring for the rules.
 
-    ``video_fps`` is the frame rate videos are sampled at when decoded from a file, and the
-    rate assumed for videos given as frames (folder or list), which sets the temporal position
-    spacing (e.g. ``second_per_grid_ts``). ``stats`` counts encoded, truncated and
-    skipped samples, the latter by reason (``too_long``, ``bad_media``, ``no_loss_tokens``).
+    Video files are decoded with PyAV and sampled as the processor itself samples them (see
+    :mod:`vlm_bridge.data.video`); ``video_fps``, when set, replaces the processor's sampling rate
+    there. It is also the rate assumed for videos given as frames (folder or list; else
+    ``FRAMES_FPS``), which sets the temporal position spacing (e.g. ``second_per_grid_ts``).
+    ``stats`` counts encoded, truncated and skipped samples, the latter by reason (``too_long``,
+    ``bad_media``, ``no_loss_tokens``).
     """
 
     def __init__(
-        self, processor: Any, max_seq_len: int, skip_bad_media: bool = False, video_fps: float = 2.0
+        self, processor: Any, max_seq_len: int, skip_bad_media: bool = False, video_fps: float | None = None
     ) -> None:
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -262,40 +250,11 @@ class SampleEncoder:
 
     # --- media ---------------------------------------------------------------------------------
 
-    def _open_image(self, path: str | Path, what: str) -> Any:
-        from PIL import Image
-
+    def _load(self, kind: str, value: Any) -> Any:
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise BadMediaError(f"cannot read {what} {path} ({type(exc).__name__}: {exc})") from None
-
-    def _load_image(self, value: Any) -> Any:
-        return self._open_image(value, "image") if isinstance(value, str | Path) else value.convert("RGB")
-
-    def _load_video(self, value: Any) -> tuple[Any, Any]:
-        """Frames plus metadata; frames given directly are assumed sampled at ``video_fps``."""
-        if isinstance(value, str | Path):
-            path = Path(value)
-            if path.is_dir():
-                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-                if not files:
-                    raise BadMediaError(f"video folder {path} holds no image frames")
-                value = files
-            elif not path.is_file():
-                raise BadMediaError(f"cannot read video {path} (no such file or folder)")
-            else:
-                from transformers.video_utils import load_video
-
-                backend = _video_backend()
-                try:
-                    return load_video(str(path), fps=self.video_fps, backend=backend)
-                except Exception as exc:  # decoders raise many unrelated types
-                    raise BadMediaError(f"cannot read video {path} ({type(exc).__name__}: {exc})") from None
-        if isinstance(value, list | tuple):
-            value = [self._open_image(f, "video frame") if isinstance(f, str | Path) else f for f in value]
-        return value, {"total_num_frames": len(value), "fps": self.video_fps}
+            return load_image(value) if kind == "image" else load_video(value, self.processor, self.video_fps)
+        except ValueError as exc:
+            raise BadMediaError(str(exc)) from None
 
     # --- encoding ------------------------------------------------------------------------------
 
@@ -313,28 +272,17 @@ class SampleEncoder:
         if any(m["role"] == "assistant" and any(iter_media({"messages": [m]})) for m in messages):
             raise ValueError(f"{where}: images/videos in assistant turns are not supported")
         try:
-            images = [self._load_image(v) for k, v in iter_media(sample) if k == "image"]
-            loaded = [self._load_video(v) for k, v in iter_media(sample) if k == "video"]
+            images = [self._load(k, v) for k, v in iter_media(sample) if k == "image"]
+            loaded = [self._load(k, v) for k, v in iter_media(sample) if k == "video"]
         except BadMediaError as exc:
             if self.skip_bad_media:
                 self._skip("bad_media")
                 return None
             raise BadMediaError(f"{where}: {exc}") from None
-        plain = [
-            {
-                "role": m["role"],
-                "content": [{"type": i["type"]} if i["type"] in MEDIA_TYPES else i for i in content_items(m)],
-            }
-            for m in messages
-        ]
+        plain = template_messages(messages)
         text = self.render(plain)
         num_assistant = sum(m["role"] == "assistant" for m in messages)
-        media_kwargs: dict[str, Any] = {}
-        if images:
-            media_kwargs["images"] = images
-        if loaded:
-            media_kwargs["videos"] = [frames for frames, _ in loaded]
-            media_kwargs["video_metadata"] = [meta for _, meta in loaded]
+        media_kwargs = processor_media(images, loaded, self.processor)
         try:
             out = self.processor(text=[text], return_tensors="pt", add_special_tokens=False, **media_kwargs)
         except ValueError as exc:

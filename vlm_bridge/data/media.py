@@ -1,13 +1,20 @@
-"""Images and videos of chat-schema samples, loaded the one way training, generation and evaluation
-share: images as RGB PIL images; videos from a file (decoded with PyAV, sampled as the family's
-processor samples), a folder of frame images or a list of frames."""
+"""Images and videos of chat-schema samples, loaded the one way training, verify, generation and
+evaluation share: images as RGB PIL images; videos from a file (decoded with PyAV, sampled as the
+family's processor samples, :mod:`vlm_bridge.data.video`), a folder of frame images or a list of
+frames; and the media arguments of one processor call built from them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+import numpy as np
+
+from vlm_bridge.data.video import DecodedVideo, read_video, sample_like_processor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Frame rate assumed for videos given as frames (folder or list) when none is set.
+FRAMES_FPS = 2.0
 
 
 def open_image(path: str | Path, what: str = "image") -> Any:
@@ -21,15 +28,16 @@ def open_image(path: str | Path, what: str = "image") -> Any:
 
 
 def load_image(value: Any) -> Any:
-    """A path or a PIL image -> an RGB PIL image."""
+    """A path or a PIL image -> an RGB PIL image (one-line ValueError naming a bad file)."""
     return open_image(value) if isinstance(value, str | Path) else value.convert("RGB")
 
 
-def load_video(value: Any, processor, fps: float | None = None) -> tuple[Any, dict, dict]:
-    """``(frames, metadata, processor kwargs)`` for a video item.
+def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedVideo:
+    """A video item -> frames, metadata and processor kwargs.
 
-    Frames given directly (a folder of images or a list) are taken as sampled at ``fps`` (2 by
-    default) and used as they are; a file is decoded and sampled by :func:`read_video`.
+    Frames given directly (a folder of images or a list) are taken as sampled at ``fps`` (else
+    ``FRAMES_FPS``) and used as they are; a file is decoded and sampled by :func:`read_video`, with
+    ``fps`` replacing the processor's own rate when given.
     """
     if isinstance(value, str | Path):
         path = Path(value)
@@ -41,9 +49,33 @@ def load_video(value: Any, processor, fps: float | None = None) -> tuple[Any, di
         elif not path.is_file():
             raise ValueError(f"cannot read video {path} (no such file or folder)")
         else:
-            from vlm_bridge.data.video import read_video
-
             return read_video(path, processor, fps)
     if isinstance(value, list | tuple):
         value = [open_image(f, "video frame") if isinstance(f, str | Path) else f for f in value]
-    return value, {"total_num_frames": len(value), "fps": fps or 2.0}, {}
+    return DecodedVideo(value, {"total_num_frames": len(value), "fps": fps or FRAMES_FPS}, {})
+
+
+def processor_media(images: list[Any] | None, videos: list[DecodedVideo], processor: Any) -> dict[str, Any]:
+    """``images`` / ``videos`` / ``video_metadata`` and sampling kwargs for one processor call.
+
+    ``images`` is what the call takes as is (a flat list, or one list per row). Decoded files come
+    sampled with ``do_sample_frames=False``, a flag that covers every video of the call: videos
+    given as frames are then sampled here, as the processor would have sampled them.
+    """
+    media: dict[str, Any] = {}
+    if images and any(images):
+        media["images"] = images
+    for video in videos:
+        media.update(video.processor_kwargs)
+    if media.get("do_sample_frames") is False:
+        videos = [v if v.processor_kwargs
+                  else DecodedVideo(*sample_like_processor(v.frames, v.metadata, processor), {})
+                  for v in videos]
+    if videos:
+        frames = [v.frames for v in videos]
+        if any(isinstance(f, np.ndarray) for f in frames):  # decoded files: [T, H, W, 3] arrays
+            # HF converts frame lists to arrays only when the first video is one; convert all.
+            frames = [np.stack([np.asarray(x) for x in f]) if isinstance(f, list) else f for f in frames]
+        media["videos"] = frames
+        media["video_metadata"] = [v.metadata for v in videos]
+    return media

@@ -115,3 +115,11 @@ def iter_media(sample: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         for item in message["content"]:
             if item["type"] in MEDIA_TYPES:
                 yield item["type"], item[item["type"]]
+
+
+def template_messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: list content, media items reduced to their type (the
+    processor inserts its placeholders; the pixels go to the processor call separately)."""
+    return [{"role": m["role"],
+             "content": [{"type": i["type"]} if i["type"] in MEDIA_TYPES else i for i in content_items(m)]}
+            for m in messages]

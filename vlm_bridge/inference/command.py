@@ -26,7 +26,8 @@ def resolve_megatron_path(path: str | Path) -> Path:
         step = latest_step(root) if root.is_dir() else None
         if step is not None:
             return iteration_dir(root, step)
-    raise FileNotFoundError(f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder)")
+    raise FileNotFoundError(
+        f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder)")
 
 
 def load_for_inference(hf_model: str | None, megatron_path: str | None, parallel: ParallelConfig,

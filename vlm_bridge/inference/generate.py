@@ -62,7 +62,8 @@ class Generated:
     extra: dict = field(default_factory=dict)
 
 
-def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, sampling: Sampling,
+                  generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from ``[b, vocab]`` logits: argmax, or a draw after temperature, top-k
     and top-p (nucleus) filtering."""
     if sampling.temperature == 0:
@@ -101,7 +102,8 @@ def _on_device(inputs: dict) -> dict:
 
 
 def generate_tokens(built, batch: dict, sampling: Sampling,
-                    on_step: Callable[[list[list[int]]], None] | None = None, trace: bool = False) -> Generated:
+                    on_step: Callable[[list[list[int]]], None] | None = None,
+                    trace: bool = False) -> Generated:
     """Run on every rank: generate for one left-padded batch of processor outputs.
 
     ``on_step(tokens_so_far)`` is called on every rank after each step (streaming). ``trace`` keeps

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm_bridge.data.media import load_image, load_video
-from vlm_bridge.data.schema import MEDIA_TYPES, content_items, iter_media, validate_sample
+from vlm_bridge.data.media import load_image, load_video, processor_media
+from vlm_bridge.data.schema import content_items, iter_media, template_messages, validate_sample
 from vlm_bridge.data.sources import load_json_samples
 
 
@@ -73,11 +73,9 @@ def ensure_pad_token(tokenizer) -> None:
 
 def build_prompt_batch(processor, requests: list[Request], video_fps: float | None = None):
     """One left-padded batch (HF ``BatchFeature``) of the requests' prompts, as HF generation takes."""
-    texts, images, videos, metadata, extra = [], [], [], [], {}
+    texts, images, videos = [], [], []
     for request in requests:
-        plain = [{"role": m["role"],
-                  "content": [{"type": i["type"]} if i["type"] in MEDIA_TYPES else i for i in content_items(m)]}
-                 for m in request.messages]
+        plain = template_messages(request.messages)
         texts.append(processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False))
         row_images = []
         for kind, value in iter_media({"messages": request.messages}):
@@ -85,22 +83,14 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
                 if kind == "image":
                     row_images.append(load_image(value))
                 else:
-                    frames, meta, kwargs = load_video(value, processor, video_fps)
-                    videos.append(frames)
-                    metadata.append(meta)
-                    extra.update(kwargs)
+                    videos.append(load_video(value, processor, video_fps))
             except ValueError as exc:
                 raise ValueError(f"{request.where}: {exc}") from None
         images.append(row_images)
-    media: dict[str, Any] = {}
-    if any(images):
-        media["images"] = images
-    if videos:
-        media["videos"], media["video_metadata"] = videos, metadata
     ensure_pad_token(getattr(processor, "tokenizer", processor))
     # The rendered template already holds every special token (e.g. a <bos>): add none.
     return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
-                     add_special_tokens=False, **media, **extra)
+                     add_special_tokens=False, **processor_media(images, videos, processor))
 
 
 def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:

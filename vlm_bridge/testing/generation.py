@@ -17,7 +17,8 @@ from vlm_bridge.runtime import pipeline_forward_logits
 def parity_requests(family, media: dict[str, str]) -> list[list[Request]]:
     """Batches covering what the family takes: two images, a video, text only, and prompts of
     different lengths side by side (left padding). ``media`` names files: image_a, image_b, video."""
-    two_images = request_from_args("Describe both pictures in detail.", [media["image_a"], media["image_b"]], None)
+    both = [media["image_a"], media["image_b"]]
+    two_images = request_from_args("Describe both pictures in detail.", both, None)
     short = request_from_args("Hi.", [], None)
     long = request_from_args("Count the colours you know and name three of them, one per line.", [], None)
     one_image = request_from_args("What is this?", [media["image_b"]], None)
@@ -116,3 +117,23 @@ def write_parity_media(folder: Path) -> dict[str, str]:
         frame.save(frames_dir / f"{i:03d}.png")
     paths["video"] = str(frames_dir)
     return paths
+
+
+def sampling_runs(hf_dir: str, requests: list[Request], samplings: list[Sampling],
+                  stop_after: int = 3) -> dict:
+    """Run on one rank: tokens and finish reasons per sampling config, plus a greedy run that stops
+    at the token greedy decoding produced at step ``stop_after`` of row 0."""
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    from vlm_bridge.loading import load_hf
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    batch = build_prompt_batch(AutoProcessor.from_pretrained(hf_dir, local_files_only=True), requests)
+    runs = [generate_tokens(built, batch, sampling) for sampling in samplings]
+    stop = runs[0].tokens[0][stop_after]
+    stopped = generate_tokens(built, batch, replace(samplings[0], stop_token_ids=(stop,)))
+    return {"runs": [(r.tokens, r.finish) for r in runs], "stop": stop,
+            "stopped": (stopped.tokens, stopped.finish)}

@@ -50,6 +50,9 @@ FAMILIES = [
         hf_vision_module="multi_modal_projector",
         tiny_builder="vlm_bridge.testing.tiny_nemotron_vl:build_tiny_nemotron_vl",
         recipes=RECIPES,
+        # HF decodes Mamba steps without the time_step_min floor its chunked scan applies (we
+        # follow it); with the floor out of reach, decoding from the cache equals a full forward
+        tiny_decode_options={"time_step_min": 1e-6},
         # RADIO's summary-token indices, identity LayerScales, input statistics: not weights
         passthrough=(r"(^|\.)summary_idxs$", r"\.layer_scale[12]\.lambda1$",
                      r"input_conditioner\.norm_(mean|std)$"),
