@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 EXIT_PARITY = 1
 EXIT_USAGE = 2
@@ -49,10 +50,16 @@ def _sampling(args):
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    _check_decoding(args.max_new_tokens, args.batch_size)
     sampling.validate()
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     return sampling
+
+
+def _check_decoding(max_new_tokens: int, batch_size: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def _model_source(args) -> str:
@@ -112,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="JSONL of chat-schema conversations, one per line")
     p.add_argument("--output", default=None, help="answers as JSONL (with --input)")
     _add_sampling(p)
+    _add_layout(p)
+    _add_dtype(p, "compute dtype (default: the checkpoint's)")
+
+    p = sub.add_parser("evaluate", help="loss, perplexity and scored answers on held-out conversations")
+    _add_model_source(p)
+    p.add_argument("--data", required=True,
+                   help="chat-schema data: a .jsonl/.json file, jsonl:PATH, hf:NAME_OR_DIR or a maker name")
+    p.add_argument("--metric", action="append", default=None,
+                   help="exact_match, anls or module:function (repeatable; default: exact_match and anls)")
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=4096, help="longer samples are truncated as in training")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     _add_layout(p)
     _add_dtype(p, "compute dtype (default: the checkpoint's)")
 
@@ -220,6 +243,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
+    from vlm_bridge.inference.metrics import resolve_metric
+    from vlm_bridge.parallel import run_parallel
+
+    data = args.data
+    if Path(data).suffix in (".jsonl", ".json") and ":" not in data:
+        if not Path(data).is_file():
+            raise ValueError(f"--data {data} does not exist")
+        data = f"{Path(data).suffix[1:]}:{data}"
+    metrics = tuple(args.metric or ("exact_match", "anls"))
+    for name in metrics:
+        resolve_metric(name)  # a bad name fails before any model loads
+    options = EvalOptions(generate=not args.no_generate, metrics=metrics,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          seq_len=args.seq_len, max_samples=args.max_samples)
+    _check_decoding(args.max_new_tokens, args.batch_size)
+    parallel = _parallel(args, _model_source(args))
+    report = run_parallel(evaluate_command, parallel.conversion_world_size, args.hf_model,
+                          args.megatron_path, parallel, data, options, args.dtype, args.report)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def _key_values(pairs: list[str], flag: str) -> dict:
     """``["a=1", "b=true"]`` -> ``{"a": 1, "b": True}`` (JSON values, else the plain string)."""
     out = {}
@@ -258,6 +305,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"import": cmd_import, "export": cmd_export, "verify": cmd_verify, "generate": cmd_generate,
+            "evaluate": cmd_evaluate,
             "finetune": cmd_finetune, "demo": cmd_demo}
 
 

@@ -41,11 +41,25 @@ class OptimSettings:
 @dataclass
 class DataSettings:
     train: str = ""  # "jsonl:PATH", "json:PATH", "hf:NAME_OR_DIR" or a maker name
+    validation: str = ""  # held-out data in the same forms; evaluated every eval.every steps
     seq_len: int = 4096
     pack: bool = True
     skip_bad_media: bool = False
     max_samples: int | None = None
     shuffle: bool = True
+
+
+@dataclass
+class EvalSettings:
+    """Validation during fine-tuning (needs ``data.validation``): loss and perplexity on assistant
+    turns, and with ``generate`` the generated answers scored by ``metrics``."""
+
+    every: int = 0  # 0: only after the last step
+    generate: bool = False
+    metrics: tuple[str, ...] = ("exact_match",)
+    max_new_tokens: int = 32
+    max_samples: int | None = None
+    batch_size: int = 8
 
 
 @dataclass
@@ -96,6 +110,7 @@ class TrainConfig:
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
     peft: PeftSettings = field(default_factory=PeftSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
 
 def _parse(value: str, annotation, key: str):

@@ -16,6 +16,7 @@ class RunLogger:
         self.out = Path(cfg.output_dir)
         self.start, self.start_step = time.time(), start_step
         self.tokens = 0
+        self.validation: list[tuple[int, float]] = []  # (step, validation loss) for the plot
         self.tb = self.wandb = None
         if not is_main:
             return
@@ -52,6 +53,23 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
+    def log_eval(self, step: int, report: dict) -> None:
+        """Validation: a console line, ``val/*`` scalars (loss, perplexity, answer metrics)."""
+        if not self.is_main:
+            return
+        scalars = {k: report[k] for k in ("loss", "perplexity") if k in report}
+        scalars.update(report.get("metrics", {}))
+        shown = "  ".join(f"{k} {v:.4f}" if k in ("loss", "perplexity") else f"{k} {100 * v:.1f}%"
+                          for k, v in scalars.items())
+        print(f"eval {step:>5}/{self.cfg.steps}  {shown}  ({report['samples']} samples)", flush=True)
+        if "loss" in report:
+            self.validation.append((step, report["loss"]))
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"val/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"val/{k}": v for k, v in scalars.items()}, step=step)
+
     def close(self, losses: list[float]) -> None:
         if not self.is_main:
             return
@@ -60,17 +78,22 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
         if losses:
-            write_loss_plot(losses, self.out / "loss.png", self.cfg.name)
+            write_loss_plot(losses, self.out / "loss.png", self.cfg.name, self.validation)
 
 
-def write_loss_plot(losses: list[float], path: Path, title: str) -> None:
+def write_loss_plot(losses: list[float], path: Path, title: str,
+                    validation: list[tuple[int, float]] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1.5)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.5, label="train")
+    if validation:
+        steps, values = zip(*validation)
+        ax.plot(steps, values, "o-", lw=1.5, label="validation")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

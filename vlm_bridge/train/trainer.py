@@ -176,7 +176,7 @@ def _maybe_resume(run: Run) -> None:
     run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
 
 
-def _forward_step(data_iterator, model):
+def loss_forward_step(data_iterator, model):
     mb = next(data_iterator)
     per_token = model(**mb.inputs, labels=mb.labels)
 
@@ -198,7 +198,7 @@ def train_step(run: Run) -> dict:
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(mine), model=[run.model],
+        forward_step_func=loss_forward_step, data_iterator=iter(mine), model=[run.model],
         num_microbatches=len(mine), seq_length=seq_len, micro_batch_size=run.cfg.micro_batch_size,
         forward_only=False,
     )
@@ -217,6 +217,12 @@ def train_step(run: Run) -> dict:
 
 def _global_loss(outputs: list[dict]) -> float:
     """Token-mean loss over the global batch (last stage, summed over data parallel)."""
+    total, tokens = global_loss_totals(outputs)
+    return total / max(tokens, 1.0)
+
+
+def global_loss_totals(outputs: list[dict]) -> tuple[float, float]:
+    """Summed loss and loss-token count over the global batch, known on every rank."""
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
@@ -224,7 +230,7 @@ def _global_loss(outputs: list[dict]) -> float:
     # Everyone learns the loss: sum over DP on the last stage, then over stages (others add 0).
     dist.all_reduce(totals, group=cpu_group())
     totals /= parallel_state.get_tensor_model_parallel_world_size()  # TP ranks repeat the sums
-    return float(totals[0] / max(totals[1], 1.0))
+    return float(totals[0]), float(totals[1])
 
 
 def save(run: Run) -> Path:
@@ -243,22 +249,33 @@ def save(run: Run) -> Path:
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run on every rank. ``stop_after`` ends early after that many steps (tests interruption)."""
     run = setup(cfg)
+    validator = None
+    if cfg.data.validation:
+        from vlm_bridge.train.validation import Validator
+
+        validator = Validator(cfg, run.built)
     logger = RunLogger(cfg, is_main=dist.get_rank() == 0, start_step=run.step)
     run.model.train()
     start = time.time()
+    validation = []
     while run.step < cfg.steps:
         if stop_after is not None and run.step >= stop_after:
             break
         t0 = time.time()
         stats = train_step(run)
         logger.log(run.step, stats, time.time() - t0)
+        if validator is not None and validator.due(run.step):
+            report = validator.run(run)
+            logger.log_eval(run.step, report)
+            validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
         if cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0:
             _save_and_maybe_export(run)
     if stop_after is None and run.step >= cfg.steps:
         _save_and_maybe_export(run)
     logger.close(run.losses)
     return {"steps": run.step, "losses": run.losses, "seconds": time.time() - start,
-            "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir}
+            "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
+            "validation": validation}
 
 
 def _save_and_maybe_export(run: Run) -> None:

@@ -1,0 +1,69 @@
+"""``vlm-bridge evaluate`` computes the trainer's loss; validation during fine-tuning logs loss and
+answer metrics; a LoRA training run generates (adapters merged on the fly) exactly what its HF
+export generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_train
+
+
+@pytest.fixture(scope="session")
+def four_samples(shapes_data) -> Path:
+    """The first four held-out conversations (next to the images their paths are relative to)."""
+    folder = Path(shapes_data["eval"]).parent
+    path = folder / "four.jsonl"
+    path.write_text("".join(Path(shapes_data["eval"]).read_text().splitlines(keepends=True)[:4]))
+    return path
+
+
+def _evaluate(run_cli, source: list, data: Path, report: Path, *extra) -> dict:
+    assert run_cli("evaluate", *source, "--data", data, "--report", report, *extra) == 0
+    return json.loads(report.read_text())
+
+
+def test_evaluate_loss_equals_the_trainers_first_step_loss(tiny_cfg, tiny_hf, four_samples, run_cli,
+                                                           tmp_path):
+    # One step over exactly these four samples (no packing: one sample per row); its loss is
+    # computed before the update, on the pretrained weights.
+    cfg = tiny_cfg(**{"data.train": f"jsonl:{four_samples}", "data.pack": "false", "steps": 1,
+                      "data.shuffle": "false"})
+    first = run_train(cfg)["losses"][0]
+    report = _evaluate(run_cli, ["--hf-model", tiny_hf], four_samples, tmp_path / "r.json", "--no-generate")
+    assert report["loss_samples"] == 4 and report["loss_tokens"] > 0
+    assert report["loss"] == pytest.approx(first, rel=1e-6, abs=1e-6)
+    assert report["perplexity"] == pytest.approx(2.718281828 ** first, rel=1e-5)
+    assert "answers" not in report
+
+
+def test_lora_run_validates_then_generates_and_evaluates_like_its_export(tiny_cfg, four_samples, run_cli,
+                                                                        tmp_path):
+    cfg = tiny_cfg(**{"peft.method": "lora", "optim.lr": "5e-3", "steps": 4, "eval.every": 2,
+                      "eval.generate": "true", "eval.metrics": "exact_match,anls",
+                      "data.validation": f"jsonl:{four_samples}", "checkpoint.export_hf": "true",
+                      "tensorboard": "true"})
+    result = run_train(cfg)
+    assert [v["step"] for v in result["validation"]] == [2, 4]
+    for v in result["validation"]:
+        assert v["loss_tokens"] > 0 and set(v["metrics"]) == {"exact_match", "anls"} and v["scored"] == 4
+    run_dir = Path(cfg.output_dir)
+    events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").glob("events.*"))
+    assert b"val/loss" in events and b"val/exact_match" in events and (run_dir / "loss.png").is_file()
+
+    # The run folder resolves to its newest checkpoint; adapters are merged on load.
+    mine = _evaluate(run_cli, ["--megatron-path", run_dir], four_samples, tmp_path / "a.json")
+    assert mine["loss"] == pytest.approx(result["validation"][-1]["loss"], rel=1e-5)
+    export = run_dir / "checkpoints" / "iter_0000004" / "hf_export"
+    theirs = _evaluate(run_cli, ["--hf-model", export], four_samples, tmp_path / "b.json")
+    assert [a["answer"] for a in mine["answers"]] == [a["answer"] for a in theirs["answers"]]
+    assert mine["metrics"] == theirs["metrics"] == result["validation"][-1]["metrics"]
+
+
+def test_evaluate_refuses_bad_input(run_cli, tiny_hf, four_samples, tmp_path, capfd):
+    assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", tmp_path / "none.jsonl") == 2
+    assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", four_samples, "--metric", "bleu") == 2
+    errors = capfd.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "does not exist" in errors[0] and "use one of" in errors[1]

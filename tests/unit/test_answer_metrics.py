@@ -1,0 +1,50 @@
+"""Answer metrics on hand-checked cases: exact match after SQuAD normalisation, DocVQA's ANLS with
+its 0.5 threshold, the best score over several references, and user metrics by module path."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm_bridge.inference.evaluate import score_answers
+from vlm_bridge.inference.metrics import anls, exact_match, levenshtein, resolve_metric
+
+
+def test_exact_match_normalises_case_punctuation_articles_and_spaces():
+    assert exact_match("The  Red circle.", ["red circle"]) == 1.0
+    assert exact_match("red", ["blue", "Red!"]) == 1.0
+    assert exact_match("red square", ["red circle"]) == 0.0
+
+
+@pytest.mark.parametrize("answer, refs, expected", [
+    ("hello", ["hello"], 1.0),
+    ("helo", ["hello"], 0.8),  # one deletion over 5 characters
+    ("HELLO ", ["hello"], 1.0),  # case and outer spaces do not count
+    ("abc", ["xyz"], 0.0),  # distance 1.0 >= 0.5
+    ("abcd", ["abxy"], 0.0),  # distance exactly 0.5: under the threshold only
+    ("abcde", ["abxde", "zzzzz"], 0.8),  # the best reference counts
+    ("", [""], 1.0),
+])
+def test_anls(answer, refs, expected):
+    assert anls(answer, refs) == pytest.approx(expected)
+
+
+def test_levenshtein():
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("", "abc") == 3
+
+
+def test_score_answers_means_over_scored_rows_only():
+    rows, means = score_answers(["red", "circle", "blue"], [["red"], [], ["green", "blue"]],
+                                ("exact_match", "anls"))
+    assert "scores" not in rows[1] and rows[2]["scores"] == {"exact_match": 1.0, "anls": 1.0}
+    assert means == {"exact_match": 1.0, "anls": 1.0}
+    rows, means = score_answers(["rod", "blue"], [["red"], ["green"]], ("exact_match", "anls"))
+    assert means["exact_match"] == 0.0 and means["anls"] == pytest.approx((1 - 1 / 3) / 2)
+
+
+def test_user_metric_by_module_path_and_bad_names():
+    assert resolve_metric("vlm_bridge.inference.metrics:exact_match") is exact_match
+    with pytest.raises(ValueError, match="use one of exact_match, anls"):
+        resolve_metric("bleu")
+    with pytest.raises(ValueError, match="cannot import it"):
+        resolve_metric("no_such_module:f")

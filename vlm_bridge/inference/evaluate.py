@@ -1,0 +1,174 @@
+"""Evaluation of a model on held-out conversations: the training loss on assistant turns (and its
+perplexity), and generated answers scored against the references.
+
+The loss is the trainer's: samples are encoded by the same encoder, run through the same loss step
+and pipeline schedule, and averaged per token over the whole set, so it equals the training loss
+on the same samples. Answers come from :mod:`vlm_bridge.inference.generate` on each conversation
+minus its final assistant turn; the references are that turn's text, or a sample's ``answers``
+list (DocVQA-style sets of accepted answers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from vlm_bridge.inference.generate import Sampling
+from vlm_bridge.inference.metrics import resolve_metric
+from vlm_bridge.inference.requests import request_from_sample
+from vlm_bridge.parallel import device
+
+
+@dataclass
+class EvalOptions:
+    """What ``evaluate`` (and validation during fine-tuning) computes."""
+
+    generate: bool = True  # also generate answers and score them
+    metrics: tuple[str, ...] = ("exact_match", "anls")
+    max_new_tokens: int = 64
+    batch_size: int = 8  # prompts decoded together
+    micro_batch_size: int = 4  # samples per loss forward
+    seq_len: int = 4096  # longer samples are truncated as in training
+    max_samples: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def eval_loss(model, family, settings, encoded: list, micro_batch_size: int,
+              pad_id: int) -> tuple[float, float]:
+    """Summed loss and loss-token count of ``encoded`` samples (every rank; data-parallel ranks
+    share the micro-batches)."""
+    from vlm_bridge.train.batching import collate_padded
+    from vlm_bridge.train.trainer import global_loss_totals, loss_forward_step
+
+    if not encoded:
+        return 0.0, 0.0
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    # Pipeline stages exchange fixed shapes: one length and full micro-batches.
+    mbs = 1 if pp > 1 else micro_batch_size
+    length = max(len(s) for s in encoded) if pp > 1 else None
+    batches = [collate_padded(encoded[i:i + mbs], family, settings, pad_id, length)
+               for i in range(0, len(encoded), mbs)]
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    while len(batches) % dp:  # every rank runs as many forwards (experts exchange tokens); add nothing
+        batches.append(dataclasses.replace(batches[0], loss_mask=torch.zeros_like(batches[0].loss_mask)))
+    mine = [mb.to(device()) for mb in batches[dp_rank::dp]]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=loss_forward_step, data_iterator=iter(mine), model=[model],
+            num_microbatches=len(mine), seq_length=mine[0].labels.shape[1],
+            micro_batch_size=mine[0].labels.shape[0], forward_only=True,
+        )
+    model.train(was_training)
+    return global_loss_totals(outputs)
+
+
+def references_of(sample: dict, reference: str | None) -> list[str]:
+    answers = sample.get("answers")
+    if isinstance(answers, list) and all(isinstance(a, str) for a in answers) and answers:
+        return answers
+    return [reference] if reference is not None else []
+
+
+def evaluate_model(built, loss_model, processor, samples: list[dict], options: EvalOptions) -> dict:
+    """Run on every rank: the report (loss, perplexity, metrics, answers) for ``samples``."""
+    from vlm_bridge.data.encode import SampleEncoder
+    from vlm_bridge.inference.requests import ensure_pad_token
+
+    if options.max_samples is not None:
+        samples = samples[: options.max_samples]
+    if not samples:
+        raise ValueError("the evaluation data holds no samples")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ensure_pad_token(tokenizer)
+    encoder = SampleEncoder(processor, options.seq_len)
+    encoded = [e for i, s in enumerate(samples) if (e := encoder.encode(s, f"sample {i}")) is not None]
+    total, tokens = eval_loss(loss_model, built.family, built.settings, encoded, options.micro_batch_size,
+                              tokenizer.pad_token_id)
+    report: dict[str, Any] = {"samples": len(samples), "loss_samples": len(encoded),
+                              "skipped": {k: v for k, v in encoder.stats.items() if k not in ("encoded",)},
+                              "loss_tokens": int(tokens)}
+    if tokens:
+        report["loss"] = total / tokens
+        report["perplexity"] = math.exp(min(report["loss"], 700.0))
+    if options.generate:
+        report.update(_answers(built, processor, samples, options))
+    return report
+
+
+def _answers(built, processor, samples: list[dict], options: EvalOptions) -> dict:
+    from vlm_bridge.inference.command import run_generation
+
+    requests = [request_from_sample(s, f"sample {i}") for i, s in enumerate(samples)]
+    sampling = Sampling(max_new_tokens=options.max_new_tokens)
+    was_training = built.model.training
+    answers = run_generation(built, processor, requests, sampling, options.batch_size)
+    built.model.train(was_training)
+    refs = [references_of(s, r.reference) for s, r in zip(samples, requests)]
+    rows, means = score_answers([a["answer"] for a in answers], refs, options.metrics)
+    for row, answer in zip(rows, answers):
+        row["finish"] = answer["finish"]
+    return {"scored": sum("scores" in row for row in rows), "metrics": means, "answers": rows}
+
+
+def score_answers(predictions: list[str], references: list[list[str]],
+                  metrics: tuple[str, ...]) -> tuple[list[dict], dict[str, float]]:
+    """Per-answer rows (with scores where there are references) and each metric's mean over the
+    scored answers."""
+    functions = {name: resolve_metric(name) for name in metrics}
+    rows, sums = [], dict.fromkeys(functions, 0.0)
+    for index, (answer, refs) in enumerate(zip(predictions, references, strict=True)):
+        row: dict[str, Any] = {"index": index, "answer": answer, "references": refs}
+        if refs:
+            row["scores"] = {name: float(metric(answer, refs)) for name, metric in functions.items()}
+            for name, value in row["scores"].items():
+                sums[name] += value
+        rows.append(row)
+    count = sum("scores" in row for row in rows)
+    return rows, ({name: total / count for name, total in sums.items()} if count else {})
+
+
+def format_report(report: dict) -> str:
+    lines = [f"samples        {report['samples']} (loss on {report['loss_samples']}; "
+             f"skipped {sum(report['skipped'].values())})"]
+    if "loss" in report:
+        lines.append(f"loss           {report['loss']:.4f} over {report['loss_tokens']} answer tokens "
+                     f"(perplexity {report['perplexity']:.3f})")
+    for name, value in report.get("metrics", {}).items():
+        lines.append(f"{name:<14} {100 * value:.1f}% of {report['scored']} answers")
+    return "\n".join(lines)
+
+
+def evaluate_command(hf_model: str | None, megatron_path: str | None, parallel, data: str,
+                     options: EvalOptions, dtype_arg: str | None, report_path: str | None) -> dict:
+    """Run on every rank; rank 0 writes the JSON report and returns it."""
+    from transformers import AutoProcessor
+
+    from vlm_bridge.data.sources import load_source
+    from vlm_bridge.inference.command import load_for_inference
+    from vlm_bridge.parallel import init_distributed
+
+    init_distributed(parallel)
+    samples = list(load_source(data))
+    built = load_for_inference(hf_model, megatron_path, parallel, dtype_arg)
+    processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+    report = evaluate_model(built, built.model, processor, samples, options)
+    if dist.get_rank() != 0:
+        return {}
+    report["data"] = data
+    if report_path:
+        path = Path(report_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    return report

@@ -1,0 +1,70 @@
+"""Answer metrics for ``evaluate``: exact match, ANLS (DocVQA), or a user's function.
+
+A metric takes the generated answer and the reference answers (one or more) and returns a score in
+[0, 1]; a sample's score is its best over the references.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import string
+from collections.abc import Callable, Sequence
+
+Metric = Callable[[str, Sequence[str]], float]
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1 when the normalised answer equals a normalised reference."""
+    answer = normalize_answer(prediction)
+    return float(any(answer == normalize_answer(ref) for ref in references))
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity, DocVQA's metric: 1 - distance / longer length
+    on lower-cased, whitespace-normalised strings, 0 when that distance reaches ``threshold``."""
+    answer = " ".join(prediction.lower().split())
+    best = 0.0
+    for ref in references:
+        ref = " ".join(ref.lower().split())
+        longest = max(len(answer), len(ref))
+        distance = levenshtein(answer, ref) / longest if longest else 0.0
+        best = max(best, 1.0 - distance if distance < threshold else 0.0)
+    return best
+
+
+METRICS: dict[str, Metric] = {"exact_match": exact_match, "anls": anls}
+
+
+def resolve_metric(name: str) -> Metric:
+    """A built-in metric by name, or ``module:function`` (called as ``function(answer, references)``)."""
+    if name in METRICS:
+        return METRICS[name]
+    module, sep, function = name.partition(":")
+    if not sep:
+        raise ValueError(f"--metric {name!r}: use one of {', '.join(METRICS)} or module:function")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--metric {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
