@@ -118,26 +118,31 @@ class TorchCoreAttention(MegatronModule):
             attention_mask = attention_mask.with_window(self.window)
         state = attention_mask.state if isinstance(attention_mask, AttentionMask) else None
         if state is not None:  # generation: attend over every cached position plus the new ones
-            key, value = state.kv_cache(self.layer_number).extend(key, value, state.start)
+            key, value = state.kv_cache(self.layer_number).extend(key, value, state)
+            static = state.static_mask(self.window)
+            if static is not None:  # CUDA-graph decoding: fixed shapes, the mask says what counts
+                return self._sdpa(query, key, value, static, False, slice_window=False)
         if self._use_varlen(query, attention_mask, key):
             return self._varlen(query, key, value, attention_mask)
+        if self._use_flex(query, attention_mask, key.shape[0]):
+            # [s, b, h, d] -> [b, h, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = self._flex(q, k, v, attention_mask)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+        mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, key.shape[0], query.device)
+        return self._sdpa(query, key, value, mask, is_causal)
+
+    def _sdpa(self, query, key, value, mask, is_causal: bool, slice_window: bool = True) -> torch.Tensor:
+        sq, b = query.shape[0], query.shape[1]
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self._use_flex(q, attention_mask, k.shape[2]):
-            out = self._flex(q, k, v, attention_mask)
-        else:
-            mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, k.shape[2], q.device)
+        if slice_window:
             k, v, mask = self._window_keys(k, v, mask, sq)
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=is_causal,
-                dropout_p=self.dropout_p if self.training else 0.0,
-                scale=self.softmax_scale,
-                enable_gqa=self.groups_per_partition != self.heads_per_partition,
-            )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=self.groups_per_partition != self.heads_per_partition,
+        )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
 
     def _window_keys(self, k, v, mask, sq: int):
@@ -149,17 +154,17 @@ class TorchCoreAttention(MegatronModule):
         first = sk - sq - self.window + 1
         return k[:, :, first:], v[:, :, first:], mask[..., first:]
 
-    def _use_flex(self, q: torch.Tensor, mask, sk: int) -> bool:
+    def _use_flex(self, query: torch.Tensor, mask, sk: int) -> bool:
         forced = os.environ.get("VLM_BRIDGE_ATTENTION")
         if not isinstance(mask, AttentionMask) or forced == "dense" or mask.is_plain():
             return False
-        if q.shape[2] != sk:  # decoding against a cache: a few query rows, a dense mask is small
+        if query.shape[0] != sk:  # decoding against a cache: a few query rows, a dense mask is small
             return False
         if self.training and self.dropout_p > 0:  # FlexAttention has no attention dropout
             return False
         if forced == "flex":
             return True
-        return q.is_cuda and (mask.span_ids is not None or mask.window is not None)
+        return query.is_cuda and (mask.span_ids is not None or mask.window is not None)
 
     def _flex(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         flex_attention = _flex_attention(q.is_cuda)

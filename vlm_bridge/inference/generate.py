@@ -14,6 +14,7 @@ the chosen tokens travel from there to every rank, so every rank feeds the same 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vlm_bridge.attention.mask import AttentionMask
+from vlm_bridge.inference.graphs import make_decoder
 from vlm_bridge.inference.state import InferenceState
 from vlm_bridge.parallel import cpu_group, device
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits
@@ -103,23 +105,22 @@ def _on_device(inputs: dict) -> dict:
 
 def generate_tokens(built, batch: dict, sampling: Sampling,
                     on_step: Callable[[list[list[int]]], None] | None = None,
-                    trace: bool = False) -> Generated:
+                    trace: bool = False, decode: str = "auto") -> Generated:
     """Run on every rank: generate for one left-padded batch of processor outputs.
 
     ``on_step(tokens_so_far)`` is called on every rank after each step (streaming). ``trace`` keeps
     each step's logits (last stage, CPU) and every token fed back in ``extra`` (tests compare them
-    with a full forward).
+    with a full forward). ``decode`` picks how the steps after the prefill run: ``auto`` (a CUDA
+    graph where possible), ``eager`` or ``static`` (see :func:`make_decoder`).
     """
     sampling.validate()
     family, settings, model = built.family, built.settings, built.model
     model.eval()
     inputs = family.model_inputs(settings, dict(batch))
-    input_ids = inputs["input_ids"]
-    rows, prompt_len = input_ids.shape
+    rows, prompt_len = inputs["input_ids"].shape
     padding = batch.get("attention_mask")
-    segments = None
-    if padding is not None and not bool(padding.all()):
-        segments = torch.where(padding.bool(), 0, -1).to(device())
+    valid = padding.bool() if padding is not None else torch.ones(rows, prompt_len, dtype=torch.bool)
+    segments = None if bool(valid.all()) else torch.where(valid, 0, -1).to(device())
     state = InferenceState(capacity=prompt_len + sampling.max_new_tokens)
     inputs["attention_mask"] = AttentionMask(segment_ids=segments, causal=True, state=state)
     next_position = inputs["position_ids"][..., -1:].to(device()) + 1  # [b, 1] or [P, b, 1]
@@ -128,47 +129,60 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
         generator = torch.Generator(device=device()).manual_seed(sampling.seed)
     relay = _TokenRelay()
     stops = set(sampling.stop_token_ids)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    finish = ["length"] * rows
+    generated = Generated([[] for _ in range(rows)], ["length"] * rows, prompt_len)
     done = torch.zeros(rows, dtype=torch.bool)
-    step_inputs = _on_device(inputs)
     start = time.perf_counter()
-    generated = Generated(tokens, finish, prompt_len)
-    steps = 0
-    with torch.no_grad():
-        for steps in range(1, sampling.max_new_tokens + 1):
-            logits = pipeline_forward_logits(model, {**step_inputs, "last_only": True})
+    decoder = None
+    with torch.no_grad(), _eager_fusions(model):
+        logits = pipeline_forward_logits(model, {**_on_device(inputs), "last_only": True})
+        state.start = prompt_len
+        for step in range(1, sampling.max_new_tokens + 1):
             chosen = None
             if logits is not None:
                 chosen = choose_tokens(logits[:, -1, : settings.vocab_size], sampling, generator)
             chosen = relay.share(chosen, rows)
+            if step == 1:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                generated.first_token_seconds = time.perf_counter() - start
             if trace:
                 kept = logits[:, -1, : settings.vocab_size].float().cpu() if logits is not None else None
                 generated.extra.setdefault("logits", []).append(kept)
                 generated.extra.setdefault("fed", []).append(chosen.clone())
-            if steps == 1:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                generated.first_token_seconds = time.perf_counter() - start
-            for row in torch.nonzero(~done).flatten().tolist():
-                token = int(chosen[row])
-                if token in stops:
-                    done[row], finish[row] = True, "stop"
-                else:
-                    tokens[row].append(token)
+            _record(generated, done, chosen, stops)
+            generated.steps = step
             if on_step is not None:
-                on_step(tokens)
-            if bool(done.all()) or steps == sampling.max_new_tokens:
+                on_step(generated.tokens)
+            if bool(done.all()) or step == sampling.max_new_tokens:
                 break
-            state.start += step_inputs["input_ids"].shape[1]
-            if segments is not None:
-                segments = torch.cat([segments, segments.new_zeros(rows, 1)], dim=1)
-            step_inputs = {
-                "input_ids": chosen[:, None].to(device()),
-                "position_ids": next_position,
-                "attention_mask": AttentionMask(segment_ids=segments, causal=True, state=state),
-            }
-            next_position = next_position + 1
+            if decoder is None:
+                decoder = make_decoder(model, state, segments, valid.to(device()), next_position, decode)
+            logits = decoder.step(chosen.to(device()))
     generated.decode_seconds = time.perf_counter() - start - generated.first_token_seconds
-    generated.steps = steps
     return generated
+
+
+def _record(generated: Generated, done: torch.Tensor, chosen: torch.Tensor, stops: set[int]) -> None:
+    """Append each unfinished row's token, or end the row at a stop token."""
+    for row in torch.nonzero(~done).flatten().tolist():
+        token = int(chosen[row])
+        if token in stops:
+            done[row], generated.finish[row] = True, "stop"
+        else:
+            generated.tokens[row].append(token)
+
+
+@contextlib.contextmanager
+def _eager_fusions(model):
+    """Megatron's fused bias-dropout-add and SwiGLU are ``torch.compile`` kernels that recompile for
+    every new prompt shape (seconds each, then give up); generation runs them unfused."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+    saved = [(c, c.bias_dropout_fusion, c.bias_activation_fusion) for c in configs
+             if hasattr(c, "bias_dropout_fusion")]
+    for config, _, _ in saved:
+        config.bias_dropout_fusion = config.bias_activation_fusion = False
+    try:
+        yield
+    finally:
+        for config, dropout, activation in saved:
+            config.bias_dropout_fusion, config.bias_activation_fusion = dropout, activation

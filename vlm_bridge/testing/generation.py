@@ -39,7 +39,8 @@ def hf_generate(hf_dir: str, batch, max_new_tokens: int, stops: tuple[int, ...])
     """HF ``generate`` (greedy, fp32) on the same processor outputs; new tokens up to the first stop."""
     from vlm_bridge.verify import load_hf_reference
 
-    model = load_hf_reference(hf_dir, torch.float32).eval()
+    model = load_hf_reference(hf_dir, torch.float32).to(device()).eval()
+    batch = batch.to(device())
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     rows = []
@@ -50,7 +51,7 @@ def hf_generate(hf_dir: str, batch, max_new_tokens: int, stops: tuple[int, ...])
 
 
 def generation_parity(hf_dir: str, parallel: ParallelConfig, batches: list[list[Request]],
-                      max_new_tokens: int, check_cache: bool = True) -> dict:
+                      max_new_tokens: int, check_cache: bool = True, decode: str = "auto") -> dict:
     """Run on every rank: greedy tokens of ours and HF's per batch, and (``check_cache``) the largest
     difference between each step's cached logits and a full forward's logits at that position."""
     from transformers import AutoProcessor
@@ -58,6 +59,8 @@ def generation_parity(hf_dir: str, parallel: ParallelConfig, batches: list[list[
     from vlm_bridge.loading import load_hf
 
     init_distributed(parallel)
+    # fp32 means fp32 on a GPU too: no TF32 convolutions (HF's patch embeddings) on one side only.
+    torch.backends.cudnn.allow_tf32 = False
     built = load_hf(hf_dir, parallel, torch.float32)
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     stops = _stop_ids(hf_dir, processor)
@@ -65,7 +68,7 @@ def generation_parity(hf_dir: str, parallel: ParallelConfig, batches: list[list[
     report: dict = {"ours": [], "hf": [], "cache_max_diff": 0.0, "steps": 0}
     for requests in batches:
         batch = build_prompt_batch(processor, requests)
-        out = generate_tokens(built, batch, sampling, trace=True)
+        out = generate_tokens(built, batch, sampling, trace=True, decode=decode)
         report["ours"].append(out.tokens)
         report["steps"] += out.steps
         if check_cache:

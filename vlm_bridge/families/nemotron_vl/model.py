@@ -62,11 +62,15 @@ class MambaLayer(MegatronModule):
         key = ("mamba", self.layer_number)
         if state.prefilling:
             out, conv, ssm = self.mixer.prefill(self.norm(hidden_states), attention_mask.segment_ids)
-        else:
-            if hidden_states.shape[0] != 1:
-                raise ValueError("Mamba layers decode one token per step")
-            out, conv, ssm = self.mixer.step(self.norm(hidden_states), *state.pieces[key])
-        state.pieces[key] = (conv, ssm)
+            state.pieces[key] = (conv, ssm)
+            return hidden_states + out
+        if hidden_states.shape[0] != 1:
+            raise ValueError("Mamba layers decode one token per step")
+        conv_state, ssm_state = state.pieces[key]
+        out, conv, ssm = self.mixer.step(self.norm(hidden_states), conv_state, ssm_state)
+        # In place: the same tensors serve every step (and a captured CUDA graph).
+        conv_state.copy_(conv)
+        ssm_state.copy_(ssm)
         return hidden_states + out
 
 
