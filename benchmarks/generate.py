@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     if not (hf_dir / "config.json").is_file():
         start = time.perf_counter()
-        make_checkpoint(hf_dir, args.size, args.dtype, overwrite=True)
+        # The processor keeps images up to --max-px squared (448-896 px sides: 256-1024 tokens).
+        make_checkpoint(hf_dir, args.size, args.dtype, overwrite=True, max_pixels=args.max_px ** 2)
         timings["make_checkpoint_s"] = time.perf_counter() - start
     sizes = [int(x) for x in args.batches.split(",")]
     report = run_parallel(bench, 1, str(hf_dir), args.workdir, sizes, args.new_tokens, args.dtype, args.seed,

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="video file or folder of frame images")
     p.add_argument("--prompt", default=None)
     _add_layout(p)
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence split over ranks)")
     _add_dtype(p, "compute dtype (default: fp32 for --hf-model, else the checkpoint's)")
     p.add_argument("--tolerance", type=float, default=None, help="max abs logit diff allowed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -155,17 +156,19 @@ def _parallel(args, hf_config_dir=None):
     """The run's layout, refused here (before any rank starts) when the model cannot be split so."""
     from vlm_bridge.parallel import ParallelConfig
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, cp=getattr(args, "cp", 1))
     parallel.validate()
     known = hf_config_dir and os.path.isfile(os.path.join(hf_config_dir, "config.json"))
     if parallel.conversion_world_size > 1 and known:
         import torch
 
-        from vlm_bridge.loading import load_hf_config
+        from vlm_bridge.loading import check_context_parallel, load_hf_config
         from vlm_bridge.registry import family_for_config
 
         config = load_hf_config(hf_config_dir)
-        family_for_config(config).build_configs(config, torch.float32, parallel.tp, parallel.pp, parallel.ep)
+        family = family_for_config(config)
+        check_context_parallel(family, parallel)
+        family.build_configs(config, torch.float32, parallel.tp, parallel.pp, parallel.ep)
     return parallel
 
 
@@ -289,8 +292,8 @@ def cmd_finetune(args) -> int:
 
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     cfg.pretrained = args.pretrained
-    # Experts are split over data-parallel ranks, so EP needs at least that many.
-    world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp, cfg.parallel.ep)
+    # Experts are split over data-parallel x context-parallel ranks, so EP needs at least that many.
+    world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp * cfg.parallel.cp, cfg.parallel.ep)
     result = run_parallel(train, world, cfg)
     print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")

@@ -90,9 +90,16 @@ def load_hf_config(folder: str | Path):
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
+def check_context_parallel(family: Family, parallel: ParallelConfig) -> None:
+    if parallel.cp > 1 and family.no_context_parallel:
+        raise ValueError(f"--cp {parallel.cp}: the {family.name} family does not support context "
+                         f"parallelism: {family.no_context_parallel}")
+
+
 def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:
     """This rank's Megatron model (pre/post-process by pipeline stage) and the family table."""
     family = family_for_config(hf_config)
+    check_context_parallel(family, parallel)
     language, vision, settings = family.build_configs(
         hf_config, dtype, parallel.tp, parallel.pp, parallel.ep
     )

@@ -46,6 +46,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    cp: int = 1  # context parallelism: each rank holds a share of every sequence
 
     @property
     def model_parallel_size(self) -> int:
@@ -53,13 +54,16 @@ class ParallelConfig:
 
     @property
     def conversion_world_size(self) -> int:
-        """Ranks a conversion or verify run uses: experts are split over ``ep`` data-parallel ranks."""
-        return self.tp * self.pp * self.ep
+        """Ranks a conversion or verify run uses: CP ranks, and experts split over ``ep`` of the
+        data-parallel x context-parallel ranks."""
+        return self.tp * self.pp * max(self.ep, self.cp)
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "ep", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if max(self.ep, self.cp) % min(self.ep, self.cp):
+            raise ValueError(f"--ep {self.ep} and --cp {self.cp}: one must divide the other")
 
 
 def _free_port() -> int:
@@ -88,9 +92,9 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     world = dist.get_world_size()
-    if world % parallel.model_parallel_size:
+    if world % (parallel.model_parallel_size * parallel.cp):
         raise ValueError(
-            f"world size {world} is not divisible by tp*pp = {parallel.model_parallel_size}"
+            f"world size {world} is not divisible by tp*pp*cp = {parallel.model_parallel_size * parallel.cp}"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -98,6 +102,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep,
+        context_parallel_size=parallel.cp,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

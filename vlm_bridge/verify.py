@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vlm_bridge.attention.context import context_parallel_size, current_split
 from vlm_bridge.convert.engine import DTYPES
 from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.data.media import load_image, load_video
@@ -136,7 +137,7 @@ def _capture_megatron(built) -> dict:
         # The layer's own output; additions after it (DeepStack) are not part of it, as in HF's
         # hidden_states.
         store["handles"].append(layer.register_forward_hook(
-            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, o[0].detach().clone())
+            lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, _whole_sequence(o[0].detach()))
         ))
     if model.vision is not None:
         # Some towers also return extra features (DeepStack): compare what goes into the sequence.
@@ -144,6 +145,15 @@ def _capture_megatron(built) -> dict:
             lambda m, i, o: store["vision"].append(_vision_features(o).detach().cpu())
         ))
     return store
+
+
+def _whole_sequence(hidden: torch.Tensor) -> torch.Tensor:
+    """A layer output ``[s, b, h]`` over the whole (padded) sequence: context-parallel ranks hold
+    two chunks each."""
+    cp = context_parallel_size()
+    if cp == 1:
+        return hidden.clone()
+    return current_split(hidden.shape[0] * cp).gather(hidden, 0)
 
 
 class ReferenceLoadError(CheckpointError):
@@ -323,7 +333,7 @@ def _layer_diffs(layers: dict, hf_hidden: list, valid: torch.Tensor) -> list[flo
     for idx in sorted(layers):
         if idx + 1 >= len(hf_hidden) - 1:
             break
-        mg = layers[idx].transpose(0, 1)[valid].float()
+        mg = layers[idx][: valid.shape[1]].transpose(0, 1)[valid].float()
         diffs.append(float((mg - hf_hidden[idx + 1][valid].float()).abs().max()))
     return diffs
 

@@ -34,8 +34,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch.nn.attention.bias import causal_lower_right
 
 from vlm_bridge.attention.mask import AttentionMask
+
+# _sdpa_mask's answer for a block of queries that are the last keys under a plain causal mask.
+LOWER_RIGHT = object()
 
 __all__ = ["AttentionMask", "TorchCoreAttention"]
 
@@ -81,8 +85,6 @@ class TorchCoreAttention(MegatronModule):
         window: int | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("TorchCoreAttention does not implement context parallelism yet")
         from megatron.core import parallel_state
 
         tp = (
@@ -122,6 +124,9 @@ class TorchCoreAttention(MegatronModule):
             static = state.static_mask(self.window)
             if static is not None:  # CUDA-graph decoding: fixed shapes, the mask says what counts
                 return self._sdpa(query, key, value, static, False, slice_window=False)
+        split = attention_mask.context if isinstance(attention_mask, AttentionMask) else None
+        if split is not None:
+            return self._context_parallel(query, key, value, attention_mask, split)
         if self._use_varlen(query, attention_mask, key):
             return self._varlen(query, key, value, attention_mask)
         if self._use_flex(query, attention_mask, key.shape[0]):
@@ -130,28 +135,55 @@ class TorchCoreAttention(MegatronModule):
             out = self._flex(q, k, v, attention_mask)
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
         mask, is_causal = self._sdpa_mask(attention_mask, attn_mask_type, sq, key.shape[0], query.device)
-        return self._sdpa(query, key, value, mask, is_causal)
+        offset = None
+        if isinstance(attention_mask, AttentionMask):
+            offset = attention_mask.offset(sq, key.shape[0])
+        return self._sdpa(query, key, value, mask, is_causal, offset=offset)
 
-    def _sdpa(self, query, key, value, mask, is_causal: bool, slice_window: bool = True) -> torch.Tensor:
+    def _context_parallel(self, query, key, value, mask: AttentionMask, split) -> torch.Tensor:
+        """This rank's two query chunks against the gathered keys (see attention/context.py).
+
+        Under a causal mask without image spans a chunk sees no key after its own end, so only the
+        keys up to there are used (queries are then the last keys: lower-right causal).
+        """
+        key, value = split.gather(key, 0), split.gather(value, 0)
+        outs = []
+        for (start, end), q in zip(split.chunks(), query.chunk(2, dim=0)):
+            block = mask.for_queries(start)
+            if block.causal and block.span_ids is None:
+                outs.append(self.forward(q, key[:end], value[:end], block))
+            else:
+                outs.append(self.forward(q, key, value, block))
+        return torch.cat(outs, dim=0)
+
+    def _sdpa(self, query, key, value, mask, is_causal: bool, slice_window: bool = True,
+              offset: int | None = None) -> torch.Tensor:
+        """SDPA over ``[s, b, heads, d]`` inputs; ``offset`` is the global position of the first
+        query among the keys (default: the queries are the last keys)."""
         sq, b = query.shape[0], query.shape[1]
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if slice_window:
-            k, v, mask = self._window_keys(k, v, mask, sq)
+            k, v, mask = self._window_keys(k, v, mask, k.shape[2] - sq if offset is None else offset)
+        if mask is LOWER_RIGHT:
+            mask = causal_lower_right(q.shape[2], k.shape[2])
+            if k.shape[1] != q.shape[1]:  # its kernels take no GQA flag: one K/V head per query head
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
-            enable_gqa=self.groups_per_partition != self.heads_per_partition,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
 
-    def _window_keys(self, k, v, mask, sq: int):
-        """Decoding a sliding-window layer: only the keys inside the window of some query (the
-        cache keeps the rest, masked anyway), so a step costs the window, not the sequence."""
-        sk = k.shape[2]
-        if self.window is None or mask is None or sk <= self.window + sq - 1:
+    def _window_keys(self, k, v, mask, offset: int):
+        """A sliding-window layer whose queries start at key ``offset`` (decoding, a
+        context-parallel chunk): keys before the window of the first query are masked for every
+        query, so they are left out and a step costs the window, not the sequence."""
+        first = offset - self.window + 1 if self.window is not None else 0
+        if first <= 0 or not isinstance(mask, torch.Tensor):
             return k, v, mask
-        first = sk - sq - self.window + 1
         return k[:, :, first:], v[:, :, first:], mask[..., first:]
 
     def _use_flex(self, query: torch.Tensor, mask, sk: int) -> bool:
@@ -211,6 +243,8 @@ class TorchCoreAttention(MegatronModule):
                 return None, attention_mask.causal and sq > 1
             if attention_mask.is_plain() and sq == 1:  # one new token sees every key
                 return None, False
+            if attention_mask.is_plain() and attention_mask.offset(sq, sk) == sk - sq:
+                return LOWER_RIGHT, False  # the last sq keys' causal block: no mask tensor
             return attention_mask.dense(sq, sk, device), False
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is None:

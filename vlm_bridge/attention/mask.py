@@ -49,6 +49,9 @@ class AttentionMask:
     query_offset: int | None = None
     # Decoding state (vlm_bridge.inference.state.InferenceState) the layers fill in, or None.
     state: object | None = field(default=None, compare=False)
+    # Context parallelism (vlm_bridge.attention.context.ContextSplit): this rank holds two query
+    # chunks of the sequence the ids above describe; None without CP.
+    context: object | None = field(default=None, compare=False)
     # Built once per forward and reused by every layer (a ViT has 32 of them).
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -65,6 +68,14 @@ class AttentionMask:
         if attention_mask is None or bool(attention_mask.all()):
             return cls(segment_ids=None, causal=True)
         return cls(segment_ids=torch.where(attention_mask.bool(), 0, -1), causal=True)
+
+    def for_queries(self, offset: int) -> AttentionMask:
+        """The same mask for a block of queries starting at global position ``offset`` (a
+        context-parallel chunk); cached per offset."""
+        key = ("queries", offset)
+        if key not in self._cache:
+            self._cache[key] = dataclasses.replace(self, query_offset=offset, context=None, _cache={})
+        return self._cache[key]
 
     def with_window(self, window: int | None) -> AttentionMask:
         """The same mask with a sliding window; cached, so every sliding layer shares one."""

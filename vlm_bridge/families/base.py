@@ -68,6 +68,8 @@ class Family:
     recipes: Mapping[str, Callable] = field(default_factory=dict)
     # options for tiny_builder that give the variants the tests cover (e.g. tied embeddings)
     tiny_variants: Mapping[str, dict] = field(default_factory=lambda: {"default": {}})
+    # why this family cannot split sequences over context-parallel ranks ("" when it can)
+    no_context_parallel: str = ""
     # tiny-builder options under which cached decoding equals a full forward; needed where HF's own
     # decoding step differs from its forward (Nemotron-H: a dt floor in the chunked scan only)
     tiny_decode_options: Mapping[str, object] = field(default_factory=dict)

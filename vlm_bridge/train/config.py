@@ -16,6 +16,7 @@ class ParallelSettings:
     tp: int = 1
     pp: int = 1
     ep: int = 1  # expert parallelism (MoE); experts are split over data-parallel ranks
+    cp: int = 1  # context parallelism: every sequence split over cp ranks
 
 
 @dataclass

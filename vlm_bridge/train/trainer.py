@@ -24,6 +24,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from vlm_bridge.attention.context import local_tokens, padded_length
 from vlm_bridge.compat.cpu import cuda_available
 from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
@@ -49,6 +50,7 @@ class Run:
     num_microbatches: int
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
 
 
 def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
@@ -113,7 +115,8 @@ def setup(cfg: TrainConfig) -> Run:
     """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
     from vlm_bridge.train.data_setup import build_stream
 
-    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+    parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, cp=cfg.parallel.cp)
+    parallel.validate()
     init_distributed(parallel, seed=cfg.seed)
     built = load_pretrained(cfg.pretrained, parallel, DTYPES[cfg.dtype])
     prepare_model(cfg, built)
@@ -180,21 +183,25 @@ def loss_forward_step(data_iterator, model):
     mb = next(data_iterator)
     per_token = model(**mb.inputs, labels=mb.labels)
 
+    # With context parallelism the model returns this rank's tokens only; so does the mask.
+    loss_mask = local_tokens(mb.loss_mask)
+
     def loss_func(output: torch.Tensor):
-        total = (output.float() * mb.loss_mask).sum()
-        count = mb.loss_mask.sum().to(torch.int)
+        total = (output.float() * loss_mask).sum()
+        count = loss_mask.sum().to(torch.int)
         return total, count, {"loss_sum": total.detach().clone(), "tokens": count.detach().clone()}
 
     return per_token, loss_func
 
 
-def train_step(run: Run) -> dict:
-    """One global step: forward/backward over all micro-batches, optimizer and LR update."""
+def forward_backward(run: Run) -> tuple[list[dict], list]:
+    """Forward and backward over the next global batch; gradients reduced, no update yet."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     step_batches = run.stream.next_step(run.num_microbatches * dp)
     mine = [mb.to(device()) for mb in step_batches[dp_rank::dp]]
-    seq_len = mine[0].labels.shape[1]
+    # The schedule sizes pipeline messages from this (divided by CP, as the model pads).
+    seq_len = padded_length(mine[0].labels.shape[1], run.cfg.parallel.cp)
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
     outputs = get_forward_backward_func()(
@@ -202,6 +209,12 @@ def train_step(run: Run) -> dict:
         num_microbatches=len(mine), seq_length=seq_len, micro_batch_size=run.cfg.micro_batch_size,
         forward_only=False,
     )
+    return outputs, step_batches
+
+
+def train_step(run: Run) -> dict:
+    """One global step: forward/backward over all micro-batches, optimizer and LR update."""
+    outputs, step_batches = forward_backward(run)
     loss = _global_loss(outputs)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1}; stopping (lower optim.lr or "
@@ -210,6 +223,7 @@ def train_step(run: Run) -> dict:
     run.scheduler.step(increment=1)
     run.step += 1
     run.losses.append(loss)
+    run.grad_norms.append(float(grad_norm or 0.0))
     return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok),
             "lr": run.optimizer.param_groups[0]["lr"],
             "tokens": sum(mb.num_tokens for mb in step_batches)}
@@ -275,7 +289,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     logger.close(run.losses)
     return {"steps": run.step, "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
-            "validation": validation}
+            "validation": validation, "grad_norms": run.grad_norms}
 
 
 def _save_and_maybe_export(run: Run) -> None:

@@ -18,6 +18,7 @@ layout with Megatron's own sharded state dicts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
+from vlm_bridge.attention.context import (
+    UNSPLIT,
+    context_parallel_size,
+    current_split,
+    pad_tokens,
+    padded_length,
+)
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
 
@@ -93,7 +101,8 @@ class VLMModel(MegatronModule):
         """Rotary angles for every decoder layer (Megatron's multimodal rotary by default); a
         family whose layers differ may return a dict its layers pick from."""
         lm = self.language_model
-        return lm.rotary_pos_emb(position_ids, lm.mrope_section)
+        # Positions arrive already split over context-parallel ranks: Megatron must not split again.
+        return lm.rotary_pos_emb(position_ids, lm.mrope_section, cp_group=UNSPLIT)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[s, b, h]`` token embeddings (the family merges vision features into these)."""
@@ -114,13 +123,37 @@ class VLMModel(MegatronModule):
         stage; the hidden states ``[s, b, h]`` on the others. ``last_only``: logits of the last
         position only (``[b, 1, vocab]``), what generation samples from."""
         attention_mask = self.structure_mask(attention_mask, media)
+        length = input_ids.shape[1]
+        split = self._context_split(length, attention_mask, last_only)
+        if split is not None:  # this rank's two chunks of the (padded) sequence
+            attention_mask = _mask_for_split(attention_mask, input_ids, split)
+            position_ids = split.take(pad_tokens(position_ids, split.length, -1, 0), dim=-1)
+            if labels is not None:
+                labels = split.take(pad_tokens(labels, split.length, 1, 0), dim=1)
         embedded = self.embed(input_ids, **media) if self.pre_process else None
+        if split is not None and embedded is not None:
+            def local(t):
+                return split.take(pad_tokens(t, split.length, 0, 0), dim=0)
+
+            embedded = Embedded(local(embedded.decoder_input),
+                                {i: local(t) for i, t in embedded.layer_additions.items()})
         hidden = self.run_decoder(embedded, position_ids, attention_mask)
         if not self.post_process:
             return hidden.contiguous()  # sent to the next stage as is
         if last_only:
             hidden = hidden[-1:]
-        return self.output(hidden, labels, runtime_gather_output)
+        out = self.output(hidden, labels, runtime_gather_output)
+        if split is not None and labels is None:  # logits of the whole sequence, in order
+            out = split.gather(out, dim=1)[:, :length]
+        return out
+
+    def _context_split(self, length: int, attention_mask, last_only: bool):
+        cp = context_parallel_size()
+        if cp == 1:
+            return None
+        if last_only or getattr(attention_mask, "state", None) is not None:
+            raise ValueError("generation does not run with context parallelism (cp > 1)")
+        return current_split(padded_length(length, cp))
 
     def run_decoder(self, embedded: Embedded | None, position_ids, attention_mask) -> torch.Tensor:
         """Decoder layers with the family's additions after the layers it names, then final norm."""
@@ -134,6 +167,8 @@ class VLMModel(MegatronModule):
         # batches route the same real tokens.
         padding = getattr(attention_mask, "segment_ids", None)
         padding = padding < 0 if padding is not None else None
+        if padding is not None and attention_mask.context is not None:
+            padding = attention_mask.context.take(padding, dim=1)
         for layer in decoder.layers:
             hidden, _ = layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
                               padding_mask=padding)
@@ -166,3 +201,16 @@ class VLMModel(MegatronModule):
             loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
             return loss.transpose(0, 1).contiguous()
         return lm.compute_language_model_loss(labels, logits)
+
+
+def _mask_for_split(mask, input_ids: torch.Tensor, split):
+    """The structural mask over the padded full sequence (padding as segment -1), carrying the
+    split so that attention gathers keys and attends this rank's query chunks."""
+    rows, length = input_ids.shape
+    segments = mask.segment_ids
+    if segments is None and split.length > length:
+        segments = torch.zeros(rows, length, dtype=torch.long, device=input_ids.device)
+    if segments is not None:
+        segments = pad_tokens(segments, split.length, 1, -1)
+    spans = pad_tokens(mask.span_ids, split.length, 1, -1) if mask.span_ids is not None else None
+    return dataclasses.replace(mask, segment_ids=segments, span_ids=spans, context=split, _cache={})

@@ -50,6 +50,8 @@ FAMILIES = [
         hf_vision_module="multi_modal_projector",
         tiny_builder="vlm_bridge.testing.tiny_nemotron_vl:build_tiny_nemotron_vl",
         recipes=RECIPES,
+        no_context_parallel=("its Mamba-2 layers carry a state along the whole sequence, which would "
+                             "have to pass from rank to rank"),
         # HF decodes Mamba steps without the time_step_min floor its chunked scan applies (we
         # follow it); with the floor out of reach, decoding from the cache equals a full forward
         tiny_decode_options={"time_step_min": 1e-6},
