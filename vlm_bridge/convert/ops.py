@@ -124,6 +124,40 @@ class PadRows(Op):
 
 
 @dataclass
+class PadDim(Op):
+    """Each of ``parts`` HF tensors zero-padded along ``dim`` from ``size`` to ``padded`` (and, for
+    several parts, stacked along dim 0): an FFN whose width TP does not divide gets zero rows in
+    ``linear_fc1`` (gate and up each) and zero columns in ``linear_fc2``, which change no output
+    (act(0) = 0 for GELU/SiLU, and a zero column adds nothing); export slices them off."""
+
+    size: int
+    padded: int
+    dim: int = 0
+    parts: int = 1
+
+    @property
+    def arity(self) -> int:  # type: ignore[override]
+        return self.parts
+
+    @property
+    def tp_chunks(self) -> int:  # type: ignore[override]
+        return self.parts
+
+    def to_megatron(self, hf: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for t in hf:
+            if t.shape[self.dim] != self.size:
+                raise ValueError(f"expected {self.size} along dim {self.dim}, found shape {tuple(t.shape)}")
+            shape = list(t.shape)
+            shape[self.dim] = self.padded - self.size
+            out.append(torch.cat([t, t.new_zeros(shape)], dim=self.dim))
+        return torch.cat(out, dim=0)
+
+    def to_hf(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [x.narrow(self.dim, 0, self.size).clone() for x in t.chunk(self.parts, dim=0)]
+
+
+@dataclass
 class Transpose(Op):
     """A 2-D tensor stored ``[in, out]`` by HF where Megatron keeps a Linear's ``[out, in]``."""
 

@@ -370,15 +370,17 @@ def build_tiny_qwen2_5_vl(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete tiny Qwen2.5-VL checkpoint folder and return its path.
 
     The folder loads offline with ``Qwen2_5_VLForConditionalGeneration.from_pretrained``
     and ``AutoProcessor.from_pretrained``. Weights are deterministic in ``seed``;
     ``max_shard_size`` (e.g. ``"100KB"``) forces a sharded checkpoint with an
-    index file, to test loaders on multi-file checkpoints.
+    index file, to test loaders on multi-file checkpoints. ``config_overrides`` go to
+    :func:`tiny_qwen2_5_vl_config` (e.g. ``{"vision_config": {"intermediate_size": 70}}``).
     """
-    config = tiny_qwen2_5_vl_config(tie_word_embeddings=tie_word_embeddings)
+    config = tiny_qwen2_5_vl_config(tie_word_embeddings=tie_word_embeddings, **(config_overrides or {}))
     model = make_tiny_model(config, seed=seed, dtype=dtype)
     return save_tiny_checkpoint(out_dir, model, make_tiny_processor(), max_shard_size)
 

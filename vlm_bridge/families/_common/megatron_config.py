@@ -36,6 +36,16 @@ def common_kwargs(dtype: torch.dtype) -> dict:
     )
 
 
+# Vision FFN widths are zero-padded to a multiple of this (exact: see convert.ops.PadDim), so that
+# every power-of-two TP up to 8 splits them (Qwen2.5-VL's 3420 does not divide 8) while the
+# checkpoint's shapes stay the same at every TP.
+VISION_FFN_MULTIPLE = 8
+
+
+def padded_vision_ffn(size: int) -> int:
+    return -(-size // VISION_FFN_MULTIPLE) * VISION_FFN_MULTIPLE
+
+
 def require_divisible(checks: list[tuple[str, int, int, str]]) -> None:
     """One-line errors for layouts a model cannot be split into (before Megatron asserts).
 

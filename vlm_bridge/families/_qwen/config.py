@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import decoder_config, vision_tower_config
+from vlm_bridge.families._common.megatron_config import (
+    decoder_config,
+    padded_vision_ffn,
+    vision_tower_config,
+)
 
 
 def qwen_language_config(
@@ -31,6 +35,7 @@ def qwen_vision_config(vision_config, dtype: torch.dtype, tp: int, norm_eps: flo
     """The TransformerConfig of a Qwen-VL vision tower from its HF ``vision_config``."""
     return vision_tower_config(
         layers=vision_config.depth, hidden=vision_config.hidden_size,
-        ffn=vision_config.intermediate_size, heads=vision_config.num_heads, norm_eps=norm_eps,
+        ffn=padded_vision_ffn(vision_config.intermediate_size), heads=vision_config.num_heads,
+        norm_eps=norm_eps,
         dtype=dtype, tp=tp, **family_fields,
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common.megatron_config import require_divisible
+from vlm_bridge.families._common.megatron_config import padded_vision_ffn, require_divisible
 from vlm_bridge.families._common.vocab import padded_vocab_size
 
 
@@ -29,6 +29,7 @@ class QwenVLSettings:
     spatial_merge_size: int
     vision_rope_theta: float
     out_hidden_size: int
+    vision_ffn_size: int  # as on disk; Megatron's is zero-padded (padded_vision_ffn)
 
 
 def qwen_vl_settings(hf_config, language: TransformerConfig, tp: int, default_rope_theta: float) -> dict:
@@ -51,6 +52,7 @@ def qwen_vl_settings(hf_config, language: TransformerConfig, tp: int, default_ro
         spatial_merge_size=vision.spatial_merge_size,
         vision_rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10000.0)),
         out_hidden_size=vision.out_hidden_size,
+        vision_ffn_size=vision.intermediate_size,
     )
 
 
@@ -64,7 +66,8 @@ def check_divisibility(hf_config, tp: int, pp: int) -> None:
         ("language FFN size", text.moe_intermediate_size if getattr(text, "num_experts", None)
          else text.intermediate_size, tp, "--tp"),
         ("vision attention heads", vision.num_heads, tp, "--tp"),
-        ("vision FFN size", vision.intermediate_size, tp, "--tp"),
+        ("vision FFN size (zero-padded to a multiple of 8)", padded_vision_ffn(vision.intermediate_size),
+         tp, "--tp"),
         ("merger width", vision.hidden_size * vision.spatial_merge_size**2, tp, "--tp"),
         ("language layers", text.num_hidden_layers, pp, "--pp"),
     ]

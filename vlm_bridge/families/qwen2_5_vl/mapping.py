@@ -9,7 +9,7 @@ layout the checkpoint was imported from.
 from __future__ import annotations
 
 from vlm_bridge.convert.layout import KeyLayout
-from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadRows, Rename
+from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadDim, PadRows, Rename
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 LAYOUTS = [
@@ -24,6 +24,10 @@ LAYOUTS = [
 def _vision_entries(vision, s: Qwen25VLSettings) -> list[Entry]:
     heads, head_dim = vision.num_attention_heads, vision.kv_channels
     qkv = FuseQKV(heads, heads, head_dim, hf_fused=True)
+    up, down = ConcatRows(2), Rename()
+    if vision.ffn_hidden_size != s.vision_ffn_size:  # zero-padded so that TP divides it
+        up = PadDim(s.vision_ffn_size, vision.ffn_hidden_size, dim=0, parts=2)
+        down = PadDim(s.vision_ffn_size, vision.ffn_hidden_size, dim=1)
     out = [Entry("vision.patch_embed.weight", ("visual.patch_embed.proj.weight",), Rename())]
     for i in range(vision.num_layers):
         m, h = f"vision.layers.{i}.", f"visual.blocks.{i}."
@@ -34,12 +38,12 @@ def _vision_entries(vision, s: Qwen25VLSettings) -> list[Entry]:
             Entry(m + "self_attention.linear_proj.weight", (h + "attn.proj.weight",), Rename()),
             Entry(m + "self_attention.linear_proj.bias", (h + "attn.proj.bias",), Rename()),
             Entry(m + "pre_mlp_layernorm.weight", (h + "norm2.weight",), Rename()),
-            Entry(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), Rename()),
+            Entry(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), down),
             Entry(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",), Rename()),
         ]
         for suffix in ("weight", "bias"):
             gate_up = (h + f"mlp.gate_proj.{suffix}", h + f"mlp.up_proj.{suffix}")
-            out.append(Entry(m + f"mlp.linear_fc1.{suffix}", gate_up, ConcatRows(2)))
+            out.append(Entry(m + f"mlp.linear_fc1.{suffix}", gate_up, up))
     out += [
         Entry("vision.merger.norm.weight", ("visual.merger.ln_q.weight",), Rename()),
         Entry("vision.merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), Rename()),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from vlm_bridge.convert.layout import KeyLayout
-from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadRows, Rename
+from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadDim, PadRows, Rename
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
 
 LAYOUTS = [KeyLayout("hub", {})]
@@ -14,6 +14,17 @@ V, L = "model.visual.", "model.language_model."
 def _linear(m: str, h: str, bias: bool = True) -> list[Entry]:
     out = [Entry(m + ".weight", (h + ".weight",), Rename())]
     return out + ([Entry(m + ".bias", (h + ".bias",), Rename())] if bias else [])
+
+
+def _ffn(m: str, h: str, size: int, padded: int) -> list[Entry]:
+    """A GELU MLP whose width is zero-padded from ``size`` to ``padded`` so that TP divides it."""
+    if size == padded:
+        return _linear(m + "linear_fc1", h + "linear_fc1") + _linear(m + "linear_fc2", h + "linear_fc2")
+    rows = PadDim(size, padded, dim=0)
+    return [Entry(m + "linear_fc1.weight", (h + "linear_fc1.weight",), rows),
+            Entry(m + "linear_fc1.bias", (h + "linear_fc1.bias",), rows),
+            Entry(m + "linear_fc2.weight", (h + "linear_fc2.weight",), PadDim(size, padded, dim=1)),
+            Entry(m + "linear_fc2.bias", (h + "linear_fc2.bias",), Rename())]
 
 
 def _merger(m: str, h: str) -> list[Entry]:
@@ -33,8 +44,7 @@ def _vision_entries(vision, s: Qwen3VLSettings) -> list[Entry]:
                 for p in ("weight", "bias")]
         out += _linear(m + "self_attention.linear_proj", h + "attn.proj")
         out += _linear(m + "pre_mlp_layernorm", h + "norm2")
-        out += _linear(m + "mlp.linear_fc1", h + "mlp.linear_fc1")
-        out += _linear(m + "mlp.linear_fc2", h + "mlp.linear_fc2")
+        out += _ffn(m + "mlp.", h + "mlp.", s.vision_ffn_size, vision.ffn_hidden_size)
     out += _merger("vision.merger", V + "merger")
     for k in range(len(s.deepstack_visual_indexes)):
         out += _merger(f"vision.deepstack_mergers.{k}", f"{V}deepstack_merger_list.{k}")
