@@ -139,7 +139,8 @@ def _capture_megatron(built) -> dict:
         store["handles"].append(layer.register_forward_hook(
             lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, _whole_sequence(o[0].detach()))
         ))
-    if model.vision is not None:
+    # With context parallelism each rank encodes a share of the media: no whole output to compare.
+    if model.vision is not None and context_parallel_size() == 1:
         # Some towers also return extra features (DeepStack): compare what goes into the sequence.
         store["handles"].append(model.vision.register_forward_hook(
             lambda m, i, o: store["vision"].append(_vision_features(o).detach().cpu())

@@ -37,6 +37,7 @@ from vlm_bridge.attention.context import (
     pad_tokens,
     padded_length,
 )
+from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
 
@@ -104,6 +105,16 @@ class VLMModel(MegatronModule):
         # Positions arrive already split over context-parallel ranks: Megatron must not split again.
         return lm.rotary_pos_emb(position_ids, lm.mrope_section, cp_group=UNSPLIT)
 
+    def encode_vision(self, encode, inputs, out_rows, cost, out_shape: tuple[int, ...], outputs: int = 1):
+        """``encode(*tensors)`` over the batch's media items; with context parallelism each CP rank
+        encodes a share of the items and the features are gathered (``vision_split.encode_split``
+        describes the arguments)."""
+        split = getattr(self, "_vision_split", None)
+        if split is None:
+            return encode(*(tensor for tensor, _ in inputs))
+        return encode_split(encode, inputs, out_rows, cost, split, out_shape, self.config.params_dtype,
+                            outputs)
+
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[s, b, h]`` token embeddings (the family merges vision features into these)."""
         return self.language_model.embedding(input_ids=input_ids, position_ids=None)
@@ -130,7 +141,9 @@ class VLMModel(MegatronModule):
             position_ids = split.take(pad_tokens(position_ids, split.length, -1, 0), dim=-1)
             if labels is not None:
                 labels = split.take(pad_tokens(labels, split.length, 1, 0), dim=1)
+        self._vision_split = split  # what encode_vision deals the batch's images and videos over
         embedded = self.embed(input_ids, **media) if self.pre_process else None
+        self._vision_split = None
         if split is not None and embedded is not None:
             def local(t):
                 return split.take(pad_tokens(t, split.length, 0, 0), dim=0)

@@ -108,3 +108,12 @@ def vision_rotary_freqs(
     freqs = hw_positions[..., None].float() * inv_freq  # [N, 2, spatial/2]
     hw = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
     return torch.cat([hw, hw], dim=-1)[:, None, None, :]
+
+
+def encode_by_item(model, pixels: torch.Tensor, grid_thw: torch.Tensor, outputs: int = 1):
+    """A Qwen tower over the processor's flattened patches, item by item (an image, a video) so
+    that context-parallel ranks can share the items out (``VLMModel.encode_vision``)."""
+    patches = grid_thw.prod(-1).tolist()
+    merged = [n // model.s.spatial_merge_size**2 for n in patches]
+    return model.encode_vision(model.vision, [(pixels, patches), (grid_thw, [1] * len(patches))], merged,
+                               patches, (model.s.out_hidden_size,), outputs)

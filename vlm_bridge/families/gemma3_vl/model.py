@@ -215,6 +215,9 @@ class Gemma3VLModel(VLMModel):
         emb = self.embed_text(input_ids)
         emb = emb * torch.tensor(self.s.hidden_size**0.5, dtype=emb.dtype)
         if pixel_values is not None:
-            feats = self.vision(pixel_values)
+            n = pixel_values.shape[0]
+            # [n * mm_tokens_per_image, hidden] out: each image is one item of equal cost.
+            feats = self.encode_vision(self.vision, [(pixel_values, [1] * n)],
+                                       [self.s.mm_tokens_per_image] * n, [1] * n, (self.s.hidden_size,))
             emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images")
         return Embedded(emb)

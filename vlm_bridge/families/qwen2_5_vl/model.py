@@ -22,7 +22,7 @@ from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.modules import scatter_vision_embeddings
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
-from vlm_bridge.families._qwen.vision import VisionTower
+from vlm_bridge.families._qwen.vision import VisionTower, encode_by_item
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
 
 
@@ -78,9 +78,9 @@ class Qwen25VLModel(VLMModel):
         """Text embeddings ``[s, b, h]`` with vision features in place of the placeholders."""
         emb = self.embed_text(input_ids)
         if pixel_values is not None:
-            feats = self.vision(pixel_values, image_grid_thw)
+            feats = encode_by_item(self, pixel_values, image_grid_thw)
             emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images")
         if pixel_values_videos is not None:
-            feats = self.vision(pixel_values_videos, video_grid_thw)
+            feats = encode_by_item(self, pixel_values_videos, video_grid_thw)
             emb = scatter_vision_embeddings(emb, input_ids, self.s.video_token_id, feats, "videos")
         return Embedded(emb)

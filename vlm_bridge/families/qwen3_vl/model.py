@@ -26,7 +26,7 @@ from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.families._common.modules import scatter_vision_embeddings
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
-from vlm_bridge.families._qwen.vision import PatchMerger, VisionTower
+from vlm_bridge.families._qwen.vision import PatchMerger, VisionTower, encode_by_item
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
 
 
@@ -112,7 +112,8 @@ class Qwen3VLModel(VLMModel):
             if pixels is None:
                 continue
             has_vision = True
-            merged, deep = self.vision(pixels, grid)
+            levels_out = 1 + len(self.s.deepstack_visual_indexes)
+            merged, deep = encode_by_item(self, pixels, grid, outputs=levels_out)
             emb = scatter_vision_embeddings(emb, input_ids, token, merged, what)
             levels = [scatter_vision_embeddings(lv, input_ids, token, d, what) for d, lv in zip(deep, levels)]
         return Embedded(emb, dict(enumerate(levels)) if has_vision else {})
