@@ -111,8 +111,14 @@ def vision_rotary_freqs(
 
 
 def encode_by_item(model, pixels: torch.Tensor, grid_thw: torch.Tensor, outputs: int = 1):
-    """A Qwen tower over the processor's flattened patches, item by item (an image, a video) so
-    that context-parallel ranks can share the items out (``VLMModel.encode_vision``)."""
+    """A Qwen tower over the processor's flattened patches, item by item so that context-parallel
+    ranks can share the items out (``VLMModel.encode_vision``). Under CP a video's temporal patch
+    groups are items of their own: the ViT never mixes them (attention, windows and positions are
+    per frame group; the merger merges within a frame), so one long video spreads over all ranks."""
+    if getattr(model, "_vision_split", None) is not None:
+        t = grid_thw[:, 0]
+        grid_thw = torch.repeat_interleave(grid_thw, t, dim=0)
+        grid_thw[:, 0] = 1
     patches = grid_thw.prod(-1).tolist()
     merged = [n // model.s.spatial_merge_size**2 for n in patches]
     return model.encode_vision(model.vision, [(pixels, patches), (grid_thw, [1] * len(patches))], merged,
