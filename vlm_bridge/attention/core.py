@@ -190,7 +190,7 @@ class TorchCoreAttention(MegatronModule):
         forced = os.environ.get("VLM_BRIDGE_ATTENTION")
         if not isinstance(mask, AttentionMask) or forced == "dense" or mask.is_plain():
             return False
-        if query.shape[0] != sk:  # decoding against a cache: a few query rows, a dense mask is small
+        if mask.state is not None:  # decoding against a cache: a few query rows, a dense mask is small
             return False
         if self.training and self.dropout_p > 0:  # FlexAttention has no attention dropout
             return False

@@ -219,10 +219,11 @@ class VLMModel(MegatronModule):
 def _mask_for_split(mask, input_ids: torch.Tensor, split):
     """The structural mask over the padded full sequence (padding as segment -1), carrying the
     split so that attention gathers keys and attends this rank's query chunks."""
-    rows, length = input_ids.shape
     segments = mask.segment_ids
-    if segments is None and split.length > length:
-        segments = torch.zeros(rows, length, dtype=torch.long, device=input_ids.device)
+    if segments is not None and bool((segments == 0).all()):
+        # One sample per row and no padding: under a causal mask the padding appended below is
+        # never seen by a real token (it comes last), so the mask stays plain (no mask tensor).
+        segments = None
     if segments is not None:
         segments = pad_tokens(segments, split.length, 1, -1)
     spans = pad_tokens(mask.span_ids, split.length, 1, -1) if mask.span_ids is not None else None
