@@ -23,8 +23,9 @@ from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.data.media import load_image, load_video
 from vlm_bridge.data.video import DecodedVideo
 from vlm_bridge.inference.requests import ensure_pad_token
-from vlm_bridge.loading import load_hf, load_megatron
+from vlm_bridge.loading import load_hf, load_hf_config, load_megatron
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
+from vlm_bridge.registry import family_for_config
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
 
 DEFAULT_PROMPT = "Describe what you see."
@@ -237,6 +238,9 @@ def _verify(
 
     init_distributed(parallel)
     # Inputs first: a bad image path must fail before minutes of model loading.
+    family = family_for_config(load_hf_config(hf_dir))
+    if video is not None and "video" not in family.modalities:
+        raise ValueError(f"--video: the {family.name} family takes no video input")
     processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
     pil, frames = load_media(images, video, processor) if (images or video) else default_media()
     if megatron_dir:
@@ -251,8 +255,6 @@ def _verify(
         # ~1e-3 noise on GPUs on one side only. Restored by verify() on the way out.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if "video" not in built.family.modalities:
-        if video is not None:
-            raise ValueError(f"--video: the {built.family.name} family takes no video input")
         frames = None
     batches = [b.to(device()) for b in
                verify_batches(built.family, processor, pil, frames, prompt, **(processor_kwargs or {}))]

@@ -27,11 +27,11 @@ def _assert_same_tokens(report: dict) -> None:
             assert a == b, f"batch {batch} row {row}: ours {a} vs HF {b}"
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_greedy_matches_hf_generate_and_cache_matches_full_forward(case, media, tmp_path, decode):
-    """``static`` runs the fixed-shape step a CUDA graph replays (whole-cache attention under a key
-    mask, in-place state), uncaptured."""
+def test_greedy_matches_hf_generate_and_cache_matches_full_forward(case, media, tmp_path):
+    """Decoding runs the fixed-shape step a CUDA graph replays (whole-cache attention under a key
+    mask, in-place state), uncaptured; the eager step runs in the PP=2 test below."""
     family, folder = case
+    decode = "static"
     batches = parity_requests(family, media)
     report = run_parallel(generation_parity, 1, str(folder), ParallelConfig(), batches, NEW_TOKENS,
                           not family.tiny_decode_options, decode)

@@ -10,7 +10,7 @@ query chunks to them, each chunk as a query block at its global offset through t
 :class:`~vlm_bridge.attention.mask.AttentionMask` (its predicates index global positions, so
 packed samples, padding, image spans and sliding windows stay exact). We gather rather than pass
 K/V around a ring because with grouped-query attention K and V are a small fraction of the
-activations (Qwen2.5-VL-7B: 4 KV heads of 28, 2 KB a token in bf16, 128 MB a layer at 64k
+activations (a 7B model with 4 KV heads of 28 query heads: 2 KB a token in bf16, 128 MB a layer at 64k
 tokens), and any mask then needs nothing beyond the one structural predicate; a ring would need a
 mask per block pair and overlapping transfers to pay off. The gather's backward sums every rank's
 key/value gradients back to the rank that owns the chunk.

@@ -10,7 +10,7 @@ metadata instead, reproducing its path flow:
   kept (decoding every frame of a long clip at full resolution costs gigabytes), and return
   ``do_sample_frames=False`` for the processor call so it does not sample the frames a second
   time. The metadata keeps ``frames_indices``, from which the processors derive
-  ``second_per_grid_ts`` (Qwen2.5-VL) or frame timestamps (Qwen3-VL);
+  ``second_per_grid_ts`` or frame timestamps;
 * otherwise the processor uses every frame, so every frame is decoded.
 """
 
@@ -33,7 +33,7 @@ class DecodedVideo(NamedTuple):
 
 def video_processor_of(processor: Any, what: str) -> Any:
     """The processor's video processor; a one-line ValueError naming ``what`` for image-only
-    families (e.g. Gemma 3), whose processors have none."""
+    families, whose processors have none."""
     video_processor = getattr(processor, "video_processor", None)
     if video_processor is None:
         raise ValueError(f"cannot read video {what}: {type(processor).__name__} takes no video")

@@ -71,7 +71,7 @@ class Family:
     # why this family cannot split sequences over context-parallel ranks ("" when it can)
     no_context_parallel: str = ""
     # tiny-builder options under which cached decoding equals a full forward; needed where HF's own
-    # decoding step differs from its forward (Nemotron-H: a dt floor in the chunked scan only)
+    # decoding step differs from its forward (e.g. a Mamba dt floor in the chunked scan only)
     tiny_decode_options: Mapping[str, object] = field(default_factory=dict)
     # regexes of non-weight tensors on disk (index buffers, identity scales) kept as they are
     # through a round trip (convert/passthrough.py), and a check that may refuse their values

@@ -47,7 +47,7 @@ def eval_loss(model, family, settings, encoded: list, micro_batch_size: int,
     """Summed loss and loss-token count of ``encoded`` samples (every rank; data-parallel ranks
     share the micro-batches)."""
     from vlm_bridge.train.batching import collate_padded
-    from vlm_bridge.train.trainer import global_loss_totals, loss_forward_step
+    from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 
     if not encoded:
         return 0.0, 0.0

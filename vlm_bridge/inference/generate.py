@@ -4,7 +4,7 @@ Runs on every rank of a TP x PP (x EP) layout through the same pipeline schedule
 layout that loads also generates. Prompts of different lengths share a batch through left padding:
 padding keys carry segment id -1 in the structural mask and every row appends at the same column.
 
-Positions: the prefill uses the family's own ``position_ids`` (3-D MRoPE for Qwen, with the vision
+Positions: the prefill uses the family's own ``position_ids`` (e.g. 3-D MRoPE with the vision
 spans); each decoded token takes its row's last position plus one on every axis, which is HF's
 rule (for MRoPE it is the "rope delta" after the vision spans).
 

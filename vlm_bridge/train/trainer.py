@@ -24,14 +24,15 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vlm_bridge.attention.context import local_tokens, padded_length
+from vlm_bridge.attention.context import padded_length
 from vlm_bridge.compat.cpu import cuda_available
 from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
-from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
+from vlm_bridge.parallel import ParallelConfig, device, init_distributed
 from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train.config import TrainConfig, to_dict
 from vlm_bridge.train.freeze import apply_freeze_and_peft
+from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 from vlm_bridge.train.metrics import RunLogger
 
 
@@ -179,21 +180,6 @@ def _maybe_resume(run: Run) -> None:
     run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
 
 
-def loss_forward_step(data_iterator, model):
-    mb = next(data_iterator)
-    per_token = model(**mb.inputs, labels=mb.labels)
-
-    # With context parallelism the model returns this rank's tokens only; so does the mask.
-    loss_mask = local_tokens(mb.loss_mask)
-
-    def loss_func(output: torch.Tensor):
-        total = (output.float() * loss_mask).sum()
-        count = loss_mask.sum().to(torch.int)
-        return total, count, {"loss_sum": total.detach().clone(), "tokens": count.detach().clone()}
-
-    return per_token, loss_func
-
-
 def forward_backward(run: Run) -> tuple[list[dict], list]:
     """Forward and backward over the next global batch; gradients reduced, no update yet."""
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -233,18 +219,6 @@ def _global_loss(outputs: list[dict]) -> float:
     """Token-mean loss over the global batch (last stage, summed over data parallel)."""
     total, tokens = global_loss_totals(outputs)
     return total / max(tokens, 1.0)
-
-
-def global_loss_totals(outputs: list[dict]) -> tuple[float, float]:
-    """Summed loss and loss-token count over the global batch, known on every rank."""
-    totals = torch.zeros(2, dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage():
-        for out in outputs:
-            totals += torch.stack([out["loss_sum"].double().cpu(), out["tokens"].double().cpu()])
-    # Everyone learns the loss: sum over DP on the last stage, then over stages (others add 0).
-    dist.all_reduce(totals, group=cpu_group())
-    totals /= parallel_state.get_tensor_model_parallel_world_size()  # TP ranks repeat the sums
-    return float(totals[0]), float(totals[1])
 
 
 def save(run: Run) -> Path:

@@ -37,7 +37,7 @@ def common_kwargs(dtype: torch.dtype) -> dict:
 
 
 # Vision FFN widths are zero-padded to a multiple of this (exact: see convert.ops.PadDim), so that
-# every power-of-two TP up to 8 splits them (Qwen2.5-VL's 3420 does not divide 8) while the
+# every power-of-two TP up to 8 splits them (a ViT FFN of 3420 does not divide 8) while the
 # checkpoint's shapes stay the same at every TP.
 VISION_FFN_MULTIPLE = 8
 
