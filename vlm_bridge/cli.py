@@ -231,7 +231,9 @@ def cmd_generate(args) -> int:
         requests = [request_from_args(args.prompt, args.image, args.video)]
     check_media(requests)
     sampling = _sampling(args)
-    parallel = _parallel(args, _model_source(args))
+    source = _model_source(args)
+    _check_modalities(source, requests)
+    parallel = _parallel(args, source)
     result = run_parallel(
         generate_command, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         requests, sampling, args.batch_size, args.dtype, args.output, args.prompt is not None,
@@ -268,6 +270,21 @@ def cmd_evaluate(args) -> int:
                           args.megatron_path, parallel, data, options, args.dtype, args.report)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _check_modalities(hf_config_dir: str, requests) -> None:
+    """A video (or image) for a family that takes none fails before any model loads."""
+    if not os.path.isfile(os.path.join(hf_config_dir, "config.json")):
+        return  # the loader says what is wrong with the folder
+    from vlm_bridge.data.schema import iter_media
+    from vlm_bridge.loading import load_hf_config
+    from vlm_bridge.registry import family_for_config
+
+    family = family_for_config(load_hf_config(hf_config_dir))
+    for request in requests:
+        for kind, _ in iter_media({"messages": request.messages}):
+            if kind not in family.modalities:
+                raise ValueError(f"{request.where}: the {family.name} family takes no {kind} input")
 
 
 def _key_values(pairs: list[str], flag: str) -> dict:

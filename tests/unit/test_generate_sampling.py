@@ -89,3 +89,14 @@ def test_generate_cli_refuses_bad_input(run_cli, tiny_megatron, tmp_path, monkey
 def test_generate_cli_refuses_a_folder_that_is_no_checkpoint(run_cli, tmp_path, capfd):
     assert run_cli("generate", "--megatron-path", tmp_path, "--prompt", "x") == 2
     assert "not a vlm-bridge Megatron checkpoint" in capfd.readouterr().err
+
+
+def test_generate_cli_refuses_a_video_for_an_image_only_family(run_cli, tmp_path, capfd):
+    from vlm_bridge.testing.tiny_gemma3_vl import build_tiny_gemma3_vl
+
+    gemma = build_tiny_gemma3_vl(tmp_path / "gemma")
+    (tmp_path / "clip").mkdir()
+    capfd.readouterr()
+    assert run_cli("generate", "--hf-model", gemma, "--prompt", "x", "--video", tmp_path / "clip") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gemma3_vl family takes no video input" in err[0], err
