@@ -198,3 +198,41 @@ def test_mamba_lora_training_at_tp2_exports_at_tp1(nemotron, shapes_jsonl, tmp_p
     with torch.no_grad():
         diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max()
     assert diff < TOL
+
+
+def _videos_of_two_sizes(hf_dir: str) -> dict:
+    """Two video samples of different frame sizes packed into one row: each sample's logits equal
+    those of the sample alone (the tower takes the videos one by one)."""
+    from transformers import AutoProcessor
+
+    from vlm_bridge.data.encode import SampleEncoder
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.parallel import init_distributed
+    from vlm_bridge.runtime import pipeline_forward_logits
+    from vlm_bridge.testing.media import make_video_frames
+    from vlm_bridge.train.batching import collate_packed
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    built.model.eval()
+    encoder = SampleEncoder(AutoProcessor.from_pretrained(hf_dir), 4096)
+    samples = [encoder.encode({"messages": [
+        {"role": "user", "content": [{"type": "video", "video": make_video_frames(4, w, h, seed=w)},
+                                     {"type": "text", "text": "What moves?"}]},
+        {"role": "assistant", "content": "A square."}]}) for w, h in ((112, 112), (160, 96))]
+
+    def logits(rows):
+        mb = collate_packed([rows], built.family, built.settings, sum(len(s) for s in rows), 0)
+        return pipeline_forward_logits(built.model, mb.inputs)[0]
+
+    packed = logits(samples)
+    alone = [logits([s]) for s in samples]
+    return {"shapes": [tuple(s.media["pixel_values_videos"].shape) for s in samples],
+            "diff": max(float((packed[a:a + len(s)] - one).abs().max())
+                        for a, s, one in zip((0, len(samples[0])), samples, alone))}
+
+
+def test_videos_of_different_sizes_share_a_packed_row(nemotron):
+    result = run_parallel(_videos_of_two_sizes, 1, str(nemotron))
+    assert result["shapes"][0][-2:] != result["shapes"][1][-2:]
+    assert result["diff"] <= 1e-5

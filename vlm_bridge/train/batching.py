@@ -34,6 +34,8 @@ class MicroBatch:
                 return v.to(device)
             if isinstance(v, AttentionMask):
                 return v.to(device)
+            if isinstance(v, list):
+                return [move(x) for x in v]
             return v
 
         return MicroBatch({k: move(v) for k, v in self.inputs.items()}, self.labels.to(device),
@@ -63,12 +65,15 @@ def pack_greedy(lengths: list[int], seq_len: int) -> list[list[int]]:
 
 
 def _media_of(samples, keys) -> dict:
-    """The samples' media tensors, concatenated per key in sample order (as a processor batches)."""
+    """The samples' media tensors, concatenated per key in sample order (as a processor batches);
+    items whose sizes differ beyond the first dimension (videos of different frame sizes) stay a
+    list in sample order, for the family's tower to take one by one."""
     out = {}
     for key in keys:
         parts = [s.media[key] for s in samples if key in s.media]
         if parts:
-            out[key] = torch.cat(parts)
+            same = len({tuple(p.shape[1:]) for p in parts}) == 1
+            out[key] = torch.cat(parts) if same else parts
     return out
 
 

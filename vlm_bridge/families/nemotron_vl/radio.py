@@ -158,8 +158,11 @@ class RadioVisionTower(MegatronModule):
             if self.video_patch_projection is None:
                 raise ValueError("pixel_values_videos given but this checkpoint has no video patch "
                                  "projection")
-            tubelets, hw = self._video_patches(pixel_values_videos.to(dtype))
-            embedded += [self.video_patch_projection(t) for t in tubelets]
-            grids += hw
+            # One tensor for videos of one frame size, or a list of them (micro-batches mixing sizes).
+            videos = pixel_values_videos if isinstance(pixel_values_videos, list) else [pixel_values_videos]
+            for video in videos:
+                tubelets, hw = self._video_patches(video.to(dtype))
+                embedded += [self.video_patch_projection(t) for t in tubelets]
+                grids += hw
         features = torch.cat(self.encode(embedded, grids))
         return self.projector(features)
