@@ -238,6 +238,10 @@ def cmd_generate(args) -> int:
         generate_command, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         requests, sampling, args.batch_size, args.dtype, args.output, args.prompt is not None,
     )
+    if not args.input:  # the answer was streamed; say how it ended
+        answer = result["answers"][0]
+        ending = "stopped at EOS" if answer["finish"] == "stop" else "reached --max-new-tokens"
+        print(f"[{answer['tokens']} tokens, {ending}]", file=sys.stderr)
     if args.input:
         done = sum(a["finish"] == "stop" for a in result["answers"])
         where = f" -> {args.output}" if args.output else ""
