@@ -12,8 +12,8 @@ packed samples, padding, image spans and sliding windows stay exact). We gather 
 K/V around a ring because with grouped-query attention K and V are a small fraction of the
 activations (a 7B model with 4 KV heads of 28 query heads: 2 KB a token in bf16, 128 MB a layer at 64k
 tokens), and any mask then needs nothing beyond the one structural predicate; a ring would need a
-mask per block pair and overlapping transfers to pay off. The gather's backward sums every rank's
-key/value gradients back to the rank that owns the chunk.
+mask per block pair and overlapping transfers to pay off. The gather (shared with the vision
+tower's item gather) sums every rank's key/value gradients back to the rank that owns the chunk.
 """
 
 from __future__ import annotations
@@ -66,31 +66,50 @@ class ContextSplit:
 
     def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The full-length tensor from every rank's share (autograd: gradients return to owners)."""
-        return _GatherSequence.apply(tensor, self, dim)
+        chunks = 2 * self.size
+        owner = [c if c < self.size else chunks - 1 - c for c in range(chunks)]
+        full = gather_owned_rows(tensor.movedim(dim, 0), owner, [self.chunk] * chunks, self.group)
+        return full.movedim(0, dim)
 
-    def order(self) -> torch.Tensor:
-        """Global chunk ids in the order an all-gather lays them out (rank by rank, two each)."""
-        return torch.tensor([c for r in range(self.size) for c in (r, 2 * self.size - 1 - r)])
+
+def select_rows(tensor: torch.Tensor, per_item: list[int], items: list[int]) -> torch.Tensor:
+    """The dim-0 rows of ``items`` (in that order) of a tensor whose items have ``per_item`` rows."""
+    starts = [0]
+    for n in per_item:
+        starts.append(starts[-1] + n)
+    return torch.cat([tensor[starts[i]:starts[i + 1]] for i in items]) if items else tensor[:0]
 
 
-class _GatherSequence(torch.autograd.Function):
+def gather_owned_rows(local: torch.Tensor, owner: list[int], rows: list[int], group) -> torch.Tensor:
+    """Items dealt out to the ranks of ``group`` (``owner[i]``, ``rows[i]`` dim-0 rows each; every
+    rank holds its items' rows in item order), all-gathered back into item order. The backward
+    sums every rank's gradient and keeps the rows of this rank's items."""
+    return _GatherOwnedRows.apply(local, list(owner), list(rows), group)
+
+
+class _GatherOwnedRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, split: ContextSplit, dim: int) -> torch.Tensor:
-        ctx.split, ctx.dim = split, dim
-        parts = [torch.empty_like(tensor) for _ in range(split.size)]
-        dist.all_gather(parts, tensor.contiguous(), group=split.group)
-        chunks = [c for part in parts for c in part.chunk(2, dim=dim)]  # rank order
-        by_position = [None] * len(chunks)
-        for slot, chunk_id in enumerate(split.order().tolist()):
-            by_position[chunk_id] = chunks[slot]
-        return torch.cat(by_position, dim=dim)
+    def forward(ctx, local: torch.Tensor, owner: list[int], rows: list[int], group) -> torch.Tensor:
+        ctx.owner, ctx.rows, ctx.group = owner, rows, group
+        size = dist.get_world_size(group)
+        held = [sum(n for n, r in zip(rows, owner) if r == rank) for rank in range(size)]
+        width = max(held)  # ranks may hold different amounts: pad to one shape for all_gather
+        padded = torch.cat([local, local.new_zeros(width - local.shape[0], *local.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        pieces, cursor = [], [0] * size
+        for item, rank in enumerate(owner):
+            pieces.append(parts[rank][cursor[rank]:cursor[rank] + rows[item]])
+            cursor[rank] += rows[item]
+        return torch.cat(pieces) if pieces else local
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # Every rank used every chunk: sum the gradients, keep the chunks this rank owns.
         grad = grad.contiguous().clone()  # reduced in place: never the caller's buffer
-        dist.all_reduce(grad, group=ctx.split.group)
-        return ctx.split.take(grad, ctx.dim), None, None
+        dist.all_reduce(grad, group=ctx.group)  # every rank used every item
+        rank = dist.get_rank(ctx.group)
+        mine = [i for i, r in enumerate(ctx.owner) if r == rank]
+        return select_rows(grad, ctx.rows, mine), None, None, None
 
 
 def current_split(length: int) -> ContextSplit | None:

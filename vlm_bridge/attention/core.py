@@ -146,7 +146,8 @@ class TorchCoreAttention(MegatronModule):
         Under a causal mask without image spans a chunk sees no key after its own end, so only the
         keys up to there are used (queries are then the last keys: lower-right causal).
         """
-        key, value = split.gather(key, 0), split.gather(value, 0)
+        width = key.shape[-1]  # one all-gather for keys and values together
+        key, value = split.gather(torch.cat([key, value], dim=-1), 0).split([width, value.shape[-1]], dim=-1)
         outs = []
         for (start, end), q in zip(split.chunks(), query.chunk(2, dim=0)):
             block = mask.for_queries(start)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
+
+from vlm_bridge.attention.context import gather_owned_rows, select_rows
 
 
 def deal_items(costs: Sequence[int], ranks: int) -> list[int]:
@@ -24,13 +25,6 @@ def deal_items(costs: Sequence[int], ranks: int) -> list[int]:
         rank = min(range(ranks), key=lambda r: (load[r], r))
         owner[item], load[rank] = rank, load[rank] + costs[item]
     return owner
-
-
-def _rows(tensor: torch.Tensor, per_item: Sequence[int], items: Sequence[int]) -> torch.Tensor:
-    starts = [0]
-    for n in per_item:
-        starts.append(starts[-1] + n)
-    return torch.cat([tensor[starts[i]:starts[i + 1]] for i in items]) if items else tensor[:0]
 
 
 def encode_split(encode: Callable, inputs: Sequence[tuple[torch.Tensor, Sequence[int]]],
@@ -47,34 +41,9 @@ def encode_split(encode: Callable, inputs: Sequence[tuple[torch.Tensor, Sequence
     mine = [i for i, r in enumerate(owner) if r == split.rank]
     device = inputs[0][0].device
     if mine:
-        local = encode(*(_rows(t, per, mine) for t, per in inputs))
+        local = encode(*(select_rows(t, per, mine) for t, per in inputs))
         local = [local] if outputs == 1 else [local[0], *local[1]]
     else:  # no item here: still join the gathers
         local = [torch.zeros((0, *out_shape), dtype=dtype, device=device) for _ in range(outputs)]
-    gathered = [_GatherItems.apply(t, owner, list(out_rows), split) for t in local]
+    gathered = [gather_owned_rows(t, owner, list(out_rows), split.group) for t in local]
     return gathered[0] if outputs == 1 else (gathered[0], gathered[1:])
-
-
-class _GatherItems(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, owner: list[int], out_rows: list[int], split) -> torch.Tensor:
-        ctx.owner, ctx.out_rows, ctx.split = owner, out_rows, split
-        held = [sum(n for n, r in zip(out_rows, owner) if r == rank) for rank in range(split.size)]
-        width = max(held)
-        padded = torch.cat([local, local.new_zeros(width - local.shape[0], *local.shape[1:])])
-        parts = [torch.empty_like(padded) for _ in range(split.size)]
-        dist.all_gather(parts, padded.contiguous(), group=split.group)
-        # Each rank's rows are its items in item order: hand them back out in item order.
-        pieces, cursor = [None] * len(owner), [0] * split.size
-        for item, rank in enumerate(owner):
-            n = out_rows[item]
-            pieces[item] = parts[rank][cursor[rank]:cursor[rank] + n]
-            cursor[rank] += n
-        return torch.cat(pieces) if pieces else local
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.split.group)  # every rank's use of every item
-        mine = [i for i, r in enumerate(ctx.owner) if r == ctx.split.rank]
-        return _rows(grad, ctx.out_rows, mine), None, None, None
