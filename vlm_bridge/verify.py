@@ -21,8 +21,7 @@ from vlm_bridge.attention.context import context_parallel_size, current_split
 from vlm_bridge.convert.engine import DTYPES
 from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.data.media import load_image, load_video
-from vlm_bridge.data.video import DecodedVideo
-from vlm_bridge.inference.requests import ensure_pad_token
+from vlm_bridge.inference.requests import build_prompt_batch, request_from_args
 from vlm_bridge.loading import load_hf, load_hf_config, load_megatron
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.registry import family_for_config
@@ -86,34 +85,16 @@ def verify_batches(family, processor, images, video, prompt: str, fps: float = 2
 
 def build_batch(processor, images, video, prompt: str, fps: float = 2.0, text_row: bool = True,
                 **processor_kwargs):
-    """Rows: images (if any), video (if any), text only (unless ``text_row`` is False); left-padded
-    like HF generation.
-
-    Images are passed per row (a nested list), which every processor accepts and some require
-    (some count images per prompt). ``processor_kwargs`` go to the processor call (e.g.
-    ``do_pan_and_scan=True``, which a saved processor folder cannot switch on).
-    """
-    rows, media = [], {}
+    """Rows: images (if any), video (if any: frames taken at ``fps``, or a decoded file), text only
+    (unless ``text_row`` is False); left-padded like HF generation (``build_prompt_batch``)."""
+    requests = []
     if images:
-        rows.append([*({"type": "image"} for _ in images), {"type": "text", "text": prompt}])
+        requests.append(request_from_args(prompt, list(images), None))
     if video is not None:
-        rows.append([{"type": "video"}, {"type": "text", "text": prompt}])
-        if isinstance(video, DecodedVideo):
-            processor_kwargs = {**video.processor_kwargs, **processor_kwargs}
-            video, media["video_metadata"] = video.frames, [video.metadata]
-        media["videos"] = [video]
-        if isinstance(video, list):
-            media["video_metadata"] = [{"total_num_frames": len(video), "fps": fps}]
+        requests.append(request_from_args(prompt, [], video))
     if text_row:
-        rows.append([{"type": "text", "text": prompt}])
-    if images:
-        media["images"] = [list(images)] + [[] for _ in rows[1:]]
-    conversations = [[{"role": "user", "content": row}] for row in rows]
-    texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-    ensure_pad_token(getattr(processor, "tokenizer", processor))
-    # The rendered template already holds every special token (e.g. a <bos>): add none.
-    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
-                     add_special_tokens=False, **media, **processor_kwargs)
+        requests.append(request_from_args(prompt, [], None))
+    return build_prompt_batch(processor, requests, fps, **processor_kwargs)
 
 
 def compare_logits(hf: torch.Tensor, mg: torch.Tensor, valid: torch.Tensor) -> dict:

@@ -180,7 +180,12 @@ def test_verify_decodes_video_files(clip, family, hf_path_flow):
     images, video = load_media([], str(clip), processor)
     ours = build_batch(processor, [make_image(56, 56)], video, "What moves?")
     assert hf_path_flow.calls == []
-    theirs = build_batch(processor, [make_image(56, 56)], str(clip), "What moves?")  # HF decodes
+    rows = [[{"type": "image"}], [{"type": "video"}], []]
+    texts = processor.apply_chat_template(
+        [[{"role": "user", "content": [*r, {"type": "text", "text": "What moves?"}]}] for r in rows],
+        add_generation_prompt=True, tokenize=False)
+    theirs = processor(text=texts, images=[[make_image(56, 56)], [], []], videos=[str(clip)],  # HF decodes
+                       padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     assert hf_path_flow.calls == [str(clip)]
     _assert_same(ours, theirs)
 

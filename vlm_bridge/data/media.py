@@ -37,8 +37,10 @@ def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedV
 
     Frames given directly (a folder of images or a list) are taken as sampled at ``fps`` (else
     ``FRAMES_FPS``) and used as they are; a file is decoded and sampled by :func:`read_video`, with
-    ``fps`` replacing the processor's own rate when given.
+    ``fps`` replacing the processor's own rate when given; a :class:`DecodedVideo` is used as is.
     """
+    if isinstance(value, DecodedVideo):
+        return value
     if isinstance(value, str | Path):
         path = Path(value)
         if path.is_dir():

@@ -42,6 +42,10 @@ def _check_media_value(kind: str, value: Any) -> str | None:
         return None if str(value) else f"has an empty {kind} path"
     if _is_pil(value):
         return None
+    from vlm_bridge.data.video import DecodedVideo
+
+    if kind == "video" and isinstance(value, DecodedVideo):  # already decoded and sampled
+        return None
     if kind == "video" and isinstance(value, list | tuple):
         if not value:
             return "has an empty video frame list"

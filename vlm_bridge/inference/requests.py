@@ -71,8 +71,13 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
 
 
-def build_prompt_batch(processor, requests: list[Request], video_fps: float | None = None):
-    """One left-padded batch (HF ``BatchFeature``) of the requests' prompts, as HF generation takes."""
+def build_prompt_batch(processor, requests: list[Request], video_fps: float | None = None,
+                       **processor_kwargs):
+    """One left-padded batch (HF ``BatchFeature``) of the requests' prompts, as HF generation takes.
+
+    Images go per row (a nested list), which every processor accepts and some require.
+    ``processor_kwargs`` go to the processor call (e.g. ``do_pan_and_scan=True``, which a saved
+    processor folder cannot switch on) and win over the video reader's."""
     texts, images, videos = [], [], []
     for request in requests:
         plain = template_messages(request.messages)
@@ -88,9 +93,10 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
                 raise ValueError(f"{request.where}: {exc}") from None
         images.append(row_images)
     ensure_pad_token(getattr(processor, "tokenizer", processor))
+    media = {**processor_media(images, videos, processor), **processor_kwargs}
     # The rendered template already holds every special token (e.g. a <bos>): add none.
     return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
-                     add_special_tokens=False, **processor_media(images, videos, processor))
+                     add_special_tokens=False, **media)
 
 
 def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
