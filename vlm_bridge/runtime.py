@@ -7,7 +7,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vlm_bridge.parallel import cpu_group
+from vlm_bridge.parallel import cpu_group, device
+
+
+def on_device(inputs: dict, where: torch.device | None = None) -> dict:
+    """Model inputs on this rank's device (or ``where``): tensors, the structural attention mask,
+    and lists of tensors (media items of different sizes)."""
+    target = where if where is not None else device()
+
+    def move(value):
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value.to(target) if hasattr(value, "to") else value
+
+    return {key: move(value) for key, value in inputs.items()}
 
 
 def pipeline_forward_logits(model: torch.nn.Module, kwargs: dict) -> torch.Tensor | None:

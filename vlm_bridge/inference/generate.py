@@ -26,7 +26,7 @@ from vlm_bridge.attention.mask import AttentionMask
 from vlm_bridge.inference.graphs import make_decoder
 from vlm_bridge.inference.state import InferenceState
 from vlm_bridge.parallel import cpu_group, device
-from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits
+from vlm_bridge.runtime import last_stage_rank, on_device, pipeline_forward_logits
 
 
 @dataclass
@@ -99,10 +99,6 @@ class _TokenRelay:
         return buffer
 
 
-def _on_device(inputs: dict) -> dict:
-    return {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def generate_tokens(built, batch: dict, sampling: Sampling,
                     on_step: Callable[[list[list[int]]], None] | None = None,
                     trace: bool = False, decode: str = "auto") -> Generated:
@@ -120,7 +116,8 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
     rows, prompt_len = inputs["input_ids"].shape
     padding = batch.get("attention_mask")
     valid = padding.bool() if padding is not None else torch.ones(rows, prompt_len, dtype=torch.bool)
-    segments = None if bool(valid.all()) else torch.where(valid, 0, -1).to(device())
+    segments = AttentionMask.from_padding(padding).segment_ids
+    segments = segments.to(device()) if segments is not None else None
     state = InferenceState(capacity=prompt_len + sampling.max_new_tokens)
     inputs["attention_mask"] = AttentionMask(segment_ids=segments, causal=True, state=state)
     next_position = inputs["position_ids"][..., -1:].to(device()) + 1  # [b, 1] or [P, b, 1]
@@ -134,7 +131,7 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
     start = time.perf_counter()
     decoder = None
     with torch.no_grad(), _eager_fusions(model):
-        logits = pipeline_forward_logits(model, {**_on_device(inputs), "last_only": True})
+        logits = pipeline_forward_logits(model, {**on_device(inputs), "last_only": True})
         state.start = prompt_len
         for step in range(1, sampling.max_new_tokens + 1):
             chosen = None

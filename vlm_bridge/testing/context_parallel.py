@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlm_bridge.parallel import ParallelConfig, device, init_distributed
-from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
+from vlm_bridge.parallel import ParallelConfig, init_distributed
+from vlm_bridge.runtime import last_stage_rank, on_device, pipeline_forward_logits, to_rank0
 
 
 def packed_samples(family, shapes_jsonl: str | Path, video: str | None) -> list[dict]:
@@ -61,8 +61,7 @@ def layout_logits(hf_dir: str, parallel: ParallelConfig, samples: list[dict], ex
     source = last_stage_rank()
     out = []
     for kwargs in inputs:
-        kwargs = {k: v.to(device()) if hasattr(v, "to") else v for k, v in kwargs.items()}
-        logits = pipeline_forward_logits(built.model, kwargs)
+        logits = pipeline_forward_logits(built.model, on_device(kwargs))
         logits = logits[..., : settings.vocab_size].float() if logits is not None else None
         out.append(to_rank0(logits, source))
     # numpy: pickled by value (a spawned rank may exit before shared tensor storage is received)

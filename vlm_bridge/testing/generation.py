@@ -11,7 +11,7 @@ import torch.distributed as dist
 from vlm_bridge.inference.generate import Sampling, generate_tokens
 from vlm_bridge.inference.requests import Request, build_prompt_batch, request_from_args
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
-from vlm_bridge.runtime import pipeline_forward_logits
+from vlm_bridge.runtime import on_device, pipeline_forward_logits
 
 
 def parity_requests(family, media: dict[str, str]) -> list[list[Request]]:
@@ -92,8 +92,7 @@ def _cache_vs_full(built, batch, extra: dict) -> float | None:
             if key in full:
                 full[key] = torch.cat([full[key], full[key].new_zeros(rows, extra_len)], dim=1)
     inputs = built.family.model_inputs(built.settings, full)
-    inputs = {k: v.to(device()) if hasattr(v, "to") else v for k, v in inputs.items()}  # mask too
-    logits = pipeline_forward_logits(built.model, inputs)
+    logits = pipeline_forward_logits(built.model, on_device(inputs))
     if logits is None:
         return None
     prompt = batch["input_ids"].shape[1]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.runtime import on_device
 
 IGNORE = -100
 
@@ -29,16 +30,7 @@ class MicroBatch:
     num_tokens: int  # real (non-padding) tokens, for throughput
 
     def to(self, device) -> MicroBatch:
-        def move(v):
-            if isinstance(v, torch.Tensor):
-                return v.to(device)
-            if isinstance(v, AttentionMask):
-                return v.to(device)
-            if isinstance(v, list):
-                return [move(x) for x in v]
-            return v
-
-        return MicroBatch({k: move(v) for k, v in self.inputs.items()}, self.labels.to(device),
+        return MicroBatch(on_device(self.inputs, device), self.labels.to(device),
                           self.loss_mask.to(device), self.num_tokens)
 
 
