@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadRows, Rename, Transpose
+from vlm_bridge.convert.ops import ConcatRows, Entry, FuseQKV, PadDim, PadRows, Rename, Transpose
 
 
 def rand(*shape):
@@ -60,3 +60,17 @@ def test_concat_rows_pad_rows_transpose_rename():
 def test_entry_checks_arity():
     with pytest.raises(AssertionError):
         Entry("x", ("a", "b"), Rename())
+
+
+def test_pad_dim_pads_each_part_and_inverts():
+    gate, up = torch.randn(70, 8), torch.randn(70, 8)
+    fc1 = PadDim(parts=2, size=70, padded=72)
+    out = fc1.to_megatron([gate, up])
+    assert out.shape == (144, 8) and fc1.tp_chunks == 2 and fc1.arity == 2
+    assert torch.equal(out[:70], gate) and torch.equal(out[72:142], up) and not out[70:72].any()
+    assert all(torch.equal(a, b) for a, b in zip(fc1.to_hf(out), [gate, up]))
+    down = torch.randn(8, 70)
+    fc2 = PadDim(size=70, padded=72, dim=1)
+    assert fc2.to_megatron([down]).shape == (8, 72) and torch.equal(fc2.to_hf(fc2.to_megatron([down]))[0], down)
+    with pytest.raises(ValueError, match="expected 70 along dim 1"):
+        fc2.to_megatron([torch.randn(8, 71)])

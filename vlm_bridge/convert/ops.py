@@ -124,37 +124,30 @@ class PadRows(Op):
 
 
 @dataclass
-class PadDim(Op):
+class PadDim(ConcatRows):
     """Each of ``parts`` HF tensors zero-padded along ``dim`` from ``size`` to ``padded`` (and, for
-    several parts, stacked along dim 0): an FFN whose width TP does not divide gets zero rows in
-    ``linear_fc1`` (gate and up each) and zero columns in ``linear_fc2``, which change no output
-    (act(0) = 0 for GELU/SiLU, and a zero column adds nothing); export slices them off."""
+    several parts, stacked along dim 0 like :class:`ConcatRows`): an FFN whose width TP does not
+    divide gets zero rows in ``linear_fc1`` (gate and up each) and zero columns in ``linear_fc2``,
+    which change no output (act(0) = 0 for GELU/SiLU, and a zero column adds nothing); export slices
+    them off."""
 
-    size: int
-    padded: int
-    dim: int = 0
     parts: int = 1
-
-    @property
-    def arity(self) -> int:  # type: ignore[override]
-        return self.parts
-
-    @property
-    def tp_chunks(self) -> int:  # type: ignore[override]
-        return self.parts
+    size: int = 0
+    padded: int = 0
+    dim: int = 0
 
     def to_megatron(self, hf: list[torch.Tensor]) -> torch.Tensor:
-        out = []
+        padded = []
         for t in hf:
             if t.shape[self.dim] != self.size:
                 raise ValueError(f"expected {self.size} along dim {self.dim}, found shape {tuple(t.shape)}")
             shape = list(t.shape)
             shape[self.dim] = self.padded - self.size
-            out.append(torch.cat([t, t.new_zeros(shape)], dim=self.dim))
-        return torch.cat(out, dim=0)
+            padded.append(torch.cat([t, t.new_zeros(shape)], dim=self.dim))
+        return super().to_megatron(padded)
 
     def to_hf(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return [x.narrow(self.dim, 0, self.size).clone() for x in t.chunk(self.parts, dim=0)]
+        return [x.narrow(self.dim, 0, self.size).clone() for x in super().to_hf(t)]
 
 
 @dataclass

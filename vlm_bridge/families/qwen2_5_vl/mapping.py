@@ -26,8 +26,8 @@ def _vision_entries(vision, s: Qwen25VLSettings) -> list[Entry]:
     qkv = FuseQKV(heads, heads, head_dim, hf_fused=True)
     up, down = ConcatRows(2), Rename()
     if vision.ffn_hidden_size != s.vision_ffn_size:  # zero-padded so that TP divides it
-        up = PadDim(s.vision_ffn_size, vision.ffn_hidden_size, dim=0, parts=2)
-        down = PadDim(s.vision_ffn_size, vision.ffn_hidden_size, dim=1)
+        up = PadDim(parts=2, size=s.vision_ffn_size, padded=vision.ffn_hidden_size)
+        down = PadDim(size=s.vision_ffn_size, padded=vision.ffn_hidden_size, dim=1)
     out = [Entry("vision.patch_embed.weight", ("visual.patch_embed.proj.weight",), Rename())]
     for i in range(vision.num_layers):
         m, h = f"vision.layers.{i}.", f"visual.blocks.{i}."

@@ -20,10 +20,10 @@ def _ffn(m: str, h: str, size: int, padded: int) -> list[Entry]:
     """A GELU MLP whose width is zero-padded from ``size`` to ``padded`` so that TP divides it."""
     if size == padded:
         return _linear(m + "linear_fc1", h + "linear_fc1") + _linear(m + "linear_fc2", h + "linear_fc2")
-    rows = PadDim(size, padded, dim=0)
+    rows, cols = PadDim(size=size, padded=padded), PadDim(size=size, padded=padded, dim=1)
     return [Entry(m + "linear_fc1.weight", (h + "linear_fc1.weight",), rows),
             Entry(m + "linear_fc1.bias", (h + "linear_fc1.bias",), rows),
-            Entry(m + "linear_fc2.weight", (h + "linear_fc2.weight",), PadDim(size, padded, dim=1)),
+            Entry(m + "linear_fc2.weight", (h + "linear_fc2.weight",), cols),
             Entry(m + "linear_fc2.bias", (h + "linear_fc2.bias",), Rename())]
 
 
