@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -91,21 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("CI", "1")
-    from make_checkpoint import make_checkpoint
+    from make_checkpoint import ensure_checkpoint, offline_and_quiet, print_and_save
 
+    offline_and_quiet()
     from vlm_bridge.parallel import run_parallel
     from vlm_bridge.recipes.build import lora_recipe
 
     work = Path(args.workdir)
     hf_dir = work / "hf"
-    report: dict = {"size": args.size, "dtype": args.dtype, "frame_px": args.frame_px, "runs": {}}
-    if not (hf_dir / "config.json").is_file():
-        start = time.perf_counter()
-        make_checkpoint(hf_dir, args.size, args.dtype, overwrite=True, max_pixels=args.frame_px ** 2)
-        report["make_checkpoint_s"] = time.perf_counter() - start
+    report: dict = {"size": args.size, "dtype": args.dtype, "frame_px": args.frame_px, "runs": {},
+                    **ensure_checkpoint(hf_dir, args.size, args.dtype, max_pixels=args.frame_px ** 2)}
     lengths = [int(x) for x in args.lengths.split(",")]
     for cp in (int(x) for x in args.cps.split(",")):
         for length in lengths:
@@ -132,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         one, two = report["runs"].get(f"cp1_{length}", {}), report["runs"].get(f"cp2_{length}", {})
         if "step_s" in one and "step_s" in two:
             report[f"scaling_{length}"] = one["step_s"] / two["step_s"] / 2
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_and_save(report, args.out)
     return 0
 
 

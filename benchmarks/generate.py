@@ -15,8 +15,6 @@ default dynamic cache and SDPA attention. Each system first runs one short warm-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import sys
 import time
@@ -172,28 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="megatron,hf")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("CI", "1")
-    from make_checkpoint import make_checkpoint
+    from make_checkpoint import ensure_checkpoint, offline_and_quiet, print_and_save
 
+    offline_and_quiet()
     from vlm_bridge.parallel import run_parallel
 
     hf_dir = Path(args.workdir) / "hf"
-    timings = {}
-    if not (hf_dir / "config.json").is_file():
-        start = time.perf_counter()
-        # The processor keeps images up to --max-px squared (448-896 px sides: 256-1024 tokens).
-        make_checkpoint(hf_dir, args.size, args.dtype, overwrite=True, max_pixels=args.max_px ** 2)
-        timings["make_checkpoint_s"] = time.perf_counter() - start
+    # The processor keeps images up to --max-px squared (448-896 px sides: 256-1024 tokens).
+    timings = ensure_checkpoint(hf_dir, args.size, args.dtype, max_pixels=args.max_px ** 2)
     sizes = [int(x) for x in args.batches.split(",")]
     report = run_parallel(bench, 1, str(hf_dir), args.workdir, sizes, args.new_tokens, args.dtype, args.seed,
                           args.min_px, args.max_px, args.systems.split(","))
     report.update(size=args.size, dtype=args.dtype, new_tokens=args.new_tokens, **timings)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_and_save(report, args.out)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -63,12 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="half precision: skip the HF fp32 reference run (27B: see above)")
     p.add_argument("--keep", action="store_true", help="keep WORKDIR/convert (2 more model copies)")
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("CI", "1")  # no tqdm bars between the timings
+    from make_checkpoint import make_checkpoint, offline_and_quiet
 
+    offline_and_quiet()
     import torch
-    from make_checkpoint import make_checkpoint
 
     from vlm_bridge.parallel import ParallelConfig, run_parallel
     from vlm_bridge.verify import DEFAULT_PROMPT, verify

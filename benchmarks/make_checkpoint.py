@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -475,6 +476,31 @@ def summarize(specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> d
             n * dtype.itemsize)
     return {"tensors": len(specs), "params": sum(numel), "bytes": sum(numel) * dtype.itemsize,
             "gb": round(sum(numel) * dtype.itemsize / 1e9, 3), "bytes_by_part": parts}
+
+
+def offline_and_quiet() -> None:
+    """What every benchmark sets first: no hub access, no transformers chatter, no tqdm bars
+    between the timings."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("CI", "1")
+
+
+def ensure_checkpoint(hf_dir: str | Path, size: str, dtype: str, **options) -> dict:
+    """Write the random checkpoint unless ``hf_dir`` already holds one (its config.json is written
+    last, inside an atomically renamed folder); ``{"make_checkpoint_s": ...}`` when written."""
+    if (Path(hf_dir) / "config.json").is_file():
+        return {}
+    start = time.perf_counter()
+    make_checkpoint(hf_dir, size, dtype, overwrite=True, **options)
+    return {"make_checkpoint_s": time.perf_counter() - start}
+
+
+def print_and_save(report: dict, out: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
