@@ -337,7 +337,7 @@ def _profile(step, top: int = 15) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True, with_stack=True) as prof:
         step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -358,9 +358,26 @@ def _profile(step, top: int = 15) -> dict:
             share[kind] += e.self_device_time_total / total
     ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return {"device_ms": total / 1e3, "share": share,
+    return {"device_ms": total / 1e3, "share": share, "by_op": _device_time_by_op(prof, top),
             "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 2)) for e in ranked],
             "host_top": [(e.key[:90], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in host]}
+
+
+def _device_time_by_op(prof, top: int) -> list:
+    """The ops whose kernels took the most device time, by (op, input shapes, nearest project or
+    Megatron frame): which matmul a slow GEMM kernel belongs to."""
+    totals: dict[tuple, list] = {}
+    for event in prof.events():
+        kernels = getattr(event, "kernels", None) or []
+        if not kernels:
+            continue
+        frames = [f for f in (event.stack or []) if "vlm_bridge" in f or "megatron" in f]
+        key = (event.name, str(event.input_shapes)[:160], (frames[0] if frames else "")[-120:])
+        entry = totals.setdefault(key, [0.0, 0])
+        entry[0] += sum(k.duration for k in kernels) / 1e3
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(*key, round(ms, 2), count) for key, (ms, count) in ranked]
 
 
 def guarded(fn, *fn_args) -> dict:
@@ -368,7 +385,8 @@ def guarded(fn, *fn_args) -> dict:
     import torch
 
     errors, cuda = [], torch.cuda.is_available()
-    for recompute in (False, True):
+    args = fn_args[2]
+    for recompute in (True,) if getattr(args, "recompute", False) else (False, True):
         res, oom = None, False
         try:
             res = fn(*fn_args, recompute)
@@ -467,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
+    p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")
     p.add_argument("--bf16-grads", action="store_true", help="Megatron: bf16 gradient buffers")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

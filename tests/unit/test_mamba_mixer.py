@@ -311,3 +311,39 @@ def test_tp_must_divide_heads_and_groups():
 
     with pytest.raises(ValueError, match=r"^--tp 4 does not divide the Mamba groups \(2\)$"):
         MambaMixer(_config(4), SETTINGS)
+
+
+def _frozen_strides_job(weights: dict, x: torch.Tensor) -> dict:
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(), seed=0)
+    mixer = _build(1, weights)
+    for linear in (mixer.in_proj, mixer.out_proj):  # frozen, as under LoRA
+        linear.weight.requires_grad_(False)
+    seen: dict[str, tuple] = {}
+
+    def on_grad(g: torch.Tensor) -> None:
+        seen.setdefault("in_proj grad_output", (g.shape, g.stride()))
+
+    def on_in_proj(module, args, output):
+        output[0].register_hook(on_grad)
+
+    mixer.in_proj.register_forward_hook(on_in_proj)
+    def on_out_proj(module, args):  # returns None: the inputs go on unchanged
+        seen.setdefault("out_proj input", (args[0].shape, args[0].stride()))
+
+    mixer.out_proj.register_forward_pre_hook(on_out_proj)
+    xg = x[:1].transpose(0, 1).clone().requires_grad_(True)  # one row: [s, 1, h]
+    out, _ = mixer(xg)
+    out.sum().backward()
+    return seen
+
+
+def test_frozen_projections_see_row_major_tensors(case):
+    """A one-row batch still hands the frozen projections row-major tensors (forward input of
+    ``out_proj``, gradient into ``in_proj``): transposed views there made the GPU run each as a
+    batched matmul with the weight broadcast over positions."""
+    seen = run_parallel(_frozen_strides_job, 1, case["weights"], case["x"])
+    assert set(seen) == {"in_proj grad_output", "out_proj input"}
+    for what, (shape, stride) in seen.items():
+        assert stride == torch.empty(shape).stride(), f"{what}: strides {stride} for shape {tuple(shape)}"

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common import ssd_triton
 from vlm_bridge.families._common.megatron_config import require_divisible, skip_init
+from vlm_bridge.families._common.modules import swap_first_dims
 from vlm_bridge.families._common.ssd_scan import causal_conv1d, segment_runs, ssd_scan
 
 
@@ -201,7 +202,7 @@ class MambaMixer(MegatronModule):
         s = self.settings
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, in_proj rows]; gathered under SP
         seq, batch = zxbcdt.shape[:2]
-        z, xbc, dt = zxbcdt.transpose(0, 1).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        z, xbc, dt = swap_first_dims(zxbcdt).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         xbc_in = xbc.transpose(1, 2)  # [b, channels, s]
         xbc = F.silu(causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, runs)).transpose(1, 2)
         x, B, C = xbc.split(s.conv_sizes(self.config.tensor_model_parallel_size), dim=-1)
@@ -227,7 +228,7 @@ class MambaMixer(MegatronModule):
         batch, seq = y.shape[:2]
         y = y + self.D.float()[:, None] * x.float()
         y = self.norm(y.reshape(batch, seq, self.d_inner), z)
-        out, _ = self.out_proj(y.to(dtype).transpose(0, 1).contiguous())
+        out, _ = self.out_proj(swap_first_dims(y.to(dtype)))
         return out
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:

@@ -1,4 +1,5 @@
-"""Module helpers every family's vision side needs: feature scatter, per-element checkpoint keys."""
+"""Module helpers the families share: feature scatter, per-element checkpoint keys, and the
+``[b, s] <-> [s, b]`` swap that keeps matmul inputs row-major."""
 
 from __future__ import annotations
 
@@ -33,6 +34,32 @@ def per_element_sharded_state_dict(self, prefix: str = "", sharded_offsets: tupl
     return out
 
 
+def _row_major_swap(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+
+
+class _SwapFirstDims(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return _row_major_swap(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _row_major_swap(grad)
+
+
+def swap_first_dims(t: torch.Tensor) -> torch.Tensor:
+    """``t.transpose(0, 1)`` as a fresh row-major tensor, and its gradient as one too.
+
+    ``.contiguous()`` is not enough: with one row (``b == 1``) a transposed ``[s, 1, h]`` view counts
+    as contiguous and keeps its stride of ``s * h`` on the size-1 dim. ``torch.matmul`` then refuses
+    to fold it into one 2-D GEMM where nothing needs a gradient (a frozen Megatron linear's forward
+    without grad, and its backward's ``grad_output @ weight``), and runs a batched matmul over the
+    ``s`` positions with the weight broadcast: on a GPU that took 45 of a 53 s LoRA step at 12B.
+    """
+    return _SwapFirstDims.apply(t)
+
+
 def scatter_vision_embeddings(
     embeddings: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor,
     what: str,
@@ -49,7 +76,6 @@ def scatter_vision_embeddings(
         )
     # masked_scatter fills in the logical order of its input, so scatter into a [b, s, h] view.
     out = embeddings.transpose(0, 1).masked_scatter(mask[..., None], features.to(embeddings.dtype))
-    # Contiguous [s, b, h]: a transposed view would make every linear of the decoder (whose
-    # elementwise ops keep strides) run as a batched matmul over positions with its weight
-    # broadcast, when more than one row is batched.
-    return out.transpose(0, 1).contiguous()
+    # Row-major [s, b, h]: a transposed view would make the decoder's linears (whose elementwise
+    # ops keep strides) run as batched matmuls over positions with the weight broadcast.
+    return swap_first_dims(out)
