@@ -271,12 +271,16 @@ def _verify(
     )
     baseline = None
     if fp32_baseline and dtype != torch.float32:
+        hf_half = [([h.cpu() for h in hidden], [v.cpu() for v in vision]) for _, hidden, vision in hf_runs]
         del hf_runs
         ref_runs = _run_hf(hf_dir, torch.float32, batches, built.family.hf_vision_module)
         ref_rows = torch.cat([ref.cpu()[valid] for (valid, *_), (ref, _, _) in zip(runs, ref_runs)])
         baseline = {
             "hf_half_vs_hf_fp32": compare_logits(ref_rows, hf_rows, everywhere),
             "megatron_half_vs_hf_fp32": compare_logits(ref_rows, mg_rows, everywhere),
+            # Where each half-precision model's error comes from: the vision features and every
+            # decoder layer's output, as RMS distance to the fp32 reference.
+            "rms_error_vs_hf_fp32": _rms_errors(runs, hf_half, ref_runs),
         }
         hf_kl = baseline["hf_half_vs_hf_fp32"]["kl_divergence"]
         mg_kl = baseline["megatron_half_vs_hf_fp32"]["kl_divergence"]
@@ -322,6 +326,36 @@ def _layer_diffs(layers: dict, hf_hidden: list, valid: torch.Tensor) -> list[flo
     return diffs
 
 
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean().sqrt())
+
+
+def _rms_errors(runs: list, hf_half: list, ref_runs: list) -> dict:
+    """RMS distance to the fp32 reference of the vision features and of each decoder layer's
+    output (valid tokens), for HF and Megatron in half precision, maxed over the batches."""
+    out: dict = {}
+    sides = {"hf_half": lambda i: hf_half[i], "megatron_half": lambda i: _megatron_side(runs[i])}
+    for name, pick in sides.items():
+        layers: list[float] = []
+        vision: list[float] = []
+        for i, (valid, *_rest) in enumerate(runs):
+            hidden, feats = pick(i)
+            _, ref_hidden, ref_vision = ref_runs[i]
+            errors = [_rms(h[valid], r.cpu()[valid]) for h, r in zip(hidden[1:-1], ref_hidden[1:-1])]
+            layers = [max(a, b) for a, b in zip(layers, errors)] if layers else errors
+            vision += [_rms(a.reshape(-1, a.shape[-1]), b.cpu().reshape(-1, b.shape[-1]))
+                       for a, b in zip(feats, ref_vision)]
+        out[name] = {"vision": max(vision) if vision else None, "layers": layers}
+    return out
+
+
+def _megatron_side(run: tuple) -> tuple[list, list]:
+    """Megatron's layer outputs as HF hidden states ``[b, s, h]`` (index 0 unused), and its vision."""
+    valid, _, layers, vision = run
+    hidden = [None] + [layers[i][: valid.shape[1]].transpose(0, 1) for i in sorted(layers)] + [None]
+    return hidden, vision
+
+
 def format_report(r: dict) -> str:
     lines = [
         f"tokens compared      {r['tokens']} ({r['dtype']})",
@@ -338,6 +372,12 @@ def format_report(r: dict) -> str:
     lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
     if r.get("fp32_baseline"):
         for name, b in r["fp32_baseline"].items():
+            if name == "rms_error_vs_hf_fp32":
+                for side, e in b.items():
+                    vision = "-" if e["vision"] is None else f"{e['vision']:.2e}"
+                    layers = ", ".join(f"{x:.1e}" for x in e["layers"])
+                    lines.append(f"{side} RMS error vs fp32: vision {vision}, layers [{layers}]")
+                continue
             lines.append(f"{name:<26} KL {b['kl_divergence']:.3e}  top-1 {100 * b['top1_agreement']:.2f}%"
                          f"  max diff {b['max_abs_diff']:.3e}")
     lines.append("PASS" if r["passed"] else "FAIL")

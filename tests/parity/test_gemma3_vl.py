@@ -78,6 +78,28 @@ def test_pan_and_scan_crops_match_hf(gemma, tmp_path, parity):
     assert report["tokens"] > 60, report  # 5 image entries of 4 soft tokens each, plus text
 
 
+def test_bf16_report_places_each_side_against_fp32(gemma):
+    """In bf16 with the fp32 reference, verify reports both half-precision models' distance to it:
+    logits (KL) and, per decoder layer and for the vision features, an RMS error that shows where
+    the error comes from. On the tiny model the two sides are within a few percent of each other."""
+    from vlm_bridge.parallel import ParallelConfig
+    from vlm_bridge.verify import DEFAULT_PROMPT, format_report, verify
+
+    report = run_parallel(verify, 1, str(gemma), None, ParallelConfig(), [], None, DEFAULT_PROMPT, "bf16",
+                          None, True)
+    base = report["fp32_baseline"]
+    assert report["passed"], format_report(report)
+    layers = json.loads((gemma / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    errors = base["rms_error_vs_hf_fp32"]
+    for side in ("hf_half", "megatron_half"):
+        assert len(errors[side]["layers"]) == layers - 1  # the last hidden state is after the final norm
+        assert all(0 < e < 0.2 for e in errors[side]["layers"]), errors
+        assert 0 < errors[side]["vision"] < 0.01, errors
+    ratio = [m / h for m, h in zip(errors["megatron_half"]["layers"], errors["hf_half"]["layers"])]
+    assert max(ratio) < 1.25 and min(ratio) > 0.8, ratio
+    assert "megatron_half RMS error vs fp32" in format_report(report)
+
+
 LM, VIS, PROJ = "language_model.model.", "vision_tower.vision_model.", "multi_modal_projector."
 LAYOUT_PREFIXES = {  # canonical prefix -> file prefix
     "hub": {LM: LM, VIS: VIS, PROJ: PROJ},
