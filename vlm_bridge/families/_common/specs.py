@@ -5,7 +5,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -17,6 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from vlm_bridge.attention.core import TorchCoreAttention
 from vlm_bridge.compat.no_te import patch_megatron_without_te
 from vlm_bridge.families._common.experts import experts_module
+from vlm_bridge.families._common.linears import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 
 
 def transformer_layer_spec(
@@ -32,7 +32,8 @@ def transformer_layer_spec(
     qk = WrappedTorchNorm if qk_norm else IdentityOp
     mlp = ModuleSpec(
         module=MLP,
-        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        submodules=MLPSubmodules(linear_fc1=FusedBiasColumnParallelLinear,
+                                 linear_fc2=FusedBiasRowParallelLinear),
     )
     if num_experts:
         patch_megatron_without_te()
@@ -46,9 +47,9 @@ def transformer_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=FusedBiasColumnParallelLinear,
                     core_attention=TorchCoreAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=FusedBiasRowParallelLinear,
                     q_layernorm=qk,
                     k_layernorm=qk,
                 ),

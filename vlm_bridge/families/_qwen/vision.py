@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from vlm_bridge.families._common.linears import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict
 
 
@@ -34,11 +34,11 @@ class PatchMerger(MegatronModule):
         norm_dim = self.hidden if norm_after_merge else context_dim
         self.norm = WrappedTorchNorm(config, norm_dim, eps=config.layernorm_epsilon)
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.linear_fc1 = ColumnParallelLinear(
+        self.linear_fc1 = FusedBiasColumnParallelLinear(
             self.hidden, self.hidden, config=config, init_method=_init_noop, bias=True,
             gather_output=False, tp_group=tp_group,
         )
-        self.linear_fc2 = RowParallelLinear(
+        self.linear_fc2 = FusedBiasRowParallelLinear(
             self.hidden, out_dim, config=config, init_method=_init_noop, bias=True,
             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
