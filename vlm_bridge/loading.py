@@ -85,9 +85,31 @@ def load_hf_config(folder: str | Path):
     from transformers import AutoConfig
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    path = folder / "config.json"
+    if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    _refuse_unsupported_config(path)
+    # Never the folder's own code: transformers would otherwise ask on the terminal and wait.
+    return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+
+def _refuse_unsupported_config(path: Path) -> None:
+    """One line for a config no family reads, before transformers tries (and, for a folder that
+    ships its own modelling code, prompts)."""
+    import json
+    from types import SimpleNamespace
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
+    declared = SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type"))
+    try:
+        family_for_config(declared)
+    except ValueError as exc:
+        remote = " needs the folder's own Python code (auto_map), which is never run here;" if raw.get(
+            "auto_map") else ""
+        raise CheckpointError(f"{path}:{remote} {exc}") from None
 
 
 def check_context_parallel(family: Family, parallel: ParallelConfig) -> None:

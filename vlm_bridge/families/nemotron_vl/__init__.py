@@ -1,4 +1,5 @@
-"""Nemotron VL (NemotronH_Omni_Reasoning_V3 and NemotronH_Nano_VL_V2) on Megatron-Core."""
+"""Nemotron VL (transformers' NemotronH_Omni_Reasoning_V3, whose V2 key names it also reads) on
+Megatron-Core."""
 
 from __future__ import annotations
 

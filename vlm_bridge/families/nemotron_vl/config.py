@@ -1,9 +1,9 @@
 """Nemotron VL: HF config -> Megatron-Core configs and settings, in one explicit function.
 
-Two HF forms arrive here as one ``nemotron_h_omni`` config read through ``AutoConfig``:
-transformers 5.24's ``NemotronH_Omni_Reasoning_V3`` folders directly, and the original
-``NemotronH_Nano_VL_V2`` hub folders after :func:`~vlm_bridge.families.nemotron_vl.v2.translate_v2_config`
-(``llm_config`` / ``vision_config`` and V2 field names). What is set here and why:
+Folders arrive here as the ``nemotron_h_omni`` config of transformers 5.24's
+``NemotronH_Omni_Reasoning_V3``, read through ``AutoConfig`` (the original
+``NemotronH_Nano_VL_V2`` hub folders, whose config needs remote code, are not read yet).
+What is set here and why:
 
 * the language model is a hybrid stack from ``layers_block_type`` (``linear_attention`` = Mamba-2
   ``M``, ``full_attention`` = attention ``*``, ``mlp`` = squared-ReLU MLP ``-``); attention has no
