@@ -22,6 +22,7 @@ from vlm_bridge.convert.distribute import global_param_names
 from vlm_bridge.convert.engine import (
     DTYPES,
     META_FILE,
+    HFParamSource,
     HFTarget,
     check_coverage,
     dtype_name,
@@ -36,6 +37,7 @@ from vlm_bridge.convert.experts import PER_EXPERT
 from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.convert.layout import detect_layout, layout_by_name
 from vlm_bridge.convert.ops import Entry
+from vlm_bridge.convert.streaming import CheckpointParams
 from vlm_bridge.families.base import Family
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
 from vlm_bridge.registry import family_for_config
@@ -56,6 +58,8 @@ class BuiltModel:
     expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
     # non-weight tensors of the source folder, written back on export (convert/passthrough.py)
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
+    # set instead of filling the parameters: converts them one at a time (streaming import)
+    source: HFParamSource | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,10 +142,12 @@ def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) ->
     return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
 
 
-def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) -> BuiltModel:
+def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None,
+            fill: bool = True) -> BuiltModel:
     """Build this rank's model and fill it from an HF folder (conversion on the fly).
 
-    ``dtype`` None keeps the checkpoint's own dtype.
+    ``dtype`` None keeps the checkpoint's own dtype. ``fill=False`` checks everything but leaves the
+    parameters unwritten (not resident) and sets ``built.source`` to convert them one by one.
     """
     hf_config = load_hf_config(hf_dir)
     family_for_config(hf_config)  # unsupported architectures fail before any file is opened
@@ -156,14 +162,17 @@ def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None) ->
     for name, tensor in built.passthrough.items():
         if built.family.check_passthrough is not None:
             built.family.check_passthrough(built.hf_config, name, tensor)
-    fill_from_hf(built.params, table, reader, layout, hf_dir)
+    if fill:
+        fill_from_hf(built.params, table, reader, layout, hf_dir)
+    else:
+        built.source = HFParamSource(built.params, table, reader, layout, hf_dir)
     built.key_layout, built.hf_side_dir = layout.name, str(hf_dir)
     built.expert_layout = expert_layout
     return built
 
 
-def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
-    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
+def _build_for_checkpoint(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None):
+    """This rank's model for a Megatron checkpoint, parameters not yet read."""
     meta = read_meta(megatron_dir)
     hf_config = load_hf_config(Path(megatron_dir) / "hf")
     dtype = dtype or DTYPES[meta["dtype"]]
@@ -171,6 +180,12 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
     built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
     built.expert_layout = meta.get("expert_layout", PER_EXPERT)
     built.passthrough = passthrough.from_json(meta.get("passthrough", {}))
+    return built, meta
+
+
+def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
+    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
+    built, meta = _build_for_checkpoint(megatron_dir, parallel, dtype)
     peft = meta.get("peft")
     if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
         from vlm_bridge.peft.lora import LoraConfig, apply_lora, merge_lora
@@ -194,7 +209,8 @@ def load_pretrained(path: str, parallel: ParallelConfig, dtype: torch.dtype | No
 
 
 def write_built(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, overwrite: bool,
-                max_shard_bytes: int = 2 * 1024**3, consume: bool = False) -> None:
+                max_shard_bytes: int = 2 * 1024**3, consume: bool = False,
+                stream: CheckpointParams | None = None) -> None:
     """Run on every rank: export this model to an HF folder in its source's key/expert layout."""
     layout = layout_by_name(built.family.layouts, built.key_layout)
     target = HFTarget(
@@ -203,7 +219,7 @@ def write_built(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, o
         num_experts=built.num_experts, max_shard_bytes=max_shard_bytes,
     )
     write_hf(built.params, layout.table(built.table), target, overwrite, consume=consume,
-             extra=built.passthrough)
+             extra=built.passthrough, stream=stream)
 
 
 def import_hf(
@@ -214,9 +230,10 @@ def import_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
-    built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
+    # Streaming: each parameter is converted when the checkpoint writer reaches it.
+    built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None, fill=False)
     meta = conversion_meta(built, parallel)
-    save_megatron(built.model, out, meta, hf_dir, overwrite)
+    save_megatron(built.model, out, meta, hf_dir, overwrite, source=built.source)
     return meta
 
 
@@ -228,9 +245,14 @@ def export_hf(
     init_distributed(parallel)
     if Path(hf_dir).exists() and not overwrite:
         raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
-    built, meta = load_megatron(megatron_dir, parallel)
+    built, meta = _build_for_checkpoint(megatron_dir, parallel, None)
+    stream = None
+    if meta.get("peft"):  # adapters are merged into the whole model first
+        built, meta = load_megatron(megatron_dir, parallel)
+    else:  # streaming: the writer reads a few parameters at a time and frees them once written
+        stream = CheckpointParams(built.model, built.params, f"{megatron_dir}/weights")
     out_dtype = DTYPES[dtype_arg or meta["dtype"]]
     if expert_layout:
         built.expert_layout = expert_layout
-    write_built(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True)
+    write_built(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True, stream=stream)
     return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}

@@ -4,12 +4,14 @@ This module knows no family and no PEFT: it converts a rank's parameters (global
 parameter) through a weight table; ``vlm_bridge.loading`` builds models and runs the commands.
 
 Import (on every rank of a TP x PP layout): check the HF tensors against the family table (each used
-exactly once, names and shapes), build this rank's model, fill each parameter from the tensors of
-its table entry (read lazily, converted, sharded), then write a ``torch_dist`` checkpoint, which
-Megatron-Core can load at any other layout. Export reverses it: load the checkpoint into a model at
-the requested layout, gather each parameter across TP, invert its table op, and stream the HF
-tensors to rank 0, which writes sharded safetensors. Peak memory per rank is its model shard plus
-one table entry (plus the output shard buffer on rank 0).
+exactly once, names and shapes), build this rank's model without filling it, and write a
+``torch_dist`` checkpoint (which Megatron-Core can load at any other layout) whose writer converts
+each parameter from its table entry (read lazily, converted, sharded) when it reaches it. Export
+reverses it: build the model at the requested layout, read a batch of table entries' parameters
+from the checkpoint, gather each across TP, invert its table op, and stream the HF tensors to rank
+0, which writes them into sharded safetensors as they come; each parameter is freed once written.
+Peak memory per rank is thus a few parameters and a read batch, not the model
+(``convert.streaming``). ``fill_from_hf`` fills a whole model in memory instead (verify, training).
 
 Layout of a Megatron checkpoint directory written here::
 
@@ -46,6 +48,7 @@ from vlm_bridge.convert.hf_io import (
 )
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry
+from vlm_bridge.convert.streaming import CheckpointParams, ParameterProducer, StreamingSaveStrategy
 from vlm_bridge.parallel import cpu_group
 
 META_FILE = "vlm_bridge.json"
@@ -108,25 +111,44 @@ def _convert_and_shard(entry: Entry, tensors: list[torch.Tensor], param, src: st
     return local
 
 
+class HFParamSource:
+    """This rank's parameter values converted from HF tensors through the table, one parameter at a
+    time (``__call__(global name)``); every shape is checked from the file headers first."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], table: list[Entry],
+                 reader: SafetensorsReader, layout: KeyLayout, src: str) -> None:
+        self.params, self.reader, self.layout, self.src = params, reader, layout, src
+        self.by_name = _entry_for(params, table)
+        _check_local_coverage(params, self.by_name)
+        for name, param in params.items():  # shapes from the headers only, on the meta device
+            entry = self.by_name[name]
+            files = [layout.to_file(n) for n in entry.hf]
+            metas = [torch.empty(reader.shape(f), dtype=reader.dtype(f), device="meta") for f in files]
+            _convert_and_shard(entry, metas, param, src)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        entry = self.by_name[name]
+        tensors = [self.reader.get(self.layout.to_file(n)) for n in entry.hf]
+        return _convert_and_shard(entry, tensors, self.params[name], self.src)
+
+
 def fill_from_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], reader: SafetensorsReader,
                  layout: KeyLayout, src: str) -> None:
     """Load this rank's parameters (global name -> parameter) from HF tensors through the table;
     every shape is checked before any tensor is read."""
-    by_name = _entry_for(params, table)
-    _check_local_coverage(params, by_name)
-    plan = [(param, by_name[name]) for name, param in params.items()]
-    for param, entry in plan:  # shapes from the headers only, on the meta device
-        files = [layout.to_file(n) for n in entry.hf]
-        metas = [torch.empty(reader.shape(f), dtype=reader.dtype(f), device="meta") for f in files]
-        _convert_and_shard(entry, metas, param, src)
-    for param, entry in _progress(plan, "import", dist.get_rank() == 0):
-        tensors = [reader.get(layout.to_file(n)) for n in entry.hf]
+    source = HFParamSource(params, table, reader, layout, src)
+    for name, param in _progress(list(params.items()), "import", dist.get_rank() == 0):
         with torch.no_grad():
-            param.copy_(_convert_and_shard(entry, tensors, param, src).to(param.dtype))
+            param.copy_(source(name).to(param.dtype))
 
 
-def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwrite: bool) -> None:
-    """Write ``model`` as a torch_dist checkpoint, atomically (rank 0 owns the rename)."""
+def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwrite: bool,
+                  source: HFParamSource) -> None:
+    """Write ``model`` as a torch_dist checkpoint, atomically (rank 0 owns the rename).
+
+    The model's parameters are never filled: each is converted by ``source`` when the writer
+    reaches it and dropped after (``convert.streaming``), so memory holds about one parameter.
+    """
     holder: list = [None]
     ctx = atomic_output_dir(out, overwrite=overwrite) if dist.get_rank() == 0 else None
     try:
@@ -138,7 +160,9 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             (tmp / "weights").mkdir()
             copy_hf_side_files(hf_side_dir, tmp / "hf")
         dist.barrier()
-        dist_checkpointing.save(_state_dict_consuming(model), str(tmp / "weights"))
+        produce = ParameterProducer(source.params, source)
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"),
+                                sharded_strategy=StreamingSaveStrategy(produce))
         dist.barrier()
         if ctx is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -149,32 +173,6 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             import sys
 
             ctx.__exit__(*sys.exc_info())
-
-
-def _state_dict_consuming(model) -> dict:
-    """The model's sharded state dict with views copied out and their parameters freed.
-
-    Megatron splits fused GLU weights into views for the checkpoint, and its writer clones CPU
-    views before writing, all at once: on a CPU import that is a second copy of every fc1 (about
-    45% of a dense LM). The model is discarded after an import, so copy each view and free its
-    parameter right away: peak memory stays at one model plus one parameter.
-    """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sd = model.sharded_state_dict()
-    apply_factories(sd)
-    by_storage: dict[int, list] = {}
-    for item in nested_values(sd):
-        if isinstance(item, ShardedTensor) and item.data is not None and item.data.device.type == "cpu":
-            by_storage.setdefault(item.data.untyped_storage().data_ptr(), []).append(item)
-    for param in model.parameters():
-        items = by_storage.get(param.untyped_storage().data_ptr(), [])
-        if any(it.data.numel() != param.numel() for it in items):
-            for it in items:
-                it.data = it.data.detach().clone()
-            param.data = torch.empty(0, dtype=param.dtype)
-    return sd
 
 
 def read_meta(megatron_dir: str | Path) -> dict:
@@ -257,7 +255,8 @@ class HFTarget:
 
 
 def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: HFTarget,
-             overwrite: bool, consume: bool = False, extra: dict[str, torch.Tensor] | None = None) -> None:
+             overwrite: bool, consume: bool = False, extra: dict[str, torch.Tensor] | None = None,
+             stream: CheckpointParams | None = None) -> None:
     """Run on every rank: stream these parameters to an HF folder through the table; rank 0 writes.
 
     ``extra`` are non-weight tensors written as they are under their file names (floating ones in
@@ -265,7 +264,9 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
 
     ``consume`` frees each parameter once it is handed to the writer (the export command discards
     the model anyway), so peak memory falls as the export proceeds instead of adding the output
-    buffer on top of a full model.
+    buffer on top of a full model. With ``stream`` the parameters are not loaded yet: they are read
+    from the checkpoint a batch of table entries at a time (about :data:`STREAM_BATCH_BYTES`), just
+    before they are written.
     """
     owners = _owners(params, table)
     rank = dist.get_rank()
@@ -278,7 +279,13 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                 ShardedSafetensorsWriter(tmp, target.max_shard_bytes), target.expert_layout,
                 target.num_experts,
             )
-        for entry in _progress(table, "export", rank == 0):
+        batches = _stream_batches(params, table) if stream is not None else [len(table)]
+        ends = iter(torch.tensor(batches).cumsum(0).tolist())
+        end = -1
+        for index, entry in enumerate(_progress(table, "export", rank == 0)):
+            if stream is not None and index > end:  # the next batch, collectively
+                start, end = index, next(ends) - 1
+                stream.load([e.megatron for e in table[start:end + 1] if e.megatron in params])
             full = None
             if entry.megatron in params:
                 param = params[entry.megatron]
@@ -293,6 +300,8 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
             del full
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)
+                if stream is not None:
+                    stream.release([entry.megatron])
         if rank == 0:
             for name, t in (extra or {}).items():
                 writer.add(name, t.to(target.dtype) if t.is_floating_point() else t)
@@ -307,6 +316,28 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
 
             ctx.__exit__(*sys.exc_info())
     dist.barrier(group=cpu_group())
+
+
+STREAM_BATCH_BYTES = 128 * 1024**2
+
+
+def _stream_batches(params: dict[str, torch.nn.Parameter], table: list[Entry]) -> list[int]:
+    """Sizes of consecutive table-entry batches of at most ``STREAM_BATCH_BYTES`` (or one entry) on
+    every rank, decided together so that every rank loads the same batches (loading is collective)."""
+    local = [params[e.megatron].numel() * params[e.megatron].element_size() if e.megatron in params else 0
+             for e in table]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local, group=cpu_group())
+    sizes = [max(column) for column in zip(*everyone)]
+    batches, used = [], 0
+    for size in sizes:
+        if batches and used + size <= STREAM_BATCH_BYTES:
+            batches[-1] += 1
+            used += size
+        else:
+            batches.append(1)
+            used = size
+    return batches
 
 
 def _write_config_dtype(folder: Path, dtype: torch.dtype) -> None:

@@ -21,7 +21,6 @@ from typing import Any, Self
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -31,7 +30,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json",
                     ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
-# Header dtype strings -> torch dtypes; getattr because newer types depend on the torch build.
+# Header dtype strings <-> torch dtypes; getattr because newer types depend on the torch build.
 _DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
@@ -40,6 +39,7 @@ _DTYPE_NAMES = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
 _DTYPES = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -200,13 +200,17 @@ class SafetensorsReader:
 class ShardedSafetensorsWriter:
     """Streams tensors into HF-style shards so a conversion never holds the whole model.
 
-    Tensors are buffered until the next would pass ``max_shard_bytes`` (a bigger tensor
-    gets a shard of its own); shards get temporary names because the final
-    ``model-0000i-of-0000N.safetensors`` needs N. `finalize` renames them (one shard:
+    Each tensor's bytes go to the open shard file as soon as it is added (nothing is buffered);
+    the shard's header is written into space reserved at the start of the file when the shard is
+    closed (padded with spaces, which the safetensors format allows). A shard closes when the
+    next tensor would pass ``max_shard_bytes`` (a bigger tensor gets a shard of its own) or its
+    header would outgrow the reserved space. Shards get temporary names because the final
+    ``model-0000i-of-0000N.safetensors`` needs N; :meth:`finalize` renames them (one shard:
     ``model.safetensors``, no index), as transformers does. Files carry metadata
-    ``{"format": "pt"}``, which transformers checks. Tensors are buffered by
-    reference: do not modify one in place after `add`.
+    ``{"format": "pt"}``, which transformers checks.
     """
+
+    HEADER_RESERVE = 1024 * 1024  # bytes; a multiple of 8 keeps the data 8-byte aligned
 
     def __init__(self, folder: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
         if max_shard_bytes <= 0:
@@ -217,40 +221,52 @@ class ShardedSafetensorsWriter:
         if stale:  # mixing with an earlier run's shards would silently corrupt the checkpoint
             raise CheckpointError(f"output folder {self.folder} already has weight files: {stale}")
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._storages: set[tuple[int, int]] = set()
+        self._file = None
+        self._entries: dict[str, dict] = {}
+        self._data_bytes = 0
+        self._header_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self._total = 0
         self._finalized = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; may write a shard. Duplicate names raise ValueError."""
+        """Write one tensor into the open shard (opening or closing shards as needed); duplicate
+        names raise ValueError."""
         if self._finalized:
             raise ValueError("ShardedSafetensorsWriter.add() called after finalize()")
         if name in self._names:
             raise ValueError(f"tensor {name!r} added twice")
         t = tensor.detach().to("cpu").contiguous()
-        # save_file rejects tensors sharing storage (tied weights, slices of one fused
-        # tensor); cloning those also stops a small slice from pinning a huge parent.
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if t.nbytes != key[1] or (key[0] != 0 and key in self._storages):
-            t = t.clone()
-            key = (t.untyped_storage().data_ptr(), t.nbytes)
-        if self._buffer and self._buffer_bytes + t.nbytes > self.max_shard_bytes:
-            self._flush()
+        entry = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape)}
+        entry_bytes = len(json.dumps({name: {**entry, "data_offsets": [2**62, 2**62]}}))
+        if self._file is not None and self._entries and (
+                self._data_bytes + t.nbytes > self.max_shard_bytes
+                or self._header_bytes + entry_bytes > self.HEADER_RESERVE - 256):
+            self._close_shard()
+        if self._file is None:
+            path = self.folder / f".shard-{len(self._shards) + 1:05d}.tmp"
+            self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard
+            self._file.seek(self.HEADER_RESERVE)
+            self._shards.append((path, []))
+        if t.nbytes:
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {**entry, "data_offsets": [self._data_bytes, self._data_bytes + t.nbytes]}
+        self._data_bytes += t.nbytes
+        self._header_bytes += entry_bytes
+        self._shards[-1][1].append(name)
         self._names.add(name)
-        self._buffer[name] = t
-        self._buffer_bytes += t.nbytes
         self._total += t.nbytes
-        self._storages.add(key)
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards) + 1:05d}.tmp"
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes, self._storages = {}, 0, set()
+    def _close_shard(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":"))
+        room = self.HEADER_RESERVE - 8
+        if len(header) > room:
+            raise AssertionError(f"safetensors header of {len(header)} bytes outgrew its {room}")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", room) + header.encode().ljust(room, b" "))
+        self._file.close()
+        self._file, self._entries, self._data_bytes, self._header_bytes = None, {}, 0, 0
 
     def finalize(self) -> dict[str, str]:
         """Write the last shard, rename shards to final names, write the index if >1 shard."""
@@ -258,8 +274,8 @@ class ShardedSafetensorsWriter:
             raise ValueError("ShardedSafetensorsWriter.finalize() called twice")
         if not self._names:
             raise ValueError(f"no tensors were added to {self.folder}")
-        if self._buffer:
-            self._flush()
+        if self._file is not None:
+            self._close_shard()
         self._finalized = True
         n = len(self._shards)
         weight_map: dict[str, str] = {}

@@ -1,0 +1,166 @@
+"""Conversion that streams: a Megatron ``torch_dist`` checkpoint written and read one tensor at a
+time, so peak memory is a tensor (plus the output shard buffer), not the model.
+
+**Writing (import).** The model is built but its parameters are never filled: ``torch.empty``
+memory that nothing writes is address space, not resident memory. Megatron's own ``torch_dist``
+writer resolves every tensor of a rank up front; :class:`StreamingSaveStrategy` keeps Megatron's
+format (its key translation, planner and metadata, so Megatron loads the result like any other
+checkpoint) but writes through torch's synchronous ``FileSystemWriter``, which asks the planner for
+one tensor's data at a time. The planner hands each write request's tensor (a parameter, or a view
+of one for split fused weights) to a *producer* that returns the same region of freshly converted
+data; it is written and dropped before the next one is made.
+
+**Reading (export).** :func:`load_params` reads only the named parameters from a checkpoint, in
+place; the exporter calls it for a few table entries at a time and frees each parameter once it is
+written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from vlm_bridge.convert.hf_io import CheckpointError
+
+Producer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _ProducingPlanner(MCoreSavePlanner):
+    """Megatron's save planner whose tensor data comes from a producer when it is written."""
+
+    def __init__(self, produce: Producer, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.produce = produce
+
+    def resolve_data(self, write_item: WriteItem):
+        obj = super().resolve_data(write_item)
+        if write_item.type == WriteItemType.BYTE_IO:
+            return obj
+        return self.produce(obj)
+
+
+class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
+    """Megatron's ``torch_dist`` format (version 1), written one tensor at a time (see the module)."""
+
+    def __init__(self, produce: Producer) -> None:
+        super().__init__("torch_dist", 1, thread_count=1)
+        self.produce = produce
+
+    def save(self, sharded_state_dict, checkpoint_dir: str | Path) -> None:
+        state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica)
+        planner = _ProducingPlanner(self.produce, dedup_replicated_tensors=not self.keep_only_main_replica,
+                                    flatten_state_dict=False)
+        # One file per tensor: torch's writer keeps every tensor of a file referenced until the
+        # file is closed, so a file per rank would hold the whole rank in memory again.
+        writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1)
+        dcp_save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
+
+
+class ParameterProducer:
+    """Maps a write request's tensor (a parameter or a view into one) to the same region of that
+    parameter's fresh value, ``make(name)``; the last value is kept for the views that follow
+    (a fused weight split into several checkpoint tensors). Tensors of no listed parameter
+    (buffers, norms filled at construction) are written as they are."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], make: Callable[[str], torch.Tensor]) -> None:
+        self.owner = {p.untyped_storage().data_ptr(): (name, p) for name, p in params.items() if p.numel()}
+        self.make = make
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        found = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        if found is None:
+            return view
+        name, param = found
+        if self._last is None or self._last[0] != name:
+            self._last = None  # drop the previous value before making the next
+            fresh = self.make(name).to(param.dtype).contiguous()
+            if fresh.shape != param.shape:
+                raise AssertionError(f"{name}: produced {tuple(fresh.shape)}, expected {tuple(param.shape)}")
+            self._last = (name, fresh)
+        fresh = self._last[1]
+        # as_strided counts from the start of the storage: a TP shard is often a view into the
+        # whole converted tensor, starting past it.
+        offset = fresh.storage_offset() + view.storage_offset() - param.storage_offset()
+        return fresh.as_strided(view.shape, view.stride(), offset)
+
+
+class _IntoViews:
+    """The load planner side of a direct read: each read request lands in a slice of its view."""
+
+    def __init__(self, views: dict) -> None:
+        self.views = views
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        view = self.views[read_item.dest_index]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
+        pass
+
+
+class CheckpointParams:
+    """Parameters read from a ``torch_dist`` checkpoint on demand, in place, and released again.
+
+    The checkpoint's tensors for each parameter (a parameter or views of it, with their global
+    offsets) are listed once, from the model as built. :meth:`load` reads exactly those regions
+    with torch's checkpoint reader (chunks saved at another TP are cut to fit), one file at a
+    time; Megatron's own loader cannot read part of a layer-stacked tensor. :meth:`release` drops
+    the references, so that a parameter whose storage is replaced afterwards is freed."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                 weights_dir: str) -> None:
+        owner = {p.untyped_storage().data_ptr(): name for name, p in params.items() if p.numel()}
+        sd = model.sharded_state_dict()
+        apply_factories(sd)
+        self.items: dict[str, list[ShardedTensor]] = {}
+        for item in nested_values(sd):
+            if isinstance(item, ShardedTensor) and item.data is not None:
+                name = owner.get(item.data.untyped_storage().data_ptr())
+                if name is not None:
+                    self.items.setdefault(name, []).append(item)
+        self.reader = FileSystemReader(weights_dir)
+        self.metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(self.metadata, True)
+        self.weights_dir = weights_dir
+
+    def load(self, names: Iterable[str]) -> None:
+        views, reads = {}, []
+        for name in names:
+            for item in self.items.get(name, []):
+                saved = self.metadata.state_dict_metadata.get(item.key)
+                if saved is None or tuple(saved.size) != tuple(item.global_shape):
+                    found = "missing" if saved is None else f"of shape {tuple(saved.size)}"
+                    raise CheckpointError(f"{self.weights_dir}: tensor {item.key} is {found}; the model "
+                                          f"expects {tuple(item.global_shape)}")
+                view = item.data.view((1,) * item.prepend_axis_num + tuple(item.local_shape))
+                chunk = ChunkStorageMetadata(offsets=torch.Size(item.global_offset), sizes=view.shape)
+                for read in create_read_items_for_chunk_list(item.key, saved, [chunk]):
+                    views[read.dest_index] = view
+                    reads.append(read)
+        if reads:
+            with torch.no_grad():  # the views are of parameters
+                self.reader.read_data(LoadPlan(reads), _IntoViews(views)).wait()
+
+    def release(self, names: Iterable[str]) -> None:
+        for name in names:
+            for item in self.items.pop(name, []):
+                item.data = None
