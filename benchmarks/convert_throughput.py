@@ -126,9 +126,11 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
     import torch
 
     from vlm_bridge.convert.hf_io import SafetensorsReader
+    from vlm_bridge.convert.streaming import release_freed_memory_promptly
     from vlm_bridge.loading import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
 
+    release_freed_memory_promptly()  # as the import / export commands do
     parallel = ParallelConfig(tp=tp)
     mg_dir, out_dir = Path(workdir) / "megatron", Path(workdir) / "export"
     size = SafetensorsReader(hf_dir).total_bytes()

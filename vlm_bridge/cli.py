@@ -173,9 +173,11 @@ def _parallel(args, hf_config_dir=None):
 
 
 def cmd_import(args) -> int:
+    from vlm_bridge.convert.streaming import release_freed_memory_promptly
     from vlm_bridge.loading import import_hf
     from vlm_bridge.parallel import run_parallel
 
+    release_freed_memory_promptly()
     parallel = _parallel(args, args.hf_model)
     start = time.time()
     meta = run_parallel(
@@ -188,9 +190,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from vlm_bridge.convert.streaming import release_freed_memory_promptly
     from vlm_bridge.loading import export_hf
     from vlm_bridge.parallel import run_parallel
 
+    release_freed_memory_promptly()
     parallel = _parallel(args, os.path.join(args.megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(

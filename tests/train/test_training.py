@@ -238,13 +238,16 @@ def test_recompute_wraps_every_lm_and_vit_layer(tiny_hf):
     ("tiny_qwen3", {}),
     ("tiny_qwen3_moe", {"peft.method": "lora", "peft.targets": "linear_qkv,linear_proj"}),
 ])
-def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tiny_cfg, tmp_path):
+def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tiny_cfg, tmp_path, run_cli):
     """No family-specific code in the trainer: dense SFT and MoE LoRA on Qwen3-VL. The saved
     checkpoint keeps the source's expert layout, so its HF export writes fused experts again,
-    and the LoRA adapter exports in HF-PEFT format."""
+    and the LoRA adapter exports in HF-PEFT format. `vlm-bridge export` of the SFT checkpoint
+    (streamed from the files Megatron's own writer saved, one file per rank) equals the run's
+    in-memory export."""
     import json
 
     from vlm_bridge.convert.hf_io import SafetensorsReader
+    from vlm_bridge.testing.checks import checkpoint_mismatches
 
     cfg = tiny_cfg(steps=6, **{"optim.lr": "3e-3", "checkpoint.export_hf": "true", **extra})
     cfg.pretrained = str(request.getfixturevalue(fixture))
@@ -254,6 +257,9 @@ def test_qwen3_vl_fine_tunes_through_the_same_stack(request, fixture, extra, tin
     meta = json.loads((saved / "vlm_bridge.json").read_text())
     source = SafetensorsReader(cfg.pretrained).keys()
     assert SafetensorsReader(saved / "hf_export").keys() == source
+    if fixture == "tiny_qwen3":
+        assert run_cli("export", "--megatron-path", saved, "--hf-path", tmp_path / "streamed") == 0
+        assert checkpoint_mismatches(tmp_path / "streamed", saved / "hf_export") == []
     if fixture == "tiny_qwen3_moe":
         assert meta["expert_layout"] == "fused_out_in"
         assert any(k.endswith("mlp.experts.gate_up_proj") for k in source)

@@ -68,6 +68,8 @@ def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torc
     group = (parallel_state.get_expert_tensor_parallel_group() if is_expert(param)
              else parallel_state.get_tensor_model_parallel_group())
     tp = dist.get_world_size(group)
+    if tp == 1:  # no copies: a streaming export holds the largest tensor once
+        return local.detach()
     pieces = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(pieces, local.detach().contiguous(), group=group)
     dim = param.partition_dim

@@ -89,7 +89,9 @@ class ConcatRows(Op):
         return torch.cat(hf, dim=0)
 
     def to_hf(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return [x.clone() for x in t.chunk(self.parts, dim=0)]
+        # Views: the safetensors writer copies each tensor's bytes out as it comes, and a copy here
+        # would hold a second full-size tensor during a streaming export.
+        return list(t.chunk(self.parts, dim=0))
 
 
 @dataclass
@@ -120,7 +122,7 @@ class PadRows(Op):
         return torch.cat([t, pad])
 
     def to_hf(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[: self.rows].clone()]
+        return [t[: self.rows]]  # a view, as in ConcatRows
 
 
 @dataclass
