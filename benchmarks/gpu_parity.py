@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fp32-baseline", action="store_true",
                    help="half precision: skip the HF fp32 reference run (27B: see above)")
     p.add_argument("--keep", action="store_true", help="keep WORKDIR/convert (2 more model copies)")
-    p.add_argument("--megatron-fp32-reductions", action="store_true",
-                   help="diagnostic: Megatron's bf16 GEMMs without reduced-precision (bf16) split-K "
-                        "reductions, HF's with torch's default (TP=1 only)")
     args = p.parse_args(argv)
     from make_checkpoint import make_checkpoint, offline_and_quiet
 
@@ -88,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         times["make_checkpoint_s"] = time.perf_counter() - start
     _check_reused(hf_dir, args.size, args.dtype)
 
-    if args.megatron_fp32_reductions:
-        _fp32_reductions_for_megatron_only()
     start = time.perf_counter()
     report = run_parallel(verify, args.tp, str(hf_dir), None, ParallelConfig(tp=args.tp), [], None,
                           args.prompt or DEFAULT_PROMPT, args.dtype, None,
@@ -112,27 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary(result)
     ok = report["passed"] and result.get("convert", {}).get("round_trip", {}).get("equal", True)
     return 0 if ok else 1
-
-
-def _fp32_reductions_for_megatron_only() -> None:
-    """Switch torch's bf16 reduced-precision reductions off for the Megatron forward of verify and
-    back on (torch's default) while HF runs, to see how much of a bf16 error gap they make."""
-    import torch
-
-    from vlm_bridge import verify as verify_module
-
-    matmul = torch.backends.cuda.matmul
-    run_hf = verify_module._run_hf
-
-    def hf_with_default(*a, **kw):
-        matmul.allow_bf16_reduced_precision_reduction = True
-        try:
-            return run_hf(*a, **kw)
-        finally:
-            matmul.allow_bf16_reduced_precision_reduction = False
-
-    matmul.allow_bf16_reduced_precision_reduction = False
-    verify_module._run_hf = hf_with_default
 
 
 def _check_reused(hf_dir: Path, size: str, dtype: str) -> None:

@@ -11,8 +11,10 @@ training saves alike, so what conversion needs later (key layout, expert layout)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from megatron.core import parallel_state
@@ -100,9 +102,6 @@ def load_hf_config(folder: str | Path):
 def _refuse_unsupported_config(path: Path) -> None:
     """One line for a config no family reads, before transformers tries (and, for a folder that
     ships its own modelling code, prompts)."""
-    import json
-    from types import SimpleNamespace
-
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

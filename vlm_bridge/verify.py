@@ -257,8 +257,8 @@ def _verify(
     mg_rows = torch.cat([mg[valid] for valid, mg, _, _ in runs])
     everywhere = torch.ones(len(hf_rows), dtype=torch.bool)
     stats = compare_logits(hf_rows, mg_rows, everywhere)
-    per_batch = [_layer_diffs(layers, [h.cpu() for h in hf_hidden], valid)
-                 for (valid, _, layers, _), (_, hf_hidden, _) in zip(runs, hf_runs)]
+    per_batch = [_layer_diffs(run, [h.cpu() for h in hf_hidden])
+                 for run, (_, hf_hidden, _) in zip(runs, hf_runs)]
     layer_diffs = [max(d) for d in zip(*per_batch)]
     vision_diffs = [
         float((a.float().reshape(-1, a.shape[-1]) - b.cpu().float().reshape(-1, b.shape[-1])).abs().max())
@@ -315,15 +315,12 @@ def _gather_layers(local: dict) -> dict:
     return merged
 
 
-def _layer_diffs(layers: dict, hf_hidden: list, valid: torch.Tensor) -> list[float]:
+def _layer_diffs(run: tuple, hf_hidden: list) -> list[float]:
     """Max abs diff per decoder layer; HF's last hidden state is after the final norm, so skip it."""
-    diffs = []
-    for idx in sorted(layers):
-        if idx + 1 >= len(hf_hidden) - 1:
-            break
-        mg = layers[idx][: valid.shape[1]].transpose(0, 1)[valid].float()
-        diffs.append(float((mg - hf_hidden[idx + 1][valid].float()).abs().max()))
-    return diffs
+    valid = run[0]
+    mine, _ = _megatron_side(run)
+    return [float((a[valid].float() - b[valid].float()).abs().max())
+            for a, b in zip(mine[1:-1], hf_hidden[1:-1])]
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -279,13 +279,10 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                 ShardedSafetensorsWriter(tmp, target.max_shard_bytes), target.expert_layout,
                 target.num_experts,
             )
-        batches = _stream_batches(params, table) if stream is not None else [len(table)]
-        ends = iter(torch.tensor(batches).cumsum(0).tolist())
-        end = -1
+        loads = _stream_batches(params, table) if stream is not None else {}
         for index, entry in enumerate(_progress(table, "export", rank == 0)):
-            if stream is not None and index > end:  # the next batch, collectively
-                start, end = index, next(ends) - 1
-                stream.load([e.megatron for e in table[start:end + 1] if e.megatron in params])
+            if index in loads:
+                stream.load(loads[index])
             full = None
             if entry.megatron in params:
                 param = params[entry.megatron]
@@ -321,23 +318,21 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
 STREAM_BATCH_BYTES = 128 * 1024**2
 
 
-def _stream_batches(params: dict[str, torch.nn.Parameter], table: list[Entry]) -> list[int]:
-    """Sizes of consecutive table-entry batches of at most ``STREAM_BATCH_BYTES`` (or one entry) on
-    every rank, decided together so that every rank loads the same batches (loading is collective)."""
-    local = [params[e.megatron].numel() * params[e.megatron].element_size() if e.megatron in params else 0
-             for e in table]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local, group=cpu_group())
-    sizes = [max(column) for column in zip(*everyone)]
-    batches, used = [], 0
-    for size in sizes:
-        if batches and used + size <= STREAM_BATCH_BYTES:
-            batches[-1] += 1
-            used += size
-        else:
-            batches.append(1)
-            used = size
-    return batches
+def _stream_batches(params: dict[str, torch.nn.Parameter], table: list[Entry]) -> dict[int, list[str]]:
+    """``{table index: this rank's parameters to read there}``: consecutive entries of at most
+    ``STREAM_BATCH_BYTES`` together (a bigger one alone). Each rank reads its own files, so ranks
+    need not agree on the batches."""
+    loads: dict[int, list[str]] = {}
+    start, used = 0, None
+    for index, entry in enumerate(table):
+        param = params.get(entry.megatron)
+        size = 0 if param is None else param.numel() * param.element_size()
+        if used is None or used + size > STREAM_BATCH_BYTES:
+            start, used = index, 0
+        used += size
+        if param is not None:
+            loads.setdefault(start, []).append(entry.megatron)
+    return loads
 
 
 def _write_config_dtype(folder: Path, dtype: torch.dtype) -> None:

@@ -1,5 +1,5 @@
-"""Conversion that streams: a Megatron ``torch_dist`` checkpoint written and read one tensor at a
-time, so peak memory is a tensor (plus the output shard buffer), not the model.
+"""Conversion that streams: a Megatron ``torch_dist`` checkpoint written and read a few tensors at
+a time, so peak memory is a few tensors, not the model.
 
 **Writing (import).** The model is built but its parameters are never filled: ``torch.empty``
 memory that nothing writes is address space, not resident memory. Megatron's own ``torch_dist``
@@ -7,12 +7,12 @@ writer resolves every tensor of a rank up front; :class:`StreamingSaveStrategy` 
 format (its key translation, planner and metadata, so Megatron loads the result like any other
 checkpoint) but writes through torch's synchronous ``FileSystemWriter``, which asks the planner for
 one tensor's data at a time. The planner hands each write request's tensor (a parameter, or a view
-of one for split fused weights) to a *producer* that returns the same region of freshly converted
-data; it is written and dropped before the next one is made.
+of one for split fused weights) to a :class:`ParameterProducer` that returns the same region of
+freshly converted data; it is written and dropped before the next one is made.
 
-**Reading (export).** :func:`load_params` reads only the named parameters from a checkpoint, in
-place; the exporter calls it for a few table entries at a time and frees each parameter once it is
-written.
+**Reading (export).** :class:`CheckpointParams` reads only the named parameters from a checkpoint,
+in place; the exporter asks for a batch of table entries at a time and frees each parameter once
+it is written.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def release_freed_memory_promptly() -> None:
         pass
 
 
+def _names_by_storage(params: dict[str, torch.nn.Parameter]) -> dict[int, str]:
+    """Which parameter a tensor (the parameter itself or a view into it) belongs to, by storage."""
+    return {p.untyped_storage().data_ptr(): name for name, p in params.items() if p.numel()}
+
+
+def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        t = t.narrow(dim, start, length)
+    return t
+
+
 class _ProducingPlanner(MCoreSavePlanner):
     """Megatron's save planner whose tensor data comes from a producer when it is written."""
 
@@ -105,15 +116,15 @@ class ParameterProducer:
     (buffers, norms filled at construction) are written as they are."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], make: Callable[[str], torch.Tensor]) -> None:
-        self.owner = {p.untyped_storage().data_ptr(): (name, p) for name, p in params.items() if p.numel()}
+        self.params, self.owner = params, _names_by_storage(params)
         self.make = make
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
-        found = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
-        if found is None:
+        name = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        if name is None:
             return view
-        name, param = found
+        param = self.params[name]
         if self._last is None or self._last[0] != name:
             self._last = None  # drop the previous value before making the next
             fresh = self.make(name).to(param.dtype).contiguous()
@@ -134,10 +145,7 @@ class _IntoViews:
         self.views = views
 
     def resolve_tensor(self, read_item) -> torch.Tensor:
-        view = self.views[read_item.dest_index]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            view = view.narrow(dim, start, length)
-        return view
+        return _narrow(self.views[read_item.dest_index], read_item.dest_offsets, read_item.lengths)
 
     def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
         pass
@@ -154,7 +162,7 @@ class CheckpointParams:
 
     def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                  weights_dir: str) -> None:
-        owner = {p.untyped_storage().data_ptr(): name for name, p in params.items() if p.numel()}
+        owner = _names_by_storage(params)
         sd = model.sharded_state_dict()
         apply_factories(sd)
         self.items: dict[str, list[ShardedTensor]] = {}
@@ -197,8 +205,7 @@ class CheckpointParams:
                 path.stat().st_size != info.length:
             return False
         chunk = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-        for dim, (start, length) in enumerate(zip(read.storage_offsets, read.lengths)):
-            chunk = chunk.narrow(dim, start, length)
+        chunk = _narrow(chunk, read.storage_offsets, read.lengths)
         with torch.no_grad():
             planner.resolve_tensor(read).copy_(chunk)
         return True
