@@ -127,3 +127,11 @@ def tiny_qwen3_moe(tmp_path_factory) -> Path:
     from vlm_bridge.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("q3moe") / "hf", moe=True)
+
+
+@pytest.fixture(scope="session")
+def nemotron_v2(tmp_path_factory) -> Path:
+    """The original NemotronH_Nano_VL_V2 hub form (remote-code config, V2 key names)."""
+    from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
+
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_v2") / "hf", form="v2")

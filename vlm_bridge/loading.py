@@ -42,7 +42,7 @@ from vlm_bridge.convert.ops import Entry
 from vlm_bridge.convert.streaming import CheckpointParams
 from vlm_bridge.families.base import Family
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
-from vlm_bridge.registry import family_for_config
+from vlm_bridge.registry import family_for_config, foreign_form
 
 
 @dataclass
@@ -87,25 +87,56 @@ def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dic
     }
 
 
-def load_hf_config(folder: str | Path):
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    path = folder / "config.json"
+def _raw_config(folder: str | Path) -> tuple[Path, dict]:
+    path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    _refuse_unsupported_config(path)
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
+
+
+def load_hf_config(folder: str | Path):
+    """The folder's config as transformers reads it, or, for a family's foreign form (a folder
+    that needs its own code), translated into the family's transformers-native config."""
+    from transformers import AutoConfig
+
+    path, raw = _raw_config(folder)
+    _refuse_unsupported_config(path, raw)
+    form = foreign_form(raw)
+    if form is not None:
+        try:
+            return form.config(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     # Never the folder's own code: transformers would otherwise ask on the terminal and wait.
     return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 
-def _refuse_unsupported_config(path: Path) -> None:
+def load_processor(folder: str | Path):
+    """The folder's processor: transformers' own, or the family's for a foreign form."""
+    from transformers import AutoProcessor
+
+    _, raw = _raw_config(folder)
+    form = foreign_form(raw)
+    if form is not None:
+        return form.processor(Path(folder))
+    return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+
+def load_hf_model(folder: str | Path, **kwargs):
+    """The HF model of a folder (``from_pretrained`` kwargs pass through), built from
+    :func:`load_hf_config`'s config so that foreign forms load with transformers' own classes."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        folder, config=load_hf_config(folder), local_files_only=True, **kwargs)
+
+
+def _refuse_unsupported_config(path: Path, raw: dict) -> None:
     """One line for a config no family reads, before transformers tries (and, for a folder that
     ships its own modelling code, prompts)."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
     declared = SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type"))
     try:
         family_for_config(declared)

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 from vlm_bridge import families as _families_pkg
-from vlm_bridge.families.base import Family
+from vlm_bridge.families.base import Family, ForeignForm
 
 
 def _discover() -> list[Family]:
@@ -29,7 +29,7 @@ FAMILIES: list[Family] = _discover()
 
 
 def supported_architectures() -> list[str]:
-    return sorted(a for f in FAMILIES for a in f.architectures)
+    return sorted(a for f in FAMILIES for a in (*f.architectures, *f.foreign_forms))
 
 
 def family_for_config(hf_config) -> Family:
@@ -37,12 +37,22 @@ def family_for_config(hf_config) -> Family:
     archs = list(getattr(hf_config, "architectures", None) or [])
     model_type = getattr(hf_config, "model_type", None)
     for family in FAMILIES:
-        if any(a in family.architectures for a in archs) or model_type in family.model_types:
+        known = (*family.architectures, *family.foreign_forms)
+        if any(a in known for a in archs) or model_type in family.model_types:
             return family
     raise ValueError(
         f"unsupported architecture {archs or model_type!r}; supported: "
         + ", ".join(supported_architectures())
     )
+
+
+def foreign_form(raw_config: dict) -> ForeignForm | None:
+    """The foreign form (see :class:`ForeignForm`) a raw ``config.json`` declares, if any."""
+    for family in FAMILIES:
+        for arch in raw_config.get("architectures") or ():
+            if arch in family.foreign_forms:
+                return family.foreign_forms[arch]
+    return None
 
 
 def family_by_name(name: str) -> Family:

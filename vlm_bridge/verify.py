@@ -10,6 +10,7 @@ located at the first module that diverges.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from vlm_bridge.convert.engine import DTYPES
 from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.data.media import load_image, load_video
 from vlm_bridge.inference.requests import build_prompt_batch, request_from_args
-from vlm_bridge.loading import load_hf, load_hf_config, load_megatron
+from vlm_bridge.loading import load_hf, load_hf_config, load_hf_model, load_megatron, load_processor
 from vlm_bridge.parallel import ParallelConfig, cpu_group, device, init_distributed
 from vlm_bridge.registry import family_for_config
 from vlm_bridge.runtime import last_stage_rank, pipeline_forward_logits, to_rank0
@@ -145,12 +146,12 @@ class ReferenceLoadError(CheckpointError):
 
 def load_hf_reference(hf_dir: str, dtype: torch.dtype):
     """The HF model, refusing a partial load: transformers fills missing or mismatched weights with
-    random values and only logs it, which would make any comparison blame the conversion."""
-    from transformers import AutoModelForImageTextToText
-
-    model, info = AutoModelForImageTextToText.from_pretrained(
-        hf_dir, dtype=dtype, local_files_only=True, output_loading_info=True
-    )
+    random values and only logs it, which would make any comparison blame the conversion. Stored
+    tensors the family declares non-weights (``Family.passthrough``) may go unused."""
+    model, info = load_hf_model(hf_dir, dtype=dtype, output_loading_info=True)
+    constants = family_for_config(model.config).passthrough
+    info["unexpected_keys"] = {k for k in info.get("unexpected_keys", ())
+                               if not any(re.search(pattern, k) for pattern in constants)}
     problems = [f"{len(info[k])} {k.replace('_', ' ')} ({', '.join(sorted(map(str, info[k]))[:3])})"
                 for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if problems:
@@ -215,14 +216,12 @@ def _verify(
     the noise of HF's own half-precision run (random weights make many near-ties in argmax, so a
     direct half-vs-half comparison alone understates parity).
     """
-    from transformers import AutoProcessor
-
     init_distributed(parallel)
     # Inputs first: a bad image path must fail before minutes of model loading.
     family = family_for_config(load_hf_config(hf_dir))
     if video is not None and "video" not in family.modalities:
         raise ValueError(f"--video: the {family.name} family takes no video input")
-    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
+    processor = load_processor(hf_dir)
     pil, frames = load_media(images, video, processor) if (images or video) else default_media()
     if megatron_dir:
         built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)

@@ -22,15 +22,15 @@ def test_logits_match_hf(case, parity):
 
 
 def test_round_trip_bit_exact_and_loadable(case, run_cli, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from vlm_bridge.loading import load_hf_model, load_processor
 
     _, hf = case
     meg, out = tmp_path / "meg", tmp_path / "out"
     assert run_cli("import", "--hf-model", hf, "--megatron-path", meg) == 0
     assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
     assert checkpoint_mismatches(hf, out) == []
-    AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
-    AutoProcessor.from_pretrained(out, local_files_only=True)
+    load_hf_model(out)
+    load_processor(out)
 
 
 def _components(hf_dir: str) -> dict:
@@ -78,12 +78,12 @@ def _export_adapter(hf_dir: str, out_dir: str):
     wrapped = apply_lora(built.model, LoraConfig(rank=4, alpha=8.0, components=ALL))
     randomize_adapters_(built.model, seed=5, std=0.1)
     export_hf_peft(built, out_dir, hf_dir)
-    from transformers import AutoProcessor
+    from vlm_bridge.loading import load_processor
 
     images, video = default_media()
     logits = [
         pipeline_forward_logits(built.model, built.family.model_inputs(built.settings, dict(batch)))
-        for batch in verify_batches(built.family, AutoProcessor.from_pretrained(hf_dir), images, video,
+        for batch in verify_batches(built.family, load_processor(hf_dir), images, video,
                                     DEFAULT_PROMPT)
     ]
     return [x[..., : built.settings.vocab_size] for x in logits], wrapped
@@ -91,8 +91,8 @@ def _export_adapter(hf_dir: str, out_dir: str):
 
 def test_lora_on_every_component_exports_as_hf_peft(case, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vlm_bridge.loading import load_hf_model, load_processor
     from vlm_bridge.verify import DEFAULT_PROMPT, default_media, verify_batches
 
     family, hf = case
@@ -102,8 +102,8 @@ def test_lora_on_every_component_exports_as_hf_peft(case, tmp_path):
     projector = built_components(hf)["projector"]
     assert any(w.startswith(projector) for w in wrapped), wrapped
     images, video = default_media()
-    batches = verify_batches(family, AutoProcessor.from_pretrained(hf), images, video, DEFAULT_PROMPT)
-    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(hf), out).eval()
+    batches = verify_batches(family, load_processor(hf), images, video, DEFAULT_PROMPT)
+    model = PeftModel.from_pretrained(load_hf_model(hf), out).eval()
     for batch, mg_logits in zip(batches, mg, strict=True):
         with torch.no_grad():
             with_adapter = model(**batch).logits

@@ -1,5 +1,5 @@
-"""Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts round-trip
-bit-exactly (sharded and single-file, bf16 and fp32, through TP=2), the dt clamp matters (parity
+"""Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts and the
+original V2 hub form round-trip bit-exactly (sharded and single-file, bf16 and fp32, through TP=2), the dt clamp matters (parity
 does not pass by accident), LoRA on the Mamba projections exports as an HF-PEFT adapter at TP=2,
 and unsupported inputs fail with one line."""
 
@@ -47,7 +47,8 @@ def _resave(src, dst, dtype: torch.dtype, sharded: bool):
     return dst
 
 
-@pytest.mark.parametrize("form,layout", [("nemotron", "v2"), ("nemotron_native", "native")])
+@pytest.mark.parametrize("form,layout", [("nemotron", "v2"), ("nemotron_native", "native"),
+                                         ("nemotron_v2", "v2")])
 @pytest.mark.parametrize("dtype,sharded", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["fp32-single", "bf16-sharded"])
 def test_both_layouts_round_trip_bit_exact_through_tp2(request, run_cli, tmp_path, form, layout, dtype,

@@ -49,16 +49,16 @@ def test_unknown_architecture(tiny_hf, run_cli, capsys, tmp_path):
 
 def test_folder_with_its_own_model_code_is_refused_without_a_prompt(tiny_hf, run_cli, capsys, tmp_path,
                                                                     monkeypatch):
-    """A hub folder whose config needs its own Python code (``auto_map``, e.g. the original
-    NemotronH_Nano_VL_V2 upload) gets one line; transformers is never asked to run or prompt."""
+    """A hub folder whose config needs its own Python code (``auto_map``) and that no family reads
+    natively gets one line; transformers is never asked to run or prompt."""
     bad = copy_model(tiny_hf, tmp_path / "remote")
-    cfg = {"architectures": ["NemotronH_Nano_VL_V2"], "model_type": "NemotronH_Nano_VL_V2",
+    cfg = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
            "auto_map": {"AutoConfig": "configuration.Config", "AutoModel": "modeling.Model"}}
     (bad / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("prompted on the terminal"))
     out = tmp_path / "out"
-    check_error(run_cli, capsys, import_args(bad, out), "config.json", "auto_map", "NemotronH_Nano_VL_V2",
-                "NemotronH_Omni_Reasoning_V3", out=out)
+    check_error(run_cli, capsys, import_args(bad, out), "config.json", "auto_map", "InternVLChatModel",
+                "NemotronH_Nano_VL_V2", out=out)
 
 
 def test_missing_tensor(tiny_hf, run_cli, capsys, tmp_path):

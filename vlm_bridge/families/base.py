@@ -12,7 +12,9 @@ Shared code (conversion, training, PEFT, verify, data) never names a family; it 
   packed along the sequence like ``input_ids``);
 * how **positions** are computed per sample (``position_ids``: 1-D ``[b, s]`` or ``[P, b, s]``);
 * where its **vision features** can be observed on the HF model (verify);
-* its **recipes** and its **tiny test builder** (tests are parametrized over the registry).
+* its **recipes** and its **tiny test builder** (tests are parametrized over the registry);
+* its **foreign forms**: hub architectures whose folders need their own Python code (``auto_map``),
+  read instead through a config translation and a processor built from transformers classes.
 
 Anything the conversion needs to carry in checkpoint metadata (key layout, expert layout) is
 recorded by the loader for every family alike (see ``vlm_bridge.loading.conversion_meta``).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +33,17 @@ from vlm_bridge.convert.layout import KeyLayout
 
 # Components every family maps its parameters onto; shared code iterates over these names.
 COMPONENTS = ("language_model", "vision", "projector")
+
+
+@dataclass(frozen=True)
+class ForeignForm:
+    """A hub form of a family whose ``config.json`` and processor files name the folder's own
+    code: read without running it, as the family's transformers-native config and a processor."""
+
+    # the folder's raw config.json -> a transformers config this family's build_configs takes
+    config: Callable[[dict], object]
+    # the folder -> a processor (same outputs and chat template as the family's native one)
+    processor: Callable[[Path], object]
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,8 @@ class Family:
     # through a round trip (convert/passthrough.py), and a check that may refuse their values
     passthrough: tuple[str, ...] = ()
     check_passthrough: Callable[[object, str, torch.Tensor], None] | None = None
+    # hub architecture -> how to read folders of that form without their remote code
+    foreign_forms: Mapping[str, ForeignForm] = field(default_factory=dict)
 
     def hf_module_path(self, hf_tensor: str) -> str:
         """Hub tensor name -> the module path transformers gives it in memory (HF PEFT keys)."""

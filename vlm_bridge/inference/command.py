@@ -96,11 +96,11 @@ def generate_command(hf_model: str | None, megatron_path: str | None, parallel: 
                      requests: list[Request], sampling: Sampling, batch_size: int, dtype_arg: str | None,
                      output: str | None, stream: bool) -> dict:
     """Run on every rank; rank 0 writes ``output`` (JSONL) and returns the answers."""
-    from transformers import AutoProcessor
+    from vlm_bridge.loading import load_processor
 
     init_distributed(parallel, seed=sampling.seed if sampling.seed is not None else 1234)
     built = load_for_inference(hf_model, megatron_path, parallel, dtype_arg)
-    processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+    processor = load_processor(built.hf_side_dir)
     answers = run_generation(built, processor, requests, sampling, batch_size, stream)
     if dist.get_rank() != 0:
         return {}

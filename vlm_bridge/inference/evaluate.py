@@ -152,16 +152,15 @@ def format_report(report: dict) -> str:
 def evaluate_command(hf_model: str | None, megatron_path: str | None, parallel, data: str,
                      options: EvalOptions, dtype_arg: str | None, report_path: str | None) -> dict:
     """Run on every rank; rank 0 writes the JSON report and returns it."""
-    from transformers import AutoProcessor
-
     from vlm_bridge.data.sources import load_source
     from vlm_bridge.inference.command import load_for_inference
+    from vlm_bridge.loading import load_processor
     from vlm_bridge.parallel import init_distributed
 
     init_distributed(parallel)
     samples = list(load_source(data))
     built = load_for_inference(hf_model, megatron_path, parallel, dtype_arg)
-    processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+    processor = load_processor(built.hf_side_dir)
     report = evaluate_model(built, built.model, processor, samples, options)
     if dist.get_rank() != 0:
         return {}

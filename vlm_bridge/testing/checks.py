@@ -42,9 +42,7 @@ def write_hf_weights(tensors: dict[str, torch.Tensor], folder: Path, sharded: bo
 def image_batch(hf_dir: str):
     """Run on a rank: the fp32 Megatron model of ``hf_dir`` (eval), the default two-image batch and
     its model inputs: ``(built, batch, kwargs)``."""
-    from transformers import AutoProcessor
-
-    from vlm_bridge.loading import load_hf
+    from vlm_bridge.loading import load_hf, load_processor
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
 
@@ -52,7 +50,7 @@ def image_batch(hf_dir: str):
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
     built.model.eval()
     images, _ = default_media()
-    batch = build_batch(AutoProcessor.from_pretrained(hf_dir), images, None, DEFAULT_PROMPT)
+    batch = build_batch(load_processor(hf_dir), images, None, DEFAULT_PROMPT)
     return built, batch, built.family.model_inputs(built.settings, dict(batch))
 
 

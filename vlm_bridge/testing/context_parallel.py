@@ -34,18 +34,16 @@ def layout_logits(hf_dir: str, parallel: ParallelConfig, samples: list[dict], ex
     """Run on every rank: fp32 logits (rank 0, CPU, whole sequences) of verify's batches (images,
     video, text, left-padded) and of ``samples`` packed into one row with ``extra_padding``
     padding tokens at its end."""
-    from transformers import AutoProcessor
-
     from vlm_bridge.data.encode import SampleEncoder
     from vlm_bridge.inference.requests import ensure_pad_token
-    from vlm_bridge.loading import load_hf
+    from vlm_bridge.loading import load_hf, load_processor
     from vlm_bridge.train.batching import collate_packed
     from vlm_bridge.verify import DEFAULT_PROMPT, default_media, verify_batches
 
     init_distributed(parallel)
     built = load_hf(hf_dir, parallel, torch.float32)
     built.model.eval()
-    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
+    processor = load_processor(hf_dir)
     images, frames = default_media()
     if "video" not in built.family.modalities:
         frames = None

@@ -54,15 +54,13 @@ def generation_parity(hf_dir: str, parallel: ParallelConfig, batches: list[list[
                       max_new_tokens: int, check_cache: bool = True, decode: str = "auto") -> dict:
     """Run on every rank: greedy tokens of ours and HF's per batch, and (``check_cache``) the largest
     difference between each step's cached logits and a full forward's logits at that position."""
-    from transformers import AutoProcessor
-
-    from vlm_bridge.loading import load_hf
+    from vlm_bridge.loading import load_hf, load_processor
 
     init_distributed(parallel)
     # fp32 means fp32 on a GPU too: no TF32 convolutions (HF's patch embeddings) on one side only.
     torch.backends.cudnn.allow_tf32 = False
     built = load_hf(hf_dir, parallel, torch.float32)
-    processor = AutoProcessor.from_pretrained(hf_dir, local_files_only=True)
+    processor = load_processor(hf_dir)
     stops = _stop_ids(hf_dir, processor)
     sampling = Sampling(max_new_tokens=max_new_tokens, stop_token_ids=stops)
     report: dict = {"ours": [], "hf": [], "cache_max_diff": 0.0, "steps": 0}
@@ -127,13 +125,11 @@ def sampling_runs(hf_dir: str, requests: list[Request], samplings: list[Sampling
     at the token greedy decoding produced at step ``stop_after`` of row 0."""
     from dataclasses import replace
 
-    from transformers import AutoProcessor
-
-    from vlm_bridge.loading import load_hf
+    from vlm_bridge.loading import load_hf, load_processor
 
     init_distributed(ParallelConfig())
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
-    batch = build_prompt_batch(AutoProcessor.from_pretrained(hf_dir, local_files_only=True), requests)
+    batch = build_prompt_batch(load_processor(hf_dir), requests)
     runs = [generate_tokens(built, batch, sampling) for sampling in samplings]
     stop = runs[0].tokens[0][stop_after]
     stopped = generate_tokens(built, batch, replace(samplings[0], stop_token_ids=(stop,)))

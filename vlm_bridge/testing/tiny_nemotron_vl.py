@@ -640,7 +640,7 @@ def make_tiny_nemotron_model(
     return model
 
 
-def _drop_layer_scale(out_dir: Path) -> None:
+def drop_layer_scale(out_dir: Path) -> None:
     """Remove RADIO's identity LayerScale tensors from the saved (hub-format) files."""
     index_path = out_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
@@ -665,6 +665,7 @@ def build_tiny_nemotron_vl(
     vision_final_layernorm: bool = False,
     max_shard_size: str | None = None,
     time_step_min: float = TIME_STEP_MIN,
+    form: Literal["omni", "v2"] = "omni",
 ) -> Path:
     """Write a complete tiny Nemotron-H Omni checkpoint folder and return its path.
 
@@ -677,7 +678,16 @@ def build_tiny_nemotron_vl(
     :func:`tiny_nemotron_vl_config`; ``max_shard_size`` (e.g. ``"100KB"``) forces a
     sharded checkpoint with an index. ``time_step_min`` sets the ``dt`` floor HF applies in its
     chunked scan but not when decoding from its cache (a tiny value switches it off).
+    ``form="v2"`` writes the original ``NemotronH_Nano_VL_V2`` hub form instead
+    (:mod:`vlm_bridge.testing.tiny_nemotron_v2`; dense, V2 key names only).
     """
+    if form == "v2":
+        from vlm_bridge.testing.tiny_nemotron_v2 import build_tiny_nemotron_v2
+
+        if moe or vision_final_layernorm or key_format != "default":
+            raise ValueError("the tiny V2 form is dense, without a vision final norm, in V2 key names")
+        return build_tiny_nemotron_v2(out_dir, seed=seed, dtype=dtype, pad_token=pad_token,
+                                      max_shard_size=max_shard_size, time_step_min=time_step_min)
     if key_format not in ("default", "native"):
         raise ValueError(f"key_format must be 'default' or 'native', got {key_format!r}")
     out_dir = Path(out_dir)
@@ -690,7 +700,7 @@ def build_tiny_nemotron_vl(
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(str(out_dir), **save_kwargs)
     if key_format == "default":
-        _drop_layer_scale(out_dir)
+        drop_layer_scale(out_dir)
     processor = make_tiny_nemotron_processor(pad_token=pad_token)
     processor.tokenizer.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))

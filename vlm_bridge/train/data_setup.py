@@ -7,14 +7,13 @@ from vlm_bridge.train.data_stream import MicroBatchStream
 
 
 def build_stream(cfg: TrainConfig, built) -> MicroBatchStream:
-    from transformers import AutoProcessor
-
     from vlm_bridge.data.encode import SampleEncoder
     from vlm_bridge.data.sources import load_source
+    from vlm_bridge.loading import load_processor
 
     if not cfg.data.train:
         raise ValueError("no training data given (data.train=jsonl:PATH, hf:NAME, or a maker name)")
-    processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+    processor = load_processor(built.hf_side_dir)
     samples = load_source(cfg.data.train)
     if not hasattr(samples, "__getitem__"):
         samples = list(samples)

@@ -11,9 +11,8 @@ from vlm_bridge.train.config import TrainConfig
 
 class Validator:
     def __init__(self, cfg: TrainConfig, built) -> None:
-        from transformers import AutoProcessor
-
         from vlm_bridge.data.sources import load_source
+        from vlm_bridge.loading import load_processor
 
         settings = cfg.eval
         if settings.every < 0:
@@ -24,7 +23,7 @@ class Validator:
         self.samples = list(load_source(cfg.data.validation))
         if not self.samples:
             raise ValueError(f"data.validation {cfg.data.validation!r} holds no samples")
-        self.processor = AutoProcessor.from_pretrained(built.hf_side_dir, local_files_only=True)
+        self.processor = load_processor(built.hf_side_dir)
         self.options = EvalOptions(
             generate=settings.generate, metrics=tuple(settings.metrics),
             max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,

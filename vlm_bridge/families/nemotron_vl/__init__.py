@@ -1,15 +1,17 @@
-"""Nemotron VL (transformers' NemotronH_Omni_Reasoning_V3, whose V2 key names it also reads) on
-Megatron-Core."""
+"""Nemotron VL on Megatron-Core: transformers' NemotronH_Omni_Reasoning_V3 (both its key layouts)
+and the original NemotronH_Nano_VL_V2 hub folders (read without their remote code)."""
 
 from __future__ import annotations
 
 import torch
 
-from vlm_bridge.families.base import Family
+from vlm_bridge.families.base import Family, ForeignForm
 from vlm_bridge.families.nemotron_vl.config import NemotronVLSettings, build_configs
 from vlm_bridge.families.nemotron_vl.mapping import LAYOUTS, weight_table
 from vlm_bridge.families.nemotron_vl.model import NemotronVLModel
 from vlm_bridge.families.nemotron_vl.recipes import RECIPES
+from vlm_bridge.families.nemotron_vl.v2_config import V2_ARCHITECTURE, translate_v2_config
+from vlm_bridge.families.nemotron_vl.v2_processor import load_v2_processor
 
 
 def position_ids(s: NemotronVLSettings, batch: dict) -> torch.Tensor:
@@ -60,5 +62,7 @@ FAMILIES = [
         passthrough=(r"(^|\.)summary_idxs$", r"\.layer_scale[12]\.lambda1$",
                      r"input_conditioner\.norm_(mean|std)$"),
         check_passthrough=check_passthrough,
+        foreign_forms={V2_ARCHITECTURE: ForeignForm(config=translate_v2_config, processor=load_v2_processor)},
+        tiny_variants={"default": {}, "v2": {"form": "v2"}},
     )
 ]

@@ -1,8 +1,8 @@
 """Nemotron VL: HF config -> Megatron-Core configs and settings, in one explicit function.
 
 Folders arrive here as the ``nemotron_h_omni`` config of transformers 5.24's
-``NemotronH_Omni_Reasoning_V3``, read through ``AutoConfig`` (the original
-``NemotronH_Nano_VL_V2`` hub folders, whose config needs remote code, are not read yet).
+``NemotronH_Omni_Reasoning_V3``: read through ``AutoConfig``, or translated from an original
+``NemotronH_Nano_VL_V2`` hub config (``v2_config.py``; its RADIO has no video tubelet embedder).
 What is set here and why:
 
 * the language model is a hybrid stack from ``layers_block_type`` (``linear_attention`` = Mamba-2
