@@ -23,6 +23,14 @@ def test_fp32_parity_on_gpu(tiny_hf, parity):
     assert report["top1_agreement"] == 1.0
 
 
+def test_nemotron_fp32_parity_on_gpu(nemotron_v2, parity):
+    """The Mamba scan's Triton kernels use TF32 dots on fp32 inputs: an fp32 check keeps the
+    exact torch scan (it was 2e-2 off, 98.8% top-1, before)."""
+    report = parity(nemotron_v2, None)
+    assert report["max_abs_diff"] <= 1e-4, report
+    assert report["top1_agreement"] == 1.0
+
+
 def test_bf16_parity_on_gpu(tiny_hf, parity):
     report = parity(tiny_hf, None, dtype="bf16")
     assert report["kl_divergence"] < 1e-2, report

@@ -210,7 +210,7 @@ class MambaMixer(MegatronModule):
         B = B.reshape(batch, seq, self.groups, s.d_state)
         C = C.reshape(batch, seq, self.groups, s.d_state)
         needs_grad = torch.is_grad_enabled() and zxbcdt.requires_grad
-        if not conv_tail and ssd_triton.available(x.device, needs_grad):  # Triton kernels (fla-core)
+        if not conv_tail and ssd_triton.available(x.device, needs_grad, x.dtype):  # Triton kernels (fla-core)
             y, ssm_state = ssd_triton.triton_scan(x, self._dt(dt), self._A(), B, C, runs), None
         else:
             y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, s.chunk_size, runs)

@@ -37,10 +37,14 @@ def _backward_ok(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] != 9 or not (3, 4) <= version < (3, 7, 1)
 
 
-def available(device: torch.device, needs_grad: bool = False) -> bool:
+def available(device: torch.device, needs_grad: bool = False, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the Triton scan can run here (CUDA, fla-core present, not switched off, and a
-    correct backward when one is needed)."""
+    correct backward when one is needed). Its dots on fp32 inputs are TF32, so fp32 activations
+    take it only where torch's own fp32 matmuls may be TF32 too (verify's fp32 checks turn that
+    off, and then get the exact torch scan)."""
     if device.type != "cuda" or os.environ.get(SCAN_ENV, "auto") == "torch" or _kernel() is None:
+        return False
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return False
     return not needs_grad or _backward_ok(device)
 
