@@ -1,7 +1,7 @@
 """Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts and the
-original V2 hub form round-trip bit-exactly (sharded and single-file, bf16 and fp32, through TP=2), the dt clamp matters (parity
-does not pass by accident), LoRA on the Mamba projections exports as an HF-PEFT adapter at TP=2,
-and unsupported inputs fail with one line."""
+original V2 hub form round-trip bit-exactly (sharded and single-file, bf16 and fp32, through
+TP=2), the dt clamp matters (parity does not pass by accident), LoRA on the Mamba projections
+exports as an HF-PEFT adapter at TP=2, and unsupported inputs fail with one line."""
 
 from __future__ import annotations
 
