@@ -169,7 +169,11 @@ def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) ->
     # Freeze flags, per-component learning rates and LoRA select parameters by these prefixes.
     model.component_prefixes = dict(family.components)
     table = family.weight_table(language, vision, settings)
-    return BuiltModel(family, hf_config, settings, model, table, global_param_names(model))
+    params = global_param_names(model, buffers={entry.megatron for entry in table})
+    for entry in table:  # tensors HF keeps in fp32 stay fp32 here too (filled after this)
+        if entry.fp32 and entry.megatron in params:
+            params[entry.megatron].data = params[entry.megatron].data.float()
+    return BuiltModel(family, hf_config, settings, model, table, params)
 
 
 def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None,

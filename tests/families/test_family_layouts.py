@@ -4,6 +4,7 @@ checkpoint loaded at TP=2, and, for MoE families, experts split over EP=2."""
 from __future__ import annotations
 
 import pytest
+import torch
 from family_checks import assert_parity
 
 from vlm_bridge.testing.checks import checkpoint_mismatches
@@ -44,11 +45,11 @@ def test_tp1_checkpoint_at_tp2(case, run_cli, tmp_path):
 def test_experts_over_ep2(case, run_cli, tmp_path):
     """MoE families: imported with experts split over 2 ranks, verified at EP=2, exported at EP=1
     in the layout they came in."""
-    _, hf = case
+    family, hf = case
     from vlm_bridge.loading import load_hf_config
 
-    config = load_hf_config(hf)  # the saved json may name the count num_local_experts
-    if not getattr(getattr(config, "text_config", config), "num_experts", None):
+    language, _, _ = family.build_configs(load_hf_config(hf), torch.float32)
+    if not language.num_moe_experts:
         pytest.skip("dense model: no experts to split")
     meg, out = tmp_path / "meg", tmp_path / "out"
     assert run_cli("import", "--hf-model", hf, "--megatron-path", meg, "--ep", "2") == 0

@@ -1,5 +1,6 @@
-"""Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts and the
-original V2 hub form round-trip bit-exactly (sharded and single-file, bf16 and fp32, through
+"""Nemotron VL specifics beyond the per-family tests (tests/families): both key layouts, the
+original V2 hub form and MoE checkpoints (per-expert and fused, the router kept in fp32 in bf16
+files) round-trip bit-exactly (sharded and single-file, bf16 and fp32, through
 TP=2), the dt clamp matters (parity does not pass by accident), LoRA on the Mamba projections
 exports as an HF-PEFT adapter at TP=2, and unsupported inputs fail with one line."""
 
@@ -33,22 +34,43 @@ def nemotron_native(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def nemotron_moe(tmp_path_factory):
+    from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
+
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_moe") / "hf", moe=True)
+
+
+@pytest.fixture(scope="module")
+def nemotron_moe_native(tmp_path_factory):
+    """MoE with the experts fused as transformers keeps them: up_proj [E, I, H], down_proj [E, H, I]."""
+    from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
+
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_moe_native") / "hf", moe=True,
+                                  key_format="native")
+
+
+@pytest.fixture(scope="module")
 def shapes_jsonl(tmp_path_factory):
     from vlm_bridge.testing.shapes_task import make_task
 
     return make_task(tmp_path_factory.mktemp("shapes"), n_train=8, n_eval=2, size=56)["train"]
 
 
+# What transformers keeps in fp32 whatever the model's dtype (NemotronH's _keep_in_fp32_modules_strict).
+KEPT_FP32 = (".gate.weight", ".e_score_correction_bias")
+
+
 def _resave(src, dst, dtype: torch.dtype, sharded: bool):
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v
+    tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(KEPT_FP32) else v
                for k, v in load_file(src / "model.safetensors").items()}
     write_hf_weights(tensors, dst, sharded)
     return dst
 
 
 @pytest.mark.parametrize("form,layout", [("nemotron", "v2"), ("nemotron_native", "native"),
-                                         ("nemotron_v2", "v2")])
+                                         ("nemotron_v2", "v2"), ("nemotron_moe", "v2"),
+                                         ("nemotron_moe_native", "native")])
 @pytest.mark.parametrize("dtype,sharded", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["fp32-single", "bf16-sharded"])
 def test_both_layouts_round_trip_bit_exact_through_tp2(request, run_cli, tmp_path, form, layout, dtype,
@@ -150,20 +172,59 @@ def _edit_config(src, dst, edit) -> str:
     return str(dst)
 
 
-@pytest.mark.parametrize("edit,args,message", [
-    (lambda c: c.update(audio_config={}), (), "audio tower (audio_config) is not supported"),
-    (lambda c: c["text_config"].update(layers_block_type=["moe" if t == "mlp" else t for t in
-                                                            c["text_config"]["layers_block_type"]]),
-     (), "MoE ('E') layers is not supported"),
-    (lambda c: c["text_config"].update(n_groups=1), ("--tp", "2"),
+@pytest.mark.parametrize("folder,edit,args,message", [
+    ("nemotron", lambda c: c.update(audio_config={}), (), "audio tower (audio_config) is not supported"),
+    ("nemotron", lambda c: c["text_config"].update(n_groups=1), ("--tp", "2"),
      "--tp 2 does not divide the Mamba groups (1)"),
-], ids=["audio", "moe-layer", "mamba-groups"])
-def test_unsupported_inputs_fail_with_one_line(nemotron, run_cli, capsys, tmp_path, edit, args, message):
-    folder = _edit_config(nemotron, tmp_path / "edited", edit)
+    ("nemotron", lambda c: None, ("--ep", "2"), "--ep 2 needs a mixture-of-experts model"),
+    ("nemotron_moe", lambda c: c["text_config"].update(moe_latent_size=16), (),
+     "latent projection (moe_latent_size) is not supported"),
+    ("nemotron_moe", lambda c: c["text_config"].update(norm_topk_prob=False), (),
+     "norm_topk_prob false is not supported"),
+    ("nemotron_moe", lambda c: None, ("--ep", "3"), "--ep 3 does not divide the MoE experts (4)"),
+], ids=["audio", "mamba-groups", "ep-dense", "moe-latent", "moe-unnormalised", "moe-ep"])
+def test_unsupported_inputs_fail_with_one_line(request, run_cli, capsys, tmp_path, folder, edit, args,
+                                               message):
+    folder = _edit_config(request.getfixturevalue(folder), tmp_path / "edited", edit)
+    capsys.readouterr()  # building the fixture's folder may have printed progress
     assert run_cli("import", "--hf-model", folder, "--megatron-path", tmp_path / "meg", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "meg").exists()
+
+
+def _expert_bias_matters(hf_dir: str) -> dict:
+    """The tiny MoE's e_score_correction_bias (randomised) changes which experts are picked: with it
+    zeroed on the Megatron side the logits leave HF's, so MoE parity does not pass by accident."""
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.runtime import pipeline_forward_logits
+    from vlm_bridge.testing.checks import hf_logits, image_batch
+
+    built, batch, inputs = image_batch(hf_dir)
+    valid = batch["attention_mask"].bool()  # left padding: HF's logits there are not compared
+    ref = hf_logits(hf_dir, batch)[valid]
+
+    def diff() -> float:
+        with torch.no_grad():
+            ours = pipeline_forward_logits(built.model, inputs)
+        return float((ours[..., : built.settings.vocab_size][valid] - ref).abs().max())
+
+    biases = [p for n, p in built.params.items() if n.endswith("router.expert_bias")]
+    matched = diff()
+    for bias in biases:
+        bias.zero_()
+    zeroed = diff()
+    half = load_hf(hf_dir, ParallelConfig(), torch.bfloat16).params  # the router stays fp32 there
+    router = ("router.weight", "expert_bias")
+    dtypes = sorted({str(p.dtype) for n, p in half.items() if n.endswith(router)})
+    others = sorted({str(p.dtype) for n, p in half.items() if not n.endswith(router)})
+    return {"matched": matched, "zeroed": zeroed, "biases": len(biases), "dtypes": dtypes, "others": others}
+
+
+def test_moe_expert_bias_routes_and_parity_is_not_by_accident(nemotron_moe):
+    r = run_parallel(_expert_bias_matters, 1, str(nemotron_moe))
+    assert r["biases"] == 3 and r["dtypes"] == ["torch.float32"] and r["others"] == ["torch.bfloat16"], r
+    assert r["matched"] <= TOL and r["zeroed"] > 1e-2, r
 
 
 def test_mamba_lora_training_at_tp2_exports_at_tp1(nemotron, shapes_jsonl, tmp_path, run_cli):

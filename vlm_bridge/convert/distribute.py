@@ -12,6 +12,7 @@ indices back to global ones using each layer's ``layer_number``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -77,8 +78,10 @@ def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torc
     return torch.cat([torch.cat([r[c] for r in per_rank], dim=dim) for c in range(len(per_rank[0]))], dim=dim)
 
 
-def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """``{global name: parameter}`` for this rank, with decoder layers numbered globally."""
+def global_param_names(model: torch.nn.Module, buffers: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``{global name: parameter}`` for this rank, with decoder layers numbered globally, plus the
+    persistent buffers whose global names are in ``buffers`` (a weight table may name one, e.g. a
+    router's expert bias, which Megatron keeps as a buffer)."""
     offsets = {}
     decoder = getattr(getattr(model, "language_model", None), "decoder", None)
     if decoder is not None:
@@ -89,8 +92,8 @@ def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         moe = next((m for m in model.modules() if hasattr(m, "num_local_experts")), None)
         if moe is not None:
             first_expert = parallel_state.get_expert_model_parallel_rank() * moe.num_local_experts
-    out = {}
-    for name, param in model.named_parameters():
+
+    def global_name(name: str) -> str:
         match = _LAYER.match(name)
         if match:
             name = f"{match.group(1)}{offsets[match.group(2)]}.{name[match.end():]}"
@@ -98,5 +101,11 @@ def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         if expert:
             index = first_expert + int(expert.group(2))
             name = f"{name[:expert.start()]}{expert.group(1)}{index}.{name[expert.end():]}"
-        out[name] = param
+        return name
+
+    out: dict[str, torch.Tensor] = {global_name(name): p for name, p in model.named_parameters()}
+    wanted = set(buffers)
+    if wanted:
+        out.update({n: b for n, b in ((global_name(name), b) for name, b in model.named_buffers())
+                    if n in wanted})
     return out

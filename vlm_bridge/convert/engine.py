@@ -275,9 +275,11 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
     try:
         writer = None
         if tmp is not None:
+            gated = any(name.endswith(".gate_proj.weight") and ".experts." in name
+                        for entry in table for name in entry.hf)
             writer = ExpertFusingWriter(
                 ShardedSafetensorsWriter(tmp, target.max_shard_bytes), target.expert_layout,
-                target.num_experts,
+                target.num_experts, gated,
             )
         loads = _stream_batches(params, table) if stream is not None else {}
         for index, entry in enumerate(_progress(table, "export", rank == 0)):
@@ -292,8 +294,9 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                 _send_tensor(full, 0)
             elif rank == 0:
                 full = full if owner == 0 else _recv_tensor(owner)
+                dtype = torch.float32 if entry.fp32 else target.dtype
                 for name, t in zip(entry.hf, entry.op.to_hf(full)):
-                    writer.add(target.layout.to_file(name), t.to(device="cpu", dtype=target.dtype))
+                    writer.add(target.layout.to_file(name), t.to(device="cpu", dtype=dtype))
             del full
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)

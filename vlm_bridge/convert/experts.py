@@ -4,9 +4,11 @@ Checkpoints store experts either per expert (``mlp.experts.E.{gate,up,down}_proj
 fused: ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` with the experts stacked first.
 The fused tensors come in two inner orders: the hub's ``[E, hidden, 2*inter]`` / ``[E, inter,
 hidden]`` and the ``[E, 2*inter, hidden]`` / ``[E, hidden, inter]`` some transformers versions
-write. Each fused tensor's order is read off which dimension equals the hidden size; a square one
-(hidden == 2*inter for gate_up_proj, hidden == inter for down_proj) fits both, so the order is
-decided over all fused tensors together, and refused only when every one of them is square.
+write. Experts without a gate (``up_proj`` only, e.g. squared-ReLU experts under ``mixer.``) fuse
+the same way with ``up_proj`` in place of ``gate_up_proj`` (``I`` in place of ``2I``). Each fused
+tensor's order is read off which dimension equals the hidden size; a square one (hidden == 2*inter
+for gate_up_proj, hidden == inter for down_proj) fits both, so the order is decided over all fused
+tensors together, and refused only when every one of them is square.
 
 Family tables name experts one by one. :class:`ExpertSplitReader` presents fused checkpoints under
 those names (reading each fused tensor once per layer), and :class:`ExpertFusingWriter` re-fuses
@@ -26,8 +28,8 @@ FUSED_HUB = "fused_hub"  # gate_up [E, hidden, 2I], down [E, I, hidden]
 FUSED_OUT_IN = "fused_out_in"  # gate_up [E, 2I, hidden], down [E, hidden, I]
 LAYOUTS = (PER_EXPERT, FUSED_HUB, FUSED_OUT_IN)
 
-_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_SPLIT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(.*\.(?:mlp|mixer)\.experts)\.(gate_up_proj|up_proj|down_proj)$")
+_SPLIT = re.compile(r"^(.*\.(?:mlp|mixer)\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 _ORDER = {
@@ -38,6 +40,8 @@ _ORDER = {
 _HIDDEN_AT = {
     ("gate_up_proj", FUSED_HUB): 1,
     ("gate_up_proj", FUSED_OUT_IN): 2,
+    ("up_proj", FUSED_HUB): 1,
+    ("up_proj", FUSED_OUT_IN): 2,
     ("down_proj", FUSED_HUB): 2,
     ("down_proj", FUSED_OUT_IN): 1,
 }
@@ -114,12 +118,15 @@ def detect_expert_layout(reader, hidden: int) -> str:
     for key, prefix, role, shape, readings in fused:
         layers.setdefault(prefix, {})[role] = (key, shape, readings[layout])
     for roles in layers.values():
-        if len(roles) == 2:
-            (gu, gu_shape, gu_inter), (dn, dn_shape, dn_inter) = roles["gate_up_proj"], roles["down_proj"]
+        gated = "gate_up_proj" in roles
+        up = roles.get("gate_up_proj") or roles.get("up_proj")
+        if up is not None and "down_proj" in roles:
+            (gu, gu_shape, gu_inter), (dn, dn_shape, dn_inter) = up, roles["down_proj"]
             if gu_inter != dn_inter:
+                said = f"2I = {2 * gu_inter}" if gated else f"I = {gu_inter}"
                 raise CheckpointError(
                     f"{gu} {gu_shape} and {dn} {dn_shape} disagree on the expert intermediate size: "
-                    f"2I = {2 * gu_inter} but I = {dn_inter} (hidden size {hidden})"
+                    f"{said} but I = {dn_inter} (hidden size {hidden})"
                 )
 
     if len(allowed) > 1:
@@ -142,7 +149,7 @@ class ExpertSplitReader:
             match = _FUSED.match(key)
             if match:
                 experts = reader.shape(key)[0]
-                projs = ("gate_proj", "up_proj") if match.group(2) == "gate_up_proj" else ("down_proj",)
+                projs = {"gate_up_proj": ("gate_proj", "up_proj")}.get(match.group(2), (match.group(2),))
                 for e in range(experts):
                     for proj in projs:
                         self._virtual[f"{match.group(1)}.{e}.{proj}.weight"] = (key, e, proj)
@@ -164,7 +171,7 @@ class ExpertSplitReader:
     def _split(self, name: str) -> torch.Tensor:
         key, e, proj = self._virtual[name]
         w = self._fused(key)[e]
-        if proj == "down_proj":
+        if not key.endswith(".gate_up_proj"):
             return w.contiguous()
         gate, up = w.chunk(2, dim=0)
         return (gate if proj == "gate_proj" else up).contiguous()
@@ -178,7 +185,7 @@ class ExpertSplitReader:
         key, _, proj = self._virtual[name]
         e_, a, b = self.reader.shape(key)
         out, inp = (b, a) if self.layout == FUSED_HUB else (a, b)
-        return (out // 2, inp) if proj != "down_proj" else (out, inp)
+        return (out // 2, inp) if key.endswith(".gate_up_proj") else (out, inp)
 
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(self._virtual[name][0] if name in self._virtual else name)
@@ -188,10 +195,12 @@ class ExpertSplitReader:
 
 
 class ExpertFusingWriter:
-    """Passes tensors through, except per-expert tensors, which it stacks into fused ones."""
+    """Passes tensors through, except per-expert tensors, which it stacks into fused ones
+    (``gated=False``: experts have ``up_proj`` and ``down_proj`` only, fused as ``up_proj``)."""
 
-    def __init__(self, writer, layout: str, num_experts: int) -> None:
+    def __init__(self, writer, layout: str, num_experts: int, gated: bool = True) -> None:
         self.writer, self.layout, self.num_experts = writer, layout, num_experts
+        self.gated = gated
         self._parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -200,14 +209,14 @@ class ExpertFusingWriter:
             self.writer.add(name, tensor)
             return
         prefix, e, proj = match.group(1), int(match.group(2)), match.group(3)
-        fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        fused = "gate_up_proj" if self.gated and proj != "down_proj" else proj
         parts = self._parts.setdefault((prefix, fused), {})
         parts[(e, proj)] = tensor
-        need = self.num_experts * (1 if fused == "down_proj" else 2)
+        need = self.num_experts * (2 if fused == "gate_up_proj" else 1)
         if len(parts) == need:
             del self._parts[(prefix, fused)]
-            if fused == "down_proj":
-                stack = torch.stack([parts[(i, "down_proj")] for i in range(self.num_experts)])
+            if fused != "gate_up_proj":
+                stack = torch.stack([parts[(i, proj)] for i in range(self.num_experts)])
             else:
                 stack = torch.stack([torch.cat([parts[(i, "gate_proj")], parts[(i, "up_proj")]])
                                      for i in range(self.num_experts)])

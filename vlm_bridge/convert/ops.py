@@ -170,6 +170,9 @@ class Entry:
     megatron: str
     hf: tuple[str, ...]
     op: Op
+    # Kept in fp32 whatever the checkpoint's dtype, on disk and in the model (HF's
+    # ``_keep_in_fp32_modules``, e.g. a router gate that must not round to bf16).
+    fp32: bool = False
 
     def __post_init__(self) -> None:
         assert len(self.hf) == self.op.arity, f"{self.megatron}: {len(self.hf)} HF names for {self.op}"

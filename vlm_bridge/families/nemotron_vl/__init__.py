@@ -63,6 +63,6 @@ FAMILIES = [
                      r"input_conditioner\.norm_(mean|std)$"),
         check_passthrough=check_passthrough,
         foreign_forms={V2_ARCHITECTURE: ForeignForm(config=translate_v2_config, processor=load_v2_processor)},
-        tiny_variants={"default": {}, "v2": {"form": "v2"}},
+        tiny_variants={"default": {}, "v2": {"form": "v2"}, "moe": {"moe": True}},
     )
 ]

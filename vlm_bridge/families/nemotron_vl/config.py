@@ -15,8 +15,15 @@ What is set here and why:
 * the projector: RMSNorm (eps 1e-5) over ``4 * vision_hidden`` after a 0.5 pixel shuffle ->
   Linear -> squared ReLU -> Linear, no biases.
 
-Refused with one line: MoE ``E`` layers and multi-token-prediction layers (no such VL checkpoint
-exists yet), SwiGLU RADIO variants, audio towers, pixel shuffles other than 0.5.
+* MoE ``E`` layers: Megatron's MoE layer with HF's sigmoid router (computed in fp32 from an fp32
+  weight, ``e_score_correction_bias`` as Megatron's expert bias: it picks the experts, the plain
+  scores weigh them, normalised over the top k and scaled by ``routed_scaling_factor``; the bias
+  is not updated by training, as HF never updates it), squared-ReLU experts without a gate and
+  one shared expert, experts split over ``--ep``.
+
+Refused with one line: multi-token-prediction layers, MoE variants Megatron's router cannot
+reproduce (a latent projection, un-normalised top-k weights, group-limited routing other than
+top-2 sums per group), SwiGLU RADIO variants, audio towers, pixel shuffles other than 0.5.
 """
 
 from __future__ import annotations
@@ -83,11 +90,11 @@ def _refuse_unsupported(hf_config) -> None:
     if getattr(hf_config, "audio_config", None) is not None:
         raise ValueError("Nemotron VL with an audio tower (audio_config) is not supported: "
                          "images and video only")
-    unknown = set(text.layers_block_type) - {MAMBA, ATTENTION, MLP}
-    if MOE in unknown:
-        raise ValueError("Nemotron VL with MoE ('E') layers is not supported yet: dense hybrid patterns only")
+    unknown = set(text.layers_block_type) - {MAMBA, ATTENTION, MLP, MOE}
     if unknown:
-        raise ValueError(f"Nemotron VL layer types {sorted(unknown)} are not supported (M, *, -)")
+        raise ValueError(f"Nemotron VL layer types {sorted(unknown)} are not supported (M, *, -, E)")
+    if MOE in text.layers_block_type:
+        _refuse_unsupported_moe(text)
     if getattr(text, "num_nextn_predict_layers", 0):
         raise ValueError("Nemotron VL with multi-token-prediction layers (num_nextn_predict_layers) "
                          "is not supported")
@@ -107,14 +114,62 @@ def _refuse_unsupported(hf_config) -> None:
         raise ValueError("Nemotron VL video_pruning_rate > 0 (Efficient Video Sampling) is not supported")
 
 
+def _refuse_unsupported_moe(text) -> None:
+    if getattr(text, "moe_latent_size", None) is not None:
+        raise ValueError("Nemotron VL MoE with a latent projection (moe_latent_size) is not supported")
+    if text.num_experts_per_tok > 1 and not text.norm_topk_prob:
+        raise ValueError("Nemotron VL MoE with norm_topk_prob false is not supported (Megatron's sigmoid "
+                         "router always normalises the top-k weights)")
+    if text.n_group > 1 and text.num_experts_per_tok // text.topk_group != 2:
+        raise ValueError(f"Nemotron VL MoE group-limited routing (n_group {text.n_group}, topk_group "
+                         f"{text.topk_group}, top-{text.num_experts_per_tok}) is not supported: "
+                         "Megatron scores a group by its top num_experts_per_tok / topk_group experts, "
+                         "HF by its top 2")
+
+
+def has_moe(text) -> bool:
+    return MOE in text.layers_block_type
+
+
+def moe_kwargs(text, ep: int) -> dict:
+    """Megatron MoE settings reproducing ``NemotronHMoE`` (see the module docstring)."""
+    if not has_moe(text):
+        return {}
+    kwargs = dict(
+        num_moe_experts=text.n_routed_experts,
+        moe_router_topk=text.num_experts_per_tok,
+        moe_ffn_hidden_size=text.moe_intermediate_size,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_topk_scaling_factor=float(text.routed_scaling_factor),
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=ep,
+    )
+    if text.n_shared_experts:
+        kwargs["moe_shared_expert_intermediate_size"] = text.moe_shared_expert_intermediate_size
+    if text.n_group > 1:
+        kwargs.update(moe_router_num_groups=text.n_group, moe_router_group_topk=text.topk_group)
+    return kwargs
+
+
 def vision_ffn(vision) -> int:
     return int(vision.hidden_size * vision.mlp_ratio)
 
 
 def check_layout(hf_config, tp: int, pp: int, ep: int) -> None:
     text, vision = hf_config.text_config, hf_config.vision_config
-    if ep > 1:
+    if ep > 1 and not has_moe(text):
         raise ValueError(f"--ep {ep} needs a mixture-of-experts model; this Nemotron VL is dense")
+    if has_moe(text):
+        require_divisible([
+            ("MoE experts", text.n_routed_experts, ep, "--ep"),
+            ("MoE expert FFN size", text.moe_intermediate_size, tp, "--tp"),
+            ("MoE shared-expert FFN size", text.moe_shared_expert_intermediate_size, tp, "--tp"),
+        ])
     require_divisible([
         ("language attention heads", text.num_attention_heads, tp, "--tp"),
         ("language key/value heads", text.num_key_value_heads, tp, "--tp"),
@@ -149,6 +204,7 @@ def build_configs(
         # Layers differ in their parameters (M, *, -): checkpoints key each layer on its own.
         hetereogenous_dist_checkpoint=True,
         **{**common_kwargs(dtype), "bias_activation_fusion": False},
+        **moe_kwargs(text, ep),
     )
     vision_cfg = vision_tower_config(
         layers=vision.num_hidden_layers, hidden=vision.hidden_size, ffn=vision_ffn(vision),

@@ -19,11 +19,12 @@ as Megatron keeps them; each part is split over TP on its own (:class:`~vlm_brid
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry, FuseQKV, PadRows, Parts, Rename
 from vlm_bridge.families._common.vit_mapping import vit_block_entries
-from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, NemotronVLSettings
+from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, MOE, NemotronVLSettings
 
 LM, VIS, PROJ = "language_model.", "vision_model.", "multi_modal_projector."
 RADIO = VIS + "radio_model.model."
@@ -54,8 +55,8 @@ def to_v2(entry: Entry) -> Entry:
     op = entry.op
     if isinstance(op, FuseQKV) and entry.hf[0].startswith(VIS):
         fused = to_v2_name(entry.hf[0]).replace(".attention.q_proj.", ".attn.qkv.")
-        return Entry(entry.megatron, (fused,), FuseQKV(op.heads, op.groups, op.head_dim, hf_fused=True))
-    return Entry(entry.megatron, tuple(to_v2_name(n) for n in entry.hf), op)
+        return replace(entry, hf=(fused,), op=FuseQKV(op.heads, op.groups, op.head_dim, hf_fused=True))
+    return replace(entry, hf=tuple(to_v2_name(n) for n in entry.hf))
 
 
 LAYOUTS = [KeyLayout("v2", rewrite=to_v2), KeyLayout("native")]
@@ -76,6 +77,27 @@ def _mamba_entries(m: str, h: str, s: NemotronVLSettings) -> list[Entry]:
         Entry(m + "mixer.norm.weight", (h + "mixer.norm.weight",), Rename()),
         Entry(m + "mixer.out_proj.weight", (h + "mixer.out_proj.weight",), Rename()),
     ]
+    return out
+
+
+def _moe_entries(m: str, h: str, lang) -> list[Entry]:
+    """Router (its weight and expert bias kept in fp32, as HF keeps them), experts named one by one
+    (fused checkpoints are split on read and re-fused on write, convert/experts.py; Megatron names
+    use the global expert index) and the shared expert."""
+    out = [
+        Entry(m + "pre_mlp_layernorm.weight", (h + "norm.weight",), Rename()),
+        Entry(m + "mlp.router.weight", (h + "mixer.gate.weight",), Rename(), fp32=True),
+        Entry(m + "mlp.router.expert_bias", (h + "mixer.gate.e_score_correction_bias",), Rename(),
+              fp32=True),
+    ]
+    for e in range(lang.num_moe_experts):
+        me, he = f"{m}mlp.experts.local_experts.{e}.", f"{h}mixer.experts.{e}."
+        out += [Entry(me + "linear_fc1.weight", (he + "up_proj.weight",), Rename()),
+                Entry(me + "linear_fc2.weight", (he + "down_proj.weight",), Rename())]
+    if lang.moe_shared_expert_intermediate_size:
+        shared, hs = m + "mlp.shared_experts.", h + "mixer.shared_experts."
+        out += [Entry(shared + "linear_fc1.weight", (hs + "up_proj.weight",), Rename()),
+                Entry(shared + "linear_fc2.weight", (hs + "down_proj.weight",), Rename())]
     return out
 
 
@@ -101,6 +123,8 @@ def _language_entries(lang, s: NemotronVLSettings) -> list[Entry]:
                 Entry(m + "mlp.linear_fc1.weight", (h + "mixer.up_proj.weight",), Rename()),
                 Entry(m + "mlp.linear_fc2.weight", (h + "mixer.down_proj.weight",), Rename()),
             ]
+        elif kind == MOE:
+            out += _moe_entries(m, h, lang)
     out += [
         Entry(lm + "decoder.final_layernorm.weight", (hf + "norm_f.weight",), Rename()),
         Entry(lm + "output_layer.weight", (LM + "lm_head.weight",), pad),

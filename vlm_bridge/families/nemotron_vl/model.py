@@ -6,7 +6,9 @@ The decoder is Megatron's block with one layer spec per layer (this pipeline sta
 * ``M``: :class:`MambaLayer` = ``x + mixer(norm(x))`` with the shared Mamba-2 mixer; packed samples
   and padding come from the structural mask's segment ids (state and conv reset per sample);
 * ``*``: Megatron's ``TransformerLayer`` with attention only (no MLP), no positional encoding;
-* ``-``: ``TransformerLayer`` with the MLP only (squared ReLU, no gate).
+* ``-``: ``TransformerLayer`` with the MLP only (squared ReLU, no gate);
+* ``E``: ``TransformerLayer`` with Megatron's MoE layer only (router, squared-ReLU experts as
+  grouped GEMMs, one shared expert).
 
 Every norm is Nemotron-H's RMSNorm (weight multiply in fp32). Layers differ in their parameters,
 so checkpoints key each layer separately (``hetereogenous_dist_checkpoint`` in the config).
@@ -19,6 +21,7 @@ import copy
 import torch
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -30,7 +33,7 @@ from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.ssd_scan import segment_runs
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
-from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP
+from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, MOE
 from vlm_bridge.families.nemotron_vl.radio import RadioVisionTower
 
 
@@ -74,10 +77,10 @@ class MambaLayer(MegatronModule):
         return hidden_states + out
 
 
-def _one_sublayer(attention: bool) -> ModuleSpec:
-    """Megatron's layer with only its attention (``*``) or only its MLP (``-``), the other half an
-    identity, each behind a Nemotron-H RMSNorm."""
-    spec = transformer_layer_spec()
+def _one_sublayer(attention: bool, num_experts: int | None = None) -> ModuleSpec:
+    """Megatron's layer with only its attention (``*``) or only its MLP (``-``) or MoE (``E``),
+    the other half an identity, each behind a Nemotron-H RMSNorm."""
+    spec = transformer_layer_spec(num_experts=num_experts)
     sub = copy.copy(spec.submodules)
     if attention:
         sub.input_layernorm = Fp32RMSNorm
@@ -88,13 +91,15 @@ def _one_sublayer(attention: bool) -> ModuleSpec:
     return ModuleSpec(module=spec.module, submodules=sub)
 
 
-def layer_spec(kind: str, mamba: MambaSettings) -> ModuleSpec:
+def layer_spec(kind: str, mamba: MambaSettings, num_experts: int | None = None) -> ModuleSpec:
     if kind == MAMBA:
         return ModuleSpec(module=MambaLayer, params={"settings": mamba})
     if kind == ATTENTION:
         return _one_sublayer(attention=True)
     if kind == MLP:
         return _one_sublayer(attention=False)
+    if kind == MOE:
+        return _one_sublayer(attention=False, num_experts=num_experts)
     raise ValueError(f"Nemotron-H layer type {kind!r} is not supported")
 
 
@@ -103,11 +108,21 @@ class NemotronVLModel(VLMModel):
 
     position_embedding_type = "none"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                # The expert bias routes but is never trained (HF never updates it; the update rate
+                # is 0): its token counting is off, which in Megatron 0.16 also fails on a padding
+                # mask (a [tokens] mask against the [tokens, experts] routing map).
+                module.enable_expert_bias = False
+
     def language_layer_spec(self) -> TransformerBlockSubmodules:
         s, config = self.s, self.config
         # This pipeline stage's layers only, as Megatron's own decoder block specs do.
         offset, count = get_transformer_layer_offset(config), get_num_layers_to_build(config)
-        specs = [layer_spec(kind, s.mamba) for kind in s.layer_types[offset:offset + count]]
+        specs = [layer_spec(kind, s.mamba, config.num_moe_experts)
+                 for kind in s.layer_types[offset:offset + count]]
         return TransformerBlockSubmodules(layer_specs=specs, layer_norm=Fp32RMSNorm)
 
     def build_vision(self, config: TransformerConfig) -> RadioVisionTower:
