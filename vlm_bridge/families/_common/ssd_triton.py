@@ -6,7 +6,9 @@ Simple GLA computes the same recurrence as Mamba-2's SSD with head-wise decay:
 Packed samples, padding runs and row ends become varlen sequences (``cu_seqlens`` over the
 flattened batch), so state never crosses them. fla-core is pure Python (Triton), installed from
 the package registry; without it, on CPU, or with ``VLM_BRIDGE_MAMBA_SCAN=torch`` the mixer uses
-the torch scan. The decay ``g`` stays fp32; ``q``/``k``/``v`` take the activation dtype.
+the torch scan. ``q``/``k``/``v`` and the decay ``g`` go in as fp32 whatever the activation
+dtype, as the torch scan (and transformers' own) computes: with bf16 inputs the kernel's error put a
+tiny bf16 Nemotron MoE at 1.19x HF-bf16's KL from fp32 on an H200 (the torch scan: 0.90x).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def triton_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     ``[b, s, heads, head_dim]`` (no final state: training and full forwards only)."""
     batch, seq, heads, head_dim = x.shape
     per_group = heads // B.shape[2]
-    dtype = x.dtype
+    dtype = torch.float32  # see the module docstring
     q = C.repeat_interleave(per_group, dim=2).to(dtype).reshape(1, batch * seq, heads, -1)
     k = B.repeat_interleave(per_group, dim=2).to(dtype).reshape(1, batch * seq, heads, -1)
     v = (x.float() * dt[..., None]).to(dtype).reshape(1, batch * seq, heads, head_dim)
