@@ -131,7 +131,8 @@ def tiny_qwen3_moe(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def nemotron_v2(tmp_path_factory) -> Path:
-    """The original NemotronH_Nano_VL_V2 hub form (remote-code config, V2 key names)."""
+    """The original NemotronH_Nano_VL_V2 hub form (remote-code config, V2 key names, a tokenizer
+    without a pad token, as the upload's)."""
     from vlm_bridge.testing.tiny_nemotron_vl import build_tiny_nemotron_vl
 
-    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_v2") / "hf", form="v2")
+    return build_tiny_nemotron_vl(tmp_path_factory.mktemp("nemotron_v2") / "hf", form="v2", pad_token=False)

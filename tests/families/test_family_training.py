@@ -11,6 +11,7 @@ from vlm_bridge.parallel import run_parallel
 def _packed_vs_padded(hf_dir: str, jsonl: str):
     from vlm_bridge.data.encode import SampleEncoder
     from vlm_bridge.data.sources import load_source
+    from vlm_bridge.inference.requests import ensure_pad_token
     from vlm_bridge.loading import load_hf, load_processor
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train.batching import collate_packed, collate_padded
@@ -18,6 +19,7 @@ def _packed_vs_padded(hf_dir: str, jsonl: str):
     init_distributed(ParallelConfig())
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
     processor = load_processor(hf_dir)
+    ensure_pad_token(processor.tokenizer)  # as every shared batching path does
     encoder = SampleEncoder(processor, 256)
     samples = [encoder.encode(s) for s in list(load_source(f"jsonl:{jsonl}"))[:4]]
     pad = processor.tokenizer.pad_token_id

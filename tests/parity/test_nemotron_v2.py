@@ -87,6 +87,7 @@ def test_tiles_thumbnail_and_frame_prompts(nemotron_v2, monkeypatch):
 
 def _image_and_video_row(hf_dir: str) -> dict:
     """One row holding an image and a video (V2 embeds frames as images), plus a text-only row."""
+    from vlm_bridge.inference.requests import ensure_pad_token
     from vlm_bridge.loading import load_hf, load_hf_model, load_processor
     from vlm_bridge.parallel import init_distributed
     from vlm_bridge.runtime import pipeline_forward_logits
@@ -96,6 +97,8 @@ def _image_and_video_row(hf_dir: str) -> dict:
     built = load_hf(hf_dir, ParallelConfig(), torch.float32)
     built.model.eval()
     processor = load_processor(hf_dir)
+    assert processor.tokenizer.pad_token is None  # as on the hub
+    ensure_pad_token(processor.tokenizer)  # what every shared batching path does
     rows = [[{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Same colours?"}],
             [{"type": "text", "text": "Say hi."}]]
     texts = processor.apply_chat_template([[{"role": "user", "content": c}] for c in rows],
