@@ -100,18 +100,22 @@ def _raw_config(folder: str | Path) -> tuple[Path, dict]:
 def load_hf_config(folder: str | Path):
     """The folder's config as transformers reads it, or, for a family's foreign form (a folder
     that needs its own code), translated into the family's transformers-native config."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     path, raw = _raw_config(folder)
     _refuse_unsupported_config(path, raw)
     form = foreign_form(raw)
-    if form is not None:
-        try:
+    # transformers validates configs (field types, layer types) with its own exception classes
+    invalid = (KeyError, TypeError, ValueError, StrictDataclassError)
+    try:
+        if form is not None:
             return form.config(raw)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-    # Never the folder's own code: transformers would otherwise ask on the terminal and wait.
-    return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        # Never the folder's own code: transformers would otherwise ask on the terminal and wait.
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except invalid as exc:
+        reason = " ".join(str(exc).split())  # one line
+        raise CheckpointError(f"{path}: {reason}") from None
 
 
 def load_processor(folder: str | Path):

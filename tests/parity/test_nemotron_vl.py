@@ -177,12 +177,14 @@ def _edit_config(src, dst, edit) -> str:
     ("nemotron", lambda c: c["text_config"].update(n_groups=1), ("--tp", "2"),
      "--tp 2 does not divide the Mamba groups (1)"),
     ("nemotron", lambda c: None, ("--ep", "2"), "--ep 2 needs a mixture-of-experts model"),
+    ("nemotron", lambda c: c["text_config"]["layers_block_type"].__setitem__(1, "linear_attention_v3"), (),
+     "config.json: Class validation error"),
     ("nemotron_moe", lambda c: c["text_config"].update(moe_latent_size=16), (),
      "latent projection (moe_latent_size) is not supported"),
     ("nemotron_moe", lambda c: c["text_config"].update(norm_topk_prob=False), (),
      "norm_topk_prob false is not supported"),
     ("nemotron_moe", lambda c: None, ("--ep", "3"), "--ep 3 does not divide the MoE experts (4)"),
-], ids=["audio", "mamba-groups", "ep-dense", "moe-latent", "moe-unnormalised", "moe-ep"])
+], ids=["audio", "mamba-groups", "ep-dense", "layer-symbol", "moe-latent", "moe-unnormalised", "moe-ep"])
 def test_unsupported_inputs_fail_with_one_line(request, run_cli, capsys, tmp_path, folder, edit, args,
                                                message):
     folder = _edit_config(request.getfixturevalue(folder), tmp_path / "edited", edit)

@@ -8,7 +8,7 @@ flattened batch), so state never crosses them. fla-core is pure Python (Triton),
 the package registry; without it, on CPU, or with ``VLM_BRIDGE_MAMBA_SCAN=torch`` the mixer uses
 the torch scan. ``q``/``k``/``v`` and the decay ``g`` go in as fp32 whatever the activation
 dtype, as the torch scan (and transformers' own) computes: with bf16 inputs the kernel's error put a
-tiny bf16 Nemotron MoE at 1.19x HF-bf16's KL from fp32 on an H200 (the torch scan: 0.90x).
+tiny bf16 hybrid MoE model at 1.19x HF-bf16's KL from fp32 on an H200 (the torch scan: 0.90x).
 """
 
 from __future__ import annotations
