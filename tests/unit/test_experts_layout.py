@@ -239,3 +239,50 @@ def test_down_without_the_hidden_size():
     with pytest.raises(CheckpointError, match="neither inner dimension") as err:
         detect_expert_layout(_shapes({f"{L0}.down_proj": [E, 24, 40]}), H)
     assert f"{L0}.down_proj (3, 24, 40)" in str(err.value)
+
+
+MIXER = "model.layers.2.mixer.experts"
+
+
+def _ungated(inter: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per-expert up/down weights ([out, in]) of experts without a gate (e.g. squared ReLU)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in range(E):
+        out[f"{MIXER}.{e}.up_proj.weight"] = torch.randn(inter, H, generator=g)
+        out[f"{MIXER}.{e}.down_proj.weight"] = torch.randn(H, inter, generator=g)
+    return out
+
+
+@pytest.mark.parametrize("layout", [FUSED_HUB, FUSED_OUT_IN])
+def test_experts_without_a_gate_split_and_fuse_back_as_they_came(layout):
+    """Fused ``up_proj`` / ``down_proj`` (no gate_up) are detected in either inner order, split into
+    the per-expert names and re-fused bit-exactly; a writer for gated experts would not."""
+    inter = 24
+    per_expert = _ungated(inter, seed=7)
+    up = torch.stack([per_expert[f"{MIXER}.{e}.up_proj.weight"] for e in range(E)])  # [E, I, H]
+    down = torch.stack([per_expert[f"{MIXER}.{e}.down_proj.weight"] for e in range(E)])  # [E, H, I]
+    if layout == FUSED_HUB:
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    fused = {f"{MIXER}.up_proj": up.contiguous(), f"{MIXER}.down_proj": down.contiguous()}
+    reader = FakeReader(fused)
+    assert detect_expert_layout(reader, H) == layout
+    split = ExpertSplitReader(reader, layout)
+    assert split.keys() == sorted(per_expert)
+    for name, tensor in per_expert.items():
+        assert split.shape(name) == tuple(tensor.shape)
+        assert torch.equal(split.get(name), tensor), name
+    writer = FakeWriter()
+    fusing = ExpertFusingWriter(writer, layout, E, gated=False)
+    for name in sorted(per_expert):
+        fusing.add(name, split.get(name))
+    fusing.finalize()
+    assert set(writer.added) == set(fused)
+    assert all(torch.equal(writer.added[k], fused[k]) for k in fused)
+
+
+def test_experts_without_a_gate_that_disagree_on_the_intermediate_size():
+    up = torch.zeros(E, 24, H)  # out-in: I = 24
+    down = torch.zeros(E, H, 16)  # out-in: I = 16
+    with pytest.raises(CheckpointError, match="I = 24 but I = 16"):
+        detect_expert_layout(FakeReader({f"{MIXER}.up_proj": up, f"{MIXER}.down_proj": down}), H)
