@@ -125,7 +125,7 @@ def load_processor(folder: str | Path):
     _, raw = _raw_config(folder)
     form = foreign_form(raw)
     if form is not None:
-        return form.processor(Path(folder))
+        return form.processor(Path(folder), raw)
     return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 

@@ -42,8 +42,9 @@ class ForeignForm:
 
     # the folder's raw config.json -> a transformers config this family's build_configs takes
     config: Callable[[dict], object]
-    # the folder -> a processor (same outputs and chat template as the family's native one)
-    processor: Callable[[Path], object]
+    # (folder, its raw config.json) -> a processor (the native form's outputs, the folder's chat
+    # template)
+    processor: Callable[[Path, dict], object]
 
 
 @dataclass(frozen=True)

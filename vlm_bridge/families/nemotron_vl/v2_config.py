@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 V2_ARCHITECTURE = "NemotronH_Nano_VL_V2"
 
 # timm ViT names RADIO builds on -> (hidden, layers, heads); the MLP is 4x hidden unless
@@ -31,8 +33,6 @@ TIMM_VIT_DIMS = {
     "vit_large_patch16": (1024, 24, 16),
     "vit_huge_patch16": (1280, 32, 16),
 }
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # remote-code bookkeeping that must not reach transformers' configs
 _DROP = ("auto_map", "architectures", "_name_or_path", "transformers_version")
 
@@ -72,8 +72,8 @@ def radio_config_dict(vision: dict, top: dict) -> dict[str, Any]:
         "num_cls_tokens": num_cls, "num_registers": registers,
         # timm's ViT: LayerNorm eps 1e-6, qkv bias, exact GELU
         "layer_norm_eps": 1e-6, "qkv_bias": True, "hidden_act": "gelu",
-        "norm_mean": list(top.get("norm_mean") or CLIP_MEAN),
-        "norm_std": list(top.get("norm_std") or CLIP_STD),
+        "norm_mean": list(top.get("norm_mean") or OPENAI_CLIP_MEAN),
+        "norm_std": list(top.get("norm_std") or OPENAI_CLIP_STD),
         # checked equal to the top-level value by transformers; removed after construction
         "video_temporal_patch_size": 2,
     }

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, BatchFeature
-from transformers.image_utils import PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 from transformers.models.nemotron_h_omni.image_processing_nemotron_h_omni import convert_image_to_patches
 from transformers.video_processing_utils import BaseVideoProcessor
-
-from vlm_bridge.families.nemotron_vl.v2_config import CLIP_MEAN, CLIP_STD
 
 DEFAULT_MAX_TILES = 12
 
@@ -66,11 +65,13 @@ class FrameVideoProcessor(BaseVideoProcessor):
 def _seconds_label(index: int, metadata: Any) -> str:
     """``Frame i sampled at t seconds: `` as V2 labels frames (``t`` from the frame's index in
     the source and whole milliseconds per frame), ``Frame i: `` without a frame rate."""
-    get = metadata.get if isinstance(metadata, dict) else lambda k, d=None: getattr(metadata, k, d)
-    fps = get("fps", None) if metadata is not None else None
+    def field(key: str):  # a dict from the caller or transformers' VideoMetadata
+        return metadata.get(key) if isinstance(metadata, Mapping) else getattr(metadata, key, None)
+
+    fps = field("fps")
     if not fps:
         return f"Frame {index + 1}: "
-    indices = get("frames_indices", None)
+    indices = field("frames_indices")
     source_index = int(indices[index]) if indices is not None and index < len(indices) else index
     return f"Frame {index + 1} sampled at {source_index * int(1000 / fps) / 1000:.2f} seconds: "
 
@@ -161,16 +162,15 @@ class NemotronV2Processor:
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
-def load_v2_processor(folder: Path) -> NemotronV2Processor:
-    """The processor of a V2 hub folder from its ``config.json`` (tile size, patch, pixel shuffle,
-    statistics, thumbnail, token strings), its ``preprocessor_config.json`` (``max_num_tiles``,
-    when present) and its tokenizer files."""
-    raw = json.loads((folder / "config.json").read_text())
+def load_v2_processor(folder: Path, raw: dict) -> NemotronV2Processor:
+    """The processor of a V2 hub folder from its ``config.json`` (``raw``: tile size, patch, pixel
+    shuffle, statistics, thumbnail, token strings), its ``preprocessor_config.json``
+    (``max_num_tiles``, when present) and its tokenizer files."""
     pre_path = folder / "preprocessor_config.json"
     pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
     tile = int(raw.get("force_image_size") or 512)
-    stats = {"image_mean": list(raw.get("norm_mean") or CLIP_MEAN),
-             "image_std": list(raw.get("norm_std") or CLIP_STD)}
+    stats = {"image_mean": list(raw.get("norm_mean") or OPENAI_CLIP_MEAN),
+             "image_std": list(raw.get("norm_std") or OPENAI_CLIP_STD)}
     max_tiles = int(pre.get("max_num_tiles") or raw.get("max_dynamic_patch") or DEFAULT_MAX_TILES)
     image_processor = TileImageProcessor(size={"height": tile, "width": tile}, min_patches=1,
                                          max_patches=max_tiles, **stats)
