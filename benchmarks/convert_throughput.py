@@ -1,12 +1,15 @@
-"""Time HF -> Megatron import and Megatron -> HF export against a raw safetensors read.
+"""Time HF -> Megatron import and Megatron -> HF export against a raw safetensors read and copy.
 
     python benchmarks/convert_throughput.py HF_DIR [--tp 2] [--workdir DIR] [--dtype bf16] [--keep]
 
 Phases, in this order (each with wall time, MB/s over the HF tensor bytes, and peak memory):
-raw read (every tensor once, as the importer reads them: the I/O floor and page-cache warm-up, so
-import and export are not charged for cold disk), import (``import_hf`` under ``run_parallel``),
-export (``export_hf``), and a bit-exact round-trip check of the exported folder, one tensor at a
-time. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
+raw copy (every tensor's bytes read as the importer reads them and written once into one file on
+the work folder's filesystem: the I/O floor of any conversion, which reads and writes every byte),
+raw read (every tensor once, copied into memory: the baseline of the goal, and the page-cache
+warm-up, so import and export are not charged for cold disk), import (``import_hf`` under
+``run_parallel``), export (``export_hf``), and a bit-exact round-trip check of the exported
+folder, one tensor at a time. Dirty pages are flushed between phases, untimed. MB and GB are 10^6
+and 10^9 bytes. Prints one JSON line, then a table.
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ def raw_read(hf_dir: str | Path) -> int:
     return total
 
 
+def raw_copy(hf_dir: str | Path, out_file: str | Path) -> int:
+    """Write every tensor's bytes once into one file, read as the importer reads them (file views):
+    the I/O floor of any conversion, which reads and writes every byte."""
+    import torch
+
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
+    total = 0
+    with SafetensorsReader(hf_dir) as reader, open(out_file, "wb") as fh:
+        for name in reader.keys():
+            t = reader.get(name, copy=False)
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            total += t.nbytes
+    return total
+
+
 def round_trip_equal(src: str | Path, dst: str | Path) -> dict:
     """Bit-exact comparison, streamed: same keys, dtypes, shapes and values."""
     import torch
@@ -123,23 +142,32 @@ def dir_bytes(path: str | Path, suffix: str = "") -> int:
 
 def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) -> dict:
     """All phases; ``workdir`` receives ``megatron/`` and ``export/``."""
+    from vlm_bridge.convert.allocator import tune_allocator_for_conversion
+
+    tune_allocator_for_conversion()  # as the import / export commands do, before torch is imported
     import torch
 
     from vlm_bridge.convert.hf_io import SafetensorsReader
-    from vlm_bridge.convert.streaming import release_freed_memory_promptly
     from vlm_bridge.loading import export_hf, import_hf
     from vlm_bridge.parallel import ParallelConfig, run_parallel
 
-    release_freed_memory_promptly()  # as the import / export commands do
     parallel = ParallelConfig(tp=tp)
     mg_dir, out_dir = Path(workdir) / "megatron", Path(workdir) / "export"
     size = SafetensorsReader(hf_dir).total_bytes()
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    copy_file = Path(workdir) / "raw_copy.bin"
+    # Each phase starts with no dirty pages of the one before (flushing them is not timed).
+    _, copy = timed(lambda: raw_copy(hf_dir, copy_file))
+    copy_file.unlink()
+    os.sync()
     _, raw = timed(lambda: raw_read(hf_dir))
     _, imp = timed(lambda: run_parallel(import_hf, tp, hf_dir, str(mg_dir), parallel, dtype, True))
+    os.sync()
     _, exp = timed(lambda: run_parallel(export_hf, tp, str(mg_dir), str(out_dir), parallel, dtype,
                                         True, 5 * 1024**3))
+    os.sync()
     check, chk = timed(lambda: round_trip_equal(hf_dir, out_dir))
-    phases = {"raw_read": raw, "import": imp, "export": exp, "check": chk}
+    phases = {"raw_copy": copy, "raw_read": raw, "import": imp, "export": exp, "check": chk}
     for stats in phases.values():
         stats["mb_per_s"] = size / 1e6 / stats["seconds"]
     return {
@@ -148,6 +176,8 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
         "megatron_gb": dir_bytes(mg_dir / "weights") / 1e9,
         "import_vs_raw": imp["mb_per_s"] / raw["mb_per_s"],
         "export_vs_raw": exp["mb_per_s"] / raw["mb_per_s"],
+        "import_vs_copy": imp["mb_per_s"] / copy["mb_per_s"],
+        "export_vs_copy": exp["mb_per_s"] / copy["mb_per_s"],
         # Lifetime max of one process each (not a sum): a cross-check of the polled numbers.
         "ru_maxrss_self_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "ru_maxrss_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,

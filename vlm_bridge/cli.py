@@ -173,11 +173,12 @@ def _parallel(args, hf_config_dir=None):
 
 
 def cmd_import(args) -> int:
-    from vlm_bridge.convert.streaming import release_freed_memory_promptly
+    from vlm_bridge.convert.allocator import tune_allocator_for_conversion
+
+    tune_allocator_for_conversion()  # before torch is imported
     from vlm_bridge.loading import import_hf
     from vlm_bridge.parallel import run_parallel
 
-    release_freed_memory_promptly()
     parallel = _parallel(args, args.hf_model)
     start = time.time()
     meta = run_parallel(
@@ -190,11 +191,12 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vlm_bridge.convert.streaming import release_freed_memory_promptly
+    from vlm_bridge.convert.allocator import tune_allocator_for_conversion
+
+    tune_allocator_for_conversion()  # before torch is imported
     from vlm_bridge.loading import export_hf
     from vlm_bridge.parallel import run_parallel
 
-    release_freed_memory_promptly()
     parallel = _parallel(args, os.path.join(args.megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(

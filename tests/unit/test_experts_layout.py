@@ -39,7 +39,7 @@ class FakeReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.tensors[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
         return self.tensors[name]
 
 

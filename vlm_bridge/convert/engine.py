@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
 
-from vlm_bridge.convert.distribute import gather, shard
+from vlm_bridge.convert.distribute import gather, is_tp_sharded, shard, tp_world_size
 from vlm_bridge.convert.experts import (
     PER_EXPERT,
     ExpertFusingWriter,
@@ -47,7 +47,7 @@ from vlm_bridge.convert.hf_io import (
     copy_hf_side_files,
 )
 from vlm_bridge.convert.layout import KeyLayout
-from vlm_bridge.convert.ops import Entry
+from vlm_bridge.convert.ops import ConcatRows, Entry
 from vlm_bridge.convert.streaming import CheckpointParams, ParameterProducer, StreamingSaveStrategy
 from vlm_bridge.parallel import cpu_group
 
@@ -128,8 +128,19 @@ class HFParamSource:
 
     def __call__(self, name: str) -> torch.Tensor:
         entry = self.by_name[name]
-        tensors = [self.reader.get(self.layout.to_file(n)) for n in entry.hf]
+        # Uncopied file views: every table op is out of place, and the result is written or copied
+        # into the parameter at once, so a tensor that needs no conversion is read exactly once.
+        tensors = [self.reader.get(self.layout.to_file(n), copy=False) for n in entry.hf]
         return _convert_and_shard(entry, tensors, self.params[name], self.src)
+
+    def rows(self, name: str) -> list[torch.Tensor] | None:
+        """For a parameter that is its HF tensors stacked along dim 0 (each TP-split on its own),
+        this rank's piece of each, uncopied; None for any other op."""
+        entry, param = self.by_name[name], self.params[name]
+        if type(entry.op) is not ConcatRows or (is_tp_sharded(param) and param.partition_dim != 0):
+            return None
+        return [shard(self.reader.get(self.layout.to_file(n), copy=False), param)
+                for n in entry.hf]
 
 
 def fill_from_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], reader: SafetensorsReader,
@@ -160,7 +171,7 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             (tmp / "weights").mkdir()
             copy_hf_side_files(hf_side_dir, tmp / "hf")
         dist.barrier()
-        produce = ParameterProducer(source.params, source)
+        produce = ParameterProducer(source.params, source, source.rows)
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"),
                                 sharded_strategy=StreamingSaveStrategy(produce))
         dist.barrier()
@@ -285,19 +296,24 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
         for index, entry in enumerate(_progress(table, "export", rank == 0)):
             if index in loads:
                 stream.load(loads[index])
-            full = None
+            full, hf_tensors, owner = None, None, owners[entry.megatron]
             if entry.megatron in params:
                 param = params[entry.megatron]
-                full = gather(param.data, param, entry.op.tp_chunks)
-            owner = owners[entry.megatron]
+                rows = stream.rows(entry.megatron) if stream is not None else None
+                if rows is not None and rank == owner == 0 and tp_world_size(param) == 1:
+                    hf_tensors = _rows_as_hf(entry, rows)
+                if hf_tensors is None:
+                    local = param.data if rows is None else torch.cat(rows)
+                    full = gather(local, param, entry.op.tp_chunks)
             if rank == owner and owner != 0:
                 _send_tensor(full, 0)
             elif rank == 0:
-                full = full if owner == 0 else _recv_tensor(owner)
+                if hf_tensors is None:
+                    hf_tensors = entry.op.to_hf(full if owner == 0 else _recv_tensor(owner))
                 dtype = torch.float32 if entry.fp32 else target.dtype
-                for name, t in zip(entry.hf, entry.op.to_hf(full)):
+                for name, t in zip(entry.hf, hf_tensors):
                     writer.add(target.layout.to_file(name), t.to(device="cpu", dtype=dtype))
-            del full
+            del full, hf_tensors
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)
                 if stream is not None:
@@ -316,6 +332,14 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
 
             ctx.__exit__(*sys.exc_info())
     dist.barrier(group=cpu_group())
+
+
+def _rows_as_hf(entry: Entry, rows: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """A stacked weight read as one slab per HF tensor is those tensors (no concatenation)."""
+    if type(entry.op) is ConcatRows and len(rows) == entry.op.parts and \
+            len({r.shape for r in rows}) == 1:
+        return rows
+    return None
 
 
 STREAM_BATCH_BYTES = 128 * 1024**2

@@ -153,7 +153,7 @@ class ExpertSplitReader:
                 for e in range(experts):
                     for proj in projs:
                         self._virtual[f"{match.group(1)}.{e}.{proj}.weight"] = (key, e, proj)
-        self._cache: tuple[str, torch.Tensor] | None = None
+        self._cache: tuple[tuple[str, bool], torch.Tensor] | None = None
 
     def keys(self) -> list[str]:
         real = [k for k in self.reader.keys() if not _FUSED.match(k)]
@@ -162,22 +162,22 @@ class ExpertSplitReader:
     def __contains__(self, name: object) -> bool:
         return name in self._virtual or (name in self.reader and not _FUSED.match(str(name)))
 
-    def _fused(self, key: str) -> torch.Tensor:
-        if self._cache is None or self._cache[0] != key:
-            t = self.reader.get(key)
-            self._cache = (key, t if self.layout == FUSED_OUT_IN else t.transpose(1, 2))
+    def _fused(self, key: str, copy: bool) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != (key, copy):
+            t = self.reader.get(key, copy)
+            self._cache = ((key, copy), t if self.layout == FUSED_OUT_IN else t.transpose(1, 2))
         return self._cache[1]  # [E, out, in], like a Linear weight per expert
 
-    def _split(self, name: str) -> torch.Tensor:
+    def _split(self, name: str, copy: bool) -> torch.Tensor:
         key, e, proj = self._virtual[name]
-        w = self._fused(key)[e]
+        w = self._fused(key, copy)[e]
         if not key.endswith(".gate_up_proj"):
             return w.contiguous()
         gate, up = w.chunk(2, dim=0)
         return (gate if proj == "gate_proj" else up).contiguous()
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._split(name) if name in self._virtual else self.reader.get(name)
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
+        return self._split(name, copy) if name in self._virtual else self.reader.get(name, copy)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._virtual:

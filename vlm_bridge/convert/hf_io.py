@@ -170,16 +170,19 @@ class SafetensorsReader:
                                   f"that this torch build cannot represent")
         return _DTYPES[info["dtype"]]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
         """Read just this tensor into an owned CPU tensor; handles are opened lazily.
 
-        Cloned because safe_open hands out views of one copy-on-write mmap per handle:
-        an in-place edit (e.g. ``mul_``) would silently show up in later reads.
+        Cloned by default because safe_open hands out views of one copy-on-write mmap per handle:
+        an in-place edit (e.g. ``mul_``) would silently show up in later reads. ``copy=False``
+        returns that view (its storage is exactly the tensor's bytes, paged in as it is read) for
+        callers that only read it, such as a conversion whose ops are all out of place.
         """
         file, _ = self._entry(name)
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file].get_tensor(name).clone()
+        view = self._handles[file].get_tensor(name)
+        return view.clone() if copy else view
 
     def total_bytes(self) -> int:
         """Sum of tensor payload sizes, e.g. for progress bars and the output index."""

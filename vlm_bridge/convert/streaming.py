@@ -17,8 +17,6 @@ it is written.
 
 from __future__ import annotations
 
-import ctypes
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -40,28 +38,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from vlm_bridge.convert.hf_io import CheckpointError
 
 Producer = Callable[[torch.Tensor], torch.Tensor]
-
-_MMAP_THRESHOLD_BYTES = 128 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def release_freed_memory_promptly() -> None:
-    """Make glibc hand freed tensor memory back to the system at once, in this process and in the
-    ranks it spawns (which read the environment variable at start).
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which
-    tensors of a few MB come from the heap, whose freed pages it keeps: converting a 7B model one
-    tensor at a time then grew to 8.4 GB instead of staying under 1 GB between batches. A fixed
-    threshold keeps every block above 128 KB its own mapping. Conversion commands only: it costs
-    page faults on workloads that allocate and free large tensors in a loop (training).
-    """
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(_MMAP_THRESHOLD_BYTES))
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
 
 def _names_by_storage(params: dict[str, torch.nn.Parameter]) -> dict[int, str]:
     """Which parameter a tensor (the parameter itself or a view into it) belongs to, by storage."""
@@ -106,18 +82,30 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         # does (atomic, not power-loss durable).
         writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1,
                                   sync_files=False)
-        dcp_save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
+        # No CRC32 per record: computing it costs as much as writing the bytes, and torch.load
+        # never checks it (a memory-mapped load cannot).
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            dcp_save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
+        finally:
+            torch.serialization.set_crc32_options(crc)
 
 
 class ParameterProducer:
     """Maps a write request's tensor (a parameter or a view into one) to the same region of that
     parameter's fresh value, ``make(name)``; the last value is kept for the views that follow
     (a fused weight split into several checkpoint tensors). Tensors of no listed parameter
-    (buffers, norms filled at construction) are written as they are."""
+    (buffers, norms filled at construction) are written as they are.
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], make: Callable[[str], torch.Tensor]) -> None:
+    ``make_rows(name)``, where given, may instead return tensors whose concatenation along dim 0
+    is the fresh value (a fused gate/up weight is its HF gate and up tensors): a request for whole
+    rows of one of them is then served from it without building the concatenation."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], make: Callable[[str], torch.Tensor],
+                 make_rows: Callable[[str], list[torch.Tensor] | None] | None = None) -> None:
         self.params, self.owner = params, _names_by_storage(params)
-        self.make = make
+        self.make, self.make_rows = make, make_rows
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
@@ -125,6 +113,9 @@ class ParameterProducer:
         if name is None:
             return view
         param = self.params[name]
+        rows = self._from_rows(name, param, view)
+        if rows is not None:
+            return rows
         if self._last is None or self._last[0] != name:
             self._last = None  # drop the previous value before making the next
             fresh = self.make(name).to(param.dtype).contiguous()
@@ -136,6 +127,30 @@ class ParameterProducer:
         # whole converted tensor, starting past it.
         offset = fresh.storage_offset() + view.storage_offset() - param.storage_offset()
         return fresh.as_strided(view.shape, view.stride(), offset)
+
+    def _from_rows(self, name: str, param: torch.Tensor, request: torch.Tensor) -> torch.Tensor | None:
+        # A layer's tensor in a stacked checkpoint tensor comes with leading axes of size 1.
+        lead = request.dim() - param.dim()
+        view = request.reshape(request.shape[lead:]) if lead > 0 and set(request.shape[:lead]) == {1} \
+            else request
+        if self.make_rows is None or param.dim() < 2 or not (view.is_contiguous() and param.is_contiguous()) \
+                or view.shape[1:] != param.shape[1:]:
+            return None
+        start, misaligned = divmod(view.storage_offset() - param.storage_offset(), param.stride(0))
+        pieces = None if misaligned else self.make_rows(name)
+        if pieces is None:
+            return None
+        if sum(p.shape[0] for p in pieces) != param.shape[0] or \
+                any(p.shape[1:] != param.shape[1:] for p in pieces):
+            raise AssertionError(f"{name}: row pieces {[tuple(p.shape) for p in pieces]} do not make "
+                                 f"{tuple(param.shape)}")
+        first = 0
+        for piece in pieces:
+            if first <= start and start + view.shape[0] <= first + piece.shape[0]:
+                rows = piece[start - first:start - first + view.shape[0]]
+                return rows.to(param.dtype).contiguous().view(request.shape)
+            first += piece.shape[0]
+        return None
 
 
 class _IntoViews:
@@ -162,7 +177,7 @@ class CheckpointParams:
 
     def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                  weights_dir: str) -> None:
-        owner = _names_by_storage(params)
+        self.params, owner = params, _names_by_storage(params)
         sd = model.sharded_state_dict()
         apply_factories(sd)
         self.items: dict[str, list[ShardedTensor]] = {}
@@ -171,6 +186,7 @@ class CheckpointParams:
                 name = owner.get(item.data.untyped_storage().data_ptr())
                 if name is not None:
                     self.items.setdefault(name, []).append(item)
+        self._rows: dict[str, list[torch.Tensor]] = {}
         self.reader = FileSystemReader(weights_dir)
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
@@ -179,6 +195,7 @@ class CheckpointParams:
     def load(self, names: Iterable[str]) -> None:
         views, reads = {}, []
         for name in names:
+            mine: list[list] = []  # per checkpoint tensor of the parameter, its reads
             for item in self.items.get(name, []):
                 saved = self.metadata.state_dict_metadata.get(item.key)
                 if saved is None or tuple(saved.size) != tuple(item.global_shape):
@@ -187,24 +204,65 @@ class CheckpointParams:
                                           f"expects {tuple(item.global_shape)}")
                 view = item.data.view((1,) * item.prepend_axis_num + tuple(item.local_shape))
                 chunk = ChunkStorageMetadata(offsets=torch.Size(item.global_offset), sizes=view.shape)
-                for read in create_read_items_for_chunk_list(item.key, saved, [chunk]):
-                    views[read.dest_index] = view
-                    reads.append(read)
+                mine.append(create_read_items_for_chunk_list(item.key, saved, [chunk]))
+                views.update((read.dest_index, view) for read in mine[-1])
+            if not self._map_rows(name, mine):
+                reads += [read for item_reads in mine for read in item_reads]
         planner = _IntoViews(views)
         rest = [read for read in reads if not self._read_mapped(read, planner)]
         if rest:
             with torch.no_grad():  # the views are of parameters
                 self.reader.read_data(LoadPlan(rest), planner).wait()
 
-    def _read_mapped(self, read, planner: _IntoViews) -> bool:
-        """Serve a read from a file that holds just its chunk (as streaming imports write them)
-        through a memory map, so the chunk is not first copied into memory of its own."""
+    def _mapped_chunk(self, read) -> torch.Tensor | None:
+        """The saved chunk of ``read`` as a memory map, when its file holds just that chunk (as
+        streaming imports write them); None otherwise."""
         info = self.metadata.storage_data[read.storage_index]
         path = Path(self.weights_dir) / info.relative_path
         if info.offset != 0 or getattr(info, "transform_descriptors", None) or \
                 path.stat().st_size != info.length:
+            return None
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+
+    def _map_rows(self, name: str, reads: list[list]) -> bool:
+        """A parameter saved whole, or as slabs of whole rows (a fused gate/up weight), each in a
+        file of its own becomes those files' memory maps: its bytes are paged in once, by the
+        export writer, instead of being copied into memory first. One slab replaces the
+        parameter's data; several are kept for :meth:`rows`."""
+        param, items = self.params[name], self.items.get(name, [])
+        if not items or any(len(r) != 1 for r in reads) or not param.is_contiguous() or param.dim() == 0:
             return False
-        chunk = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        slabs = []
+        row_bytes = param.stride(0) * param.element_size()
+        for item, (read,) in zip(items, reads):
+            view = item.data
+            start, misaligned = divmod(view.data_ptr() - param.data_ptr(), row_bytes)
+            if misaligned or not view.is_contiguous() or view.shape[1:] != param.shape[1:]:
+                return False
+            chunk = self._mapped_chunk(read)
+            if chunk is None or chunk.dtype != param.dtype or chunk.numel() != view.numel():
+                return False
+            slabs.append((start, chunk.view(view.shape)))
+        slabs.sort(key=lambda slab: slab[0])
+        if sum(chunk.shape[0] for _, chunk in slabs) != param.shape[0]:
+            return False
+        if len(slabs) == 1:
+            param.data = slabs[0][1]
+        else:
+            self._rows[name] = [chunk for _, chunk in slabs]
+        return True
+
+    def rows(self, name: str) -> list[torch.Tensor] | None:
+        """A loaded parameter that is held as row slabs (see :meth:`_map_rows`), in row order;
+        their concatenation along dim 0 is its value. None when its data holds the value."""
+        return self._rows.get(name)
+
+    def _read_mapped(self, read, planner: _IntoViews) -> bool:
+        """Serve a read from a file that holds just its chunk through a memory map, so the chunk is
+        not first copied into memory of its own."""
+        chunk = self._mapped_chunk(read)
+        if chunk is None:
+            return False
         chunk = _narrow(chunk, read.storage_offsets, read.lengths)
         with torch.no_grad():
             planner.resolve_tensor(read).copy_(chunk)
@@ -212,5 +270,6 @@ class CheckpointParams:
 
     def release(self, names: Iterable[str]) -> None:
         for name in names:
+            self._rows.pop(name, None)
             for item in self.items.pop(name, []):
                 item.data = None
