@@ -19,12 +19,13 @@ layout with Megatron's own sharded state dicts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -37,6 +38,7 @@ from vlm_bridge.attention.context import (
     pad_tokens,
     padded_length,
 )
+from vlm_bridge.families._common.chunked_loss import chunked_linear_cross_entropy
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
@@ -204,6 +206,10 @@ class VLMModel(MegatronModule):
         """
         lm = self.language_model
         weight = lm.shared_embedding_or_output_weight() if self.s.tie_word_embeddings else None
+        if labels is not None and _chunked_loss_applies(lm):
+            loss = chunked_linear_cross_entropy(hidden, lm.output_layer.weight if weight is None else weight,
+                                                labels.transpose(0, 1), self.s.vocab_size)
+            return loss.transpose(0, 1).contiguous()
         gather = runtime_gather_output and labels is None
         logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=gather)
         if labels is None:
@@ -214,6 +220,16 @@ class VLMModel(MegatronModule):
             loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
             return loss.transpose(0, 1).contiguous()
         return lm.compute_language_model_loss(labels, logits)
+
+
+def _chunked_loss_applies(lm) -> bool:
+    """The chunked output layer + loss (``chunked_loss``) stands in for Megatron's own output
+    layer only: not under sequence parallelism (its input is gathered first) nor for a wrapped
+    one. ``VLM_BRIDGE_CHUNKED_LOSS=0`` keeps the whole-logits path (e.g. to compare them)."""
+    if os.environ.get("VLM_BRIDGE_CHUNKED_LOSS", "1") == "0":
+        return False
+    layer = lm.output_layer
+    return type(layer) is ColumnParallelLinear and layer.bias is None and not layer.sequence_parallel
 
 
 def _mask_for_split(mask, input_ids: torch.Tensor, split):
