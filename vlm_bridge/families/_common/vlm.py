@@ -19,7 +19,6 @@ layout with Megatron's own sharded state dicts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +37,7 @@ from vlm_bridge.attention.context import (
     pad_tokens,
     padded_length,
 )
-from vlm_bridge.families._common.chunked_loss import chunked_linear_cross_entropy
+from vlm_bridge.families._common.chunked_loss import chunked_linear_cross_entropy, chunking_pays
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
@@ -206,7 +205,7 @@ class VLMModel(MegatronModule):
         """
         lm = self.language_model
         weight = lm.shared_embedding_or_output_weight() if self.s.tie_word_embeddings else None
-        if labels is not None and _chunked_loss_applies(lm):
+        if labels is not None and _chunked_loss_applies(lm, labels.numel()):
             loss = chunked_linear_cross_entropy(hidden, lm.output_layer.weight if weight is None else weight,
                                                 labels.transpose(0, 1), self.s.vocab_size)
             return loss.transpose(0, 1).contiguous()
@@ -222,14 +221,14 @@ class VLMModel(MegatronModule):
         return lm.compute_language_model_loss(labels, logits)
 
 
-def _chunked_loss_applies(lm) -> bool:
+def _chunked_loss_applies(lm, tokens: int) -> bool:
     """The chunked output layer + loss (``chunked_loss``) stands in for Megatron's own output
     layer only: not under sequence parallelism (its input is gathered first) nor for a wrapped
-    one. ``VLM_BRIDGE_CHUNKED_LOSS=0`` keeps the whole-logits path (e.g. to compare them)."""
-    if os.environ.get("VLM_BRIDGE_CHUNKED_LOSS", "1") == "0":
-        return False
+    one; and only where it pays (``chunking_pays``: large vocabularies and micro-batches)."""
     layer = lm.output_layer
-    return type(layer) is ColumnParallelLinear and layer.bias is None and not layer.sequence_parallel
+    if type(layer) is not ColumnParallelLinear or layer.bias is not None or layer.sequence_parallel:
+        return False
+    return chunking_pays(tokens, layer.output_size_per_partition)
 
 
 def _mask_for_split(mask, input_ids: torch.Tensor, split):
