@@ -26,7 +26,7 @@ CHUNK_BYTES = 1 << 30
 # less than the chunked loss's extra GEMM and fp32 weight-gradient accumulator (measured on one
 # H200: Qwen2.5-VL-7B's 152k vocabulary at 4,096 tokens per row, 2.5 GB of logits, lost 6% of its
 # SFT speed chunked; Gemma 3's 262k, 4.3 GB, fits without recomputation only chunked).
-CHUNK_ABOVE_BYTES = 4 << 30
+CHUNK_ABOVE_BYTES = 3 << 30
 
 
 def chunking_pays(tokens: int, local_vocab: int) -> bool:
