@@ -3,13 +3,13 @@
     python benchmarks/convert_throughput.py HF_DIR [--tp 2] [--workdir DIR] [--dtype bf16] [--keep]
 
 Phases, in this order (each with wall time, MB/s over the HF tensor bytes, and peak memory):
-raw copy (every tensor's bytes read as the importer reads them and written once into one file on
-the work folder's filesystem: the I/O floor of any conversion, which reads and writes every byte),
-raw read (every tensor once, copied into memory: the baseline of the goal, and the page-cache
-warm-up, so import and export are not charged for cold disk), import (``import_hf`` under
-``run_parallel``), export (``export_hf``), and a bit-exact round-trip check of the exported
-folder, one tensor at a time. Dirty pages are flushed between phases, untimed. MB and GB are 10^6
-and 10^9 bytes. Prints one JSON line, then a table.
+raw copy (after an untimed read that warms the page cache, every tensor's bytes read as the
+importer reads them and written once into one file on the work folder's filesystem: the I/O floor
+of any conversion, which reads and writes every byte), raw read (every tensor once, copied into
+memory: the baseline of the goal, and the page-cache warm-up, so import and export are not charged
+for cold disk), import (``import_hf`` under ``run_parallel``), export (``export_hf``), and a
+bit-exact round-trip check of the exported folder, one tensor at a time. Dirty pages are flushed
+between phases, untimed. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
     size = SafetensorsReader(hf_dir).total_bytes()
     Path(workdir).mkdir(parents=True, exist_ok=True)
     copy_file = Path(workdir) / "raw_copy.bin"
-    # Each phase starts with no dirty pages of the one before (flushing them is not timed).
+    # Each phase starts with no dirty pages of the one before (flushing them is not timed), and
+    # the copy reads warm pages as the import does.
+    raw_read(hf_dir)
     _, copy = timed(lambda: raw_copy(hf_dir, copy_file))
     copy_file.unlink()
     os.sync()

@@ -8,11 +8,13 @@ format (its key translation, planner and metadata, so Megatron loads the result 
 checkpoint) but writes through torch's synchronous ``FileSystemWriter``, which asks the planner for
 one tensor's data at a time. The planner hands each write request's tensor (a parameter, or a view
 of one for split fused weights) to a :class:`ParameterProducer` that returns the same region of
-freshly converted data; it is written and dropped before the next one is made.
+freshly converted data; it is written and dropped before the next one is made. A request for
+rows that one HF tensor holds whole (half of a fused gate/up weight) is served from that tensor.
 
 **Reading (export).** :class:`CheckpointParams` reads only the named parameters from a checkpoint,
 in place; the exporter asks for a batch of table entries at a time and frees each parameter once
-it is written.
+it is written. A parameter saved in files of its own (whole, or as row slabs) is memory-mapped
+rather than read into memory: its pages are read once, as the writer copies them out.
 """
 
 from __future__ import annotations
