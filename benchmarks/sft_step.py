@@ -305,6 +305,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
                       recompute=recompute, parallel=ParallelSettings(ep=args.ep))
     cfg.optim.warmup_steps = 0
     cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
+    cfg.optim.moments = "bf16" if getattr(args, "bf16_moments", False) else "fp32"
     if lora:  # routed experts are never adapted, like HF's targets (its experts are 3-D tensors)
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
         targets = lora_targets(args.model_type)[1]  # the family's (Nemotron: Mamba in/out too)
@@ -327,7 +328,9 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
                microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
                experts=os.environ.get("VLM_BRIDGE_MOE_EXPERTS", "grouped"),
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
-               optimizer=f"Megatron Adam, fp32 master, distributed={cuda_available()}")
+               optimizer=f"Megatron Adam, fp32 master, {cfg.optim.moments} moments, "
+                         f"{'fp32' if cfg.optim.grad_reduce_in_fp32 else 'bf16'} grads, "
+                         f"distributed={cuda_available()}")
     return res
 
 
@@ -442,7 +445,10 @@ def _state_gb(flops: dict, args, lora: bool) -> dict:
     trained = 0 if lora else n
     wbytes = 2 if args.dtype == "bf16" else 4
     per_gpu = n - experts + experts / args.ep
-    megatron = (wbytes * per_gpu + (16 if wbytes == 2 else 12) * (0 if lora else per_gpu)) / 1e9
+    # grad 4 (2 with --bf16-grads) + master 4 (bf16 only) + moments 8 (4 with --bf16-moments)
+    trained_bytes = (2 if getattr(args, "bf16_grads", False) else 4) + (4 if wbytes == 2 else 0) + \
+        (4 if getattr(args, "bf16_moments", False) else 8)
+    megatron = (wbytes * per_gpu + trained_bytes * (0 if lora else per_gpu)) / 1e9
     hf = (wbytes * n + 3 * wbytes * trained) / 1e9
     return {"megatron": megatron, "megatron_sequential": megatron, "hf": hf}
 
@@ -487,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
     p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")
     p.add_argument("--bf16-grads", action="store_true", help="Megatron: bf16 gradient buffers")
+    p.add_argument("--bf16-moments", action="store_true", help="Megatron: Adam moments in bf16 (fp32 master)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -281,3 +281,14 @@ def test_moe_expert_parallel_training_matches_ep1(tiny_qwen3_moe, tiny_cfg, tmp_
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (base, ep2)
     with pytest.raises(RuntimeError, match="resume with parallel.ep=1, or start a new run"):
         run_train(cfg("ep1", steps=4, **{"parallel.ep": 2}), world=2)
+
+
+def test_bf16_moments_train_and_resume_exactly(tiny_cfg, tmp_path):
+    """bf16 weights, fp32 master, bf16 Adam moments: the loss falls, and a run resumed from a
+    checkpoint (moments saved, loaded and narrowed back to bf16) repeats the uninterrupted one."""
+    over = {"dtype": "bf16", "optim.moments": "bf16", "steps": 3}
+    full = run_train(tiny_cfg(output_dir=tmp_path / "full", **over))["losses"]
+    assert all(v == v for v in full) and full[-1] < full[0]
+    cfg = tiny_cfg(output_dir=tmp_path / "cut", **over, **{"checkpoint.save_every": 2})
+    assert run_train(cfg, stop_after=2)["losses"] == full[:2]
+    assert run_train(cfg)["losses"] == full

@@ -37,6 +37,9 @@ class OptimSettings:
     distributed_optimizer: str = "auto"
     # Accumulate and reduce gradients in fp32 (safer over many micro-batches; 2 more bytes/param).
     grad_reduce_in_fp32: bool = True
+    # Adam's two moments in "fp32" or "bf16" (4 bytes/param less; the update and the master
+    # weights stay fp32; see train/low_memory_adam.py for what rounding the moments costs).
+    moments: str = "fp32"
 
 
 @dataclass
@@ -150,8 +153,19 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         hints = typing.get_type_hints(type(obj))
         if target not in hints or dataclasses.is_dataclass(getattr(obj, target)):
             raise ValueError(f"unknown config key {key!r}")
-        setattr(obj, target, _parse(value, hints[target], key))
+        parsed = _parse(value, hints[target], key)
+        allowed = CHOICES.get(key)
+        if allowed is not None and parsed not in allowed:
+            raise ValueError(f"override {key}: {value!r} is not one of {', '.join(allowed)}")
+        setattr(obj, target, parsed)
     return cfg
+
+
+# Settings that take one of a few words.
+CHOICES = {
+    "optim.distributed_optimizer": ("auto", "on", "off"),
+    "optim.moments": ("fp32", "bf16"),
+}
 
 
 def to_dict(cfg: TrainConfig) -> dict:

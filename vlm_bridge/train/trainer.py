@@ -33,6 +33,7 @@ from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train.config import TrainConfig, to_dict
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
+from vlm_bridge.train.low_memory_adam import adam_class
 from vlm_bridge.train.metrics import RunLogger
 
 
@@ -73,7 +74,8 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
         if lr is not None:
             patterns = tuple(f"*{prefix}*" for prefix in prefixes)
             overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
-    return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
+    with adam_class(o.moments):
+        return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
 
 
 def prepare_model(cfg: TrainConfig, built) -> None:

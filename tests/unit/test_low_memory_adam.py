@@ -1,0 +1,72 @@
+"""AdamW with bf16 moments: with fp32 moments the same arithmetic is torch's AdamW step for step
+(bias correction, decoupled weight decay, eps, parameters updated a slice at a time); with bf16
+moments the states are bf16 and the weights stay close to fp32 Adam's; the class swap is scoped
+and a wrong setting is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_bridge.train import low_memory_adam
+from vlm_bridge.train.low_memory_adam import AdamWBf16Moments, adam_class
+
+
+class _Fp32Moments(AdamWBf16Moments):
+    MOMENT_DTYPE = torch.float32
+
+
+def _run(cls, steps: int = 5) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(37, 11, generator=g))
+    opt = cls([param], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(steps):
+        param.grad = torch.randn(param.shape, generator=g)
+        opt.step()
+    return param.detach(), opt
+
+
+def test_fp32_moments_are_torch_adamw_step_for_step(monkeypatch):
+    monkeypatch.setattr(low_memory_adam, "SLICE", 100)  # 407 elements: five slices, the last short
+    ours, _ = _run(_Fp32Moments)
+    theirs, _ = _run(torch.optim.AdamW)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_moments_are_stored_in_bf16_and_stay_close():
+    ours, opt = _run(AdamWBf16Moments)
+    theirs, _ = _run(torch.optim.AdamW)
+    state = next(iter(opt.state.values()))
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert ours.dtype == torch.float32
+    assert (ours - theirs).abs().max() < 2e-3 * theirs.abs().max()
+    assert not torch.equal(ours, theirs)  # the rounding is real
+
+
+def test_fp32_state_from_a_checkpoint_set_up_becomes_bf16():
+    param = torch.nn.Parameter(torch.ones(4))
+    opt = AdamWBf16Moments([param], lr=0.1)
+    opt.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros(4), exp_avg_sq=torch.zeros(4))
+    param.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_adam_class_swap_is_scoped_and_checked():
+    original = torch.optim.AdamW
+    with adam_class("bf16"):
+        assert torch.optim.AdamW is AdamWBf16Moments
+    assert torch.optim.AdamW is original
+    with adam_class("fp32"):
+        assert torch.optim.AdamW is original
+    with pytest.raises(ValueError, match="fp32 or bf16"), adam_class("fp8"):
+        pass
+
+
+def test_moments_override_names_the_choices():
+    from vlm_bridge.recipes import get_recipe
+    from vlm_bridge.train.config import apply_overrides
+
+    with pytest.raises(ValueError, match="optim.moments: 'fp16' is not one of fp32, bf16"):
+        apply_overrides(get_recipe("demo_tiny"), ["optim.moments=fp16"])
+    assert apply_overrides(get_recipe("demo_tiny"), ["optim.moments=bf16"]).optim.moments == "bf16"

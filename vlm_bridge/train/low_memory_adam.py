@@ -1,0 +1,96 @@
+"""AdamW with its two moments stored in bf16, for full fine-tuning on less memory.
+
+Megatron's mixed-precision optimizer keeps fp32 master weights and hands them, with fp32
+gradients, to a torch AdamW whose moments are fp32 too: 8 of the 18 bytes each parameter costs.
+Here the moments are stored in bf16 (4 bytes), while the update itself still runs in fp32 on the
+fp32 master weights: each step widens a slice of the moments to fp32, updates it, applies it and
+rounds it back. Trade-off: the moments carry 8 mantissa bits, so a moment changes only when the
+new term moves it by more than about 1/256 of itself (with beta2 = 0.95 the second moment's
+increments are 5% of it and survive; with beta2 = 0.999 most single-step changes round away and
+the second moment adapts in bursts). The master weights stay fp32, so small updates are not lost.
+
+Megatron builds its optimizer from ``torch.optim.AdamW`` when neither Transformer Engine nor Apex is
+installed; :func:`adam_class` swaps this class in for that one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+# Elements updated at a time: the fp32 working copies of a slice (gradient, moments, denominator)
+# are 4 x 256 MB whatever the parameter's size (a 152k x 3584 embedding would otherwise need
+# 8.7 GB of temporaries).
+SLICE = 64 * 1024 * 1024
+
+
+class AdamWBf16Moments(torch.optim.AdamW):
+    """``torch.optim.AdamW`` (decoupled weight decay, bias correction) with bf16 moments."""
+
+    MOMENT_DTYPE = torch.bfloat16
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._state_for(param)
+                state["step"] += 1
+                step = float(state["step"])
+                self._update(param, state, group["lr"], group["weight_decay"], group["eps"], beta1, beta2,
+                             1 - beta1 ** step, math.sqrt(1 - beta2 ** step))
+        return loss
+
+    def _state_for(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = state.get(key)
+            if moment is None:
+                state[key] = torch.zeros_like(param, dtype=self.MOMENT_DTYPE)
+            elif moment.dtype != self.MOMENT_DTYPE:  # fp32 zeros from a checkpoint's state set-up
+                state[key] = moment.to(self.MOMENT_DTYPE)
+        return state
+
+    @staticmethod
+    def _update(param, state, lr, weight_decay, eps, beta1, beta2, correction1, root_correction2) -> None:
+        flat_param, flat_grad = param.view(-1), param.grad.reshape(-1)
+        flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        for start in range(0, flat_param.numel(), SLICE):
+            part = slice(start, start + SLICE)
+            grad = flat_grad[part].float()
+            m = flat_m[part].float().mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = flat_v[part].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            flat_m[part].copy_(m)
+            flat_v[part].copy_(v)
+            p = flat_param[part]
+            if weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            p.addcdiv_(m, v.sqrt().div_(root_correction2).add_(eps), value=-lr / correction1)
+
+
+@contextlib.contextmanager
+def adam_class(moments: str) -> Iterator[None]:
+    """Within the block, Megatron's optimizer factory builds :class:`AdamWBf16Moments` for
+    ``moments="bf16"``; ``"fp32"`` leaves torch's AdamW in place."""
+    if moments == "fp32":
+        yield
+        return
+    if moments != "bf16":
+        raise ValueError(f"optim.moments must be fp32 or bf16, got {moments!r}")
+    original = torch.optim.AdamW
+    torch.optim.AdamW = AdamWBf16Moments
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = original
