@@ -9,6 +9,9 @@ new term moves it by more than about 1/256 of itself (with beta2 = 0.95 the seco
 increments are 5% of it and survive; with beta2 = 0.999 most single-step changes round away and
 the second moment adapts in bursts). The master weights stay fp32, so small updates are not lost.
 
+On GPUs one Triton kernel does the whole update (``adam_triton``); elsewhere the torch update
+below runs, a slice at a time.
+
 Megatron builds its optimizer from ``torch.optim.AdamW`` when neither Transformer Engine nor Apex is
 installed; :func:`adam_class` swaps this class in for that one call.
 """
@@ -20,6 +23,8 @@ import math
 from collections.abc import Iterator
 
 import torch
+
+from vlm_bridge.train.adam_triton import fused_update
 
 # Elements updated at a time: the fp32 working copies of a slice (gradient, moments, denominator)
 # are 4 x 256 MB whatever the parameter's size (a 152k x 3584 embedding would otherwise need
@@ -64,6 +69,9 @@ class AdamWBf16Moments(torch.optim.AdamW):
 
     @staticmethod
     def _update(param, state, lr, weight_decay, eps, beta1, beta2, correction1, root_correction2) -> None:
+        if fused_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], lr, weight_decay, eps,
+                        beta1, beta2, correction1, root_correction2):
+            return
         flat_param, flat_grad = param.view(-1), param.grad.reshape(-1)
         flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         for start in range(0, flat_param.numel(), SLICE):
