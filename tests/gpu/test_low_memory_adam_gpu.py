@@ -17,7 +17,8 @@ def test_fused_kernel_matches_the_torch_update(monkeypatch):
         if not fused:
             monkeypatch.setattr(low_memory_adam, "fused_update", lambda *args: False)
         g = torch.Generator(device="cuda").manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=g)) for n in (5, 4096 * 3 + 7, 1 << 20)]
+        sizes = (5, 4096 * 3 + 7, 1 << 20)  # shorter than a block, a partial last block, many blocks
+        params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=g)) for n in sizes]
         opt = AdamWBf16Moments(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         for _ in range(4):
             for p in params:
