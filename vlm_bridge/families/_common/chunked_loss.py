@@ -24,8 +24,8 @@ import torch.distributed as dist
 CHUNK_BYTES = 1 << 30
 # Below this size of a micro-batch's fp32 logits the whole-logits loss is kept: its logits cost
 # less than the chunked loss's extra GEMM and fp32 weight-gradient accumulator (measured on one
-# H200: Qwen2.5-VL-7B's 152k vocabulary at 4,096 tokens per row, 2.5 GB of logits, lost 6% of its
-# SFT speed chunked; Gemma 3's 262k, 4.3 GB, fits without recomputation only chunked).
+# H200: a 152k vocabulary at 4,096 tokens per row, 2.5 GB of logits, lost 6% of a 7B model's SFT
+# speed chunked; a 262k one, 4.3 GB, let a 4B model's SFT run without recomputation only chunked).
 CHUNK_ABOVE_BYTES = 3 << 30
 
 
