@@ -28,7 +28,10 @@ def test_fused_kernel_matches_the_torch_update(monkeypatch):
         return [p.detach().clone() for p in params], [opt.state[p]["exp_avg_sq"].clone() for p in params]
 
     fused, torch_path = run(True), run(False)
+    # The kernel contracts multiply-adds, so a moment can round to the neighbouring bf16 value
+    # (1/128 apart) and later updates (lr 1e-3 each) differ by that fraction of a step.
     for a, b in zip(fused[0], torch_path[0]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(fused[1], torch_path[1]):  # the same bf16 roundings, bar an ulp where fp32 math differs
+        assert (a - b).abs().max() < 1e-5
+    for a, b in zip(fused[1], torch_path[1]):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=0)
+        assert (a != b).float().mean() < 0.01  # almost all roundings are the same

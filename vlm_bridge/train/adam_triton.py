@@ -22,13 +22,13 @@ def _kernel():
         return None
 
     @triton.jit
-    def adamw_bf16_moments(param, grad, exp_avg, exp_avg_sq, n, decay, beta1, beta2, eps, step_size,
-                           inv_root_correction2, BLOCK: tl.constexpr):
+    def adamw_bf16_moments(param, grad, exp_avg, exp_avg_sq, n, decay, beta1, one_minus_beta1, beta2,
+                           one_minus_beta2, eps, step_size, inv_root_correction2, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
         g = tl.load(grad + offsets, mask=inside).to(tl.float32)
-        m = tl.load(exp_avg + offsets, mask=inside).to(tl.float32) * beta1 + (1 - beta1) * g
-        v = tl.load(exp_avg_sq + offsets, mask=inside).to(tl.float32) * beta2 + (1 - beta2) * g * g
+        m = tl.load(exp_avg + offsets, mask=inside).to(tl.float32) * beta1 + one_minus_beta1 * g
+        v = tl.load(exp_avg_sq + offsets, mask=inside).to(tl.float32) * beta2 + one_minus_beta2 * g * g
         tl.store(exp_avg + offsets, m.to(tl.bfloat16), mask=inside)
         tl.store(exp_avg_sq + offsets, v.to(tl.bfloat16), mask=inside)
         p = tl.load(param + offsets, mask=inside) * decay
@@ -48,6 +48,7 @@ def fused_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         return False
     kernel, cdiv = found
     n = param.numel()
-    kernel[(cdiv(n, BLOCK),)](param, grad, exp_avg, exp_avg_sq, n, 1 - lr * weight_decay, beta1, beta2, eps,
-                              lr / correction1, 1 / root_correction2, BLOCK=BLOCK)
+    # 1 - beta in double, rounded once, as torch's update does (fp32 1 - 0.9 is 0.100000024)
+    kernel[(cdiv(n, BLOCK),)](param, grad, exp_avg, exp_avg_sq, n, 1 - lr * weight_decay, beta1, 1 - beta1,
+                              beta2, 1 - beta2, eps, lr / correction1, 1 / root_correction2, BLOCK=BLOCK)
     return True
