@@ -78,10 +78,19 @@ def tiny_hf_tied(tmp_path_factory) -> Path:
 
 
 def cli(*args) -> int:
-    """Run the CLI in-process; its ranks run in the session's worker pool (or are spawned)."""
+    """Run the CLI in-process; its ranks run in the session's worker pool (or are spawned).
+
+    The environment is restored afterwards: the conversion commands tune the allocator through
+    environment variables meant for their own process, which processes spawned by later tests
+    would otherwise inherit."""
     from vlm_bridge.cli import main
 
-    return main([str(a) for a in args])
+    saved = dict(os.environ)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
