@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlm_bridge.train import low_memory_adam
-from vlm_bridge.train.low_memory_adam import AdamWBf16Moments, adam_class
+from vlm_bridge.train.low_memory_adam import AdamWBf16Moments, adam_class, check_moments
 
 
 class _Fp32Moments(AdamWBf16Moments):
@@ -70,3 +70,13 @@ def test_moments_override_names_the_choices():
     with pytest.raises(ValueError, match="optim.moments: 'fp16' is not one of fp32, bf16"):
         apply_overrides(get_recipe("demo_tiny"), ["optim.moments=fp16"])
     assert apply_overrides(get_recipe("demo_tiny"), ["optim.moments=bf16"]).optim.moments == "bf16"
+
+
+def test_bf16_moments_refuse_a_decay_that_rounds_away():
+    check_moments("bf16", 0.9, 0.95)
+    check_moments("fp32", 0.9, 0.999)
+    with pytest.raises(ValueError, match="adam_beta2 <= 0.99 .got 0.9/0.999."):
+        check_moments("bf16", 0.9, 0.999)
+    # why: a 0.1% decay of a bf16 value rounds back to the value itself
+    v = torch.tensor([1.0, 3.0, 0.37], dtype=torch.bfloat16)
+    assert torch.equal((v.float() * 0.999).to(torch.bfloat16), v)

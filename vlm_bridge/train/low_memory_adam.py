@@ -4,10 +4,11 @@ Megatron's mixed-precision optimizer keeps fp32 master weights and hands them, w
 gradients, to a torch AdamW whose moments are fp32 too: 8 of the 18 bytes each parameter costs.
 Here the moments are stored in bf16 (4 bytes), while the update itself still runs in fp32 on the
 fp32 master weights: each step widens a slice of the moments to fp32, updates it, applies it and
-rounds it back. Trade-off: the moments carry 8 mantissa bits, so a moment changes only when the
-new term moves it by more than about 1/256 of itself (with beta2 = 0.95 the second moment's
-increments are 5% of it and survive; with beta2 = 0.999 most single-step changes round away and
-the second moment adapts in bursts). The master weights stay fp32, so small updates are not lost.
+rounds it back. Trade-off: the moments carry 8 mantissa bits and are rounded to nearest, so a
+step changes a moment only when it moves it by more than half a bf16 step, 1/512 to 1/256 of
+itself. With beta2 = 0.95 a step's decay (5%) always survives; with beta2 = 0.999 the 0.1% decay
+rounds away and the second moment would never shrink, so bf16 moments are refused for
+``beta2 > MAX_BETA2``. The master weights stay fp32, so small updates are not lost.
 
 On GPUs one Triton kernel does the whole update (``adam_triton``); elsewhere the torch update
 below runs, a slice at a time.
@@ -30,6 +31,16 @@ from vlm_bridge.train.adam_triton import fused_update
 # are 4 x 256 MB whatever the parameter's size (a 152k x 3584 embedding would otherwise need
 # 8.7 GB of temporaries).
 SLICE = 64 * 1024 * 1024
+# A step's decay of a moment, 1 - beta, must exceed bf16's half step (up to 1/256) to survive.
+MAX_BETA2 = 0.99
+
+
+def check_moments(moments: str, beta1: float, beta2: float) -> None:
+    """One-line refusal of bf16 moments whose decay bf16 rounding would erase."""
+    if moments == "bf16" and max(beta1, beta2) > MAX_BETA2:
+        raise ValueError(f"optim.moments=bf16 needs optim.adam_beta1/adam_beta2 <= {MAX_BETA2} (got "
+                         f"{beta1}/{beta2}): a smaller decay per step rounds away in bf16; "
+                         "use optim.moments=fp32")
 
 
 class AdamWBf16Moments(torch.optim.AdamW):

@@ -33,7 +33,7 @@ from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train.config import TrainConfig, to_dict
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
-from vlm_bridge.train.low_memory_adam import adam_class
+from vlm_bridge.train.low_memory_adam import adam_class, check_moments
 from vlm_bridge.train.metrics import RunLogger
 
 
@@ -74,6 +74,7 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
         if lr is not None:
             patterns = tuple(f"*{prefix}*" for prefix in prefixes)
             overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
+    check_moments(o.moments, o.adam_beta1, o.adam_beta2)
     with adam_class(o.moments):
         return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
 
