@@ -47,7 +47,7 @@ from vlm_bridge.convert.hf_io import (
     copy_hf_side_files,
 )
 from vlm_bridge.convert.layout import KeyLayout
-from vlm_bridge.convert.ops import ConcatRows, Entry
+from vlm_bridge.convert.ops import Entry
 from vlm_bridge.convert.streaming import CheckpointParams, ParameterProducer, StreamingSaveStrategy
 from vlm_bridge.parallel import cpu_group
 
@@ -137,7 +137,7 @@ class HFParamSource:
         """For a parameter that is its HF tensors stacked along dim 0 (each TP-split on its own),
         this rank's piece of each, uncopied; None for any other op."""
         entry, param = self.by_name[name], self.params[name]
-        if type(entry.op) is not ConcatRows or (is_tp_sharded(param) and param.partition_dim != 0):
+        if not entry.op.stacks_rows or (is_tp_sharded(param) and param.partition_dim != 0):
             return None
         return [shard(self.reader.get(self.layout.to_file(n), copy=False), param)
                 for n in entry.hf]
@@ -336,8 +336,8 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
 
 def _rows_as_hf(entry: Entry, rows: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """A stacked weight read as one slab per HF tensor is those tensors (no concatenation)."""
-    if type(entry.op) is ConcatRows and len(rows) == entry.op.parts and \
-            len({r.shape for r in rows}) == 1:
+    # a stacked weight's HF tensors are equal parts (gate and up)
+    if entry.op.stacks_rows and len(rows) == len(entry.hf) and len({r.shape for r in rows}) == 1:
         return rows
     return None
 

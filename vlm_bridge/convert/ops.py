@@ -24,6 +24,9 @@ class Op:
 
     arity = 1
     tp_chunks = 1
+    # The Megatron tensor is its HF tensors stacked along dim 0, unchanged: conversion can then
+    # hand either side's tensors over as row slabs of the other's without concatenating them.
+    stacks_rows = False
 
     def to_megatron(self, hf: list[torch.Tensor]) -> torch.Tensor:
         return hf[0]
@@ -76,6 +79,7 @@ class ConcatRows(Op):
     """Several HF tensors stacked along dim 0 (gate and up -> Megatron's GLU ``linear_fc1``)."""
 
     parts: int = 2
+    stacks_rows = True
 
     @property
     def arity(self) -> int:  # type: ignore[override]
@@ -137,6 +141,7 @@ class PadDim(ConcatRows):
     size: int = 0
     padded: int = 0
     dim: int = 0
+    stacks_rows = False  # zero padding in between
 
     def to_megatron(self, hf: list[torch.Tensor]) -> torch.Tensor:
         padded = []

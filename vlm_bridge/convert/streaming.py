@@ -189,6 +189,7 @@ class CheckpointParams:
                 if name is not None:
                     self.items.setdefault(name, []).append(item)
         self._rows: dict[str, list[torch.Tensor]] = {}
+        self._maps: dict[str, torch.Tensor | None] = {}
         self.reader = FileSystemReader(weights_dir)
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
@@ -212,6 +213,7 @@ class CheckpointParams:
                 reads += [read for item_reads in mine for read in item_reads]
         planner = _IntoViews(views)
         rest = [read for read in reads if not self._read_mapped(read, planner)]
+        self._maps.clear()
         if rest:
             with torch.no_grad():  # the views are of parameters
                 self.reader.read_data(LoadPlan(rest), planner).wait()
@@ -220,11 +222,13 @@ class CheckpointParams:
         """The saved chunk of ``read`` as a memory map, when its file holds just that chunk (as
         streaming imports write them); None otherwise."""
         info = self.metadata.storage_data[read.storage_index]
-        path = Path(self.weights_dir) / info.relative_path
-        if info.offset != 0 or getattr(info, "transform_descriptors", None) or \
-                path.stat().st_size != info.length:
-            return None
-        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        if info.relative_path not in self._maps:  # within a load, each file is looked at once
+            path = Path(self.weights_dir) / info.relative_path
+            whole = info.offset == 0 and not getattr(info, "transform_descriptors", None) and \
+                path.stat().st_size == info.length
+            self._maps[info.relative_path] = \
+                torch.load(path, mmap=True, weights_only=True, map_location="cpu") if whole else None
+        return self._maps[info.relative_path]
 
     def _map_rows(self, name: str, reads: list[list]) -> bool:
         """A parameter saved whole, or as slabs of whole rows (a fused gate/up weight), each in a

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from vlm_bridge.families._common.vocab import mask_padded_vocab
+
 CHUNK_BYTES = 1 << 30
 # Below this size of a micro-batch's fp32 logits the whole-logits loss is kept: its logits cost
 # less than the chunked loss's extra GEMM and fp32 weight-gradient accumulator (measured on one
@@ -47,13 +49,9 @@ def _tp() -> tuple[int, object | None]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, first_col: int,
-                  vocab_size: int) -> torch.Tensor:
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """fp32 logits of a chunk, padded vocabulary columns (global id >= vocab_size) at -inf."""
-    logits = (hidden @ weight.t()).float()
-    if first_col + logits.shape[1] > vocab_size:
-        logits[:, max(vocab_size - first_col, 0):] = float("-inf")
-    return logits
+    return mask_padded_vocab((hidden @ weight.t()).float(), vocab_size, inplace=True)
 
 
 def _targets(labels: torch.Tensor, first_col: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +72,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         for start in range(0, tokens, chunk):
             stop = min(start + chunk, tokens)
-            logits = _chunk_logits(hidden[start:stop], weight, first_col, vocab_size)
+            logits = _chunk_logits(hidden[start:stop], weight, vocab_size)
             top = logits.max(dim=1).values
             if group is not None:
                 dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
@@ -107,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             stop = min(start + ctx.chunk, hidden.shape[0])
             part = hidden[start:stop]
             # softmax - one_hot(target), scaled by each token's incoming gradient
-            probs = _chunk_logits(part, weight, first_col, ctx.vocab_size).sub_(lse[start:stop, None]).exp_()
+            probs = _chunk_logits(part, weight, ctx.vocab_size).sub_(lse[start:stop, None]).exp_()
             column, inside = _targets(labels[start:stop], first_col, cols)
             probs[rows[:stop - start], column] -= inside.to(probs.dtype)
             grad_logits = probs.mul_(grad_loss[start:stop, None].float()).to(hidden.dtype)
