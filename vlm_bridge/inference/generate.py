@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vlm_bridge.attention.mask import AttentionMask
+from vlm_bridge.families._common.fused import eager_fusions
 from vlm_bridge.inference.graphs import make_decoder
 from vlm_bridge.inference.state import InferenceState
 from vlm_bridge.parallel import cpu_group, device
@@ -172,14 +173,16 @@ def _record(generated: Generated, done: torch.Tensor, chosen: torch.Tensor, stop
 @contextlib.contextmanager
 def _eager_fusions(model):
     """Megatron's fused bias-dropout-add and SwiGLU are ``torch.compile`` kernels that recompile for
-    every new prompt shape (seconds each, then give up); generation runs them unfused."""
+    every new prompt shape (seconds each, then give up); generation runs them, and the fused norms
+    and activations of the families, unfused."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
     saved = [(c, c.bias_dropout_fusion, c.bias_activation_fusion) for c in configs
              if hasattr(c, "bias_dropout_fusion")]
     for config, _, _ in saved:
         config.bias_dropout_fusion = config.bias_activation_fusion = False
     try:
-        yield
+        with eager_fusions():
+            yield
     finally:
         for config, dropout, activation in saved:
             config.bias_dropout_fusion, config.bias_activation_fusion = dropout, activation

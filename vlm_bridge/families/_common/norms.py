@@ -1,11 +1,14 @@
 """An RMSNorm that normalises and scales in fp32 whatever the activation dtype (Megatron norm
 signature), with a weight applied as ``w`` or as ``1 + w`` (a subclass sets ``offset``); Megatron's
-torch norm scales in the activation dtype instead."""
+torch norm scales in the activation dtype instead. On the GPU it is one fused kernel
+(:mod:`.fused`), optionally with the residual add that follows a post-norm."""
 
 from __future__ import annotations
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vlm_bridge.families._common.fused import fp32_rms_norm
 
 
 class Fp32RMSNorm(torch.nn.Module):
@@ -21,7 +24,6 @@ class Fp32RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - self.offset, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return ((self.offset + self.weight.float()) * out).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The normed ``x``, plus ``residual`` when given."""
+        return fp32_rms_norm(x, self.weight, self.offset, self.eps, residual)

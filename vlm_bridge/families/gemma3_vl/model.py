@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from vlm_bridge.attention.mask import AttentionMask
+from vlm_bridge.families._common.glu_mlp import GeluTanhGatedMLP
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict, scatter_vision_embeddings
 from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
@@ -76,11 +77,11 @@ class GemmaTransformerLayer(TransformerLayer):
                                          rotary_pos_emb=rotary)
         if bias is not None:
             attn = attn + bias
-        hidden_states = hidden_states + self.post_attention_layernorm(attn)
+        hidden_states = self.post_attention_layernorm(attn, residual=hidden_states)
         mlp, bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
         if bias is not None:
             mlp = mlp + bias
-        return hidden_states + self.post_feedforward_layernorm(mlp), None
+        return self.post_feedforward_layernorm(mlp, residual=hidden_states), None
 
 
 def gemma_layer_spec(window: int | None) -> ModuleSpec:
@@ -88,6 +89,7 @@ def gemma_layer_spec(window: int | None) -> ModuleSpec:
     spec = transformer_layer_spec(qk_norm=True)
     sub = spec.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = GemmaRMSNorm
+    sub.mlp = ModuleSpec(module=GeluTanhGatedMLP, submodules=sub.mlp.submodules)
     attention = sub.self_attention.submodules
     attention.q_layernorm = attention.k_layernorm = GemmaRMSNorm
     attention.core_attention = ModuleSpec(module=attention.core_attention, params={"window": window})

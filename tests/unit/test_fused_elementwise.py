@@ -1,0 +1,92 @@
+"""The fused norm and gated activation: their eager bodies match independent references (HF's
+Gemma RMSNorm, erf-free GELU-tanh gating), and the graphs ``torch.compile`` captures from them
+(forward and backward, whole-graph, shape-generic) compute the same values and gradients. The
+Triton kernels those graphs become on a GPU are checked in ``tests/gpu/test_fused_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+from vlm_bridge.families._common import fused
+
+
+def _gemma_norm(hidden: int, weight: torch.Tensor, eps: float) -> Gemma3RMSNorm:
+    norm = Gemma3RMSNorm(hidden, eps=eps)
+    norm.weight.data.copy_(weight)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_rms_norm_matches_hf_gemma(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 48, generator=gen).to(dtype)
+    w = torch.randn(48, generator=gen) * 0.1
+    ours = fused.fp32_rms_norm(x, w.to(dtype), 1.0, 1e-6)
+    ref = _gemma_norm(48, w, 1e-6).to(dtype)(x)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    residual = torch.randn(5, 3, 48, generator=gen).to(dtype)
+    torch.testing.assert_close(fused.fp32_rms_norm(x, w.to(dtype), 1.0, 1e-6, residual), residual + ref,
+                               rtol=0, atol=0)
+
+
+def test_eager_glu_matches_composition():
+    x = torch.randn(7, 2, 2 * 24, generator=torch.Generator().manual_seed(1))
+    gate, up = x[..., :24], x[..., 24:]
+    expected = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3))) * up
+    torch.testing.assert_close(fused.gelu_tanh_glu(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def _values_and_grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    out.backward(upstream)
+    return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Route every call through ``torch.compile`` (aot_eager: the captured forward and backward
+    graphs, run by torch) as on a GPU."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(fused, "fusion_enabled", lambda x: True)
+    fused._compiled.cache_clear()
+    yield counter
+    fused._compiled.cache_clear()
+
+
+def test_captured_graphs_match_eager(traced):
+    gen = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(2, 9, 2, 32, generator=gen)
+    w = torch.randn(32, generator=gen)
+    for rows in (9, 5):  # a second length: the shape-generic graph serves it
+        xs, rs = x[:rows], residual[:rows]
+        got = _values_and_grads(lambda a, b, c: fused.fp32_rms_norm(a, b, 1.0, 1e-6, c), xs, w, rs)
+        want = _values_and_grads(lambda a, b, c: fused._rms_norm_add(a, b, c, 1.0, 1e-6), xs, w, rs)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        got = _values_and_grads(lambda a, b: fused.fp32_rms_norm(a, b, 0.0, 1e-5), xs, w)
+        want = _values_and_grads(lambda a, b: fused._rms_norm(a, b, 0.0, 1e-5), xs, w)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    glu_in = torch.randn(9, 2, 64, generator=gen)
+    got = _values_and_grads(fused.gelu_tanh_glu, glu_in)
+    want = _values_and_grads(lambda a: F.gelu(a[..., :32], approximate="tanh") * a[..., 32:], glu_in)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # One whole graph per function (norm + add, norm, gate), none recaptured for the new length.
+    assert traced.frame_count == 3
+
+
+def test_fusion_is_off_on_cpu_when_disabled_and_during_generation(monkeypatch):
+    cuda_like = torch.empty(0, device="meta")
+    assert not fused.fusion_enabled(torch.zeros(1))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert fused.fusion_enabled(cuda_like)
+    with fused.eager_fusions():
+        assert not fused.fusion_enabled(cuda_like)
+    monkeypatch.setenv("VLM_BRIDGE_FUSED", "0")
+    assert not fused.fusion_enabled(cuda_like)

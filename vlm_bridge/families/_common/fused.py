@@ -1,0 +1,86 @@
+"""Elementwise chains run as one generated kernel each on the GPU, eagerly elsewhere.
+
+An fp32 RMSNorm written in torch ops launches about six kernels forward and ten backward, each
+reading and writing the whole activation in fp32; a gated GELU three forward and five backward.
+On the GPU these functions go through ``torch.compile`` (one Triton kernel per direction, reading
+and writing the activation dtype); on the CPU, under ``VLM_BRIDGE_FUSED=0`` and while
+:func:`eager_fusions` is active (generation, whose shapes change every step), the same torch code
+runs eagerly. The eager bodies are the reference the compiled kernels are tested against.
+
+Precision: the compiled kernels keep fp32 intermediates in registers, so a value that the eager
+code rounds to the activation dtype between two ops (the normed output before a residual add) may
+instead be added in fp32 and rounded once. Both sides of a parity check at fp32 are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+_EAGER_DEPTH = 0
+# Inductor generates the Triton kernels; a test swaps in "aot_eager" to trace the same graphs
+# (forward and backward) on a CPU without a compiler.
+COMPILE_BACKEND = "inductor"
+
+
+@contextlib.contextmanager
+def eager_fusions() -> Iterator[None]:
+    """Run every function of this module eagerly inside the block."""
+    global _EAGER_DEPTH
+    _EAGER_DEPTH += 1
+    try:
+        yield
+    finally:
+        _EAGER_DEPTH -= 1
+
+
+def fusion_enabled(x: torch.Tensor) -> bool:
+    """True where ``x`` lives on a GPU and fusion is neither switched off nor suspended."""
+    return x.is_cuda and _EAGER_DEPTH == 0 and os.environ.get("VLM_BRIDGE_FUSED", "1") != "0"
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # dynamic=True: packed rows and pipeline micro-batches change the token count from step to
+    # step; one shape-generic kernel avoids a recompilation per length.
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
+
+
+def _dispatch(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+    return _compiled(fn)(x, *args) if fusion_enabled(x) else fn(x, *args)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((offset + weight.float()) * out).to(x.dtype)
+
+
+def _rms_norm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, offset: float,
+                  eps: float) -> torch.Tensor:
+    return residual + _rms_norm(x, weight, offset, eps)
+
+
+def fp32_rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(offset + w) * norm(x)`` computed in fp32 and cast to x's dtype, plus ``residual`` if given
+    (added in x's dtype eagerly)."""
+    if residual is None:
+        return _dispatch(_rms_norm, x, weight, offset, eps)
+    return _dispatch(_rms_norm_add, x, weight, residual, offset, eps)
+
+
+def _gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
+    gate, linear = torch.chunk(x, 2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * linear
+
+
+def gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` along the last dimension (Megatron's fused
+    fc1 layout)."""
+    return _dispatch(_gelu_tanh_glu, x)
