@@ -12,7 +12,8 @@
 Both systems train on the same seeded samples (one image of 224-896 px a side, 100-700 text tokens
 of random words), encoded once by ``SampleEncoder`` and packed once into rows of ``--seq-len``
 tokens; with ``--gpus N`` the rows are cut to a multiple of N and rank r trains on rows r, r+N, ...
-(both systems: the same tokens per GPU). Megatron: micro-batch 1, one global step over all rows,
+(both systems: the same tokens per GPU). Megatron: ``--micro-batch`` rows per micro-batch (default
+1), one global step over all rows,
 ``trainer.train_step`` on a model set up as ``trainer.setup`` does (DDP, Adam with fp32 master
 weights, distributed optimizer on CUDA, per-token loss), ``--ep`` experts per group for MoE (EP is
 carved out of data parallelism, as Megatron does). ``megatron_sequential`` is the same with the
@@ -301,7 +302,8 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     from vlm_bridge.train.config import ParallelSettings, PeftSettings, TrainConfig
 
     parallel = ParallelConfig(ep=args.ep)
-    cfg = TrainConfig(dtype=args.dtype, steps=args.warmup + args.steps, micro_batch_size=1,
+    per_mb = args.micro_batch
+    cfg = TrainConfig(dtype=args.dtype, steps=args.warmup + args.steps, micro_batch_size=per_mb,
                       recompute=recompute, parallel=ParallelSettings(ep=args.ep))
     cfg.optim.warmup_steps = 0
     cfg.optim.grad_reduce_in_fp32 = not getattr(args, "bf16_grads", False)
@@ -315,16 +317,16 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     built = load_hf(str(hf_dir), parallel, DTYPES[cfg.dtype])
     trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream
     ddp, optimizer, scheduler = trainer.build_optimization(cfg, built)
-    mbs = [collate_packed([[encoded[i] for i in row]], built.family, built.settings, args.seq_len,
-                          args.pad_id) for row in rows]
-    cfg.global_batch_size = len(mbs)
+    mbs = [collate_packed([[encoded[i] for i in row] for row in rows[j:j + per_mb]], built.family,
+                          built.settings, args.seq_len, args.pad_id) for j in range(0, len(rows), per_mb)]
+    cfg.global_batch_size = len(rows)
     stream = SimpleNamespace(next_step=lambda n: mbs)  # the same packed rows every step
     run = trainer.Run(cfg, built, ddp, optimizer, scheduler, stream, len(mbs) // args.gpus)
     ddp.train()
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
     if getattr(args, "profile", False):
         res["profile"] = _profile(lambda: trainer.train_step(run))
-    res.update(real_tokens=sum(mb.num_tokens for mb in mbs), padded_tokens=len(mbs) * args.seq_len,
+    res.update(real_tokens=sum(mb.num_tokens for mb in mbs), padded_tokens=len(rows) * args.seq_len,
                microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
                experts=os.environ.get("VLM_BRIDGE_MOE_EXPERTS", "grouped"),
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
@@ -482,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4096, help="max sample length and packed row length")
     p.add_argument("--hf-batch", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="Megatron: packed rows per micro-batch (fewer, larger kernels per step)")
     p.add_argument("--max-pixels", type=int, default=896 * 896,
                    help="Qwen processor pixel cap (the checkpoint's is 448*448; 896*896 keeps every image "
                         "whole); Nemotron: at most this / 16^2 patches per image (at least 1024); "
@@ -512,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.steps < 1 or args.gpus < 1 or args.gpus % args.ep:
         raise SystemExit(f"unknown --mode/--systems {sorted(bad)}" if bad else
                          "--steps and --gpus must be >= 1 and --ep must divide --gpus")
+    if args.micro_batch < 1 or (args.micro_batch > 1 and args.gpus > 1):
+        raise SystemExit("--micro-batch must be >= 1, and above 1 only with --gpus 1")
     if cuda and args.gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA devices")
     hf_dir = Path(args.hf) if args.hf else Path(args.workdir) / "hf"

@@ -87,3 +87,32 @@ def test_flex_attention_equals_dense_sdpa(window, monkeypatch):
     flex = _attention(AttentionMask(segment_ids=SEG, span_ids=SPAN), "flex", monkeypatch, window)
     real = SEG.T >= 0  # padding rows are defined differently by the two (never used)
     assert torch.allclose(flex[real], dense[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 130])
+@pytest.mark.parametrize("sq_offset", [(300, None), (256, 44)])
+def test_block_mask_equals_create_block_mask(window, sq_offset):
+    """The broadcast-built BlockMask holds exactly the tensors ``create_block_mask`` builds from the
+    same predicate: block counts, block order, full vs partial blocks, lengths not multiples of
+    the 128 block, query offsets (context-parallel chunks)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sq, offset = sq_offset
+    sk = 300
+    seg = torch.zeros(2, sk, dtype=torch.long)
+    seg[0, 140:] = 1
+    seg[0, 290:] = -1
+    span = torch.full((2, sk), -1)
+    span[0, 10:150], span[0, 200:260], span[1, 129:258] = 0, 1, 0
+    mask = AttentionMask(segment_ids=seg, span_ids=span, causal=True, window=window,
+                         query_offset=offset)
+    ours = mask.block_mask(sq, sk, torch.device("cpu"), 4)
+    start = mask.offset(sq, sk)
+    theirs = create_block_mask(lambda b, h, q, k: mask.allowed(b, q + start, k), 2, None, sq, sk,
+                               device="cpu")
+    assert ours.seq_lengths == theirs.seq_lengths
+    for a, b in zip(ours.as_tuple(flatten=False)[2:], theirs.as_tuple(flatten=False)[2:], strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(ours.kv_num_blocks.sum()) > 0  # partial blocks exist; full ones too without a window
+    assert window is not None or int(ours.full_kv_num_blocks.sum()) > 0

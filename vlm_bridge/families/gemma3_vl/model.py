@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from vlm_bridge.attention.mask import AttentionMask
-from vlm_bridge.families._common.glu_mlp import GeluTanhGatedMLP
+from vlm_bridge.families._common.glu_mlp import gelu_tanh_mlp
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict, scatter_vision_embeddings
 from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
@@ -78,7 +78,7 @@ class GemmaTransformerLayer(TransformerLayer):
         if bias is not None:
             attn = attn + bias
         hidden_states = self.post_attention_layernorm(attn, residual=hidden_states)
-        mlp, bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        mlp, bias = gelu_tanh_mlp(self.mlp, self.pre_mlp_layernorm(hidden_states))
         if bias is not None:
             mlp = mlp + bias
         return self.post_feedforward_layernorm(mlp, residual=hidden_states), None
@@ -89,7 +89,6 @@ def gemma_layer_spec(window: int | None) -> ModuleSpec:
     spec = transformer_layer_spec(qk_norm=True)
     sub = spec.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = GemmaRMSNorm
-    sub.mlp = ModuleSpec(module=GeluTanhGatedMLP, submodules=sub.mlp.submodules)
     attention = sub.self_attention.submodules
     attention.q_layernorm = attention.k_layernorm = GemmaRMSNorm
     attention.core_attention = ModuleSpec(module=attention.core_attention, params={"window": window})
