@@ -20,8 +20,10 @@ def sft_recipe(name: str, tp: int = 1, pp: int = 1, ep: int = 1, recompute: bool
 
 
 def lora_recipe(name: str, tp: int = 1, pp: int = 1, ep: int = 1,
-                targets: tuple[str, ...] | None = None) -> TrainConfig:
-    """LoRA rank 16, alpha 32, lr 1e-4 on the language model (``targets``: default linears)."""
+                targets: tuple[str, ...] | None = None, micro_batch_size: int = 1) -> TrainConfig:
+    """LoRA rank 16, alpha 32, lr 1e-4 on the language model (``targets``: default linears);
+    ``micro_batch_size`` packed rows per forward where activations leave room (fewer, larger
+    kernels: less host time per token)."""
     peft = PeftSettings(method="lora", rank=16, alpha=32.0)
     if targets is not None:
         peft.targets = targets
@@ -29,4 +31,5 @@ def lora_recipe(name: str, tp: int = 1, pp: int = 1, ep: int = 1,
         name=name, output_dir=f"runs/{name}", steps=1000, global_batch_size=32,
         parallel=ParallelSettings(tp=tp, pp=pp, ep=ep),
         optim=OptimSettings(lr=1e-4, min_lr=1e-5, warmup_steps=50), peft=peft,
+        micro_batch_size=micro_batch_size,
     )
