@@ -5,6 +5,11 @@ Triton kernels those graphs become on a GPU are checked in ``tests/gpu/test_fuse
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +95,30 @@ def test_fusion_is_off_on_cpu_when_disabled_and_during_generation(monkeypatch):
         assert not fused.fusion_enabled(cuda_like)
     monkeypatch.setenv("VLM_BRIDGE_FUSED", "0")
     assert not fused.fusion_enabled(cuda_like)
+
+
+def test_triton_kernels_match_eager():
+    """The hand-written Triton kernels, run by Triton's CPU interpreter, against the eager bodies.
+
+    The interpreter must be on before Triton is first imported (its own library functions are
+    compiled at import), so the comparison runs in a fresh interpreter process."""
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("triton_interpreted_check.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == 6, done.stdout
+
+
+def test_triton_backend_is_chosen_only_on_request(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "fusion_enabled", lambda x: True)
+    monkeypatch.setattr(fused.fused_triton, "available", lambda x: True)
+    monkeypatch.setattr(fused.fused_triton, "gelu_tanh_glu", lambda x: calls.append("triton") or x)
+    monkeypatch.setattr(fused, "_compiled", lambda fn: (lambda *a: calls.append("compile") or a[0]))
+    x = torch.zeros(2, 4)
+    fused.gelu_tanh_glu(x)
+    monkeypatch.setenv("VLM_BRIDGE_FUSED", "triton")
+    fused.gelu_tanh_glu(x)
+    assert calls == ["compile", "triton"]

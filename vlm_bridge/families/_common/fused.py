@@ -3,9 +3,11 @@
 An fp32 RMSNorm written in torch ops launches about six kernels forward and ten backward, each
 reading and writing the whole activation in fp32; a gated GELU three forward and five backward.
 On the GPU these functions go through ``torch.compile`` (one Triton kernel per direction, reading
-and writing the activation dtype); on the CPU, under ``VLM_BRIDGE_FUSED=0`` and while
-:func:`eager_fusions` is active (generation, whose shapes change every step), the same torch code
-runs eagerly. The eager bodies are the reference the compiled kernels are tested against.
+and writing the activation dtype), or with ``VLM_BRIDGE_FUSED=triton`` through the hand-written
+kernels of :mod:`.fused_triton` (less host time per call; not yet the default: its speed is
+unmeasured); on the CPU, under ``VLM_BRIDGE_FUSED=0`` and while :func:`eager_fusions` is active
+(generation, whose shapes change every step), the same torch code runs eagerly. The eager bodies
+are the reference both kernel paths are tested against.
 
 Precision: the compiled kernels keep fp32 intermediates in registers, so a value that the eager
 code rounds to the activation dtype between two ops (the normed output before a residual add) may
@@ -21,6 +23,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from vlm_bridge.families._common import fused_triton
 
 _EAGER_DEPTH = 0
 # Inductor generates the Triton kernels; a test swaps in "aot_eager" to trace the same graphs
@@ -51,8 +55,12 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
 
 
-def _dispatch(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
-    return _compiled(fn)(x, *args) if fusion_enabled(x) else fn(x, *args)
+def _dispatch(fn: Callable, hand_written: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+    if not fusion_enabled(x):
+        return fn(x, *args)
+    if os.environ.get("VLM_BRIDGE_FUSED") == "triton" and fused_triton.available(x):
+        return hand_written(x, *args)
+    return _compiled(fn)(x, *args)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
@@ -71,8 +79,13 @@ def fp32_rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: flo
     """``(offset + w) * norm(x)`` computed in fp32 and cast to x's dtype, plus ``residual`` if given
     (added in x's dtype eagerly)."""
     if residual is None:
-        return _dispatch(_rms_norm, x, weight, offset, eps)
-    return _dispatch(_rms_norm_add, x, weight, residual, offset, eps)
+        return _dispatch(_rms_norm, fused_triton.rms_norm, x, weight, offset, eps)
+    return _dispatch(_rms_norm_add, _triton_rms_norm_add, x, weight, residual, offset, eps)
+
+
+def _triton_rms_norm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, offset: float,
+                         eps: float) -> torch.Tensor:
+    return fused_triton.rms_norm(x, weight, offset, eps, residual)
 
 
 def _gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
@@ -83,4 +96,4 @@ def _gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` along the last dimension (Megatron's fused
     fc1 layout)."""
-    return _dispatch(_gelu_tanh_glu, x)
+    return _dispatch(_gelu_tanh_glu, fused_triton.gelu_tanh_glu, x)
