@@ -191,7 +191,7 @@ class AttentionMask:
             def mask_mod(b, h, q, k):
                 return moved.allowed(b if rows > 1 else b * 0, q + offset, k)
 
-            dense = self._build_dense(sq, sk, torch.device(device))
+            dense = moved._build_dense(sq, sk, torch.device(device))  # moved: no second copy
             if dense is None:  # full attention: every position allowed
                 dense = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
             self._cache[key] = block_mask_from_dense(dense, mask_mod)

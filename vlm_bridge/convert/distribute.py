@@ -62,22 +62,26 @@ def rank_piece(full: torch.Tensor, chunks: Chunks, tp: int, rank: int, dim: int 
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
+def _tp_group(param: torch.Tensor):
+    """The group that splits ``param`` by TP (expert TP for experts); None when it is not split."""
+    if not is_tp_sharded(param):
+        return None
+    return (parallel_state.get_expert_tensor_parallel_group() if is_expert(param)
+            else parallel_state.get_tensor_model_parallel_group())
+
+
 def tp_world_size(param: torch.Tensor) -> int:
     """How many ranks share ``param`` by TP (expert TP for experts); 1 when it is not TP-split."""
-    if not is_tp_sharded(param):
-        return 1
-    group = (parallel_state.get_expert_tensor_parallel_group() if is_expert(param)
-             else parallel_state.get_tensor_model_parallel_group())
-    return dist.get_world_size(group)
+    group = _tp_group(param)
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torch.Tensor:
     """Inverse of :func:`shard`: every TP rank of the group receives the full tensor."""
-    tp = tp_world_size(param)
+    group = _tp_group(param)
+    tp = 1 if group is None else dist.get_world_size(group)
     if tp == 1:  # no copies: a streaming export holds the largest tensor once
         return local.detach()
-    group = (parallel_state.get_expert_tensor_parallel_group() if is_expert(param)
-             else parallel_state.get_tensor_model_parallel_group())
     pieces = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(pieces, local.detach().contiguous(), group=group)
     dim = param.partition_dim

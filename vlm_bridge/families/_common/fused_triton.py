@@ -102,10 +102,19 @@ def _kernels():
     return rms_norm_fwd, rms_norm_bwd, gelu_glu_fwd, gelu_glu_bwd, triton.next_power_of_2, triton.cdiv
 
 
+@functools.cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _programs_for_weight_gradient(x: torch.Tensor, rows: int) -> int:
-    if x.is_cuda:
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    return max(1, min(rows, 4))
+    """Four per streaming multiprocessor: enough rows each to amortise the partial's store."""
+    return max(1, min(rows, 4 * _processors(x.device)))
+
+
+def _warps(block: int) -> int:
+    """One warp per 256 elements of a row, 1 to 16."""
+    return min(max(block // 256, 1), 16)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -119,7 +128,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block = next_pow2(n)
         fwd[(x2.shape[0],)](x2, weight, res2, y, rstd, n, offset, eps, HAS_RESIDUAL=residual is not None,
-                            BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+                            BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.has_residual = offset, x.shape, residual is not None
         return y.view(x.shape)
@@ -135,7 +144,7 @@ class _RMSNorm(torch.autograd.Function):
         partial = torch.empty(programs, n, dtype=torch.float32, device=x2.device)
         block = next_pow2(n)
         bwd[(programs,)](dy2, x2, weight, rstd, dx, partial, rows, n, ctx.offset, programs, BLOCK=block,
-                         num_warps=min(max(block // 256, 1), 16))
+                         num_warps=_warps(block))
         dw = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # frozen under LoRA
         return dx.view(ctx.shape), dw, (dy if ctx.has_residual else None), None, None
 
