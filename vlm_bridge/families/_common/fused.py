@@ -55,12 +55,20 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
 
 
-def _dispatch(fn: Callable, hand_written: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+def _dispatch(fn: Callable, hand_written: Callable | None, x: torch.Tensor, *args) -> torch.Tensor:
     if not fusion_enabled(x):
         return fn(x, *args)
-    if os.environ.get("VLM_BRIDGE_FUSED") == "triton" and fused_triton.available(x):
+    if (hand_written is not None and os.environ.get("VLM_BRIDGE_FUSED") == "triton"
+            and fused_triton.available(x)):
         return hand_written(x, *args)
     return _compiled(fn)(x, *args)
+
+
+def run_fused(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, *args)`` compiled into one kernel per direction where :func:`fusion_enabled`, else
+    eagerly. ``fn`` must be a long-lived function object (compilations are cached on it) whose
+    Python constants are closed over, not passed: arguments are traced as dynamic."""
+    return _dispatch(fn, None, x, *args)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -> torch.Tensor:

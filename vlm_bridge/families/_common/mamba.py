@@ -18,7 +18,9 @@ Packed rows (``segment_ids``) are exact: conv taps and the SSM state stop at sam
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +34,10 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from vlm_bridge.families._common import ssd_triton
+from vlm_bridge.families._common import fused, ssd_triton
 from vlm_bridge.families._common.megatron_config import require_divisible, skip_init
 from vlm_bridge.families._common.modules import swap_first_dims
-from vlm_bridge.families._common.ssd_scan import causal_conv1d, segment_runs, ssd_scan
+from vlm_bridge.families._common.ssd_scan import causal_conv1d, recomputed_ssd_scan, segment_runs, ssd_scan
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,30 @@ class MambaSettings:
         return self.in_proj_sizes(tp)[1:4]
 
 
+@functools.cache
+def _skip_gate_norm(group_size: int, eps: float) -> Callable:
+    """The chain between the scan and ``out_proj`` for one norm shape (constants closed over, so
+    its compiled kernel is specialised to them): ``weight * rmsnorm_per_group((y + D x) *
+    silu(gate))`` in fp32, cast to the gate's (activation) dtype."""
+
+    def chain(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, gate: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
+        y = (y + D.float()[:, None] * x.float()).flatten(-2)  # [..., heads, head_dim] -> [..., d_inner]
+        gated = (y * F.silu(gate.float())).unflatten(-1, (-1, group_size))
+        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * normed.flatten(-2)).to(gate.dtype)
+
+    return chain
+
+
 class GatedGroupRMSNorm(torch.nn.Module):
-    """``weight * rmsnorm_per_group(y * silu(gate))`` in fp32 (the gate applied before the norm).
+    """``weight * rmsnorm_per_group(y * silu(gate))`` in fp32 (the gate applied before the norm),
+    with the scan's ``D`` skip folded in; the result is in the gate's dtype.
 
     Groups are ``group_size`` consecutive channels, so a TP shard holding whole groups normalises
-    exactly as the full layer does.
+    exactly as the full layer does. On a GPU the chain is one generated kernel per direction
+    (:mod:`.fused`): in torch ops it is a dozen passes over fp32 activations, four of them kept for
+    the backward.
     """
 
     def __init__(self, size: int, group_size: int, eps: float, device=None, dtype=None) -> None:
@@ -90,10 +111,11 @@ class GatedGroupRMSNorm(torch.nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        gated = (y.float() * F.silu(gate.float())).unflatten(-1, (-1, self.group_size))
-        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * normed.flatten(-2)
+    def forward(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``y`` and ``x`` ``[..., heads, head_dim]`` (scan output and its input), ``D``
+        ``[heads]``, ``gate`` ``[..., heads * head_dim]``."""
+        chain = _skip_gate_norm(self.group_size, self.eps)
+        return fused.run_fused(chain, y, x, D, gate, self.weight)
 
 
 class MambaMixer(MegatronModule):
@@ -212,6 +234,8 @@ class MambaMixer(MegatronModule):
         needs_grad = torch.is_grad_enabled() and zxbcdt.requires_grad
         if not conv_tail and ssd_triton.available(x.device, needs_grad, x.dtype):  # Triton kernels (fla-core)
             y, ssm_state = ssd_triton.triton_scan(x, self._dt(dt), self._A(), B, C, runs), None
+        elif needs_grad and not conv_tail:
+            y, ssm_state = recomputed_ssd_scan(x, self._dt(dt), self._A(), B, C, s.chunk_size, runs), None
         else:
             y, ssm_state = ssd_scan(x, self._dt(dt), self._A(), B, C, s.chunk_size, runs)
         out = self._output(y, x, z, hidden_states.dtype)
@@ -225,10 +249,7 @@ class MambaMixer(MegatronModule):
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """D skip, gated norm and ``out_proj`` of scan outputs ``y`` ``[b, s, heads, head_dim]``."""
-        batch, seq = y.shape[:2]
-        y = y + self.D.float()[:, None] * x.float()
-        y = self.norm(y.reshape(batch, seq, self.d_inner), z)
-        out, _ = self.out_proj(swap_first_dims(y.to(dtype)))
+        out, _ = self.out_proj(swap_first_dims(self.norm(y, x, self.D, z).to(dtype)))
         return out
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:

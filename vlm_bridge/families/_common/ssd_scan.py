@@ -14,6 +14,10 @@ segment boundary is simply another place where a weight is forced to zero (``-in
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -36,20 +40,32 @@ def causal_conv1d(
     """Depthwise causal conv of ``x`` ``[b, c, s]`` with ``weight`` ``[c, 1, k]`` (nn.Conv1d layout).
 
     ``out[t] = bias + sum_j weight[k - 1 - j] * x[t - j]``. With ``runs`` a tap only sees tokens of
-    its own run; that path is k shifted multiply-adds instead of one conv call.
+    its own run. Only the first ``k - 1`` tokens of a run can see another run's tokens, so the
+    whole row goes through one conv call and just those few positions are recomputed with their
+    foreign taps left out (per-tap masking of every position cost a copy of the row per tap).
     """
     x = x.to(weight.dtype)
     channels, _, k = weight.shape
     seq = x.shape[-1]
-    if runs is None:
-        return F.conv1d(x, weight, bias, padding=k - 1, groups=channels)[..., :seq]
-    taps = weight[:, 0, :]
-    out = x * taps[:, k - 1, None]
-    for j in range(1, min(k, seq + 1)):
-        shifted = F.pad(x, (j, 0))[..., :seq]
-        same_run = F.pad(runs, (j, 0), value=-1)[:, :seq] == runs
-        out = out + shifted * same_run[:, None, :].to(x.dtype) * taps[:, k - 1 - j, None]
-    return out if bias is None else out + bias[:, None]
+    out = F.conv1d(x, weight, bias, padding=k - 1, groups=channels)[..., :seq]
+    if runs is None or k == 1:
+        return out
+    # Positions whose window reaches back into an earlier run: run ids never decrease along a row,
+    # so that is where the id k - 1 tokens back (clamped to the row start, where the conv's zero
+    # padding is already right) differs. One host sync per call.
+    back = torch.cat([runs[:, :1].expand(-1, k - 1), runs], dim=1)[:, :seq]
+    rows, pos = torch.nonzero(runs != back, as_tuple=True)
+    if rows.numel() == 0:
+        return out
+    taps = torch.arange(k, device=x.device)  # tap j reads t - j with weight[k - 1 - j]
+    reads = pos[:, None] - taps  # [n, k]
+    keep = (reads >= 0) & (runs[rows[:, None], reads.clamp(min=0)] == runs[rows, pos][:, None])
+    windows = x[rows[:, None], :, reads.clamp(min=0)]  # [n, k, c]
+    kernel = weight[:, 0, :].flip(-1).t()  # [k, c]: row j is weight[k - 1 - j]
+    fixed = (windows * (keep[..., None].to(x.dtype) * kernel)).sum(1)
+    if bias is not None:
+        fixed = fixed + bias
+    return out.transpose(1, 2).index_put((rows, pos), fixed.to(out.dtype)).transpose(1, 2)
 
 
 def _masked_segsum(log_decay: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -78,6 +94,28 @@ def _to_chunks(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:])
 
 
+SCAN_TF32_ENV = "VLM_BRIDGE_SCAN_TF32"
+
+
+@contextlib.contextmanager
+def scan_matmul_precision(x: torch.Tensor) -> Iterator[None]:
+    """TF32 tensor-core matmuls for the scan's fp32 products when the activations are half
+    precision on a GPU: its inputs then carry 8 (bf16) or 11 (fp16) significant bits, TF32 keeps
+    11, and the accumulation stays fp32. Without it the products run as fp32 FMA GEMMs, about 8x
+    slower on an H200. fp32 activations keep exact fp32 products (parity checks at fp32), and so
+    does everything under ``VLM_BRIDGE_SCAN_TF32=0``."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if not (x.is_cuda and half and os.environ.get(SCAN_TF32_ENV, "1") != "0"):
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -97,26 +135,40 @@ def ssd_scan(
     only while the first run lasts). Returns fp32 ``y`` ``[b, s, heads, head_dim]`` and the fp32
     state after the last token (of the last run) ``[b, heads, head_dim, d_state]``.
     """
+    with scan_matmul_precision(x):
+        return _ssd_scan(x, dt, A, B, C, chunk_size, runs, initial_state)
+
+
+def _ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              chunk_size: int, runs: torch.Tensor | None, initial_state: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seq, heads, head_dim = x.shape
     groups, d_state = B.shape[-2:]
+    per_group = heads // groups
+    # B and C stay per group: the heads of a group share them, so C.B is computed once per group
+    # and broadcast over its heads, never materialised per head. Head h is (h // per_group,
+    # h % per_group), the order of heads in x and the split of heads over groups.
     x, dt = x.float(), dt.float()
-    B = B.float().repeat_interleave(heads // groups, dim=2)
-    C = C.float().repeat_interleave(heads // groups, dim=2)
+    B, C = B.float(), C.float()
     pad = -seq % chunk_size
     packed = runs is not None
     if packed:
         # Chunk padding continues the last run with dt = 0 (no input, no decay): the state holds.
         runs = torch.cat([runs, runs[:, -1:].expand(-1, pad)], dim=1).reshape(batch, -1, chunk_size)
     xdt = _to_chunks(x * dt[..., None], pad, chunk_size)  # [b, c, l, h, p]
-    B, C = _to_chunks(B, pad, chunk_size), _to_chunks(C, pad, chunk_size)  # [b, c, l, h, n]
+    xdt = xdt.unflatten(3, (groups, per_group))  # [b, c, l, g, r, p]
+    B, C = _to_chunks(B, pad, chunk_size), _to_chunks(C, pad, chunk_size)  # [b, c, l, g, n]
     log_decay = _to_chunks(dt * A.float(), pad, chunk_size).permute(0, 3, 1, 2)  # [b, h, c, l]
     cum = log_decay.cumsum(dim=-1)
 
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [b, h, ...] -> [b, g, r, ...]
+        return t.unflatten(1, (groups, per_group))
+
     # 1. Within each chunk: y_l += sum_{s <= l} (C_l . B_s) * exp(decay s -> l) * xdt_s.
     same_run = (runs[..., :, None] == runs[..., None, :])[:, None] if packed else None
-    decay = torch.exp(_masked_segsum(log_decay, same_run))  # [b, h, c, l, s]
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+    decay = by_group(torch.exp(_masked_segsum(log_decay, same_run)))  # [b, g, r, c, l, s]
+    scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)[:, :, None] * decay
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", scores, xdt)
 
     # 2. Each chunk's own contribution to the state at its last position. The decay after l is a
     # suffix sum of its own (not total - cumsum[l]), so it depends on no token before l even
@@ -126,7 +178,8 @@ def ssd_scan(
     if packed:
         chunk_end_runs = runs[:, :, -1]  # [b, c]
         to_end = to_end * (runs == chunk_end_runs[..., None])[:, None]
-    local_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, xdt)
+    weighted = xdt * by_group(to_end).permute(0, 3, 4, 1, 2)[..., None]  # [b, c, l, g, r, p]
+    local_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, weighted).flatten(2, 3)  # [b, c, h, p, n]
 
     # 3. Carry states across chunks: index 0 is the initial state, i > 0 the end of chunk i - 1.
     if initial_state is None:
@@ -145,5 +198,41 @@ def ssd_scan(
     from_start = torch.exp(cum)  # [b, h, c, l]
     if packed:
         from_start = from_start * (runs == boundary_runs[:, :-1, None])[:, None]
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, start_states, from_start)
+    start_states = start_states.unflatten(2, (groups, per_group))  # [b, c, g, r, p, n]
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, start_states) * by_group(from_start).permute(
+        0, 3, 4, 1, 2)[..., None]
     return y.reshape(batch, -1, heads, head_dim)[:, :seq], final_state
+
+
+class _RecomputedScan(torch.autograd.Function):
+    """The scan keeping only its inputs for the backward, which runs it again with autograd on.
+
+    Its fp32 intermediates (per-head decay and score matrices of every chunk) are tens of times
+    the size of its inputs. Unlike ``torch.utils.checkpoint``, the backward's own products run
+    under :func:`scan_matmul_precision` too.
+    """
+
+    @staticmethod
+    def forward(ctx, chunk_size: int, runs: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor,
+                A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        ctx.chunk_size, ctx.runs = chunk_size, runs
+        ctx.save_for_backward(x, dt, A, B, C)
+        return ssd_scan(x, dt, A, B, C, chunk_size, runs)[0]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        needs = ctx.needs_input_grad[2:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            y, _ = ssd_scan(*inputs, ctx.chunk_size, ctx.runs)
+        wanted = [t for t in inputs if t.requires_grad]
+        with scan_matmul_precision(inputs[0]):
+            grads = iter(torch.autograd.grad(y, wanted, grad_y) if wanted else ())
+        return None, None, *(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def recomputed_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        chunk_size: int, runs: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`ssd_scan`'s ``y`` for training: the same values, with the backward recomputing the
+    forward instead of keeping its intermediates (no final state, no initial state)."""
+    return _RecomputedScan.apply(chunk_size, runs, x, dt, A, B, C)
