@@ -122,3 +122,34 @@ def test_triton_backend_is_chosen_only_on_request(monkeypatch):
     monkeypatch.setenv("VLM_BRIDGE_FUSED", "triton")
     fused.gelu_tanh_glu(x)
     assert calls == ["compile", "triton"]
+
+
+def test_many_layouts_compile_past_dynamos_default_limit(traced, recwarn):
+    """Norms see ``[s, b, h]``, per-head ``[s, b, n, d]`` slices and flat tokens; a one-row
+    micro-batch has a size-1 dim that dynamo specialises. Each layout is its own compiled variant,
+    and a step mixing 4-row and 1-row micro-batches made more than dynamo's default 8 (a hard
+    failure under fullgraph=True): they all compile, and compute what the eager body does."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(16, generator=gen)
+    shapes = ((7, 1, 16), (7, 4, 16), (7, 4, 3, 16), (11, 16), (5, 1, 2, 16))
+    for shape in shapes:
+        x, residual = torch.randn(2, *shape, generator=gen)
+        got = _values_and_grads(lambda a, b, c: fused.fp32_rms_norm(a, b, 1.0, 1e-6, c), x, w, residual)
+        want = _values_and_grads(lambda a, b, c: fused._rms_norm_add(a, b, c, 1.0, 1e-6), x, w, residual)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for view in (x, x.transpose(0, -2)):
+            got = _values_and_grads(lambda a, b: fused.fp32_rms_norm(a, b, 1.0, 1e-6), view, w)
+            want = _values_and_grads(lambda a, b: fused._rms_norm(a, b, 1.0, 1e-6), view, w)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert traced.frame_count > 8
+    assert not [w for w in recwarn if "recompile limit" in str(w.message)]
+
+
+def test_recompile_limit_falls_back_to_eager(traced, monkeypatch):
+    fused._warn_eager_fallback.cache_clear()
+    monkeypatch.setattr(fused, "RECOMPILE_LIMIT", 1)
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="recompile limit"):
+        fused.fp32_rms_norm(x, w, 1.0, 1e-6)
+        out = fused.fp32_rms_norm(x.double(), w.double(), 1.0, 1e-6)  # a second variant: over the limit
+    torch.testing.assert_close(out, fused._rms_norm(x.double(), w.double(), 1.0, 1e-6), rtol=0, atol=0)

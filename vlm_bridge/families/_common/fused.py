@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -43,25 +44,56 @@ def eager_fusions() -> Iterator[None]:
         _EAGER_DEPTH -= 1
 
 
+DEFAULT_BACKEND = "compile"
+
+
+def _backend() -> str:
+    """``compile`` (torch.compile graphs) or ``triton`` (the hand-written kernels where one exists,
+    compiled graphs for the rest), from ``VLM_BRIDGE_FUSED`` (``1`` or unset: the default)."""
+    choice = os.environ.get("VLM_BRIDGE_FUSED", "1")
+    return DEFAULT_BACKEND if choice == "1" else choice
+
+
 def fusion_enabled(x: torch.Tensor) -> bool:
     """True where ``x`` lives on a GPU and fusion is neither switched off nor suspended."""
     return x.is_cuda and _EAGER_DEPTH == 0 and os.environ.get("VLM_BRIDGE_FUSED", "1") != "0"
+
+
+# Dynamo compiles a function once per distinct set of guards: tensor rank, dims of size one (a
+# one-row micro-batch), view bases (a q/k norm's input is a slice of the fused QKV output), dtype
+# and which inputs need gradients. A step that mixes 4-row and 1-row micro-batches makes more such
+# variants per function than dynamo's default limit of 8 (a hard failure under fullgraph=True).
+RECOMPILE_LIMIT = 64
 
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     # dynamic=True: packed rows and pipeline micro-batches change the token count from step to
     # step; one shape-generic kernel avoids a recompilation per length.
+    # The limit is read at every cache miss and dynamo has no per-function one; raising the global
+    # value once costs nothing per call (a patch around each call cost 26 us of host time).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
 
 
 def _dispatch(fn: Callable, hand_written: Callable | None, x: torch.Tensor, *args) -> torch.Tensor:
     if not fusion_enabled(x):
         return fn(x, *args)
-    if (hand_written is not None and os.environ.get("VLM_BRIDGE_FUSED") == "triton"
-            and fused_triton.available(x)):
+    if hand_written is not None and _backend() == "triton" and fused_triton.available(x):
         return hand_written(x, *args)
-    return _compiled(fn)(x, *args)
+    try:
+        return _compiled(fn)(x, *args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # Past the limit: run this variant eagerly rather than fail the step.
+        _warn_eager_fallback(fn)
+        return fn(x, *args)
+
+
+@functools.cache
+def _warn_eager_fallback(fn: Callable) -> None:
+    warnings.warn(f"{fn.__qualname__}: torch.compile's recompile limit reached; further variants run "
+                  "eagerly (raise vlm_bridge.families._common.fused.RECOMPILE_LIMIT to fuse them)",
+                  stacklevel=3)
 
 
 def run_fused(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
