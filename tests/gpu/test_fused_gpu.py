@@ -42,7 +42,7 @@ def _compare(fused_fn, eager_fn, tensors, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [4096, 1531])
 def test_fused_kernels_match_eager(backend, dtype, rows, monkeypatch):
-    monkeypatch.setenv("VLM_BRIDGE_FUSED", "triton" if backend == "triton" else "1")
+    monkeypatch.setenv("VLM_BRIDGE_FUSED", backend)
     probe = torch.zeros(1, device="cuda")
     assert fused.fusion_enabled(probe) and (backend == "compile" or fused_triton.available(probe))
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -111,17 +111,24 @@ def test_triton_kernels_match_eager():
     assert done.stdout.count("ok ") == 6, done.stdout
 
 
-def test_triton_backend_is_chosen_only_on_request(monkeypatch):
+def test_triton_kernels_are_the_default_and_compile_is_chosen_on_request(monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "fusion_enabled", lambda x: True)
     monkeypatch.setattr(fused.fused_triton, "available", lambda x: True)
     monkeypatch.setattr(fused.fused_triton, "gelu_tanh_glu", lambda x: calls.append("triton") or x)
     monkeypatch.setattr(fused, "_compiled", lambda fn: (lambda *a: calls.append("compile") or a[0]))
     x = torch.zeros(2, 4)
+    monkeypatch.delenv("VLM_BRIDGE_FUSED", raising=False)
+    fused.gelu_tanh_glu(x)
+    monkeypatch.setenv("VLM_BRIDGE_FUSED", "compile")
     fused.gelu_tanh_glu(x)
     monkeypatch.setenv("VLM_BRIDGE_FUSED", "triton")
     fused.gelu_tanh_glu(x)
-    assert calls == ["compile", "triton"]
+    # Without a hand-written kernel (Triton missing), the default compiles.
+    monkeypatch.delenv("VLM_BRIDGE_FUSED")
+    monkeypatch.setattr(fused.fused_triton, "available", lambda x: False)
+    fused.gelu_tanh_glu(x)
+    assert calls == ["triton", "compile", "triton", "compile"]
 
 
 def test_many_layouts_compile_past_dynamos_default_limit(traced, recwarn):
