@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vlm_bridge.attention.context import context_parallel_size, current_split
+from vlm_bridge.compat.tf32 import matmul_tf32, set_matmul_tf32
 from vlm_bridge.convert.engine import DTYPES
 from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.data.media import load_image, load_video
@@ -233,7 +234,8 @@ def _verify(
     if dtype == torch.float32:
         # An fp32 check means fp32: TF32 matmuls and convolutions (HF's patch Conv) would add
         # ~1e-3 noise on GPUs on one side only. Restored by verify() on the way out.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        set_matmul_tf32(False)
+        torch.backends.cudnn.allow_tf32 = False
     if "video" not in built.family.modalities:
         frames = None
     batches = [b.to(device()) for b in
@@ -294,11 +296,12 @@ def _verify(
 
 def verify(*args, **kwargs) -> dict:
     """See :func:`_verify`; TF32 settings are put back afterwards (verify may switch them off)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved_conv = torch.backends.cudnn.allow_tf32
     try:
-        return _verify(*args, **kwargs)
+        with matmul_tf32(None):
+            return _verify(*args, **kwargs)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32 = saved_conv
 
 
 def _gather_layers(local: dict) -> dict:

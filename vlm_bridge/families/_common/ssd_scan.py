@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from vlm_bridge.compat.tf32 import matmul_tf32
+
 
 def segment_runs(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
     """``[b, s]`` run index per token (0, 1, 2, ... along each row), or None for unpacked rows.
@@ -105,15 +107,8 @@ def scan_matmul_precision(x: torch.Tensor) -> Iterator[None]:
     slower on an H200. fp32 activations keep exact fp32 products (parity checks at fp32), and so
     does everything under ``VLM_BRIDGE_SCAN_TF32=0``."""
     half = x.dtype in (torch.bfloat16, torch.float16)
-    if not (x.is_cuda and half and os.environ.get(SCAN_TF32_ENV, "1") != "0"):
+    with matmul_tf32(True if x.is_cuda and half and os.environ.get(SCAN_TF32_ENV, "1") != "0" else None):
         yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def ssd_scan(

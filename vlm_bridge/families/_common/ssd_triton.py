@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from vlm_bridge.compat.tf32 import matmul_tf32_enabled
+
 SCAN_ENV = "VLM_BRIDGE_MAMBA_SCAN"
 
 
@@ -46,7 +48,7 @@ def available(device: torch.device, needs_grad: bool = False, dtype: torch.dtype
     off, and then get the exact torch scan)."""
     if device.type != "cuda" or os.environ.get(SCAN_ENV, "auto") == "torch" or _kernel() is None:
         return False
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not matmul_tf32_enabled():
         return False
     return not needs_grad or _backward_ok(device)
 
