@@ -5,7 +5,7 @@ reading and writing the whole activation in fp32; a gated GELU three forward and
 On the GPU the norms and the gate run as the hand-written Triton kernels of :mod:`.fused_triton`
 (one launch per direction behind a plain autograd Function), and any other chain
 (:func:`run_fused`) through ``torch.compile``. ``VLM_BRIDGE_FUSED=compile`` sends the norms and
-the gate through ``torch.compile`` too (on one H200 the hand-written kernels gave Gemma-3-4B's
+the gate through ``torch.compile`` too (on one H200 the hand-written kernels gave a 4B model's
 step 5% more tokens/s in full SFT, 1% in LoRA, and 3.5 GB less peak memory in LoRA). On the CPU,
 under ``VLM_BRIDGE_FUSED=0`` and while :func:`eager_fusions` is active (generation, whose shapes
 change every step), the same torch code runs eagerly. The eager bodies are the reference both
