@@ -138,7 +138,7 @@ def test_many_layouts_compile_past_dynamos_default_limit(traced, recwarn):
     failure under fullgraph=True): they all compile, and compute what the eager body does."""
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(16, generator=gen)
-    shapes = ((7, 1, 16), (7, 4, 16), (7, 4, 3, 16), (11, 16), (5, 1, 2, 16))
+    shapes = ((7, 1, 16), (7, 4, 16), (7, 4, 3, 16))
     for shape in shapes:
         x, residual = torch.randn(2, *shape, generator=gen)
         got = _values_and_grads(lambda a, b, c: fused.fp32_rms_norm(a, b, 1.0, 1e-6, c), x, w, residual)
