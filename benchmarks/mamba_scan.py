@@ -61,6 +61,8 @@ def _run(scan, args, steps: int, backward: bool) -> dict:
 
 
 def _exact_fp32(scan):
+    from vlm_bridge.families._common.ssd_scan import SCAN_TF32_ENV
+
     def run(*args):
         os.environ[SCAN_TF32_ENV] = "0"
         try:
@@ -76,9 +78,6 @@ def _compare(entry: dict, ref: dict, got: dict, backward: bool) -> None:
     if backward:
         entry["max_rel_diff_grad_x"] = float((got["grad_x"] - ref["grad_x"]).abs().max()) / float(
             ref["grad_x"].abs().max())
-
-
-SCAN_TF32_ENV = "VLM_BRIDGE_SCAN_TF32"
 
 
 def main(argv: list[str] | None = None) -> int:

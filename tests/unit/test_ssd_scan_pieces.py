@@ -8,7 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_bridge.families._common.ssd_scan import causal_conv1d, recomputed_ssd_scan, segment_runs, ssd_scan
+from vlm_bridge.families._common.ssd_scan import (
+    causal_conv1d,
+    conv_fixups,
+    recomputed_ssd_scan,
+    segment_runs,
+    ssd_scan,
+)
 
 RUN_LENGTHS = (1, 2, 5, 3, 1, 9, 2)  # runs shorter than the kernel, and back-to-back short runs
 
@@ -38,6 +44,8 @@ def test_packed_conv_equals_each_run_alone():
     expected = torch.cat(alone, dim=-1)
     expected_grads = torch.autograd.grad((expected * probe).sum(), (x, weight, bias))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # Positions derived once per micro-batch and handed to every layer give the same values.
+    assert torch.equal(causal_conv1d(x, weight, bias, runs, conv_fixups(runs, k)), out)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # One run per row is the plain conv.

@@ -37,7 +37,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from vlm_bridge.families._common import fused, ssd_triton
 from vlm_bridge.families._common.megatron_config import require_divisible, skip_init
 from vlm_bridge.families._common.modules import swap_first_dims
-from vlm_bridge.families._common.ssd_scan import causal_conv1d, recomputed_ssd_scan, segment_runs, ssd_scan
+from vlm_bridge.families._common.ssd_scan import (
+    ConvFixups,
+    causal_conv1d,
+    recomputed_ssd_scan,
+    segment_runs,
+    ssd_scan,
+)
 
 
 @dataclass(frozen=True)
@@ -167,12 +173,13 @@ class MambaMixer(MegatronModule):
 
     def forward(
         self, hidden_states: torch.Tensor, segment_ids: torch.Tensor | None = None,
-        runs: torch.Tensor | None = None,
+        runs: torch.Tensor | None = None, fixups: ConvFixups | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``hidden_states`` ``[s, b, h]``; ``segment_ids`` ``[b, s]`` (packed samples 0, 1, ...,
-        padding -1), None for one sample per row; or their ``segment_runs`` computed once for
-        every layer."""
-        out, _, _ = self._mix(hidden_states, runs if runs is not None else segment_runs(segment_ids))
+        padding -1), None for one sample per row; or their ``segment_runs`` and ``conv_fixups``
+        computed once for every layer."""
+        runs = runs if runs is not None else segment_runs(segment_ids)
+        out, _, _ = self._mix(hidden_states, runs, fixups=fixups)
         return out, None
 
     def prefill(
@@ -220,13 +227,15 @@ class MambaMixer(MegatronModule):
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())
 
-    def _mix(self, hidden_states: torch.Tensor, runs: torch.Tensor | None, conv_tail: bool = False):
+    def _mix(self, hidden_states: torch.Tensor, runs: torch.Tensor | None, conv_tail: bool = False,
+             fixups: ConvFixups | None = None):
         s = self.settings
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, in_proj rows]; gathered under SP
         seq, batch = zxbcdt.shape[:2]
         z, xbc, dt = swap_first_dims(zxbcdt).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         xbc_in = xbc.transpose(1, 2)  # [b, channels, s]
-        xbc = F.silu(causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, runs)).transpose(1, 2)
+        conv = causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, runs, fixups)
+        xbc = F.silu(conv).transpose(1, 2)
         x, B, C = xbc.split(s.conv_sizes(self.config.tensor_model_parallel_size), dim=-1)
         x = x.reshape(batch, seq, self.heads, s.head_dim)
         B = B.reshape(batch, seq, self.groups, s.d_state)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,36 @@ def segment_runs(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
     return F.pad(changes.cumsum(dim=1), (1, 0))
 
 
+class ConvFixups(NamedTuple):
+    """The positions of a packed row whose conv window reaches into an earlier run, and for each
+    its ``k`` taps: the token each reads (clamped to 0) and whether it is of the same run. They
+    depend only on the runs, so a model computes them once per micro-batch for all its layers."""
+
+    rows: torch.Tensor  # [n]
+    pos: torch.Tensor  # [n]
+    reads: torch.Tensor  # [n, k]: tap j reads pos - j
+    keep: torch.Tensor  # [n, k]
+
+
+def conv_fixups(runs: torch.Tensor, k: int) -> ConvFixups | None:
+    """:class:`ConvFixups` of ``runs`` ``[b, s]`` for a kernel of ``k`` taps; None where no window
+    crosses a run start. Run ids never decrease along a row, so a window crosses one exactly where
+    the id ``k - 1`` tokens back (clamped to the row start, where the conv's zero padding is
+    already right) differs. One host sync."""
+    if k == 1:
+        return None
+    back = torch.cat([runs[:, :1].expand(-1, k - 1), runs], dim=1)[:, :runs.shape[1]]
+    rows, pos = torch.nonzero(runs != back, as_tuple=True)
+    if rows.numel() == 0:
+        return None
+    reads = pos[:, None] - torch.arange(k, device=runs.device)
+    keep = (reads >= 0) & (runs[rows[:, None], reads.clamp(min=0)] == runs[rows, pos][:, None])
+    return ConvFixups(rows, pos, reads.clamp(min=0), keep)
+
+
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, runs: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, runs: torch.Tensor | None = None,
+    fixups: ConvFixups | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv of ``x`` ``[b, c, s]`` with ``weight`` ``[c, 1, k]`` (nn.Conv1d layout).
 
@@ -45,29 +74,22 @@ def causal_conv1d(
     its own run. Only the first ``k - 1`` tokens of a run can see another run's tokens, so the
     whole row goes through one conv call and just those few positions are recomputed with their
     foreign taps left out (per-tap masking of every position cost a copy of the row per tap).
+    ``fixups`` (from :func:`conv_fixups` of the same ``runs``) saves deriving them again.
     """
     x = x.to(weight.dtype)
     channels, _, k = weight.shape
-    seq = x.shape[-1]
-    out = F.conv1d(x, weight, bias, padding=k - 1, groups=channels)[..., :seq]
-    if runs is None or k == 1:
+    out = F.conv1d(x, weight, bias, padding=k - 1, groups=channels)[..., :x.shape[-1]]
+    if runs is None:
         return out
-    # Positions whose window reaches back into an earlier run: run ids never decrease along a row,
-    # so that is where the id k - 1 tokens back (clamped to the row start, where the conv's zero
-    # padding is already right) differs. One host sync per call.
-    back = torch.cat([runs[:, :1].expand(-1, k - 1), runs], dim=1)[:, :seq]
-    rows, pos = torch.nonzero(runs != back, as_tuple=True)
-    if rows.numel() == 0:
+    fix = fixups if fixups is not None else conv_fixups(runs, k)
+    if fix is None:
         return out
-    taps = torch.arange(k, device=x.device)  # tap j reads t - j with weight[k - 1 - j]
-    reads = pos[:, None] - taps  # [n, k]
-    keep = (reads >= 0) & (runs[rows[:, None], reads.clamp(min=0)] == runs[rows, pos][:, None])
-    windows = x[rows[:, None], :, reads.clamp(min=0)]  # [n, k, c]
+    windows = x[fix.rows[:, None], :, fix.reads]  # [n, k, c]
     kernel = weight[:, 0, :].flip(-1).t()  # [k, c]: row j is weight[k - 1 - j]
-    fixed = (windows * (keep[..., None].to(x.dtype) * kernel)).sum(1)
+    fixed = (windows * (fix.keep[..., None].to(x.dtype) * kernel)).sum(1)
     if bias is not None:
         fixed = fixed + bias
-    return out.transpose(1, 2).index_put((rows, pos), fixed.to(out.dtype)).transpose(1, 2)
+    return out.transpose(1, 2).index_put((fix.rows, fix.pos), fixed.to(out.dtype)).transpose(1, 2)
 
 
 def _masked_segsum(log_decay: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from vlm_bridge.families._common.mamba import MambaMixer, MambaSettings
 from vlm_bridge.families._common.modules import scatter_vision_embeddings
 from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
-from vlm_bridge.families._common.ssd_scan import segment_runs
+from vlm_bridge.families._common.ssd_scan import conv_fixups, segment_runs
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, MOE
 from vlm_bridge.families.nemotron_vl.radio import RadioVisionTower
@@ -53,10 +53,12 @@ class MambaLayer(MegatronModule):
         state = getattr(attention_mask, "state", None)
         if state is not None:
             return self._generate(hidden_states, attention_mask, state), None
-        runs = None
+        runs = fixups = None
         if getattr(attention_mask, "segment_ids", None) is not None:  # one derivation per forward
             runs = attention_mask.cached("mamba_runs", lambda: segment_runs(attention_mask.segment_ids))
-        out, _ = self.mixer(self.norm(hidden_states), runs=runs)
+            taps = self.mixer.settings.d_conv
+            fixups = attention_mask.cached(("mamba_conv_fixups", taps), lambda: conv_fixups(runs, taps))
+        out, _ = self.mixer(self.norm(hidden_states), runs=runs, fixups=fixups)
         return hidden_states + out, None
 
     def _generate(self, hidden_states: torch.Tensor, attention_mask, state) -> torch.Tensor:
