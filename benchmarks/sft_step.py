@@ -10,18 +10,22 @@
     python benchmarks/sft_step.py --size nemotron_tiny --workdir /tmp/nt --dtype fp32 --steps 1 --warmup 1
 
 Both systems train on the same seeded samples (one image of 224-896 px a side, 100-700 text tokens
-of random words), encoded once by ``SampleEncoder`` and packed once into rows of ``--seq-len``
-tokens; with ``--gpus N`` the rows are cut to a multiple of N and rank r trains on rows r, r+N, ...
-(both systems: the same tokens per GPU). Megatron: ``--micro-batch`` rows per micro-batch (default
-1), one global step over all rows,
+of random words), encoded once by ``SampleEncoder`` and packed once into rows of at most
+``--seq-len`` tokens as the trainer packs them (best-fit decreasing; ``--packing in-order`` closes a
+row at the first sample that overflows it and pads every row to ``--seq-len``, as before); with
+``--gpus N`` the rows are cut to a multiple of N and rank r trains on rows r, r+N, ... (both systems:
+the same tokens per GPU). Megatron: ``--micro-batch`` rows per micro-batch (default 1), each
+micro-batch ending at the next multiple of ``--row-multiple`` after its longest row (the trainer's
+``data.row_multiple``; 0: ``--seq-len``), one global step over all rows,
 ``trainer.train_step`` on a model set up as ``trainer.setup`` does (DDP, Adam with fp32 master
 weights, distributed optimizer on CUDA, per-token loss), ``--ep`` experts per group for MoE (EP is
 carved out of data parallelism, as Megatron does). ``megatron_sequential`` is the same with the
 experts run one by one (Megatron's ``SequentialMLP``) instead of as grouped GEMMs. HF: right-padded
-batches of ``--hf-batch`` of the rank's samples, gradient accumulation, torch DDP over the GPUs, a
-per-token loss over the global step (``num_items_in_batch``), fused AdamW on the bf16 parameters
-(bf16 states, no fp32 master: what HF Trainer does with a bf16-loaded model), grad clipping 1.0 as
-Megatron, experts as transformers' default for the model (grouped_mm for Qwen3-VL-MoE).
+batches of ``--hf-batch`` of the rank's samples in their original order, gradient accumulation,
+torch DDP over the GPUs, a per-token loss over the global step (``num_items_in_batch``), fused
+AdamW on the bf16 parameters (bf16 states, no fp32 master: what HF Trainer does with a
+bf16-loaded model), grad clipping 1.0 as Megatron, experts as transformers' default for the
+model (grouped_mm for Qwen3-VL-MoE).
 ``first_loss_diff`` (loss before any update) checks both see the same data; it is 0 up to dtype
 noise: Megatron pads the vocabulary to a multiple of 128 (tiny: 300 -> 384) but masks the padded
 logit columns out of the loss. MFU = model FLOPs (``step_flops``: real tokens, active experts only)
@@ -235,7 +239,7 @@ def _hf_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, recomput
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
-    mine = [encoded[i] for row in rows[rank::world] for i in row]
+    mine = [encoded[i] for i in sorted(i for row in rows[rank::world] for i in row)]
     batches = [_hf_batches(mine[i:i + args.hf_batch], args.pad_id)
                for i in range(0, len(mine), args.hf_batch)]
     loss_tokens = sum(encoded[i].num_loss_tokens for row in rows for i in row)
@@ -298,7 +302,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
     from vlm_bridge.train import trainer
-    from vlm_bridge.train.batching import collate_packed
+    from vlm_bridge.train.batching import collate_packed, row_length
     from vlm_bridge.train.config import ParallelSettings, PeftSettings, TrainConfig
 
     parallel = ParallelConfig(ep=args.ep)
@@ -317,8 +321,9 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     built = load_hf(str(hf_dir), parallel, DTYPES[cfg.dtype])
     trainer.prepare_model(cfg, built)  # the trainer's own set-up, minus the data stream
     ddp, optimizer, scheduler = trainer.build_optimization(cfg, built)
-    mbs = [collate_packed([[encoded[i] for i in row] for row in rows[j:j + per_mb]], built.family,
-                          built.settings, args.seq_len, args.pad_id) for j in range(0, len(rows), per_mb)]
+    groups = [[[encoded[i] for i in row] for row in rows[j:j + per_mb]] for j in range(0, len(rows), per_mb)]
+    mbs = [collate_packed(g, built.family, built.settings, row_length(g, args.seq_len, args.row_multiple),
+                          args.pad_id) for g in groups]
     cfg.global_batch_size = len(rows)
     stream = SimpleNamespace(next_step=lambda n: mbs)  # the same packed rows every step
     run = trainer.Run(cfg, built, ddp, optimizer, scheduler, stream, len(mbs) // args.gpus)
@@ -326,7 +331,8 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
     if getattr(args, "profile", False):
         res["profile"] = _profile(lambda: trainer.train_step(run))
-    res.update(real_tokens=sum(mb.num_tokens for mb in mbs), padded_tokens=len(rows) * args.seq_len,
+    res.update(real_tokens=sum(mb.num_tokens for mb in mbs),
+               padded_tokens=sum(mb.labels.numel() for mb in mbs),
                microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
                experts=os.environ.get("VLM_BRIDGE_MOE_EXPERTS", "grouped"),
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
@@ -455,11 +461,25 @@ def _state_gb(flops: dict, args, lora: bool) -> dict:
     return {"megatron": megatron, "megatron_sequential": megatron, "hf": hf}
 
 
-def _packed_rows(encoded: list, args) -> list[list[int]]:
-    """Greedy packing into --seq-len rows, cut to a multiple of --gpus (equal rows per GPU)."""
-    from vlm_bridge.train.batching import pack_greedy
+def _in_order(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """The earlier packing: rows filled in sample order, each closed at the first overflow."""
+    rows: list[list[int]] = []
+    used = seq_len + 1
+    for i, n in enumerate(lengths):
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
 
-    rows = pack_greedy([len(s) for s in encoded], args.seq_len)
+
+def _packed_rows(encoded: list, args) -> list[list[int]]:
+    """Samples packed into --seq-len rows, cut to a multiple of --gpus (equal rows per GPU)."""
+    from vlm_bridge.train.batching import pack_best_fit
+
+    pack = pack_best_fit if args.packing == "best-fit" else _in_order
+    rows = pack([len(s) for s in encoded], args.seq_len)
     rows = rows[: len(rows) - len(rows) % args.gpus]
     if not rows:
         raise SystemExit(f"{len(encoded)} samples pack into fewer rows than --gpus {args.gpus}")
@@ -484,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4096, help="max sample length and packed row length")
     p.add_argument("--hf-batch", type=int, default=4)
+    p.add_argument("--packing", choices=["best-fit", "in-order"], default="best-fit",
+                   help="in-order: the earlier packing (also pads rows to --seq-len)")
+    p.add_argument("--row-multiple", type=int, default=256,
+                   help="Megatron micro-batches end at the next multiple after their longest row "
+                        "(0: --seq-len)")
     p.add_argument("--micro-batch", type=int, default=1,
                    help="Megatron: packed rows per micro-batch (fewer, larger kernels per step)")
     p.add_argument("--max-pixels", type=int, default=896 * 896,
@@ -516,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.steps < 1 or args.gpus < 1 or args.gpus % args.ep:
         raise SystemExit(f"unknown --mode/--systems {sorted(bad)}" if bad else
                          "--steps and --gpus must be >= 1 and --ep must divide --gpus")
+    if args.packing == "in-order":
+        args.row_multiple = 0  # the earlier packing padded every row to --seq-len
+    if args.row_multiple < 0:
+        raise SystemExit("--row-multiple must be >= 0")
     if args.micro_batch < 1 or (args.micro_batch > 1 and args.gpus > 1):
         raise SystemExit("--micro-batch must be >= 1, and above 1 only with --gpus 1")
     if cuda and args.gpus > torch.cuda.device_count():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
+from vlm_bridge.compat import dynamo
 from vlm_bridge.families._common import fused
 
 
@@ -154,7 +155,7 @@ def test_many_layouts_compile_past_dynamos_default_limit(traced, recwarn):
 
 def test_recompile_limit_falls_back_to_eager(traced, monkeypatch):
     fused._warn_eager_fallback.cache_clear()
-    monkeypatch.setattr(fused, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(dynamo, "RECOMPILE_LIMIT", 1)
     x, w = torch.randn(4, 8), torch.randn(8)
     with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="recompile limit"):
         fused.fp32_rms_norm(x, w, 1.0, 1e-6)

@@ -37,6 +37,7 @@ from megatron.core.utils import divide
 from torch.nn.attention.bias import causal_lower_right
 
 from vlm_bridge.attention.mask import AttentionMask
+from vlm_bridge.compat.dynamo import allow_recompiles
 
 # _sdpa_mask's answer for a block of queries that are the last keys under a plain causal mask.
 LOWER_RIGHT = object()
@@ -65,6 +66,9 @@ def _flex_attention(cuda: bool):
     if not cuda:
         return flex_attention
     if _COMPILED_FLEX is None:
+        # One kernel per (rows, heads, length): packed micro-batches end at a multiple of
+        # data.row_multiple, so a run meets several lengths (more than dynamo's default 8 variants).
+        allow_recompiles()
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 

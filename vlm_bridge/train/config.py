@@ -48,6 +48,10 @@ class DataSettings:
     validation: str = ""  # held-out data in the same forms; evaluated every eval.every steps
     seq_len: int = 4096
     pack: bool = True
+    # A packed micro-batch ends at the next multiple of this after its longest row's last sample
+    # instead of at seq_len (0: always seq_len). Pipeline parallelism always uses seq_len: its
+    # stages exchange messages of one fixed shape.
+    row_multiple: int = 256
     skip_bad_media: bool = False
     max_samples: int | None = None
     shuffle: bool = True

@@ -27,4 +27,5 @@ def build_stream(cfg: TrainConfig, built) -> MicroBatchStream:
         samples, encoder, built.family, built.settings, seq_len=cfg.data.seq_len,
         pack=cfg.data.pack, micro_batch_size=cfg.micro_batch_size, pad_id=pad_id,
         seed=cfg.seed, shuffle=cfg.data.shuffle, pad_to_seq_len=cfg.parallel.pp > 1,
+        row_multiple=cfg.data.row_multiple,
     )

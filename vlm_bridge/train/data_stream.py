@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_bridge.train.batching import MicroBatch, collate_packed, collate_padded
+from vlm_bridge.train.batching import (
+    BestFitRows,
+    MicroBatch,
+    collate_packed,
+    collate_padded,
+    row_length,
+)
 
 
 @dataclass
@@ -23,18 +29,22 @@ class DataPosition:
 
 class MicroBatchStream:
     def __init__(self, samples, encoder, family, settings, *, seq_len: int, pack: bool,
-                 micro_batch_size: int, pad_id: int, seed: int, shuffle: bool, pad_to_seq_len: bool):
+                 micro_batch_size: int, pad_id: int, seed: int, shuffle: bool, pad_to_seq_len: bool,
+                 row_multiple: int = 256):
         self.samples, self.encoder = samples, encoder
         self.family, self.settings = family, settings
         self.seq_len, self.pack, self.mbs = seq_len, pack, micro_batch_size
         self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
-        self.pad_to_seq_len = pad_to_seq_len
+        # Rows keep seq_len tokens when pipeline stages exchange messages of one fixed shape.
+        self.pad_to_seq_len, self.row_multiple = pad_to_seq_len, row_multiple
         self.position = DataPosition()
         self._order: list[int] | None = None
         self._order_epoch = -1
         self._cache: tuple[tuple[int, int], object] | None = None  # the pending sample of a full row
         if len(samples) == 0:
             raise ValueError("the training data source is empty")
+        if row_multiple < 0:
+            raise ValueError(f"data.row_multiple must be >= 0, got {row_multiple}")
 
     def _permutation(self) -> list[int]:
         if self._order_epoch != self.position.epoch:
@@ -68,27 +78,40 @@ class MicroBatchStream:
         self.position.index += 1
 
     def _next_row(self) -> list:
-        row, used = [], 0
+        """One unpacked row: the next sample alone."""
+        sample = self._peek_encoded()
+        self._advance()
+        return [sample]
+
+    def _packed_rows(self, num_rows: int) -> list[list]:
+        """The next samples, best-fit into ``num_rows`` rows, up to the first that none holds.
+
+        A step still consumes a contiguous run of the order (the resume position stays one
+        index); inside the step a sample goes into the fullest row that holds it rather than
+        closing each row at the first sample that overflows it.
+        """
+        packer = BestFitRows(self.seq_len, num_rows)
+        taken: list = []
         while True:
             sample = self._peek_encoded()
-            n = sample.input_ids.numel()
-            if row and used + n > self.seq_len:
-                return row
-            row.append(sample)
-            used += n
+            if not packer.add(sample.input_ids.numel()):  # the first always fits: a fresh row
+                break
+            taken.append(sample)
             self._advance()
-            if not self.pack:
-                return row
+        rows = [[taken[i] for i in row] for row in packer.ordered()]
+        return rows + [[] for _ in range(num_rows - len(rows))]
 
     def next_step(self, num_microbatches: int) -> list[MicroBatch]:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
+        if not self.pack:
+            length = self.seq_len if self.pad_to_seq_len else None
+            return [collate_padded([self._next_row()[0] for _ in range(self.mbs)], self.family,
+                                   self.settings, self.pad_id, length)
+                    for _ in range(num_microbatches)]
+        rows = self._packed_rows(num_microbatches * self.mbs)
         out = []
-        for _ in range(num_microbatches):
-            rows = [self._next_row() for _ in range(self.mbs)]
-            if self.pack:
-                out.append(collate_packed(rows, self.family, self.settings, self.seq_len, self.pad_id))
-            else:
-                length = self.seq_len if self.pad_to_seq_len else None
-                out.append(collate_padded([r[0] for r in rows], self.family, self.settings,
-                                          self.pad_id, length))
+        for start in range(0, len(rows), self.mbs):
+            group = rows[start:start + self.mbs]
+            length = row_length(group, self.seq_len, None if self.pad_to_seq_len else self.row_multiple)
+            out.append(collate_packed(group, self.family, self.settings, length, self.pad_id))
         return out

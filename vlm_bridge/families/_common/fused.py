@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from vlm_bridge.compat.dynamo import allow_recompiles
 from vlm_bridge.families._common import fused_triton
 
 _EAGER_DEPTH = 0
@@ -62,20 +63,12 @@ def fusion_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda and _EAGER_DEPTH == 0 and os.environ.get("VLM_BRIDGE_FUSED", "1") != "0"
 
 
-# Dynamo compiles a function once per distinct set of guards: tensor rank, dims of size one (a
-# one-row micro-batch), view bases (a q/k norm's input is a slice of the fused QKV output), dtype
-# and which inputs need gradients. A step that mixes 4-row and 1-row micro-batches makes more such
-# variants per function than dynamo's default limit of 8 (a hard failure under fullgraph=True).
-RECOMPILE_LIMIT = 64
-
-
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     # dynamic=True: packed rows and pipeline micro-batches change the token count from step to
-    # step; one shape-generic kernel avoids a recompilation per length.
-    # The limit is read at every cache miss and dynamo has no per-function one; raising the global
-    # value once costs nothing per call (a patch around each call cost 26 us of host time).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # step; one shape-generic kernel avoids a recompilation per length. A step that mixes 4-row
+    # and 1-row micro-batches still makes more variants per function than dynamo's default 8.
+    allow_recompiles()
     return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
 
 
@@ -95,7 +88,7 @@ def _dispatch(fn: Callable, hand_written: Callable | None, x: torch.Tensor, *arg
 @functools.cache
 def _warn_eager_fallback(fn: Callable) -> None:
     warnings.warn(f"{fn.__qualname__}: torch.compile's recompile limit reached; further variants run "
-                  "eagerly (raise vlm_bridge.families._common.fused.RECOMPILE_LIMIT to fuse them)",
+                  "eagerly (raise vlm_bridge.compat.dynamo.RECOMPILE_LIMIT to fuse them)",
                   stacklevel=3)
 
 
