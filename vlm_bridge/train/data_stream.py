@@ -77,11 +77,11 @@ class MicroBatchStream:
     def _advance(self) -> None:
         self.position.index += 1
 
-    def _next_row(self) -> list:
-        """One unpacked row: the next sample alone."""
+    def _next_sample(self):
+        """The next sample, consumed (an unpacked row holds it alone)."""
         sample = self._peek_encoded()
         self._advance()
-        return [sample]
+        return sample
 
     def _packed_rows(self, num_rows: int) -> list[list]:
         """The next samples, best-fit into ``num_rows`` rows, up to the first that none holds.
@@ -98,14 +98,14 @@ class MicroBatchStream:
                 break
             taken.append(sample)
             self._advance()
-        rows = [[taken[i] for i in row] for row in packer.ordered()]
-        return rows + [[] for _ in range(num_rows - len(rows))]
+        # The loop stops only once all num_rows rows exist and none holds the next sample.
+        return [[taken[i] for i in row] for row in packer.ordered()]
 
     def next_step(self, num_microbatches: int) -> list[MicroBatch]:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
         if not self.pack:
             length = self.seq_len if self.pad_to_seq_len else None
-            return [collate_padded([self._next_row()[0] for _ in range(self.mbs)], self.family,
+            return [collate_padded([self._next_sample() for _ in range(self.mbs)], self.family,
                                    self.settings, self.pad_id, length)
                     for _ in range(num_microbatches)]
         rows = self._packed_rows(num_microbatches * self.mbs)
