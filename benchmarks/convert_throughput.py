@@ -1,6 +1,6 @@
 """Time HF -> Megatron import and Megatron -> HF export against a raw safetensors read and copy.
 
-    python benchmarks/convert_throughput.py HF_DIR [--tp 2] [--workdir DIR] [--dtype bf16] [--keep]
+    python benchmarks/convert_throughput.py HF_DIR [--tp 2] [--workdir DIR] [--dtype bf16] [--keep] [--cold]
 
 Phases, in this order (each with wall time, MB/s over the HF tensor bytes, and peak memory):
 raw copy (after an untimed read that warms the page cache, every tensor's bytes read as the
@@ -10,6 +10,10 @@ memory: the baseline of the goal, and the page-cache warm-up, so import and expo
 for cold disk), import (``import_hf`` under ``run_parallel``), export (``export_hf``), and a
 bit-exact round-trip check of the exported folder, one tensor at a time. Dirty pages are flushed
 between phases, untimed. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
+
+``--cold`` reads every phase's input from disk instead: each input is dropped from the page cache
+first, and the raw copy reads the shards by large sequential reads (the best a plain copy does from
+disk), so the baselines are the disk's floor, not the page cache's.
 """
 
 from __future__ import annotations
@@ -119,6 +123,26 @@ def raw_copy(hf_dir: str | Path, out_file: str | Path) -> int:
     return total
 
 
+def raw_copy_sequential(hf_dir: str | Path, out_file: str | Path, chunk: int = 64 * 1024**2) -> int:
+    """The cold-disk floor: every tensor's bytes copied by large sequential reads of the shards
+    (the kernel reads ahead of them asynchronously) into one file."""
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
+    with SafetensorsReader(hf_dir) as reader:
+        spans = sorted(reader.span(name) for name in reader.keys())
+    buffer = bytearray(chunk)
+    total = 0
+    with open(out_file, "wb") as out:
+        for path, offset, length in spans:
+            with open(path, "rb", buffering=0) as src:
+                src.seek(offset)
+                while length > 0:
+                    got = src.readinto(memoryview(buffer)[:min(chunk, length)])
+                    out.write(memoryview(buffer)[:got])
+                    length, total = length - got, total + got
+    return total
+
+
 def round_trip_equal(src: str | Path, dst: str | Path) -> dict:
     """Bit-exact comparison, streamed: same keys, dtypes, shapes and values."""
     import torch
@@ -140,8 +164,23 @@ def dir_bytes(path: str | Path, suffix: str = "") -> int:
     return sum(f.stat().st_size for f in Path(path).rglob(f"*{suffix}") if f.is_file())
 
 
-def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) -> dict:
-    """All phases; ``workdir`` receives ``megatron/`` and ``export/``."""
+def drop_from_page_cache(*folders: str | Path) -> None:
+    """Flush dirty pages, then ask the kernel to drop these folders' files from the page cache
+    (``POSIX_FADV_DONTNEED``; no privileges needed), so the next phase reads them from disk."""
+    os.sync()
+    for folder in folders:
+        for f in Path(folder).rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, cold: bool = False) -> dict:
+    """All phases; ``workdir`` receives ``megatron/`` and ``export/``. ``cold``: every phase reads
+    its input from disk (dropped from the page cache first), the baselines included."""
     from vlm_bridge.convert.allocator import tune_allocator_for_conversion
 
     tune_allocator_for_conversion()  # as the import / export commands do, before torch is imported
@@ -158,13 +197,18 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
     copy_file = Path(workdir) / "raw_copy.bin"
     # Each phase starts with no dirty pages of the one before (flushing them is not timed), and
     # the copy reads warm pages as the import does.
-    raw_read(hf_dir)
-    _, copy = timed(lambda: raw_copy(hf_dir, copy_file))
+    settle = (lambda *inputs: drop_from_page_cache(*inputs)) if cold else (lambda *inputs: os.sync())
+    if cold:
+        drop_from_page_cache(hf_dir)
+    else:
+        raw_read(hf_dir)
+    _, copy = timed(lambda: (raw_copy_sequential if cold else raw_copy)(hf_dir, copy_file))
     copy_file.unlink()
-    os.sync()
+    settle(hf_dir)
     _, raw = timed(lambda: raw_read(hf_dir))
+    settle(hf_dir)
     _, imp = timed(lambda: run_parallel(import_hf, tp, hf_dir, str(mg_dir), parallel, dtype, True))
-    os.sync()
+    settle(mg_dir, hf_dir)
     _, exp = timed(lambda: run_parallel(export_hf, tp, str(mg_dir), str(out_dir), parallel, dtype,
                                         True, 5 * 1024**3))
     os.sync()
@@ -173,7 +217,7 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None) 
     for stats in phases.values():
         stats["mb_per_s"] = size / 1e6 / stats["seconds"]
     return {
-        "hf_dir": str(hf_dir), "tp": tp, "cpu": not torch.cuda.is_available(),
+        "hf_dir": str(hf_dir), "tp": tp, "cpu": not torch.cuda.is_available(), "cold": cold,
         "checkpoint_gb": size / 1e9, "files_gb": dir_bytes(hf_dir, ".safetensors") / 1e9,
         "megatron_gb": dir_bytes(mg_dir / "weights") / 1e9,
         "import_vs_raw": imp["mb_per_s"] / raw["mb_per_s"],
@@ -208,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="import/export dtype (default: the checkpoint's; round trip needs that)")
     p.add_argument("--workdir", default=None, help="default: a temporary folder next to hf_dir")
     p.add_argument("--keep", action="store_true", help="keep the Megatron and exported folders")
+    p.add_argument("--cold", action="store_true",
+                   help="every phase reads from disk: inputs are dropped from the page cache first")
     args = p.parse_args(argv)
     os.environ.setdefault("CI", "1")  # no tqdm bars interleaved with the timings
     # Same filesystem as the input by default, so /tmp (often RAM-backed) does not flatter export.
     workdir = args.workdir or tempfile.mkdtemp(prefix=".bench-", dir=Path(args.hf_dir).resolve().parent)
     try:
-        result = benchmark(args.hf_dir, workdir, args.tp, args.dtype)
+        result = benchmark(args.hf_dir, workdir, args.tp, args.dtype, args.cold)
     finally:
         if not args.keep:  # only what this script wrote, never a user-given folder itself
             for sub in ("megatron", "export"):

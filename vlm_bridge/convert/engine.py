@@ -48,6 +48,7 @@ from vlm_bridge.convert.hf_io import (
 )
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry
+from vlm_bridge.convert.read_ahead import Span
 from vlm_bridge.convert.streaming import CheckpointParams, ParameterProducer, StreamingSaveStrategy
 from vlm_bridge.parallel import cpu_group
 
@@ -133,6 +134,10 @@ class HFParamSource:
         tensors = [self.reader.get(self.layout.to_file(n), copy=False) for n in entry.hf]
         return _convert_and_shard(entry, tensors, self.params[name], self.src)
 
+    def spans(self, name: str) -> list[Span]:
+        """The file bytes this parameter is converted from (for reading them ahead)."""
+        return [self.reader.span(self.layout.to_file(n)) for n in self.by_name[name].hf]
+
     def rows(self, name: str) -> list[torch.Tensor] | None:
         """For a parameter that is its HF tensors stacked along dim 0 (each TP-split on its own),
         this rank's piece of each, uncopied; None for any other op."""
@@ -171,7 +176,7 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             (tmp / "weights").mkdir()
             copy_hf_side_files(hf_side_dir, tmp / "hf")
         dist.barrier()
-        produce = ParameterProducer(source.params, source, source.rows)
+        produce = ParameterProducer(source.params, source, source.rows, source.spans)
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"),
                                 sharded_strategy=StreamingSaveStrategy(produce))
         dist.barrier()
@@ -293,8 +298,15 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                 target.num_experts, gated,
             )
         loads = _stream_batches(params, table) if stream is not None else {}
+        starts = sorted(loads)
+        if starts:
+            for start in starts[:PREFETCH_BATCHES]:
+                stream.prefetch(loads[start])
         for index, entry in enumerate(_progress(table, "export", rank == 0)):
             if index in loads:
+                ahead = starts.index(index) + PREFETCH_BATCHES
+                if ahead < len(starts):
+                    stream.prefetch(loads[starts[ahead]])
                 stream.load(loads[index])
             full, hf_tensors, owner = None, None, owners[entry.megatron]
             if entry.megatron in params:
@@ -327,6 +339,8 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
             ctx.__exit__(None, None, None)
             ctx = None
     finally:
+        if stream is not None:
+            stream.close()
         if ctx is not None:
             import sys
 
@@ -343,6 +357,8 @@ def _rows_as_hf(entry: Entry, rows: list[torch.Tensor]) -> list[torch.Tensor] | 
 
 
 STREAM_BATCH_BYTES = 128 * 1024**2
+# Batches whose reads are queued ahead of the one being written (see CheckpointParams.prefetch).
+PREFETCH_BATCHES = 2
 
 
 def _stream_batches(params: dict[str, torch.nn.Parameter], table: list[Entry]) -> dict[int, list[str]]:

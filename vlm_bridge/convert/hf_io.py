@@ -143,6 +143,7 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index_path} maps tensor {name!r} to {fname}, "
                                       f"but {fname} does not contain it")
         self._handles: dict[Path, Any] = {}
+        self._data_starts: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
         """All tensor names, sorted so conversions iterate deterministically."""
@@ -169,6 +170,15 @@ class SafetensorsReader:
             raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {info['dtype']} "
                                   f"that this torch build cannot represent")
         return _DTYPES[info["dtype"]]
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset, length) of this tensor's data; reads only the header length."""
+        file, info = self._entry(name)
+        if file not in self._data_starts:
+            with file.open("rb") as fh:
+                self._data_starts[file] = 8 + struct.unpack("<Q", fh.read(8))[0]
+        begin, end = (int(x) for x in info["data_offsets"])
+        return file, self._data_starts[file] + begin, end - begin
 
     def get(self, name: str, copy: bool = True) -> torch.Tensor:
         """Read just this tensor into an owned CPU tensor; handles are opened lazily.

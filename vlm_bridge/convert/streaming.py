@@ -19,6 +19,7 @@ rather than read into memory: its pages are read once, as the writer copies them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, WriteItem, WriteItemT
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from vlm_bridge.convert.hf_io import CheckpointError
+from vlm_bridge.convert.read_ahead import READ_AHEAD_BYTES, ReadAhead, Span
 
 Producer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,17 +55,51 @@ def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
 
 
 class _ProducingPlanner(MCoreSavePlanner):
-    """Megatron's save planner whose tensor data comes from a producer when it is written."""
+    """Megatron's save planner whose tensor data comes from a producer when it is written.
+
+    With a :class:`ParameterProducer` that knows its sources' file spans, the planner also reads
+    ahead: while one item is produced, the source bytes of the items that follow it in the plan
+    (the order the writer takes them, one file each) are read into the page cache, up to
+    ``READ_AHEAD_BYTES`` ahead (``convert.read_ahead``)."""
 
     def __init__(self, produce: Producer, **kwargs) -> None:
         super().__init__(**kwargs)
         self.produce = produce
+        self.read_ahead = ReadAhead()
+        self._order: list[WriteItem] = []
+        self._position: dict = {}
+        self._ends: list[int] = []  # bytes of the ordered items up to and including each
+        self._next = 0  # the first ordered item whose sources are not queued yet
+
+    def finish_plan(self, new_plan):
+        plan = super().finish_plan(new_plan)
+        if isinstance(self.produce, ParameterProducer) and self.produce.spans is not None \
+                and ReadAhead.available():
+            self._order = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
+            self._position = {item.index: k for k, item in enumerate(self._order)}
+            total = 0
+            for item in self._order:
+                data = item.tensor_data
+                total += math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
+                self._ends.append(total)
+        return plan
 
     def resolve_data(self, write_item: WriteItem):
         obj = super().resolve_data(write_item)
         if write_item.type == WriteItemType.BYTE_IO:
             return obj
+        self._queue_after(write_item)
         return self.produce(obj)
+
+    def _queue_after(self, write_item: WriteItem) -> None:
+        k = self._position.get(write_item.index)
+        if k is None:
+            return
+        self._next = max(self._next, k + 1)
+        while self._next < len(self._order) and self._ends[self._next] - self._ends[k] <= READ_AHEAD_BYTES:
+            upcoming = super().resolve_data(self._order[self._next])
+            self.read_ahead.queue(self.produce.source_spans(upcoming))
+            self._next += 1
 
 
 class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
@@ -92,6 +128,7 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
             dcp_save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
         finally:
             torch.serialization.set_crc32_options(crc)
+            planner.read_ahead.close()
 
 
 class ParameterProducer:
@@ -102,13 +139,20 @@ class ParameterProducer:
 
     ``make_rows(name)``, where given, may instead return tensors whose concatenation along dim 0
     is the fresh value (a fused gate/up weight is its HF gate and up tensors): a request for whole
-    rows of one of them is then served from it without building the concatenation."""
+    rows of one of them is then served from it without building the concatenation.
+    ``spans(name)``, where given, names the file bytes ``make(name)`` reads, for reading ahead."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], make: Callable[[str], torch.Tensor],
-                 make_rows: Callable[[str], list[torch.Tensor] | None] | None = None) -> None:
+                 make_rows: Callable[[str], list[torch.Tensor] | None] | None = None,
+                 spans: Callable[[str], list[Span]] | None = None) -> None:
         self.params, self.owner = params, _names_by_storage(params)
-        self.make, self.make_rows = make, make_rows
+        self.make, self.make_rows, self.spans = make, make_rows, spans
         self._last: tuple[str, torch.Tensor] | None = None
+
+    def source_spans(self, view: torch.Tensor) -> list[Span]:
+        """The file spans ``spans(name)`` that the value of a request's parameter is made from."""
+        name = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        return [] if name is None or self.spans is None else self.spans(name)
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         name = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
@@ -194,21 +238,44 @@ class CheckpointParams:
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
         self.weights_dir = weights_dir
+        self.read_ahead = ReadAhead()
+
+    def _reads(self, name: str) -> list[tuple[list, torch.Tensor]]:
+        """Per checkpoint tensor of the parameter: its read items and the view they land in."""
+        out = []
+        for item in self.items.get(name, []):
+            saved = self.metadata.state_dict_metadata.get(item.key)
+            if saved is None or tuple(saved.size) != tuple(item.global_shape):
+                found = "missing" if saved is None else f"of shape {tuple(saved.size)}"
+                raise CheckpointError(f"{self.weights_dir}: tensor {item.key} is {found}; the model "
+                                      f"expects {tuple(item.global_shape)}")
+            view = item.data.view((1,) * item.prepend_axis_num + tuple(item.local_shape))
+            chunk = ChunkStorageMetadata(offsets=torch.Size(item.global_offset), sizes=view.shape)
+            out.append((create_read_items_for_chunk_list(item.key, saved, [chunk]), view))
+        return out
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading these parameters' bytes into the page cache in the background (see
+        ``convert.read_ahead``), so that a later :meth:`load` of them finds them there."""
+        spans = []
+        for name in names:
+            for reads, _ in self._reads(name):
+                for read in reads:
+                    info = self.metadata.storage_data[read.storage_index]
+                    spans.append((Path(self.weights_dir) / info.relative_path, info.offset, info.length))
+        self.read_ahead.queue(spans)
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        self.read_ahead.close()
 
     def load(self, names: Iterable[str]) -> None:
         views, reads = {}, []
         for name in names:
-            mine: list[list] = []  # per checkpoint tensor of the parameter, its reads
-            for item in self.items.get(name, []):
-                saved = self.metadata.state_dict_metadata.get(item.key)
-                if saved is None or tuple(saved.size) != tuple(item.global_shape):
-                    found = "missing" if saved is None else f"of shape {tuple(saved.size)}"
-                    raise CheckpointError(f"{self.weights_dir}: tensor {item.key} is {found}; the model "
-                                          f"expects {tuple(item.global_shape)}")
-                view = item.data.view((1,) * item.prepend_axis_num + tuple(item.local_shape))
-                chunk = ChunkStorageMetadata(offsets=torch.Size(item.global_offset), sizes=view.shape)
-                mine.append(create_read_items_for_chunk_list(item.key, saved, [chunk]))
-                views.update((read.dest_index, view) for read in mine[-1])
+            mine = self._reads(name)  # per checkpoint tensor of the parameter, its reads
+            for item_reads, view in mine:
+                views.update((read.dest_index, view) for read in item_reads)
+            mine = [item_reads for item_reads, _ in mine]
             if not self._map_rows(name, mine):
                 reads += [read for item_reads in mine for read in item_reads]
         planner = _IntoViews(views)
