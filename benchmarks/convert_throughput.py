@@ -12,8 +12,8 @@ bit-exact round-trip check of the exported folder, one tensor at a time. Dirty p
 between phases, untimed. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
 
 ``--cold`` reads every phase's input from disk instead: each input is dropped from the page cache
-first, and the raw copy reads the shards by large sequential reads (the best a plain copy does from
-disk), so the baselines are the disk's floor, not the page cache's.
+first, and the raw read and copy read the shards by large sequential reads (the best a plain copy
+does from disk), so the baselines are the disk's floor, not the page cache's.
 """
 
 from __future__ import annotations
@@ -123,22 +123,23 @@ def raw_copy(hf_dir: str | Path, out_file: str | Path) -> int:
     return total
 
 
-def raw_copy_sequential(hf_dir: str | Path, out_file: str | Path, chunk: int = 64 * 1024**2) -> int:
-    """The cold-disk floor: every tensor's bytes copied by large sequential reads of the shards
-    (the kernel reads ahead of them asynchronously) into one file."""
+def raw_copy_sequential(hf_dir: str | Path, out_file: str | Path | None, chunk: int = 64 * 1024**2) -> int:
+    """The cold-disk floor: every tensor's bytes read by large sequential reads of the shards (the
+    kernel reads ahead of them asynchronously) and written into one file (None: only read)."""
     from vlm_bridge.convert.hf_io import SafetensorsReader
 
     with SafetensorsReader(hf_dir) as reader:
         spans = sorted(reader.span(name) for name in reader.keys())
-    buffer = bytearray(chunk)
+    buffer = memoryview(bytearray(chunk))
     total = 0
-    with open(out_file, "wb") as out:
+    with open(out_file or os.devnull, "wb") as out:
         for path, offset, length in spans:
             with open(path, "rb", buffering=0) as src:
                 src.seek(offset)
                 while length > 0:
-                    got = src.readinto(memoryview(buffer)[:min(chunk, length)])
-                    out.write(memoryview(buffer)[:got])
+                    got = src.readinto(buffer[:min(chunk, length)])
+                    if out_file is not None:
+                        out.write(buffer[:got])
                     length, total = length - got, total + got
     return total
 
@@ -205,7 +206,7 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, 
     _, copy = timed(lambda: (raw_copy_sequential if cold else raw_copy)(hf_dir, copy_file))
     copy_file.unlink()
     settle(hf_dir)
-    _, raw = timed(lambda: raw_read(hf_dir))
+    _, raw = timed(lambda: raw_copy_sequential(hf_dir, None) if cold else raw_read(hf_dir))
     settle(hf_dir)
     _, imp = timed(lambda: run_parallel(import_hf, tp, hf_dir, str(mg_dir), parallel, dtype, True))
     settle(mg_dir, hf_dir)

@@ -190,6 +190,10 @@ class ExpertSplitReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(self._virtual[name][0] if name in self._virtual else name)
 
+    def span(self, name: str):
+        """File bytes of a tensor; an expert's are its whole fused tensor's (read once for all)."""
+        return self.reader.span(self._virtual[name][0] if name in self._virtual else name)
+
     def __getattr__(self, name: str):
         return getattr(self.reader, name)
 
