@@ -285,3 +285,38 @@ def test_copy_hf_side_files(tmp_path: Path) -> None:
     assert not (dst / "linked_config.json").is_symlink()
     assert (dst / "linked_config.json").read_text() == "linked"
     assert (dst / "config.json").read_text() == "config.json"
+
+
+def test_write_behind_keeps_order_bounds_its_queue_and_raises_a_failed_write(tmp_path):
+    import threading
+
+    from vlm_bridge.convert.write_behind import WriteBehind
+
+    class SlowFile:  # records the bytes and how many were queued when each write started
+        def __init__(self):
+            self.chunks, self.gate = [], threading.Event()
+
+        def write(self, data):
+            self.gate.wait(5)
+            self.chunks.append(bytes(data))
+
+    writes = WriteBehind(limit=64)
+    out = SlowFile()
+    tensors = [torch.full((8,), float(i)) for i in range(6)]  # 32 bytes each
+    writer = threading.Thread(target=lambda: [writes.write(out, t) for t in tensors])
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive() and writes._queued <= 64  # blocked: two tensors fill the queue
+    out.gate.set()
+    writer.join(5)
+    writes.wait()
+    assert b"".join(out.chunks) == b"".join(t.numpy().tobytes() for t in tensors)
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    writes.write(FullDisk(), tensors[0])
+    with pytest.raises(OSError, match="No space left"):
+        writes.wait()
+    writes.close()

@@ -22,6 +22,8 @@ from typing import Any, Self
 import torch
 from safetensors import safe_open
 
+from vlm_bridge.convert.write_behind import WriteBehind
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # The safetensors library itself refuses headers above 100 MB; a larger length means garbage.
@@ -242,10 +244,12 @@ class ShardedSafetensorsWriter:
         self._names: set[str] = set()
         self._total = 0
         self._finalized = False
+        self._writes = WriteBehind()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor into the open shard (opening or closing shards as needed); duplicate
-        names raise ValueError."""
+        names raise ValueError. The bytes are written on a background thread (``write_behind``):
+        the tensor must not be modified afterwards."""
         if self._finalized:
             raise ValueError("ShardedSafetensorsWriter.add() called after finalize()")
         if name in self._names:
@@ -263,7 +267,7 @@ class ShardedSafetensorsWriter:
             self._file.seek(self.HEADER_RESERVE)
             self._shards.append((path, []))
         if t.nbytes:
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self._writes.write(self._file, t)
         self._entries[name] = {**entry, "data_offsets": [self._data_bytes, self._data_bytes + t.nbytes]}
         self._data_bytes += t.nbytes
         self._header_bytes += entry_bytes
@@ -276,6 +280,7 @@ class ShardedSafetensorsWriter:
         room = self.HEADER_RESERVE - 8
         if len(header) > room:
             raise AssertionError(f"safetensors header of {len(header)} bytes outgrew its {room}")
+        self._writes.wait()
         self._file.seek(0)
         self._file.write(struct.pack("<Q", room) + header.encode().ljust(room, b" "))
         self._file.close()
@@ -289,6 +294,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"no tensors were added to {self.folder}")
         if self._file is not None:
             self._close_shard()
+        self._writes.close()
         self._finalized = True
         n = len(self._shards)
         weight_map: dict[str, str] = {}
