@@ -197,6 +197,8 @@ def cmd_export(args) -> int:
     from vlm_bridge.loading import export_hf
     from vlm_bridge.parallel import run_parallel
 
+    if not args.max_shard_size_gb > 0:
+        raise ValueError(f"--max-shard-size-gb must be positive, got {args.max_shard_size_gb}")
     parallel = _parallel(args, os.path.join(args.megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(
@@ -223,12 +225,16 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from vlm_bridge.convert.hf_io import refuse_output_over_input
     from vlm_bridge.inference.command import generate_command
     from vlm_bridge.inference.requests import check_media, load_requests, request_from_args
     from vlm_bridge.parallel import run_parallel
 
-    if bool(args.prompt) == bool(args.input):
+    if (args.prompt is None) == (args.input is None):  # an empty prompt is one (an image alone)
         raise ValueError("give exactly one of --prompt and --input")
+    if args.output:
+        refuse_output_over_input(args.output, {"--input": args.input, "--megatron-path": args.megatron_path,
+                                               "--hf-model": args.hf_model})
     if args.input and (args.image or args.video):
         raise ValueError("--image/--video go with --prompt; with --input the conversations name their media")
     if args.input:
@@ -259,6 +265,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from vlm_bridge.convert.hf_io import refuse_output_over_input
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import resolve_metric
     from vlm_bridge.parallel import run_parallel
@@ -268,6 +275,9 @@ def cmd_evaluate(args) -> int:
         if not Path(data).is_file():
             raise ValueError(f"--data {data} does not exist")
         data = f"{Path(data).suffix[1:]}:{data}"
+    if args.report:
+        refuse_output_over_input(args.report, {"--data": args.data, "--megatron-path": args.megatron_path,
+                                               "--hf-model": args.hf_model})
     metrics = tuple(args.metric or ("exact_match", "anls"))
     for name in metrics:
         resolve_metric(name)  # a bad name fails before any model loads

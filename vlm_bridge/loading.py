@@ -12,6 +12,7 @@ training saves alike, so what conversion needs later (key layout, expert layout)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +37,7 @@ from vlm_bridge.convert.engine import (
     write_hf,
 )
 from vlm_bridge.convert.experts import PER_EXPERT
-from vlm_bridge.convert.hf_io import CheckpointError
+from vlm_bridge.convert.hf_io import CheckpointError, refuse_output_over_input
 from vlm_bridge.convert.layout import detect_layout, layout_by_name
 from vlm_bridge.convert.ops import Entry
 from vlm_bridge.convert.streaming import CheckpointParams
@@ -97,6 +98,17 @@ def _raw_config(folder: str | Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
 
 
+def checkpoint_dtype(reader) -> torch.dtype:
+    """The floating dtype that holds most of the checkpoint's bytes (a folder may keep a few
+    tensors, e.g. norms or the output layer, in fp32 beside bf16 weights)."""
+    held: dict[torch.dtype, int] = {}
+    for name in reader.keys():
+        dtype = reader.dtype(name)
+        if dtype.is_floating_point:
+            held[dtype] = held.get(dtype, 0) + math.prod(reader.shape(name)) * dtype.itemsize
+    return max(held, key=held.get) if held else torch.float32
+
+
 def load_hf_config(folder: str | Path):
     """The folder's config as transformers reads it, or, for a family's foreign form (a folder
     that needs its own code), translated into the family's transformers-native config."""
@@ -125,8 +137,17 @@ def load_processor(folder: str | Path):
     _, raw = _raw_config(folder)
     form = foreign_form(raw)
     if form is not None:
-        return form.processor(Path(folder), raw)
-    return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        processor = form.processor(Path(folder), raw)
+    else:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if not getattr(processor, "chat_template", None):
+        # Folders saved before processors had templates of their own keep it with the tokenizer.
+        processor.chat_template = getattr(tokenizer, "chat_template", None)
+    if not processor.chat_template:  # every prompt here is rendered through it
+        raise CheckpointError(f"{folder}: no chat template (chat_template.jinja, chat_template.json, "
+                              f"or chat_template in tokenizer_config.json)")
+    return processor
 
 
 def load_hf_model(folder: str | Path, **kwargs):
@@ -191,7 +212,7 @@ def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None,
     family_for_config(hf_config)  # unsupported architectures fail before any file is opened
     text = getattr(hf_config, "text_config", hf_config)
     reader, expert_layout = open_hf_weights(hf_dir, text.hidden_size)
-    built = build_rank_model(hf_config, dtype or reader.dtype(reader.keys()[0]), parallel)
+    built = build_rank_model(hf_config, dtype or checkpoint_dtype(reader), parallel)
     keys, constants = passthrough.split_keys(reader.keys(), built.family.passthrough)
     layout = detect_layout(built.family.layouts, keys, built.table)
     table = layout.table(built.table)
@@ -266,6 +287,7 @@ def import_hf(
     """Run on every rank: convert an HF folder into a Megatron distributed checkpoint."""
     init_distributed(parallel)
     out = Path(out_dir)
+    refuse_output_over_input(out, {"--hf-model": hf_dir})
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
     # Streaming: each parameter is converted when the checkpoint writer reaches it.
@@ -281,6 +303,7 @@ def export_hf(
 ) -> dict:
     """Run on every rank: write an HF folder from a Megatron checkpoint (rank 0 writes)."""
     init_distributed(parallel)
+    refuse_output_over_input(hf_dir, {"--megatron-path": megatron_dir})
     if Path(hf_dir).exists() and not overwrite:
         raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
     built, meta = _build_for_checkpoint(megatron_dir, parallel, None)

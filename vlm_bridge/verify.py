@@ -225,6 +225,7 @@ def _verify(
     processor = load_processor(hf_dir)
     pil, frames = load_media(images, video, processor) if (images or video) else default_media()
     if megatron_dir:
+        check_same_model(hf_dir, megatron_dir)
         built, meta = load_megatron(megatron_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None)
         dtype = DTYPES[dtype_arg or meta["dtype"]]
     else:
@@ -292,6 +293,37 @@ def _verify(
         first_divergent_layer=first_bad, fp32_baseline=baseline,
     )
     return report.to_dict()
+
+
+def _shape_fields(config: dict, prefix: str = "") -> dict[str, int]:
+    """Every integer field of a config and its sub-configs (sizes, counts, windows), token ids
+    left out: two folders of one model agree on all of them."""
+    fields = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            fields.update(_shape_fields(value, f"{prefix}{key}."))
+        elif isinstance(value, int) and not isinstance(value, bool) and "token" not in key:
+            fields[prefix + key] = value
+    return fields
+
+
+def check_same_model(hf_dir: str, megatron_dir: str) -> None:
+    """A Megatron checkpoint compared with an HF folder of another model would fail somewhere in
+    the forward with a shape error; say which config field differs instead."""
+    saved = Path(megatron_dir) / "hf"
+    if not (saved / "config.json").is_file():
+        return  # the loader reports the missing folder
+    ours, theirs = load_hf_config(hf_dir), load_hf_config(saved)
+    kind = (family_for_config(ours).name, family_for_config(theirs).name)
+    if kind[0] != kind[1]:
+        raise CheckpointError(f"--megatron-path {megatron_dir} holds a {kind[1]} model, --hf-model "
+                              f"{hf_dir} a {kind[0]} model")
+    a, b = _shape_fields(ours.to_dict()), _shape_fields(theirs.to_dict())
+    for key in sorted(a.keys() & b.keys()):
+        if a[key] != b[key]:
+            raise CheckpointError(f"--megatron-path {megatron_dir} is not a conversion of --hf-model "
+                                  f"{hf_dir}: config {key} is {b[key]} in the checkpoint, {a[key]} in the "
+                                  f"HF folder")
 
 
 def verify(*args, **kwargs) -> dict:

@@ -151,3 +151,65 @@ def test_verify_with_unreadable_image(tiny_hf, run_cli, capsys, tmp_path):
     assert run_cli("verify", "--hf-model", tiny_hf, "--image", img) == 2
     err = capsys.readouterr().err.strip()
     assert "broken.png" in err and "\n" not in err
+
+
+def test_an_output_over_its_own_input_is_refused_even_with_overwrite(tiny_hf, tiny_megatron, run_cli, capsys,
+                                                                      tmp_path):
+    hf = copy_model(tiny_hf, tmp_path / "hf")
+    meg = copy_model(tiny_megatron, tmp_path / "meg")
+    held = tmp_path / "held"
+    copy_model(tiny_hf, held / "hf")
+    refused = [
+        import_args(hf, hf, "--overwrite"),
+        import_args(held / "hf", held, "--overwrite"),  # the output folder holds the input
+        ["export", "--megatron-path", meg, "--hf-path", meg, "--overwrite"],
+    ]
+    for args in refused:
+        capsys.readouterr()
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: the output") and "input" in err and "\n" not in err, err
+    assert (hf / "model.safetensors").is_file() and (held / "hf" / "model.safetensors").is_file()
+    assert (meg / "vlm_bridge.json").is_file()
+    answers = tmp_path / "prompts.jsonl"
+    answers.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    capsys.readouterr()
+    assert run_cli("generate", "--hf-model", hf, "--input", answers, "--output", answers) == 2
+    assert "--input" in capsys.readouterr().err and "hi" in answers.read_text()
+
+
+def test_verify_against_a_checkpoint_of_another_model_names_the_difference(tiny_hf, tiny_megatron,
+                                                                           tiny_qwen3, run_cli, capsys,
+                                                                           tmp_path):
+    meg = copy_model(tiny_megatron, tmp_path / "meg")
+    config = json.loads((meg / "hf" / "config.json").read_text())
+    config["vision_config"]["depth"] += 1
+    (meg / "hf" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run_cli("verify", "--hf-model", tiny_hf, "--megatron-path", meg) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vision_config.depth" in err and "not a conversion" in err and "\n" not in err, err
+    shutil.copy(tiny_qwen3 / "config.json", meg / "hf" / "config.json")
+    assert run_cli("verify", "--hf-model", tiny_hf, "--megatron-path", meg) == 2
+    assert "qwen3" in capsys.readouterr().err
+
+
+def test_export_shard_size_is_checked_by_its_option_name(tiny_megatron, run_cli, capsys, tmp_path):
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, ["export", "--megatron-path", tiny_megatron, "--hf-path", out,
+                                  "--max-shard-size-gb", "-1"], "--max-shard-size-gb", out=out)
+
+
+def test_chat_template_kept_with_the_tokenizer_is_used_and_none_is_named(tiny_hf, tmp_path):
+    from vlm_bridge.convert.hf_io import CheckpointError
+    from vlm_bridge.loading import load_processor
+
+    old = copy_model(tiny_hf, tmp_path / "old")  # saved before processors had templates of their own
+    template = (old / "chat_template.jinja").read_text()
+    (old / "chat_template.jinja").unlink()
+    tokenizer_config = json.loads((old / "tokenizer_config.json").read_text())
+    (old / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": template}))
+    assert load_processor(old).chat_template == template
+    (old / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(CheckpointError, match="no chat template"):
+        load_processor(old)

@@ -309,6 +309,33 @@ class ShardedSafetensorsWriter:
         return weight_map
 
 
+def refuse_output_over_input(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """A command's output must not be one of its inputs, nor a folder holding one: writing it (and
+    with --overwrite, deleting what was there) would destroy the input. ``inputs``: option name ->
+    path given (None: not given)."""
+    out = Path(output).resolve()
+    for option, given in inputs.items():
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if src == out or out in src.parents:
+            raise CheckpointError(f"the output {output} is {'' if src == out else 'a folder holding '}"
+                                  f"the input {option} {given}; choose another output path")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file by a temporary sibling and a rename (a failed run leaves no half-written
+    file); missing parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces `path` only if the block succeeds.

@@ -42,6 +42,11 @@ MEDIA_LAYOUT = {
 SKIP_REASONS = ("too_long", "bad_media", "no_loss_tokens")
 
 
+# What an HF processor raises on media it cannot handle (e.g. an image too thin for a patch grid
+# divides by zero in some image processors).
+PROCESSOR_MEDIA_ERRORS = (ValueError, ArithmeticError, IndexError)
+
+
 class BadMediaError(ValueError):
     """An image or video file is missing or cannot be decoded (the message names the file)."""
 
@@ -285,13 +290,14 @@ class SampleEncoder:
         media_kwargs = processor_media(images, loaded, self.processor)
         try:
             out = self.processor(text=[text], return_tensors="pt", add_special_tokens=False, **media_kwargs)
-        except ValueError as exc:
+        except PROCESSOR_MEDIA_ERRORS as exc:
             if not media_kwargs:
                 raise
             if self.skip_bad_media:
                 self._skip("bad_media")
                 return None
-            raise BadMediaError(f"{where}: the processor rejected its media ({exc})") from None
+            raise BadMediaError(f"{where}: the processor rejected its media "
+                                f"({type(exc).__name__}: {exc})") from None
         input_ids = out["input_ids"][0].long()
         labels = self._labels(text, num_assistant, input_ids, where)
         per_token = {

@@ -53,7 +53,13 @@ def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedV
         else:
             return read_video(path, processor, fps)
     if isinstance(value, list | tuple):
+        names = [str(f) if isinstance(f, str | Path) else f"frame {i}" for i, f in enumerate(value)]
         value = [open_image(f, "video frame") if isinstance(f, str | Path) else f for f in value]
+        sizes = [f.size if hasattr(f, "getbands") else None for f in value]  # PIL frames: (w, h)
+        for name, size in zip(names, sizes):
+            if size is not None and sizes[0] is not None and size != sizes[0]:
+                raise ValueError(f"video frame {name} is {size[0]}x{size[1]} but {names[0]} is "
+                                 f"{sizes[0][0]}x{sizes[0][1]}: a video's frames share one size")
     return DecodedVideo(value, {"total_num_frames": len(value), "fps": fps or FRAMES_FPS}, {})
 
 

@@ -42,12 +42,17 @@ def load_for_inference(hf_model: str | None, megatron_path: str | None, parallel
 
 
 def stop_token_ids(hf_dir: str | Path, tokenizer) -> tuple[int, ...]:
-    """The generation config's EOS tokens (one id or a list), else the tokenizer's EOS."""
+    """The generation config's EOS tokens (one id or a list); without a generation_config.json,
+    the one transformers derives from config.json (as ``generate`` does); else the tokenizer's EOS."""
     from transformers import GenerationConfig
+
+    from vlm_bridge.loading import load_hf_config
 
     eos = None
     if (Path(hf_dir) / "generation_config.json").is_file():
         eos = GenerationConfig.from_pretrained(hf_dir, local_files_only=True).eos_token_id
+    elif (Path(hf_dir) / "config.json").is_file():
+        eos = GenerationConfig.from_model_config(load_hf_config(hf_dir)).eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:

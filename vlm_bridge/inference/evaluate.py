@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from vlm_bridge.convert.hf_io import write_text_atomic
 from vlm_bridge.inference.generate import Sampling
 from vlm_bridge.inference.metrics import resolve_metric
 from vlm_bridge.inference.requests import request_from_sample
@@ -121,6 +121,15 @@ def _answers(built, processor, samples: list[dict], options: EvalOptions) -> dic
     return {"scored": sum("scores" in row for row in rows), "metrics": means, "answers": rows}
 
 
+def _score(name: str, metric, answer: str, refs: list[str]) -> float:
+    """One metric on one answer; a user's metric that fails or returns no number is named."""
+    try:
+        return float(metric(answer, refs))
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
+        raise ValueError(f"--metric {name} failed on answer {answer!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
 def score_answers(predictions: list[str], references: list[list[str]],
                   metrics: tuple[str, ...]) -> tuple[list[dict], dict[str, float]]:
     """Per-answer rows (with scores where there are references) and each metric's mean over the
@@ -130,7 +139,7 @@ def score_answers(predictions: list[str], references: list[list[str]],
     for index, (answer, refs) in enumerate(zip(predictions, references, strict=True)):
         row: dict[str, Any] = {"index": index, "answer": answer, "references": refs}
         if refs:
-            row["scores"] = {name: float(metric(answer, refs)) for name, metric in functions.items()}
+            row["scores"] = {name: _score(name, metric, answer, refs) for name, metric in functions.items()}
             for name, value in row["scores"].items():
                 sums[name] += value
         rows.append(row)
@@ -166,8 +175,5 @@ def evaluate_command(hf_model: str | None, megatron_path: str | None, parallel, 
         return {}
     report["data"] = data
     if report_path:
-        path = Path(report_path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

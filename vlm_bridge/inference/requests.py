@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_bridge.convert.hf_io import write_text_atomic
+from vlm_bridge.data.encode import PROCESSOR_MEDIA_ERRORS
 from vlm_bridge.data.media import load_image, load_video, processor_media
 from vlm_bridge.data.schema import content_items, iter_media, template_messages, validate_sample
 from vlm_bridge.data.sources import load_json_samples
@@ -54,7 +56,10 @@ def request_from_args(prompt: str, images: list[str], video: str | None) -> Requ
     content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in images]
     if video is not None:
         content.append({"type": "video", "video": video})
-    content.append({"type": "text", "text": prompt})
+    if prompt:  # an empty prompt with media asks about the media alone (e.g. a caption)
+        content.append({"type": "text", "text": prompt})
+    if not content:
+        raise ValueError("--prompt is empty and no --image or --video was given")
     return request_from_sample({"messages": [{"role": "user", "content": content}]}, "--prompt")
 
 
@@ -95,8 +100,14 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
     ensure_pad_token(getattr(processor, "tokenizer", processor))
     media = {**processor_media(images, videos, processor), **processor_kwargs}
     # The rendered template already holds every special token (e.g. a <bos>): add none.
-    return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
-                     add_special_tokens=False, **media)
+    try:
+        return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                         add_special_tokens=False, **media)
+    except PROCESSOR_MEDIA_ERRORS as exc:
+        if not (images and any(images)) and not videos:
+            raise
+        where = ", ".join(request.where for request in requests)
+        raise ValueError(f"{where}: the processor rejected the media ({type(exc).__name__}: {exc})") from None
 
 
 def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
@@ -122,10 +133,7 @@ def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) ->
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
     """Write every row, then rename: a failed run leaves no half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_media(requests: list[Request]) -> None:

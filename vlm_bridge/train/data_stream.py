@@ -67,7 +67,8 @@ class MicroBatchStream:
             key = (self.position.epoch, self.position.index)
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-            encoded = self.encoder.encode(self.samples[order[self.position.index]])
+            index = order[self.position.index]
+            encoded = self.encoder.encode(self.samples[index], where=f"training sample {index}")
             self._cache = (key, encoded)
             if encoded is not None:
                 return encoded

@@ -210,13 +210,14 @@ def train_step(run: Run) -> dict:
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1}; stopping (lower optim.lr or "
                             "check the data)")
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves on)
     ok, grad_norm, _ = run.optimizer.step()
     run.scheduler.step(increment=1)
     run.step += 1
     run.losses.append(loss)
     run.grad_norms.append(float(grad_norm or 0.0))
     return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok),
-            "lr": run.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "tokens": sum(mb.num_tokens for mb in step_batches)}
 
 

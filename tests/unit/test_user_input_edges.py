@@ -1,0 +1,89 @@
+"""Inputs shaped as real users' are: what outside testing found the commands mishandled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+
+def test_video_frames_of_different_sizes_name_the_frame(tmp_path):
+    from vlm_bridge.data.media import load_video
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (32, 24)).save(frames / "000.png")
+    Image.new("RGB", (32, 24)).save(frames / "001.png")
+    Image.new("RGB", (16, 24)).save(frames / "002.png")
+    with pytest.raises(ValueError, match=r"002\.png is 16x24 but .*000\.png is 32x24"):
+        load_video(frames, processor=None)
+    (frames / "002.png").unlink()
+    assert len(load_video(frames, processor=None).frames) == 2
+
+
+def test_an_empty_prompt_asks_about_the_media_alone(tmp_path):
+    from vlm_bridge.inference.requests import request_from_args
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    content = request_from_args("", [str(image)], None).messages[0]["content"]
+    assert [item["type"] for item in content] == ["image"]
+    with pytest.raises(ValueError, match="--prompt is empty and no --image or --video"):
+        request_from_args("", [], None)
+
+
+def test_a_failing_user_metric_is_a_usage_error_naming_it():
+    from vlm_bridge.inference.evaluate import score_answers
+
+    with pytest.raises(ValueError, match="--metric os:getcwd failed on answer 'a'"):
+        score_answers(["a"], [["a"]], ("exact_match", "os:getcwd"))
+
+
+def test_processor_failure_on_media_names_the_request(tmp_path):
+    from vlm_bridge.inference.requests import build_prompt_batch, request_from_args
+
+    class ThinImageProcessor:  # as an image processor whose patch grid divides by zero
+        tokenizer = type("Tokenizer", (), {"pad_token": "<pad>"})()
+
+        def apply_chat_template(self, messages, **kwargs):
+            return "prompt"
+
+        def __call__(self, **kwargs):
+            raise ZeroDivisionError("division by zero")
+
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (2000, 20)).save(image)
+    with pytest.raises(ValueError, match="--prompt: the processor rejected the media "
+                                         r"\(ZeroDivisionError"):
+        build_prompt_batch(ThinImageProcessor(), [request_from_args("hi", [str(image)], None)])
+
+
+def test_stop_tokens_without_a_generation_config_come_from_config_json(tiny_hf, tmp_path):
+    from transformers import AutoTokenizer
+
+    from vlm_bridge.inference.command import stop_token_ids
+
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_hf, folder)
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eos = sorted({tokenizer.eos_token_id, 3, 5})
+    config["eos_token_id"] = config["text_config"]["eos_token_id"] = eos
+    (folder / "config.json").write_text(json.dumps(config))
+    assert sorted(stop_token_ids(folder, tokenizer)) == eos
+
+
+def test_checkpoint_dtype_is_the_one_holding_most_bytes(tmp_path):
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+    from vlm_bridge.loading import checkpoint_dtype
+
+    save_file({"a.norm": torch.ones(4), "b.weight": torch.ones(64, 64, dtype=torch.bfloat16),
+               "c.ids": torch.arange(10_000)}, str(Path(tmp_path) / "model.safetensors"))
+    with SafetensorsReader(tmp_path) as reader:  # first by name is fp32; integers never count
+        assert checkpoint_dtype(reader) == torch.bfloat16
