@@ -41,6 +41,7 @@ from vlm_bridge.convert.hf_io import CheckpointError, refuse_output_over_input
 from vlm_bridge.convert.layout import detect_layout, layout_by_name
 from vlm_bridge.convert.ops import Entry
 from vlm_bridge.convert.streaming import CheckpointParams
+from vlm_bridge.convert.tied import split_tied_copies
 from vlm_bridge.families.base import Family
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
 from vlm_bridge.registry import family_for_config, foreign_form
@@ -61,6 +62,8 @@ class BuiltModel:
     expert_layout: str = PER_EXPERT  # how MoE experts are stored on disk (convert/experts.py)
     # non-weight tensors of the source folder, written back on export (convert/passthrough.py)
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
+    # stored copies of a tied output layer: {embedding's file key: the copy's} (convert/tied.py)
+    tied_copies: dict[str, str] = field(default_factory=dict)
     # set instead of filling the parameters: converts them one at a time (streaming import)
     source: HFParamSource | None = None
 
@@ -84,6 +87,7 @@ def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dic
         "saved_pp": parallel.pp,
         "saved_ep": parallel.ep,
         "passthrough": passthrough.to_json(built.passthrough),
+        "tied_copies": built.tied_copies,
         **extra,
     }
 
@@ -216,6 +220,7 @@ def load_hf(hf_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None,
     keys, constants = passthrough.split_keys(reader.keys(), built.family.passthrough)
     layout = detect_layout(built.family.layouts, keys, built.table)
     table = layout.table(built.table)
+    keys, built.tied_copies = split_tied_copies(keys, table, layout, reader, hf_dir)
     check_coverage(table, keys, layout, hf_dir)
     built.passthrough = {name: reader.get(name) for name in constants}
     for name, tensor in built.passthrough.items():
@@ -239,6 +244,7 @@ def _build_for_checkpoint(megatron_dir: str, parallel: ParallelConfig, dtype: to
     built.key_layout, built.hf_side_dir = meta["key_layout"], str(Path(megatron_dir) / "hf")
     built.expert_layout = meta.get("expert_layout", PER_EXPERT)
     built.passthrough = passthrough.from_json(meta.get("passthrough", {}))
+    built.tied_copies = dict(meta.get("tied_copies", {}))
     return built, meta
 
 
@@ -275,7 +281,7 @@ def write_built(built: BuiltModel, hf_dir: str | Path, out_dtype: torch.dtype, o
     target = HFTarget(
         folder=Path(hf_dir), layout=layout,
         dtype=out_dtype, side_dir=built.hf_side_dir, expert_layout=built.expert_layout,
-        num_experts=built.num_experts, max_shard_bytes=max_shard_bytes,
+        num_experts=built.num_experts, max_shard_bytes=max_shard_bytes, copies=built.tied_copies,
     )
     write_hf(built.params, layout.table(built.table), target, overwrite, consume=consume,
              extra=built.passthrough, stream=stream)

@@ -74,7 +74,7 @@ def _sample(n: int, tag: int) -> EncodedSample:
 
 
 class _Encoder:
-    def encode(self, sample):
+    def encode(self, sample, where: str = "sample"):
         return None if sample is None else _sample(*sample)
 
 

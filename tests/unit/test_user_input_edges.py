@@ -87,3 +87,28 @@ def test_checkpoint_dtype_is_the_one_holding_most_bytes(tmp_path):
                "c.ids": torch.arange(10_000)}, str(Path(tmp_path) / "model.safetensors"))
     with SafetensorsReader(tmp_path) as reader:  # first by name is fp32; integers never count
         assert checkpoint_dtype(reader) == torch.bfloat16
+
+
+def test_a_stored_copy_of_a_tied_output_layer_round_trips_and_a_different_one_is_refused(
+        tiny_hf_tied, run_cli, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlm_bridge.testing.checks import checkpoint_mismatches
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_tied, hf)
+    tensors = load_file(hf / "model.safetensors")
+    embedding = next(key for key in tensors if key.endswith("embed_tokens.weight"))
+    save_file({**tensors, "lm_head.weight": tensors[embedding].clone()}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert run_cli("import", "--hf-model", hf, "--megatron-path", tmp_path / "meg") == 0
+    assert run_cli("export", "--megatron-path", tmp_path / "meg", "--hf-path", tmp_path / "out") == 0
+    assert checkpoint_mismatches(hf, tmp_path / "out") == []  # lm_head.weight included, bit for bit
+    assert "lm_head.weight" in load_file(tmp_path / "out" / "model.safetensors")
+
+    save_file({**tensors, "lm_head.weight": tensors[embedding] + 1}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run_cli("import", "--hf-model", hf, "--megatron-path", tmp_path / "meg2") == 2
+    err = capsys.readouterr().err
+    assert "lm_head.weight differs from" in err and "tie_word_embeddings" in err

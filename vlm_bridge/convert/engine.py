@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -268,6 +268,7 @@ class HFTarget:
     expert_layout: str = PER_EXPERT
     num_experts: int = 0
     max_shard_bytes: int = 2 * 1024**3
+    copies: dict[str, str] = field(default_factory=dict)  # file key -> a second name it is written under
 
 
 def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: HFTarget,
@@ -324,7 +325,10 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                     hf_tensors = entry.op.to_hf(full if owner == 0 else _recv_tensor(owner))
                 dtype = torch.float32 if entry.fp32 else target.dtype
                 for name, t in zip(entry.hf, hf_tensors):
-                    writer.add(target.layout.to_file(name), t.to(device="cpu", dtype=dtype))
+                    t = t.to(device="cpu", dtype=dtype)
+                    writer.add(target.layout.to_file(name), t)
+                    if target.layout.to_file(name) in target.copies:
+                        writer.add(target.copies[target.layout.to_file(name)], t)
             del full, hf_tensors
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)
