@@ -125,3 +125,42 @@ def test_tp2_and_pp2_adapters_equal_tp1(tiny_hf, tmp_path):
         for key in g1:  # autograd through copy_to / reduce_from regions gives the TP=1 gradients
             assert g1[key].abs().max() > 0, key
             torch.testing.assert_close(g2[key], g1[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _dora_on_a_gathered_column(tp: int) -> dict:
+    """A column-parallel layer that gathers its output (Gemma 3's projector) under DoRA."""
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.peft import LoraConfig
+    from vlm_bridge.peft.layer import LoraLinear
+
+    init_distributed(ParallelConfig(tp=tp))
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    base = ColumnParallelLinear(8, 6, config=config, init_method=lambda w: None, bias=True,
+                                gather_output=True, tp_group=parallel_state.get_tensor_model_parallel_group())
+    g = torch.Generator().manual_seed(0)
+    full = {"w": torch.randn(6, 8, generator=g), "b": torch.randn(6, generator=g),
+            "B": torch.randn(6, 4, generator=g), "m": torch.rand(6, generator=g) + 0.5,
+            "x": torch.randn(3, 8, generator=g)}
+    layer = LoraLinear(base, LoraConfig(rank=4, alpha=8.0, use_dora=True), "projector.linear_fc1")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():  # every one of them is split by output rows
+        pairs = ((base.weight, "w"), (base.bias, "b"), (layer.lora_B, "B"), (layer.lora_magnitude, "m"))
+        for param, key in pairs:
+            param.copy_(full[key].chunk(tp, dim=0)[rank])
+    out, _ = layer(full["x"])
+    return {"out": out.detach(), "A": layer.lora_A.detach(), **full}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dora_on_a_layer_that_gathers_its_output_matches_the_whole_layer(tp):
+    got = run_parallel(_dora_on_a_gathered_column, tp, tp)
+    w, b, big_b, m, x, a = (got[k] for k in ("w", "b", "B", "m", "x", "A"))
+    scaling = 8.0 / 4
+    scale = m / torch.linalg.norm(w + scaling * big_b @ a, dim=1)  # HF PEFT's DoRA, whole layer
+    want = x @ w.T + b + (scale - 1) * (x @ w.T) + scale * scaling * (x @ a.T @ big_b.T)
+    torch.testing.assert_close(got["out"], want, rtol=1e-5, atol=1e-5)

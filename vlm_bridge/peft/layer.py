@@ -152,14 +152,16 @@ class LoraLinear(torch.nn.Module):
         xd = self._dropout(x)
         delta = self._lora(xd)
         if self.use_dora:
-            if gather:
-                raise NotImplementedError("DoRA on a column-parallel layer with gathered output")
             w = self.base_layer.weight
             scale = self.lora_magnitude / self._weight_norm(w + self.delta_weight().detach())
             if xd is x:  # the base output without its bias, as HF PEFT does
                 bias = self.base_layer.bias
                 added = bias is not None and not self.base_layer.skip_bias_add
-                plain = out - bias if added else out
+                plain = out
+                if gather:  # this rank's columns of the gathered output (gathered by rank order)
+                    group = self.base_layer.tp_group
+                    plain = plain.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)]
+                plain = plain - bias if added else plain
             else:
                 plain = F.linear(xd, w)
                 if not self.column:
