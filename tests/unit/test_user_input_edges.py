@@ -112,3 +112,18 @@ def test_a_stored_copy_of_a_tied_output_layer_round_trips_and_a_different_one_is
     assert run_cli("import", "--hf-model", hf, "--megatron-path", tmp_path / "meg2") == 2
     err = capsys.readouterr().err
     assert "lm_head.weight differs from" in err and "tie_word_embeddings" in err
+
+
+def test_processor_options_are_checked_by_name_and_value(tiny_hf, tmp_path):
+    from vlm_bridge.inference.requests import build_prompt_batch, request_from_args
+    from vlm_bridge.loading import load_processor
+
+    processor = load_processor(tiny_hf)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(image)
+    requests = [request_from_args("hi", [str(image)], None)]
+    with pytest.raises(ValueError, match="--processor-arg do_resise: not an option of"):
+        build_prompt_batch(processor, requests, do_resise=False)  # a typo transformers would ignore
+    with pytest.raises(ValueError, match=r"--processor-arg .*do_resize.*rejected it \(.*expected bool"):
+        build_prompt_batch(processor, requests, do_resize="maybe")
+    assert build_prompt_batch(processor, requests, do_resize=True)["input_ids"].shape[0] == 1

@@ -99,15 +99,39 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
         images.append(row_images)
     ensure_pad_token(getattr(processor, "tokenizer", processor))
     media = {**processor_media(images, videos, processor), **processor_kwargs}
+    check_processor_kwargs(processor, processor_kwargs)
     # The rendered template already holds every special token (e.g. a <bos>): add none.
     try:
         return processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
                          add_special_tokens=False, **media)
-    except PROCESSOR_MEDIA_ERRORS as exc:
-        if not (images and any(images)) and not videos:
+    except Exception as exc:  # noqa: BLE001 - named below as the user's options or media
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # one line
+        if processor_kwargs:
+            raise ValueError(f"--processor-arg {processor_kwargs}: the processor rejected it "
+                             f"({reason})") from None
+        if not isinstance(exc, PROCESSOR_MEDIA_ERRORS) or not ((images and any(images)) or videos):
             raise
         where = ", ".join(request.where for request in requests)
-        raise ValueError(f"{where}: the processor rejected the media ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{where}: the processor rejected the media ({reason})") from None
+
+
+def check_processor_kwargs(processor, kwargs: dict) -> None:
+    """A processor option that the processor does not know is silently ignored by transformers;
+    name it instead (the known ones: the processor's kwarg groups and its image / video
+    processors' own options). A processor that lists none is not checked."""
+    import typing
+
+    known: set[str] = set()
+    groups = getattr(processor, "valid_processor_kwargs", None)
+    for group in typing.get_type_hints(groups).values() if groups is not None else ():
+        known.update(typing.get_type_hints(group) if isinstance(group, type) else ())
+    for part in ("image_processor", "video_processor"):
+        valid = getattr(getattr(processor, part, None), "valid_kwargs", None)
+        known.update(typing.get_type_hints(valid) if isinstance(valid, type) else ())
+    unknown = sorted(set(kwargs) - known) if known else []
+    if unknown:
+        raise ValueError(f"--processor-arg {', '.join(unknown)}: not an option of {type(processor).__name__} "
+                         f"(e.g. {', '.join(sorted(known)[:6])}, ...)")
 
 
 def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
