@@ -300,3 +300,20 @@ def test_videos_of_different_sizes_share_a_packed_row(nemotron):
     result = run_parallel(_videos_of_two_sizes, 1, str(nemotron))
     assert result["shapes"][0][-2:] != result["shapes"][1][-2:]
     assert result["diff"] <= 1e-5
+
+
+def test_an_over_long_sample_is_skipped_and_counted_not_fatal(nemotron):
+    """This family's processor output has per-image patch grids that truncation cannot cut
+    between: a sample longer than data.seq_len is skipped as too long, as one that cannot fit."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_bridge.data.encode import SampleEncoder
+
+    encoder = SampleEncoder(AutoProcessor.from_pretrained(nemotron), max_seq_len=64)
+    sample = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (96, 96), "red")},
+                                     {"type": "text", "text": "Describe. " + "word " * 200}]},
+        {"role": "assistant", "content": "Red."}]}
+    assert encoder.encode(sample, "sample 0") is None
+    assert encoder.stats["too_long"] == 1

@@ -319,8 +319,10 @@ class SampleEncoder:
         if truncated:
             known = {k for pix, grid, extra in MEDIA_LAYOUT.values() for k in (pix, grid, *extra)}
             unknown = others | (set(vision) - known)
-            if unknown:
-                raise ValueError(f"{where}: cannot truncate processor outputs {sorted(unknown)}")
+            if unknown:  # media this encoder cannot cut between (e.g. per-image patch grids it does
+                # not know): the sample cannot fit, and is skipped and counted as such
+                self._skip("too_long")
+                return None
             cut, keep = self._safe_cut(input_ids, vision, where)
             input_ids, labels = input_ids[:cut], labels[:cut]
             per_token = {key: value[:cut] for key, value in per_token.items()}
