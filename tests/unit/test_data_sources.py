@@ -242,3 +242,22 @@ def test_llava_video_178k_from_hub_style_data_files(tmp_path, encoder):
 
 def test_makers_table():
     assert set(MAKERS) == {"cord_v2", "medpix", "raven", "llava_video_178k"}
+
+
+def test_hf_source_picks_a_split_and_resolves_paths_against_its_folder(tmp_path, monkeypatch):
+    def rows(answer):
+        return {"messages": [[{"role": "user", "content": [{"type": "image", "image": "images/a.png"},
+                                                           {"type": "text", "text": "What?"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}]]}
+
+    folder = tmp_path / "data" / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows("TRAIN")),
+                          "test": datasets.Dataset.from_dict(rows("TEST"))}).save_to_disk(folder)
+    monkeypatch.chdir(tmp_path)  # relative to the dataset's folder, not the working directory
+    (train,) = load_source("hf:data/dd")
+    (test,) = load_source("hf:data/dd@test")
+    answers = [sample["messages"][1]["content"][0]["text"] for sample in (train, test)]
+    assert answers == ["TRAIN", "TEST"]
+    assert train["messages"][0]["content"][0]["image"] == str(folder.resolve() / "images" / "a.png")
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        list(load_source("hf:data/dd@dev"))

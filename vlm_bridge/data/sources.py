@@ -133,14 +133,17 @@ def row_to_sample(row: Mapping[str, Any]) -> Sample:
 def hf_samples(
     name_or_dir: str | Path, split: str = "train", subset: str | None = None, **load_kwargs: Any
 ) -> Iterator[Sample]:
-    """Samples from a ``datasets`` dataset already in the chat schema (a ``messages`` column)."""
+    """Samples from a ``datasets`` dataset already in the chat schema (a ``messages`` column).
+    Relative media paths of a local dataset are resolved against its folder, as a JSON file's
+    are against the file's."""
     dataset = load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
+    base = Path(name_or_dir).resolve() if Path(name_or_dir).is_dir() else None
     for index, row in enumerate(dataset):
         if "messages" not in row:
             raise ValueError(f"{name_or_dir}: no 'messages' column (has {', '.join(row)})")
         sample = row_to_sample(row)
         validate_sample(sample, f"{name_or_dir} row {index}")
-        yield sample
+        yield _resolve_media_paths(sample, base) if base is not None else sample
 
 
 def _conversation(user: list[dict[str, Any]], answer: str) -> Sample:
@@ -300,8 +303,9 @@ MAKERS: dict[str, Callable[..., Iterator[Sample]]] = {
 def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
     """Samples for a source string.
 
-    ``"jsonl:PATH"`` / ``"json:PATH"`` (JSON files), ``"hf:NAME_OR_DIR"`` (a ``datasets``
-    dataset with a ``messages`` column; ``split=``, ``subset=`` as keywords), or a maker name
+    ``"jsonl:PATH"`` / ``"json:PATH"`` (JSON files), ``"hf:NAME_OR_DIR[@SPLIT]"`` (a ``datasets``
+    dataset with a ``messages`` column; the split defaults to train; ``split=``, ``subset=`` as
+    keywords), or a maker name
     from :data:`MAKERS`, optionally as ``"NAME:PATH"`` (same as ``path=PATH``); other keywords go
     to the maker.
     """
@@ -311,6 +315,10 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
             raise ValueError(f"source {spec!r}: expected a .{kind} file")
         return load_json_samples(rest)
     if kind == "hf" and rest:
+        name, at, split = rest.rpartition("@")  # hf:NAME_OR_DIR@SPLIT picks a split
+        if at and name and split and "/" not in split and not Path(rest).exists():
+            kwargs["split"] = split
+            rest = name
         return hf_samples(rest, **kwargs)
     if kind in MAKERS:
         if rest:
