@@ -29,6 +29,12 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     assert first == full[:3]
     resumed = run_train(cfg)["losses"]
     assert resumed == full, (resumed, full)
+    # extended with a new peak lr: the config's schedule applies from the checkpoint's step on
+    longer = tiny_cfg(steps=8, output_dir=tmp_path / "cut", **{"checkpoint.save_every": 3, "optim.lr": "0.5",
+                                                               "optim.min_lr": "0.25"})
+    extended = run_train(longer)
+    assert len(extended["losses"]) == 8 and len(extended["lrs"]) == 2
+    assert all(0.25 <= lr <= 0.5 for lr in extended["lrs"]), extended["lrs"]
 
 
 def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):

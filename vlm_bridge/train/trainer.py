@@ -111,6 +111,9 @@ def build_optimization(cfg: TrainConfig, built) -> tuple:
         lr_warmup_steps=warmup, lr_decay_steps=max(cfg.steps, 1),
         lr_decay_style="cosine", start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
         wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant",
+        # On resume the run's own config sets the schedule (a run extended to more steps, or
+        # given a new lr, follows it); the checkpoint gives only the position in it.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     lang.finalize_model_grads_func = finalize_model_grads
     lang.grad_scale_func = optimizer.scale_loss
@@ -178,8 +181,15 @@ def _maybe_resume(run: Run) -> None:
     step = ckpt.latest_step(root) if run.cfg.checkpoint.resume else None
     if step is None:
         return
+    # The optimizer's state restores its param groups' peak and final rates too; this run's
+    # config sets them (as it sets the scheduler's: see the override in build_optimization).
+    rates = [(group.get("max_lr"), group.get("min_lr")) for group in run.optimizer.param_groups]
     extra = ckpt.load_checkpoint(ckpt.iteration_dir(root, step), run.model, run.optimizer,
                                  run.scheduler)
+    for group, (max_lr, min_lr) in zip(run.optimizer.param_groups, rates, strict=True):
+        if max_lr is not None:
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
+    run.scheduler.step(increment=0)  # the rates at the restored step, from the restored groups
     run.step = extra["step"]
     run.losses = list(extra.get("losses", []))
     run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
@@ -251,12 +261,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     logger = RunLogger(cfg, is_main=dist.get_rank() == 0, start_step=run.step)
     run.model.train()
     start = time.time()
-    validation = []
+    validation, lrs = [], []
     while run.step < cfg.steps:
         if stop_after is not None and run.step >= stop_after:
             break
         t0 = time.time()
         stats = train_step(run)
+        lrs.append(stats["lr"])
         logger.log(run.step, stats, time.time() - t0)
         if validator is not None and validator.due(run.step):
             report = validator.run(run)
@@ -269,7 +280,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     logger.close(run.losses)
     return {"steps": run.step, "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
-            "validation": validation, "grad_norms": run.grad_norms}
+            "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs}
 
 
 def _save_and_maybe_export(run: Run) -> None:
