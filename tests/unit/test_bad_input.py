@@ -213,3 +213,13 @@ def test_chat_template_kept_with_the_tokenizer_is_used_and_none_is_named(tiny_hf
     (old / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     with pytest.raises(CheckpointError, match="no chat template"):
         load_processor(old)
+
+
+def test_a_truncated_checkpoint_file_is_one_line_naming_it(tiny_megatron, run_cli, capsys, tmp_path):
+    meg = copy_model(tiny_megatron, tmp_path / "meg")
+    largest = max((meg / "weights").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    with largest.open("r+b") as fh:
+        fh.truncate(1000)
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, ["export", "--megatron-path", meg, "--hf-path", out],
+                "cannot read this checkpoint", str(meg / "weights"), out=out)

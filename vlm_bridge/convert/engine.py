@@ -49,7 +49,12 @@ from vlm_bridge.convert.hf_io import (
 from vlm_bridge.convert.layout import KeyLayout
 from vlm_bridge.convert.ops import Entry
 from vlm_bridge.convert.read_ahead import Span
-from vlm_bridge.convert.streaming import CheckpointParams, ParameterProducer, StreamingSaveStrategy
+from vlm_bridge.convert.streaming import (
+    CheckpointParams,
+    ParameterProducer,
+    StreamingSaveStrategy,
+    checkpoint_read_errors,
+)
 from vlm_bridge.parallel import cpu_group
 
 META_FILE = "vlm_bridge.json"
@@ -211,7 +216,8 @@ def load_in_place(model, weights_dir: str) -> None:
 
     sd = model.sharded_state_dict()
     apply_factories(sd)
-    dist_checkpointing.load(sd, weights_dir)
+    with checkpoint_read_errors(weights_dir):
+        dist_checkpointing.load(sd, weights_dir)
 
 
 def open_hf_weights(hf_dir: str, hidden_size: int) -> tuple:

@@ -19,11 +19,13 @@ rather than read into memory: its pages are read once, as the writer copies them
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -34,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -42,6 +45,24 @@ from vlm_bridge.convert.hf_io import CheckpointError
 from vlm_bridge.convert.read_ahead import READ_AHEAD_BYTES, ReadAhead, Span
 
 Producer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def checkpoint_read_errors(weights_dir: str | Path) -> Iterator[None]:
+    """A checkpoint that cannot be read (truncated or corrupt files, another model's tensors) is a
+    one-line CheckpointError naming it. torch's CheckpointException derives from BaseException
+    and Megatron's from Exception, so neither would reach the usual error handling."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (CheckpointException, CheckpointingException, RuntimeError, EOFError) as exc:
+        while isinstance(exc, CheckpointException) and exc.failures:  # a rank's own error inside
+            failure = next(iter(exc.failures.values()))
+            exc = failure[0] if isinstance(failure, tuple) else failure
+        text = " ".join(str(exc).split())
+        raise CheckpointError(f"{weights_dir}: cannot read this checkpoint ({type(exc).__name__}: "
+                              f"{text[:300]})") from None
 
 def _names_by_storage(params: dict[str, torch.nn.Parameter]) -> dict[int, str]:
     """Which parameter a tensor (the parameter itself or a view into it) belongs to, by storage."""
@@ -270,6 +291,10 @@ class CheckpointParams:
         self.read_ahead.close()
 
     def load(self, names: Iterable[str]) -> None:
+        with checkpoint_read_errors(self.weights_dir):
+            self._load(names)
+
+    def _load(self, names: Iterable[str]) -> None:
         views, reads = {}, []
         for name in names:
             mine = self._reads(name)  # per checkpoint tensor of the parameter, its reads

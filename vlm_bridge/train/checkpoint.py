@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from vlm_bridge.convert.engine import META_FILE
 from vlm_bridge.convert.hf_io import CheckpointError, copy_hf_side_files
+from vlm_bridge.convert.streaming import checkpoint_read_errors
 from vlm_bridge.parallel import cpu_group
 
 LATEST = "latest"
@@ -125,10 +126,11 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is the same); returns extra."""
     weights = str(Path(path) / "weights")
-    common = dist_checkpointing.load_common_state_dict(weights)
-    _check_optimizer_layout(path, common["extra"], optimizer)
-    same_layout = common["extra"].get("layout") == _layout()
-    state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
+    with checkpoint_read_errors(path):
+        common = dist_checkpointing.load_common_state_dict(weights)
+        _check_optimizer_layout(path, common["extra"], optimizer)
+        same_layout = common["extra"].get("layout") == _layout()
+        state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
     getattr(model, "module", model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
