@@ -324,11 +324,12 @@ def _key_values(pairs: list[str], flag: str) -> dict:
 def cmd_finetune(args) -> int:
     from vlm_bridge.parallel import run_parallel
     from vlm_bridge.recipes import get_recipe
-    from vlm_bridge.train.config import apply_overrides
+    from vlm_bridge.train.config import apply_overrides, check_config
     from vlm_bridge.train.trainer import train
 
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     cfg.pretrained = args.pretrained
+    check_config(cfg)
     # Experts are split over data-parallel x context-parallel ranks, so EP needs at least that many.
     world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp * cfg.parallel.cp, cfg.parallel.ep)
     result = run_parallel(train, world, cfg)

@@ -15,6 +15,9 @@ def test_recipe_builds_a_consistent_config(name):
     assert cfg.micro_batch_size >= 1 and cfg.global_batch_size % cfg.micro_batch_size == 0
     p = cfg.parallel
     assert min(p.tp, p.pp, p.ep, p.cp) >= 1
+    from vlm_bridge.train.config import check_config
+
+    check_config(cfg)  # every value is one a run can use
 
 
 def test_gemma_4b_lora_packs_several_rows_per_micro_batch():
@@ -25,3 +28,27 @@ def test_gemma_4b_lora_packs_several_rows_per_micro_batch():
 def test_unknown_recipe_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: .*gemma3_vl_4b_lora"):
         get_recipe("nope")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("micro_batch_size=0", "micro_batch_size must be >= 1"),
+    ("peft.rank=0", "peft.rank must be >= 1"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("steps=0", "steps must be >= 1"),
+    ("data.seq_len=0", "data.seq_len must be >= 1"),
+    ("dtype=fp8", "dtype"),
+])
+def test_values_no_run_can_use_are_named_by_their_keys(override, needle, tmp_path):
+    from vlm_bridge.train.config import apply_overrides, check_config
+
+    with pytest.raises(ValueError, match=needle):
+        check_config(apply_overrides(get_recipe("demo_tiny"), [override]))
+
+
+def test_output_dir_must_not_be_the_pretrained_folder(tmp_path):
+    from vlm_bridge.train.config import check_config
+
+    cfg = get_recipe("demo_tiny")
+    cfg.pretrained, cfg.output_dir = str(tmp_path / "model"), str(tmp_path / "model" / ".." / "model")
+    with pytest.raises(ValueError, match="is the --pretrained model's folder"):
+        check_config(cfg)

@@ -58,7 +58,7 @@ def test_processor_failure_on_media_names_the_request(tmp_path):
 
     image = tmp_path / "wide.png"
     Image.new("RGB", (2000, 20)).save(image)
-    with pytest.raises(ValueError, match="--prompt: the processor rejected the media "
+    with pytest.raises(ValueError, match=r"^--prompt: the processor rejected the media .*wide\.png "
                                          r"\(ZeroDivisionError"):
         build_prompt_batch(ThinImageProcessor(), [request_from_args("hi", [str(image)], None)])
 

@@ -111,8 +111,11 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
                              f"({reason})") from None
         if not isinstance(exc, PROCESSOR_MEDIA_ERRORS) or not ((images and any(images)) or videos):
             raise
-        where = ", ".join(request.where for request in requests)
-        raise ValueError(f"{where}: the processor rejected the media ({reason})") from None
+        where = ", ".join(dict.fromkeys(request.where for request in requests))
+        named = [str(value) for request in requests for _, value in iter_media({"messages": request.messages})
+                 if isinstance(value, str | Path)]
+        media = f" {', '.join(named)}" if named else ""
+        raise ValueError(f"{where}: the processor rejected the media{media} ({reason})") from None
 
 
 def check_processor_kwargs(processor, kwargs: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -160,16 +161,46 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         parsed = _parse(value, hints[target], key)
         allowed = CHOICES.get(key)
         if allowed is not None and parsed not in allowed:
-            raise ValueError(f"override {key}: {value!r} is not one of {', '.join(allowed)}")
+            raise ValueError(f"override {key}: {value!r} is not one of {', '.join(map(str, allowed))}")
         setattr(obj, target, parsed)
     return cfg
 
 
 # Settings that take one of a few words.
 CHOICES = {
+    "dtype": ("bf16", "fp16", "fp32"),
     "optim.distributed_optimizer": ("auto", "on", "off"),
     "optim.moments": ("fp32", "bf16"),
+    "peft.method": (None, "lora", "dora"),
 }
+# Settings that must be at least this (a recipe's values and every override alike).
+MINIMUMS = {
+    "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
+    "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
+    "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0,
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Values no run can use fail here, named by their keys, before any rank starts."""
+    for key, low in MINIMUMS.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise ValueError(f"{key} must be >= {low}, got {value}")
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
+    if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
+        raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
+                         "files would overwrite the model's")
+
+
+def _get(cfg: TrainConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def to_dict(cfg: TrainConfig) -> dict:

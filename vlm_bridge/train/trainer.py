@@ -31,7 +31,7 @@ from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
 from vlm_bridge.train import checkpoint as ckpt
-from vlm_bridge.train.config import TrainConfig, to_dict
+from vlm_bridge.train.config import TrainConfig, check_config, to_dict
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 from vlm_bridge.train.low_memory_adam import adam_class, check_moments
@@ -124,6 +124,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Model (from HF or Megatron), freeze/PEFT, DDP, optimizer, scheduler, data, resume."""
     from vlm_bridge.train.data_setup import build_stream
 
+    check_config(cfg)
     parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, cp=cfg.parallel.cp)
     parallel.validate()
     init_distributed(parallel, seed=cfg.seed)
