@@ -199,13 +199,16 @@ def cmd_export(args) -> int:
 
     if not args.max_shard_size_gb > 0:
         raise ValueError(f"--max-shard-size-gb must be positive, got {args.max_shard_size_gb}")
-    parallel = _parallel(args, os.path.join(args.megatron_path, "hf"))
+    from vlm_bridge.inference.command import resolve_megatron_path
+
+    megatron_path = str(resolve_megatron_path(args.megatron_path))  # a run folder: its newest step
+    parallel = _parallel(args, os.path.join(megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(
-        export_hf, parallel.conversion_world_size, args.megatron_path, args.hf_path, parallel,
+        export_hf, parallel.conversion_world_size, megatron_path, args.hf_path, parallel,
         args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3), args.expert_layout,
     )
-    print(f"exported {args.megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
+    print(f"exported {megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
           f"in {time.time() - start:.1f}s")
     return 0
 

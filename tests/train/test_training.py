@@ -101,8 +101,8 @@ def test_lora_run_exports_merged_weights_and_peft_adapter(tiny_cfg, tmp_path, ru
     run_train(cfg)
     it = tmp_path / "lora" / "checkpoints" / "iter_0000003"
     out = tmp_path / "exported"
-    assert run_cli("export", "--megatron-path", it, "--hf-path", out) == 0
-    assert checkpoint_mismatches(out, it / "hf_export") == []
+    assert run_cli("export", "--megatron-path", tmp_path / "lora", "--hf-path", out) == 0  # the run folder
+    assert checkpoint_mismatches(out, it / "hf_export") == []  # its newest step, adapters folded in
     assert checkpoint_mismatches(out, cfg.pretrained) != []  # the adapters changed the weights
     merged = AutoModelForImageTextToText.from_pretrained(out)
     base = AutoModelForImageTextToText.from_pretrained(cfg.pretrained)
