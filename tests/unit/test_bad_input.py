@@ -223,3 +223,17 @@ def test_a_truncated_checkpoint_file_is_one_line_naming_it(tiny_megatron, run_cl
     out = tmp_path / "out"
     check_error(run_cli, capsys, ["export", "--megatron-path", meg, "--hf-path", out],
                 "cannot read this checkpoint", str(meg / "weights"), out=out)
+
+
+def test_finetune_failing_before_its_first_step_leaves_no_run_folder(tiny_hf, run_cli, capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": "missing.png"},
+                                                        {"type": "text", "text": "What?"}]},
+                           {"role": "assistant", "content": "Red."}]}
+    data.write_text(json.dumps(sample) + "\n")
+    out = tmp_path / "run"
+    err = check_error(run_cli, capsys, ["finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf,
+                                        f"data.train=jsonl:{data}", f"output_dir={out}", "steps=1",
+                                        "global_batch_size=1", "micro_batch_size=1"],
+                      "missing.png", out=out)
+    assert "training sample 0" in err

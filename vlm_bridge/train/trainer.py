@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +260,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         from vlm_bridge.train.validation import Validator
 
         validator = Validator(cfg, run.built)
+    # A run that fails before its first step leaves no output folder behind (a folder that
+    # existed before, e.g. a run being resumed, is left as it was).
+    created = dist.get_rank() == 0 and not Path(cfg.output_dir).exists()
     logger = RunLogger(cfg, is_main=dist.get_rank() == 0, start_step=run.step)
+    try:
+        return _train_loop(run, validator, logger, stop_after)
+    except BaseException:
+        if created and not run.losses:
+            logger.close(None)
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        raise
+
+
+def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) -> dict:
+    cfg = run.cfg
     run.model.train()
     start = time.time()
     validation, lrs = [], []
