@@ -122,19 +122,35 @@ def check_processor_kwargs(processor, kwargs: dict) -> None:
     """A processor option that the processor does not know is silently ignored by transformers;
     name it instead (the known ones: the processor's kwarg groups and its image / video
     processors' own options). A processor that lists none is not checked."""
-    import typing
-
-    known: set[str] = set()
+    if not kwargs:
+        return
+    known = set()
     groups = getattr(processor, "valid_processor_kwargs", None)
-    for group in typing.get_type_hints(groups).values() if groups is not None else ():
-        known.update(typing.get_type_hints(group) if isinstance(group, type) else ())
+    for group in _typed_dict_values(groups):
+        known |= _typed_dict_keys(group)
     for part in ("image_processor", "video_processor"):
-        valid = getattr(getattr(processor, part, None), "valid_kwargs", None)
-        known.update(typing.get_type_hints(valid) if isinstance(valid, type) else ())
+        known |= _typed_dict_keys(getattr(getattr(processor, part, None), "valid_kwargs", None))
     unknown = sorted(set(kwargs) - known) if known else []
     if unknown:
         raise ValueError(f"--processor-arg {', '.join(unknown)}: not an option of {type(processor).__name__} "
                          f"(e.g. {', '.join(sorted(known)[:6])}, ...)")
+
+
+def _typed_dict_keys(typed) -> set[str]:
+    """A TypedDict's keys, read without evaluating its annotations (which may name types their
+    module never imports)."""
+    if not isinstance(typed, type):
+        return set()
+    return set(getattr(typed, "__required_keys__", ())) | set(getattr(typed, "__optional_keys__", ()))
+
+
+def _typed_dict_values(typed) -> list:
+    import typing
+
+    try:
+        return list(typing.get_type_hints(typed).values()) if isinstance(typed, type) else []
+    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated: check nothing
+        return []
 
 
 def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
