@@ -305,15 +305,15 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                 target.num_experts, gated,
             )
         loads = _stream_batches(params, table) if stream is not None else {}
-        starts = sorted(loads)
-        if starts:
-            for start in starts[:PREFETCH_BATCHES]:
-                stream.prefetch(loads[start])
+        batches = [loads[start] for start in sorted(loads)]  # each read ahead PREFETCH_BATCHES early
+        for names in batches[:PREFETCH_BATCHES]:
+            stream.prefetch(names)
+        loaded = 0
         for index, entry in enumerate(_progress(table, "export", rank == 0)):
             if index in loads:
-                ahead = starts.index(index) + PREFETCH_BATCHES
-                if ahead < len(starts):
-                    stream.prefetch(loads[starts[ahead]])
+                if loaded + PREFETCH_BATCHES < len(batches):
+                    stream.prefetch(batches[loaded + PREFETCH_BATCHES])
+                loaded += 1
                 stream.load(loads[index])
             full, hf_tensors, owner = None, None, owners[entry.megatron]
             if entry.megatron in params:
@@ -331,10 +331,10 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                     hf_tensors = entry.op.to_hf(full if owner == 0 else _recv_tensor(owner))
                 dtype = torch.float32 if entry.fp32 else target.dtype
                 for name, t in zip(entry.hf, hf_tensors):
-                    t = t.to(device="cpu", dtype=dtype)
-                    writer.add(target.layout.to_file(name), t)
-                    if target.layout.to_file(name) in target.copies:
-                        writer.add(target.copies[target.layout.to_file(name)], t)
+                    key, t = target.layout.to_file(name), t.to(device="cpu", dtype=dtype)
+                    writer.add(key, t)
+                    if key in target.copies:
+                        writer.add(target.copies[key], t)
             del full, hf_tensors
             if consume and entry.megatron in params:
                 params[entry.megatron].data = torch.empty(0)

@@ -170,13 +170,16 @@ class ParameterProducer:
         self.make, self.make_rows, self.spans = make, make_rows, spans
         self._last: tuple[str, torch.Tensor] | None = None
 
+    def _owner_of(self, view: torch.Tensor) -> str | None:
+        return self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+
     def source_spans(self, view: torch.Tensor) -> list[Span]:
         """The file spans ``spans(name)`` that the value of a request's parameter is made from."""
-        name = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        name = self._owner_of(view)
         return [] if name is None or self.spans is None else self.spans(name)
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
-        name = self.owner.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        name = self._owner_of(view)
         if name is None:
             return view
         param = self.params[name]

@@ -14,9 +14,7 @@ class Validator:
         from vlm_bridge.data.sources import load_source
         from vlm_bridge.loading import load_processor
 
-        settings = cfg.eval
-        if settings.every < 0:
-            raise ValueError(f"eval.every must be >= 0, got {settings.every}")
+        settings = cfg.eval  # its values are checked with the rest of the config (check_config)
         for name in settings.metrics:
             resolve_metric(name)
         self.every, self.steps = settings.every, cfg.steps
