@@ -222,22 +222,78 @@ def test_run_writes_tensorboard_and_loss_plot(tiny_cfg, tmp_path):
     assert (tmp_path / "tb" / "loss.png").stat().st_size > 1000
 
 
-def _recompute_count(hf_dir):
+def _recompute_choices(hf_dir):
     import torch
 
     from vlm_bridge.loading import load_hf
     from vlm_bridge.parallel import ParallelConfig, init_distributed
-    from vlm_bridge.train.trainer import apply_full_recompute
+    from vlm_bridge.train.recompute import apply_recompute, layers_to_recompute
 
     init_distributed(ParallelConfig())
-    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
-    return apply_full_recompute(built.model)
+    model = load_hf(hf_dir, ParallelConfig(), torch.float32).model
+    chosen = {}
+    for components, first in [((), 0), (("vision",), 0), (("language_model",), 0), (("vision",), 1),
+                              ((), 2), (("projector",), 0), (("visual",), 0)]:
+        try:
+            chosen[components, first] = layers_to_recompute(model, components, first)
+        except ValueError as exc:
+            chosen[components, first] = str(exc)
+    return chosen, apply_recompute(model)
 
 
-def test_recompute_wraps_every_lm_and_vit_layer(tiny_hf):
+def test_recompute_chooses_layers_by_component(tiny_hf):
+    """Every LM and ViT layer by default; one component's layers, or the first N of each."""
     from vlm_bridge.parallel import run_parallel
 
-    assert run_parallel(_recompute_count, 1, str(tiny_hf)) == 4 + 4
+    chosen, wrapped = run_parallel(_recompute_choices, 1, str(tiny_hf))
+    vit = [f"vision.layers.{i}" for i in range(4)]
+    lm = [f"language_model.decoder.layers.{i}" for i in range(4)]
+    assert wrapped == 8 and sorted(chosen[(), 0]) == sorted(vit + lm)
+    assert chosen[("vision",), 0] == vit and chosen[("language_model",), 0] == lm
+    assert chosen[("vision",), 1] == vit[:1] and sorted(chosen[(), 2]) == sorted(vit[:2] + lm[:2])
+    assert chosen[("projector",), 0] == ("recompute_components: projector holds no transformer layer "
+                                         "to recompute")
+    assert chosen[("visual",), 0].startswith("recompute_components: visual is not a component of this model")
+
+
+def _saved_bytes_and_grads(cfg):
+    """Bytes autograd keeps for the backward (activations only, each storage once) over one step's
+    forward, and the gradients that step produces."""
+    import torch
+
+    from vlm_bridge.train.trainer import forward_backward, setup
+
+    run = setup(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward_backward(run)
+    grads = {n: p.main_grad.clone() for n, p in run.model.module.named_parameters()}
+    return sum(saved.values()), grads
+
+
+def test_recomputing_the_vision_tower_keeps_gradients_and_drops_its_activations(tiny_cfg, tmp_path):
+    import torch
+
+    from vlm_bridge.parallel import run_parallel
+
+    results = {}
+    for name, over in [("none", {}), ("vision", {"recompute_components": "vision"}),
+                       ("all", {"recompute": "true"})]:
+        cfg = tiny_cfg(steps=1, global_batch_size=2, output_dir=tmp_path / name, **over)
+        results[name] = run_parallel(_saved_bytes_and_grads, 1, cfg)
+    (none, g_none), (vision, g_vision), (every, g_all) = results["none"], results["vision"], results["all"]
+    assert every < vision < none, (none, vision, every)
+    for grads in (g_vision, g_all):
+        for key, grad in g_none.items():
+            torch.testing.assert_close(grads[key], grad, rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.parametrize("fixture,extra", [

@@ -108,7 +108,14 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seed: int = 1234
-    recompute: bool = False  # full activation recomputation of every transformer layer
+    recompute: bool = False  # activation recomputation of every transformer layer
+    # Recompute only these components' layers ("vision", "language_model"; implies recompute):
+    # with many high-resolution images the vision tower holds most of a step's activations, and
+    # recomputing it costs one more ViT forward, not one more forward of the whole model.
+    recompute_components: tuple[str, ...] = ()
+    # Recompute only the first N layers of each recomputed component on this pipeline stage
+    # (0: every layer): memory traded for speed a layer at a time, Megatron's "block" method.
+    recompute_layers: int = 0
     log_every: int = 1
     tensorboard: bool = True
     wandb: bool = False
@@ -177,7 +184,7 @@ CHOICES = {
 MINIMUMS = {
     "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
     "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
-    "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0,
+    "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0, "recompute_layers": 0,
 }
 
 

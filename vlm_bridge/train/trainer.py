@@ -37,6 +37,7 @@ from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 from vlm_bridge.train.low_memory_adam import adam_class, check_moments
 from vlm_bridge.train.metrics import RunLogger
+from vlm_bridge.train.recompute import apply_recompute
 
 
 class NonFiniteLoss(RuntimeError):
@@ -83,8 +84,8 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
 
 def prepare_model(cfg: TrainConfig, built) -> None:
     """Recomputation, PEFT and freeze flags on a built model (before DDP sees its parameters)."""
-    if cfg.recompute:
-        apply_full_recompute(built.model)
+    if cfg.recompute or cfg.recompute_components:
+        apply_recompute(built.model, cfg.recompute_components, cfg.recompute_layers)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
 
 
@@ -143,35 +144,6 @@ def setup(cfg: TrainConfig) -> Run:
               cfg.global_batch_size // (cfg.micro_batch_size * dp))
     _maybe_resume(run)
     return run
-
-
-def apply_full_recompute(model: torch.nn.Module) -> int:
-    """Recompute every transformer layer (LM and ViT) in backward, keeping only layer inputs.
-
-    torch's non-reentrant checkpoint instead of Megatron's ``recompute_granularity``: Megatron
-    saves every layer argument with ``save_for_backward``, which rejects our structural
-    ``AttentionMask``. Returns the number of wrapped layers.
-    """
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-    from torch.utils.checkpoint import checkpoint
-
-    # Every transformer layer, and every decoder layer whatever its class (a hybrid stack's Mamba
-    # layers are not TransformerLayers).
-    decoder = getattr(getattr(model, "language_model", None), "decoder", None)
-    decoder_layers = {id(m) for m in getattr(decoder, "layers", [])}
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TransformerLayer) or id(module) in decoder_layers:
-            forward = module.forward
-
-            def checkpointed(*args, _forward=forward, _module=module, **kwargs):
-                if not _module.training:
-                    return _forward(*args, **kwargs)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-            module.forward = checkpointed
-            count += 1
-    return count
 
 
 def _checkpoint_root(cfg: TrainConfig) -> Path:
