@@ -37,6 +37,8 @@ def test_unknown_recipe_is_one_clear_error():
     ("steps=0", "steps must be >= 1"),
     ("data.seq_len=0", "data.seq_len must be >= 1"),
     ("dtype=fp8", "dtype"),
+    ("recompute_layers=-1", "recompute_layers must be >= 0"),
+    ("recompute_components=vision,visual", "recompute_components: visual is not a component"),
 ])
 def test_values_no_run_can_use_are_named_by_their_keys(override, needle, tmp_path):
     from vlm_bridge.train.config import apply_overrides, check_config

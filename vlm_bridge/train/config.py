@@ -198,6 +198,11 @@ def check_config(cfg: TrainConfig) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ValueError(f"{key}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
+    components = [f.name for f in dataclasses.fields(FreezeSettings)]  # the contract's component names
+    unknown = [c for c in cfg.recompute_components if c not in components]
+    if unknown:
+        raise ValueError(f"recompute_components: {', '.join(unknown)} is not a component "
+                         f"(one of {', '.join(components)})")
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
