@@ -35,3 +35,34 @@ def test_fused_kernel_matches_the_torch_update(monkeypatch):
     for a, b in zip(fused[1], torch_path[1]):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=0)
         assert (a != b).float().mean() < 0.01  # almost all roundings are the same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_kernel_widens_and_clips_a_decoupled_bf16_gradient(monkeypatch):
+    """A bf16 gradient handed over as ``decoupled_grad`` with a clipping coefficient (what
+    train/decoupled_grads.py does) updates as its fp32 copy, clipped in place, does."""
+    from vlm_bridge.train import low_memory_adam
+    from vlm_bridge.train.low_memory_adam import AdamWBf16Moments
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    start = torch.randn(4096 * 3 + 7, device="cuda", generator=g)
+    grads = [torch.randn(start.shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
+    scales = (0.25, 1.0, 0.05)
+
+    def run(decoupled: bool, fused: bool):
+        if not fused:
+            monkeypatch.setattr(low_memory_adam, "fused_update", lambda *args: False)
+        param = torch.nn.Parameter(start.clone())
+        opt = AdamWBf16Moments([param], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        for grad, scale in zip(grads, scales, strict=True):
+            if decoupled:
+                param.grad, param.decoupled_grad, param.decoupled_grad_scale = None, grad, scale
+            else:
+                param.grad = grad.float() * scale
+            opt.step()
+        monkeypatch.undo()
+        return param.detach().clone()
+
+    copied = run(decoupled=False, fused=False)
+    assert torch.equal(run(decoupled=True, fused=False), copied)  # the same fp32 arithmetic
+    assert (run(decoupled=True, fused=True) - copied).abs().max() < 1e-5

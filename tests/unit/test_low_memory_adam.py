@@ -80,3 +80,24 @@ def test_bf16_moments_refuse_a_decay_that_rounds_away():
     # why: a 0.1% decay of a bf16 value rounds back to the value itself
     v = torch.tensor([1.0, 3.0, 0.37], dtype=torch.bfloat16)
     assert torch.equal((v.float() * 0.999).to(torch.bfloat16), v)
+
+
+def test_a_decoupled_bf16_gradient_updates_as_its_clipped_fp32_copy():
+    """train/decoupled_grads.py hands the bf16 gradient over with the clipping coefficient; the
+    update widens and scales it as Megatron's fp32 copy, clipped in place, would be."""
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(300, generator=gen)
+    grads = [torch.randn(300, generator=gen).to(torch.bfloat16) for _ in range(3)]
+
+    def run(decoupled: bool) -> torch.Tensor:
+        param = torch.nn.Parameter(start.clone())
+        opt = AdamWBf16Moments([param], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        for grad, scale in zip(grads, (0.25, 1.0, 0.05), strict=True):
+            if decoupled:
+                param.grad, param.decoupled_grad, param.decoupled_grad_scale = None, grad, scale
+            else:
+                param.grad = grad.float() * scale
+            opt.step()
+        return param.detach()
+
+    assert torch.equal(run(True), run(False))

@@ -50,6 +50,45 @@ def main() -> None:
             for g, e in zip(got, want, strict=True):
                 torch.testing.assert_close(g, e, **tol, msg=lambda m, n=name: f"{n}: {m}")
             print(f"ok {name} {dtype} max diff {max(max_error(got, want)):.2e}")
+    check_adam_kernel()
+
+
+def check_adam_kernel() -> None:
+    """The fused AdamW update (bf16 moments) from a bf16 gradient it widens and clips itself,
+    against the sliced torch update, which widens and clips the same way."""
+    from vlm_bridge.train import adam_triton
+    from vlm_bridge.train.low_memory_adam import AdamWBf16Moments
+
+    kernel, cdiv = adam_triton._kernel()
+    gen = torch.Generator().manual_seed(5)
+    n = adam_triton.BLOCK + 7  # a partial last block
+    start = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    # a different clipping coefficient each step: Adam is blind to one constant scale of all steps
+    scales = (0.25, 1.0, 0.05)
+    results = []
+    for fused_path, step_scales in ((True, scales), (False, scales), (False, (1.0, 1.0, 1.0))):
+        param = start.clone()
+        m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+        for step, (grad, scale) in enumerate(zip(grads, step_scales, strict=True), start=1):
+            c1, rc2, lr, wd, eps, b1, b2 = 1 - 0.9**step, (1 - 0.95**step) ** 0.5, 1e-3, 0.1, 1e-8, 0.9, 0.95
+            if fused_path:
+                kernel[(cdiv(n, adam_triton.BLOCK),)](param, grad, scale, m, v, n, 1 - lr * wd, b1, 1 - b1,
+                                                      b2, 1 - b2, eps, lr / c1, 1 / rc2,
+                                                      BLOCK=adam_triton.BLOCK)
+            else:
+                AdamWBf16Moments._update(param, grad, scale, {"exp_avg": m, "exp_avg_sq": v}, lr, wd, eps, b1,
+                                         b2, c1, rc2)
+        results.append((param, v))
+    (p_fused, v_fused), (p_torch, v_torch), (p_unclipped, _) = results
+    # the interpreter truncates the moments to bf16 where torch rounds: a moment may sit one bf16
+    # step (2^-8 relative) lower, and each of the 3 updates (lr 1e-3) may differ by that fraction
+    diff = (p_fused - p_torch).abs().max()
+    assert diff < 3e-5, diff
+    assert (p_unclipped - p_torch).abs().max() > 10 * 3e-5  # the coefficients matter here
+    # and a moment may be up to one bf16 step (2^-7 relative) lower per step
+    torch.testing.assert_close(v_fused.float(), v_torch.float(), rtol=3 * 2**-7, atol=0)
+    print(f"ok adam bf16 grad clipped max diff {diff:.2e}")
 
 if __name__ == "__main__":
     main()

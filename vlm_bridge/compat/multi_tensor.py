@@ -18,8 +18,9 @@ def foreach_l2_norm(chunk_size: int, noop_flag, tensor_lists, per_tensor: bool, 
     tensors = tensor_lists[0]
     if not tensors:
         return torch.zeros(1), None
-    norms = torch._foreach_norm(tensors)
-    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    # bf16 gradients (train/decoupled_grads.py) are summed in fp32 and their norms kept in fp32
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms))
     return total.reshape(1), None
 
 
@@ -27,6 +28,8 @@ def foreach_scale(chunk_size: int, noop_flag, tensor_lists, scale: float) -> Non
     """``dst = src * scale`` for each pair of ``tensor_lists = [src, dst]`` (in place when the two
     lists hold the same tensors, as gradient clipping passes them)."""
     src, dst = tensor_lists
+    if not dst:  # every gradient decoupled (train/decoupled_grads.py): nothing held here to scale
+        return
     if all(s is d for s, d in zip(src, dst, strict=True)):
         torch._foreach_mul_(dst, scale)
     else:

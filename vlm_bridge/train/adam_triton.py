@@ -22,11 +22,12 @@ def _kernel():
         return None
 
     @triton.jit
-    def adamw_bf16_moments(param, grad, exp_avg, exp_avg_sq, n, decay, beta1, one_minus_beta1, beta2,
-                           one_minus_beta2, eps, step_size, inv_root_correction2, BLOCK: tl.constexpr):
+    def adamw_bf16_moments(param, grad, grad_scale, exp_avg, exp_avg_sq, n, decay, beta1, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, step_size, inv_root_correction2, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
-        g = tl.load(grad + offsets, mask=inside).to(tl.float32)
+        # a bf16 gradient is widened here, then clipped (grad_scale is 1 when it is not)
+        g = tl.load(grad + offsets, mask=inside).to(tl.float32) * grad_scale
         m = tl.load(exp_avg + offsets, mask=inside).to(tl.float32) * beta1 + one_minus_beta1 * g
         v = tl.load(exp_avg_sq + offsets, mask=inside).to(tl.float32) * beta2 + one_minus_beta2 * g * g
         tl.store(exp_avg + offsets, m.to(tl.bfloat16), mask=inside)
@@ -38,9 +39,9 @@ def _kernel():
     return adamw_bf16_moments, triton.cdiv
 
 
-def fused_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 lr: float, weight_decay: float, eps: float, beta1: float, beta2: float, correction1: float,
-                 root_correction2: float) -> bool:
+def fused_update(param: torch.Tensor, grad: torch.Tensor, grad_scale: float, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, lr: float, weight_decay: float, eps: float, beta1: float,
+                 beta2: float, correction1: float, root_correction2: float) -> bool:
     """Run the update in one kernel; False (nothing done) where it does not apply."""
     found = _kernel() if param.is_cuda else None
     if found is None or param.dtype != torch.float32 or exp_avg.dtype != torch.bfloat16 \
@@ -49,6 +50,7 @@ def fused_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     kernel, cdiv = found
     n = param.numel()
     # 1 - beta in double, rounded once, as torch's update does (fp32 1 - 0.9 is 0.100000024)
-    kernel[(cdiv(n, BLOCK),)](param, grad, exp_avg, exp_avg_sq, n, 1 - lr * weight_decay, beta1, 1 - beta1,
-                              beta2, 1 - beta2, eps, lr / correction1, 1 / root_correction2, BLOCK=BLOCK)
+    kernel[(cdiv(n, BLOCK),)](param, grad, grad_scale, exp_avg, exp_avg_sq, n, 1 - lr * weight_decay, beta1,
+                              1 - beta1, beta2, 1 - beta2, eps, lr / correction1, 1 / root_correction2,
+                              BLOCK=BLOCK)
     return True

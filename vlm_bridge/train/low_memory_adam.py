@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from vlm_bridge.train.adam_triton import fused_update
+from vlm_bridge.train.decoupled_grads import main_grad
 
 # Elements updated at a time: the fp32 working copies of a slice (gradient, moments, denominator)
 # are 4 x 256 MB whatever the parameter's size (a 152k x 3584 embedding would otherwise need
@@ -47,6 +48,8 @@ class AdamWBf16Moments(torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled weight decay, bias correction) with bf16 moments."""
 
     MOMENT_DTYPE = torch.bfloat16
+    # Takes a bf16 gradient as ``decoupled_grad`` and widens it itself (train/decoupled_grads.py).
+    READS_DECOUPLED_GRADS = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -57,13 +60,14 @@ class AdamWBf16Moments(torch.optim.AdamW):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
-                if param.grad is None:
+                grad, grad_scale = main_grad(param)
+                if grad is None:
                     continue
                 state = self._state_for(param)
                 state["step"] += 1
                 step = float(state["step"])
-                self._update(param, state, group["lr"], group["weight_decay"], group["eps"], beta1, beta2,
-                             1 - beta1 ** step, math.sqrt(1 - beta2 ** step))
+                self._update(param, grad, grad_scale, state, group["lr"], group["weight_decay"], group["eps"],
+                             beta1, beta2, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step))
         return loss
 
     def _state_for(self, param: torch.Tensor) -> dict:
@@ -79,15 +83,18 @@ class AdamWBf16Moments(torch.optim.AdamW):
         return state
 
     @staticmethod
-    def _update(param, state, lr, weight_decay, eps, beta1, beta2, correction1, root_correction2) -> None:
-        if fused_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], lr, weight_decay, eps,
+    def _update(param, grad, grad_scale, state, lr, weight_decay, eps, beta1, beta2, correction1,
+                root_correction2) -> None:
+        if fused_update(param, grad, grad_scale, state["exp_avg"], state["exp_avg_sq"], lr, weight_decay, eps,
                         beta1, beta2, correction1, root_correction2):
             return
-        flat_param, flat_grad = param.view(-1), param.grad.reshape(-1)
+        flat_param, flat_grad = param.view(-1), grad.reshape(-1)
         flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         for start in range(0, flat_param.numel(), SLICE):
             part = slice(start, start + SLICE)
             grad = flat_grad[part].float()
+            if grad_scale != 1.0:  # clipping of a bf16 gradient, applied once it is fp32
+                grad = grad.mul_(grad_scale) if flat_grad.dtype != torch.float32 else grad * grad_scale
             m = flat_m[part].float().mul_(beta1).add_(grad, alpha=1 - beta1)
             v = flat_v[part].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             flat_m[part].copy_(m)

@@ -32,6 +32,7 @@ from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed
 from vlm_bridge.train import checkpoint as ckpt
+from vlm_bridge.train import decoupled_grads
 from vlm_bridge.train.config import TrainConfig, check_config, to_dict
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
@@ -79,7 +80,10 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
             overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": lr * o.min_lr / o.lr}
     check_moments(o.moments, o.adam_beta1, o.adam_beta2)
     with adam_class(o.moments):
-        return get_megatron_optimizer(config, [model], config_overrides=overrides or None)
+        optimizer = get_megatron_optimizer(config, [model], config_overrides=overrides or None)
+    if decoupled_grads.enabled():
+        decoupled_grads.decouple_low_precision_grads(optimizer)
+    return optimizer
 
 
 def prepare_model(cfg: TrainConfig, built) -> None:
