@@ -73,8 +73,17 @@ def _model_source(args) -> str:
     return args.hf_model
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as the command's other user mistakes: one ``error: ...`` line, exit 2
+    (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-bridge", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="vlm-bridge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="HF checkpoint folder -> Megatron distributed checkpoint")

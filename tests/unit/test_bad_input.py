@@ -237,3 +237,19 @@ def test_finetune_failing_before_its_first_step_leaves_no_run_folder(tiny_hf, ru
                                         "global_batch_size=1", "micro_batch_size=1"],
                       "missing.png", out=out)
     assert "training sample 0" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["import", "--hf-model", "a", "--megatron-path", "b", "--tp", "x"],
+     "argument --tp: invalid int value: 'x'"),
+    (["verify"], "the following arguments are required: --hf-model"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_command_line_mistakes_are_one_line_too(args, needle, capsys):
+    from vlm_bridge.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: vlm-bridge") and "\n" not in err, err
+    assert needle in err and "--help" in err, err
