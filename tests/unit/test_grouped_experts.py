@@ -97,3 +97,65 @@ def test_lora_leaves_moe_experts_grouped(tiny_qwen3_moe):
     assert res["wrapped"] and not [n for n in res["wrapped"] if ".experts." in n]
     assert {n.rsplit(".", 1)[-1] for n in res["wrapped"]} == {"linear_qkv", "linear_proj"}
     assert res["groupable"] and all(res["groupable"])
+
+
+def _frozen_experts(hf_dir: str) -> dict:
+    """Frozen experts (LoRA, inference): their weights move once into one stacked tensor, which
+    each forward passes without a copy and without saving one for the backward."""
+    from vlm_bridge.loading import load_hf
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(), seed=0)
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    experts = next(m for m in built.model.modules() if isinstance(m, GroupedGemmExperts))
+    keys = sorted(experts.state_dict())
+    hidden_size = experts.local_experts[0].linear_fc1.weight.shape[1]
+    counts = torch.tensor([5, 0, 11, 2])
+    gen = torch.Generator().manual_seed(0)
+    tokens, probs = torch.randn(int(counts.sum()), hidden_size, generator=gen), torch.rand(18, generator=gen)
+
+    def run(forward):
+        x = tokens.clone().requires_grad_(True)
+        params = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out, _ = forward(experts, x, counts, probs)
+        out.sum().backward()
+        params |= {p.untyped_storage().data_ptr() for p in experts.parameters()}
+        copies = sorted(n for ptr, n in saved.items() if ptr not in params)
+        return out.detach(), x.grad, copies
+
+    trained = run(GroupedGemmExperts.forward)
+    experts.requires_grad_(False)
+    sequential = run(SequentialMLP.forward)
+    first = run(GroupedGemmExperts.forward)
+    stack = experts.__dict__["_fc1_stack"]
+    second = run(GroupedGemmExperts.forward)
+    views = all(e.linear_fc1.weight.data_ptr() == part.data_ptr()
+                for e, part in zip(experts.local_experts, stack, strict=True))
+    stacks = [sum(e.get_parameter(f"{name}.weight").nbytes for e in experts.local_experts)
+              for name in ("linear_fc1", "linear_fc2")]
+    return {"trained": trained, "sequential": sequential, "first": first, "second": second, "views": views,
+            "same_stack": experts.__dict__["_fc1_stack"] is stack, "stacks": stacks,
+            "keys_kept": sorted(experts.state_dict()) == keys}
+
+
+def test_frozen_experts_run_from_one_stacked_tensor_without_copies(tiny_qwen3_moe):
+    from vlm_bridge.parallel import run_parallel
+
+    res = run_parallel(_frozen_experts, 1, str(tiny_qwen3_moe))
+    assert res["views"] and res["same_stack"] and res["keys_kept"]
+    out_s, dx_s, _ = res["sequential"]
+    for out, dx, _ in (res["trained"], res["first"], res["second"]):
+        torch.testing.assert_close(out, out_s, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dx, dx_s, rtol=1e-6, atol=1e-6)
+    # trained weights are stacked anew and the stacks are saved for the backward; frozen ones are not
+    fc1_stack, fc2_stack = res["stacks"]
+    assert fc1_stack in res["trained"][2] and fc2_stack in res["trained"][2], res["trained"][2]
+    for copies in (res["first"][2], res["second"][2]):
+        assert fc1_stack not in copies and fc2_stack not in copies, (res["stacks"], copies)

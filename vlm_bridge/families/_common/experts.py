@@ -74,6 +74,30 @@ class GroupedGemmExperts(SequentialMLP):
         return all(type(e.linear_fc1) is ColumnParallelLinear and type(e.linear_fc2) is RowParallelLinear
                    for e in self.local_experts)
 
+    def _stacked(self, weights: list[torch.Tensor], attr: str) -> torch.Tensor:
+        """The local experts' weights as one ``[E, out, in]`` tensor.
+
+        Trained weights are stacked anew each forward (their gradients flow back to each expert's
+        parameter, and a data-parallel buffer may own their storage). Frozen ones (LoRA, which never
+        adapts experts; inference) are moved once into one stacked tensor, each parameter becoming
+        a view of its slice: no copy per forward (4 bytes a parameter of traffic, every layer of
+        every decoding step), and none kept for the backward (the stack is what the grouped GEMM
+        saves: 0.6 GB a layer at Qwen3-VL-30B-A3B widths and EP=2).
+        """
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.stack(weights)
+        stacked = self.__dict__.get(attr)  # a plain attribute: not in the state dict
+        if stacked is None or stacked.shape[0] != len(weights) or any(
+                w.data_ptr() != part.data_ptr() or w.shape != part.shape
+                for w, part in zip(weights, stacked, strict=True)):
+            if any(w.requires_grad for w in weights):  # trainable but run without grad: no moving
+                return torch.stack(weights)
+            stacked = torch.stack([w.detach() for w in weights])
+            for w, part in zip(weights, stacked, strict=True):
+                w.data = part
+            self.__dict__[attr] = stacked
+        return stacked
+
     def _activate(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """The expert MLP's activation and routing-probability scale, as ``MLP.forward`` does it."""
         cfg = self.config
@@ -98,8 +122,8 @@ class GroupedGemmExperts(SequentialMLP):
         x = permuted_local_hidden_states
         counts = [int(c) for c in tokens_per_expert.tolist()]
         offsets = _group_ends(counts, x.device) if _uses_grouped_kernel(x) else None  # both projections
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        fc1 = self._stacked([e.linear_fc1.weight for e in self.local_experts], "_fc1_stack")
+        fc2 = self._stacked([e.linear_fc2.weight for e in self.local_experts], "_fc2_stack")
         hidden = self._activate(grouped_matmul(x, fc1, counts, offsets), permuted_probs)
         # Expert linears never reduce over TP themselves (Megatron's dispatcher combines the partial
         # sums), so per-rank local matmuls are the whole computation at any TP x EP.
