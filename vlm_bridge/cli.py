@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="one question (streams the answer)")
     p.add_argument("--input", default=None, help="JSONL of chat-schema conversations, one per line")
     p.add_argument("--output", default=None, help="answers as JSONL (with --input)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_sampling(p)
     _add_layout(p)
     _add_dtype(p, "compute dtype (default: the checkpoint's)")
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=4096, help="longer samples are truncated as in training")
     p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --report")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
@@ -237,7 +239,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from vlm_bridge.convert.hf_io import refuse_output_over_input
+    from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input
     from vlm_bridge.inference.command import generate_command
     from vlm_bridge.inference.requests import check_media, load_requests, request_from_args
     from vlm_bridge.parallel import run_parallel
@@ -247,6 +249,7 @@ def cmd_generate(args) -> int:
     if args.output:
         refuse_output_over_input(args.output, {"--input": args.input, "--megatron-path": args.megatron_path,
                                                "--hf-model": args.hf_model})
+        refuse_existing_file(args.output, "--output", args.overwrite)
     if args.input and (args.image or args.video):
         raise ValueError("--image/--video go with --prompt; with --input the conversations name their media")
     if args.input:
@@ -277,7 +280,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from vlm_bridge.convert.hf_io import refuse_output_over_input
+    from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import resolve_metric
     from vlm_bridge.parallel import run_parallel
@@ -290,6 +293,7 @@ def cmd_evaluate(args) -> int:
     if args.report:
         refuse_output_over_input(args.report, {"--data": args.data, "--megatron-path": args.megatron_path,
                                                "--hf-model": args.hf_model})
+        refuse_existing_file(args.report, "--report", args.overwrite)
     metrics = tuple(args.metric or ("exact_match", "anls"))
     for name in metrics:
         resolve_metric(name)  # a bad name fails before any model loads

@@ -135,7 +135,8 @@ def test_existing_output_needs_overwrite(tiny_hf, tiny_megatron, run_cli, capsys
     assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", out) == 2
     assert (out / "keep.txt").exists()
     assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces what the export writes (and any old weights); the user's file stays
+    assert (out / "keep.txt").read_text() == "user data" and (out / "model.safetensors").exists()
 
 
 def test_export_of_a_non_checkpoint(tiny_hf, run_cli, capsys, tmp_path):
@@ -176,6 +177,34 @@ def test_an_output_over_its_own_input_is_refused_even_with_overwrite(tiny_hf, ti
     capsys.readouterr()
     assert run_cli("generate", "--hf-model", hf, "--input", answers, "--output", answers) == 2
     assert "--input" in capsys.readouterr().err and "hi" in answers.read_text()
+    # a data source spec names its file too; a file inside an input folder is part of that input
+    assert run_cli("evaluate", "--hf-model", hf, "--data", f"jsonl:{answers}", "--report", answers) == 2
+    assert "the input --data" in capsys.readouterr().err and "hi" in answers.read_text()
+    metadata = meg / "vlm_bridge.json"
+    before = metadata.read_text()
+    assert run_cli("generate", "--megatron-path", meg, "--input", answers, "--output", metadata,
+                   "--overwrite") == 2
+    assert "is a file of the input --megatron-path" in capsys.readouterr().err
+    assert metadata.read_text() == before
+    # an existing output file is replaced only with --overwrite
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("keep")
+    assert run_cli("evaluate", "--hf-model", hf, "--data", answers, "--report", earlier) == 2
+    assert "--report" in capsys.readouterr().err and earlier.read_text() == "keep"
+    assert run_cli("generate", "--hf-model", hf, "--input", answers, "--output", earlier) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and earlier.read_text() == "keep"
+
+
+def test_export_overwrite_keeps_the_folders_own_files(tiny_megatron, run_cli, tmp_path):
+    """A cloned model repository exported into: its README and .git stay, old weights go."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "README.md").write_text("card")
+    (repo / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", repo, "--overwrite") == 0
+    names = {p.name for p in repo.iterdir()}
+    assert {".git", "README.md", "config.json", "model.safetensors"} <= names
+    assert "model-00001-of-00009.safetensors" not in names and (repo / "README.md").read_text() == "card"
 
 
 def test_verify_against_a_checkpoint_of_another_model_names_the_difference(tiny_hf, tiny_megatron,

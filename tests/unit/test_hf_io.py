@@ -250,16 +250,58 @@ def test_atomic_success_and_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "out"
     with atomic_output_dir(target) as tmp:
         (tmp / "first.txt").write_text("1")
+        (tmp / "model-00001-of-00002.safetensors").write_bytes(b"old")
+        (tmp / "model.safetensors.index.json").write_text("{}")
         assert not target.exists()
-    assert sorted(os.listdir(target)) == ["first.txt"]
+    (target / "README.md").write_text("model card")  # a cloned hub repository's own files
+    (target / ".git").mkdir()
     with atomic_output_dir(target, overwrite=True) as tmp:
-        (tmp / "second.txt").write_text("2")
-        assert (target / "first.txt").exists()  # old contents untouched until success
-    assert sorted(os.listdir(target)) == ["second.txt"]
+        (tmp / "first.txt").write_text("new")
+        (tmp / "model.safetensors").write_bytes(b"new")
+        assert (target / "model.safetensors.index.json").exists()  # old contents untouched until success
+    # what the new output writes replaces the old, old weights and indexes go, the rest stays
+    assert sorted(os.listdir(target)) == [".git", "README.md", "first.txt", "model.safetensors"]
+    assert (target / "first.txt").read_text() == "new"
     assert os.listdir(tmp_path) == ["out"]  # no temp or moved-aside folders left
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_atomic_overwrite_undoes_its_moves_on_a_failure(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    for name in ("a.txt", "b.txt", "old.safetensors", "README.md"):
+        (target / name).write_text(f"old {name}")
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(Path(dst))
+        if Path(dst) == target / "b.txt" and calls.count(Path(dst)) == 1:  # the new b.txt fails to move in
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    with pytest.raises(OSError, match="disk full"), atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new a")
+        (tmp / "b.txt").write_text("new b")
+        monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        n: f"old {n}" for n in ("a.txt", "b.txt", "old.safetensors", "README.md")}
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_atomic_output_through_a_symlink_writes_its_target(tmp_path: Path) -> None:
+    real, link, dangling = tmp_path / "disk" / "real", tmp_path / "link", tmp_path / "later"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    with atomic_output_dir(link, overwrite=True) as tmp:
+        (tmp / "x.txt").write_text("1")
+    assert link.is_symlink() and (real / "x.txt").read_text() == "1"
+    dangling.symlink_to(tmp_path / "disk" / "not_yet")
+    with atomic_output_dir(dangling) as tmp:  # no "already exists": the target does not
+        (tmp / "y.txt").write_text("2")
+    assert dangling.is_symlink() and (tmp_path / "disk" / "not_yet" / "y.txt").read_text() == "2"
 
 
 def test_copy_hf_side_files(tmp_path: Path) -> None:

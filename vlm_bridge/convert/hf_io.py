@@ -311,22 +311,44 @@ class ShardedSafetensorsWriter:
 
 def refuse_output_over_input(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
     """A command's output must not be one of its inputs, nor a folder holding one: writing it (and
-    with --overwrite, deleting what was there) would destroy the input. ``inputs``: option name ->
-    path given (None: not given)."""
+    with --overwrite, deleting what was there) would destroy the input; nor an existing file inside
+    an input folder (a checkpoint's own metadata, say). ``inputs``: option name -> path given (None:
+    not given); a data source spec (``jsonl:PATH``, ``hf:DIR@SPLIT``) counts as its path."""
     out = Path(output).resolve()
     for option, given in inputs.items():
         if given is None:
             continue
-        src = Path(given).resolve()
+        src = Path(source_path(str(given))).resolve()
         if src == out or out in src.parents:
             raise CheckpointError(f"the output {output} is {'' if src == out else 'a folder holding '}"
                                   f"the input {option} {given}; choose another output path")
+        if src.is_dir() and src in out.parents and os.path.lexists(out) and not out.is_dir():
+            raise CheckpointError(f"the output {output} is a file of the input {option} {given}; choose "
+                                  "another output path")
+
+
+def source_path(spec: str) -> str:
+    """The file or folder a data source spec reads (``jsonl:PATH``, ``json:PATH``,
+    ``hf:DIR[@SPLIT]``); anything else is taken as a path."""
+    kind, colon, rest = spec.partition(":")
+    if colon and kind in ("jsonl", "json") and rest:
+        return rest
+    if colon and kind == "hf" and rest:
+        name, at, split = rest.rpartition("@")
+        return name if at and name and not Path(rest).exists() else rest
+    return spec
+
+
+def refuse_existing_file(path: str | Path, option: str, overwrite: bool) -> None:
+    """An output file that exists is replaced only with ``--overwrite``."""
+    if os.path.lexists(Path(path).resolve()) and not overwrite:
+        raise CheckpointError(f"{option} {path} already exists; pass --overwrite to replace it")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file by a temporary sibling and a rename (a failed run leaves no half-written
-    file); missing parent folders are created."""
-    path = Path(path)
+    file); missing parent folders are created. A symlinked path is written where it points."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
@@ -336,23 +358,35 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# What a new conversion output supersedes in an existing folder even when it does not write a file
+# of that name: weights of any format and their indexes (stale shards would load with new ones).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".index.json", ".ckpt", ".h5",
+                   ".msgpack")
+
+
+def _superseded(name: str, written: set[str]) -> bool:
+    return name in written or name.endswith(WEIGHT_SUFFIXES)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `path` only if the block succeeds.
+    """Yield a temporary sibling folder whose contents become `path` only if the block succeeds.
 
-    The sibling (``.<name>.tmp-<random>``) is on the same filesystem, so ``os.replace``
-    is an atomic rename: readers see the old folder or the complete new one. With
-    ``overwrite`` an existing `path` is renamed aside first (a folder cannot be renamed
-    over a non-empty one) and deleted after the swap. On exception the temporary folder
-    is deleted. The existence check runs before any work, so a forgotten ``--overwrite``
-    costs nothing. No fsync: atomic, but not power-loss durable.
+    The sibling (``.<name>.tmp-<random>``) is on the same filesystem, so ``os.replace`` is an
+    atomic rename: a new `path` appears complete or not at all. With ``overwrite`` an existing
+    folder keeps its identity and whatever the new output does not supersede (a README, ``.git``
+    of a cloned model repository): the entries the new output writes, and every weight file and
+    index, are moved aside, the new entries moved in, and the old ones deleted; on a failure the
+    moves are undone. On exception the temporary folder is deleted. The existence check runs before
+    any work, so a forgotten ``--overwrite`` costs nothing. A symlinked `path` is written where it
+    points (a dangling link: its target is created). No fsync: not power-loss durable.
 
     Multi-process use: exactly one process (e.g. rank 0) enters this context; it
     passes the yielded path to the others (e.g. broadcast), they write inside it, and
     all must have finished (barrier) before that process leaves the block.
     """
-    path = Path(path)
-    exists_msg = f"output directory {path} already exists; pass --overwrite to replace it"
+    given, path = Path(path), Path(path).resolve()
+    exists_msg = f"output directory {given} already exists; pass --overwrite to replace it"
     if os.path.lexists(path) and not overwrite:
         raise CheckpointError(exists_msg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +402,10 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[
             return
         if not overwrite:  # someone else created it while we were working
             raise CheckpointError(exists_msg)
+        if path.is_dir():
+            _move_contents_in(tmp, path)
+            tmp.rmdir()
+            return
         old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
         os.replace(path, old)
         try:
@@ -375,13 +413,35 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[
         except BaseException:
             os.replace(old, path)
             raise
+        old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+
+
+def _move_contents_in(new: Path, folder: Path) -> None:
+    """Replace what ``new`` supersedes in ``folder`` by ``new``'s entries; undone on a failure."""
+    written = {entry.name for entry in new.iterdir()}
+    aside = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
+    aside.mkdir()
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for entry in sorted(folder.iterdir()):
+            if _superseded(entry.name, written):
+                os.replace(entry, aside / entry.name)
+                moved_out.append(entry.name)
+        for name in sorted(written):
+            os.replace(new / name, folder / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in moved_in:
+            os.replace(folder / name, new / name)
+        for name in moved_out:
+            os.replace(aside / name, folder / name)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def copy_hf_side_files(src: str | Path, dst: str | Path) -> list[str]:
