@@ -217,9 +217,12 @@ def test_separate_learning_rates_per_component(request, fixture):
 
 
 def test_run_writes_tensorboard_and_loss_plot(tiny_cfg, tmp_path):
+    """Through a symlink whose target does not exist yet (a run folder on another disk)."""
+    (tmp_path / "tb").symlink_to(tmp_path / "disk" / "tb")
     run_train(tiny_cfg(steps=2, tensorboard="true", output_dir=tmp_path / "tb"))
-    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "tb" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "tb").is_symlink()
+    assert list((tmp_path / "disk" / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "disk" / "tb" / "loss.png").stat().st_size > 1000
 
 
 def _recompute_choices(hf_dir):

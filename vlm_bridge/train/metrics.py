@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from vlm_bridge.convert.hf_io import write_text_atomic
 from vlm_bridge.train.config import TrainConfig, to_dict
 
 
@@ -18,10 +19,17 @@ class RunLogger:
         self.tokens = 0
         self.validation: list[tuple[int, float]] = []  # (step, validation loss) for the plot
         self.tb = self.wandb = None
-        if not is_main:
+        self.started = False
+
+    def _start(self) -> None:
+        """The run folder's config and loggers, once there is something to log: a run that fails
+        before that leaves an existing folder (one being resumed) as it was."""
+        if self.started:
             return
+        self.started = True
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        write_text_atomic(self.out / "config.json", json.dumps(to_dict(cfg), indent=2, default=str))
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -37,6 +45,7 @@ class RunLogger:
     def log(self, step: int, stats: dict, seconds: float) -> None:
         if not self.is_main:
             return
+        self._start()
         self.tokens += stats["tokens"]
         done = step - self.start_step
         elapsed = time.time() - self.start
@@ -57,6 +66,7 @@ class RunLogger:
         """Validation: a console line, ``val/*`` scalars (loss, perplexity, answer metrics)."""
         if not self.is_main:
             return
+        self._start()
         scalars = {k: report[k] for k in ("loss", "perplexity") if k in report}
         scalars.update(report.get("metrics", {}))
         shown = "  ".join(f"{k} {v:.4f}" if k in ("loss", "perplexity") else f"{k} {100 * v:.1f}%"
@@ -78,6 +88,7 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
         if losses:
+            self.out.mkdir(parents=True, exist_ok=True)
             write_loss_plot(losses, self.out / "loss.png", self.cfg.name, self.validation)
 
 

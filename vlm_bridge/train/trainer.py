@@ -131,6 +131,8 @@ def setup(cfg: TrainConfig) -> Run:
     from vlm_bridge.train.data_setup import build_stream
 
     check_config(cfg)
+    # A symlinked run folder is written where it points (a dangling link: its target is created).
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
     parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, cp=cfg.parallel.cp)
     parallel.validate()
     init_distributed(parallel, seed=cfg.seed)
