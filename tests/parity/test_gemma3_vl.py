@@ -183,3 +183,26 @@ def test_a_sparse_hub_config_in_the_hub_layout_imports_and_matches(gemma, tmp_pa
     assert run_cli("export", "--megatron-path", meg, "--hf-path", out) == 0
     assert checkpoint_mismatches(hub, out) == []
     assert json.loads((out / "config.json").read_text())["text_config"]["sliding_window_pattern"] == 3
+
+
+def test_a_conversation_the_chat_template_rejects_is_named(gemma, run_cli, tmp_path, capsys):
+    """Gemma's template raises on roles that do not alternate and reads a system turn as text: one
+    error line naming the row, not an internal error."""
+    user = {"role": "user", "content": [{"type": "text", "text": "Hi?"}]}
+    rows = {"twice.jsonl": [user, user, {"role": "assistant", "content": "Yes."}],
+            "system_image.jsonl": [{"role": "system", "content": [{"type": "image", "image": "x.png"}]}, user,
+                                   {"role": "assistant", "content": "Yes."}]}
+    from vlm_bridge.testing.media import make_image
+
+    make_image(28, 28, seed=0).save(tmp_path / "x.png")
+    for name, messages in rows.items():
+        data = tmp_path / name
+        data.write_text(json.dumps({"messages": messages}) + "\n")
+        for args, row in ((["evaluate", "--hf-model", gemma, "--data", data, "--no-generate"], "sample 0"),
+                          (["generate", "--hf-model", gemma, "--input", data, "--max-new-tokens", "1"],
+                           f"{tmp_path / name} sample 0")):
+            capsys.readouterr()
+            assert run_cli(*args) == 2, (name, args[0])
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {row}: ") and "\n" not in err, err
+            assert "chat template rejected this conversation" in err, err

@@ -266,6 +266,14 @@ def test_finetune_failing_before_its_first_step_leaves_no_run_folder(tiny_hf, ru
                                         "global_batch_size=1", "micro_batch_size=1"],
                       "missing.png", out=out)
     assert "training sample 0" in err
+    # a run folder that existed (a run being resumed) is left exactly as it was
+    out.mkdir()
+    (out / "config.json").write_text('{"optim": {"lr": 0.003}}')
+    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, f"data.train=jsonl:{data}",
+                   f"output_dir={out}", "steps=1", "global_batch_size=1", "micro_batch_size=1",
+                   "optim.lr=0.5") == 2
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == '{"optim": {"lr": 0.003}}'
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -282,11 +290,3 @@ def test_command_line_mistakes_are_one_line_too(args, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith("error: vlm-bridge") and "\n" not in err, err
     assert needle in err and "--help" in err, err
-    # a run folder that existed (a run being resumed) is left exactly as it was
-    out.mkdir()
-    (out / "config.json").write_text('{"optim": {"lr": 0.003}}')
-    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, f"data.train=jsonl:{data}",
-                   f"output_dir={out}", "steps=1", "global_batch_size=1", "micro_batch_size=1",
-                   "optim.lr=0.5") == 2
-    assert [p.name for p in out.iterdir()] == ["config.json"]
-    assert (out / "config.json").read_text() == '{"optim": {"lr": 0.003}}'

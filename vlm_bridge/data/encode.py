@@ -163,6 +163,21 @@ def _align_slow(plain: list[int], expanded: list[int]) -> list[int | None]:
     return positions
 
 
+def render_chat(processor, messages: list[dict[str, Any]], where: str,
+                add_generation_prompt: bool = False) -> str:
+    """The conversation through the processor's chat template; a conversation the template refuses
+    (roles that do not alternate, an image in a system turn) is named by ``where``."""
+    import jinja2
+
+    try:
+        return processor.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"{where}: the model's chat template rejected this conversation "
+                         f"({reason})") from None
+
+
 class SampleEncoder:
     """Encode schema samples with one HF processor; see the module docstring for the rules.
 
@@ -195,11 +210,10 @@ class SampleEncoder:
 
     # --- template ------------------------------------------------------------------------------
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               where: str = "sample") -> str:
         """The conversation as text, through the processor's own chat template."""
-        return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return render_chat(self.processor, messages, where, add_generation_prompt)
 
     def _probe_template(self) -> tuple[str, str, str]:
         """Read the assistant header, footer and end-of-turn text off the chat template.
@@ -285,7 +299,7 @@ class SampleEncoder:
                 return None
             raise BadMediaError(f"{where}: {exc}") from None
         plain = template_messages(messages)
-        text = self.render(plain)
+        text = self.render(plain, where=where)
         num_assistant = sum(m["role"] == "assistant" for m in messages)
         media_kwargs = processor_media(images, loaded, self.processor)
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_bridge.convert.hf_io import write_text_atomic
-from vlm_bridge.data.encode import PROCESSOR_MEDIA_ERRORS
+from vlm_bridge.data.encode import PROCESSOR_MEDIA_ERRORS, render_chat
 from vlm_bridge.data.media import load_image, load_video, processor_media
 from vlm_bridge.data.schema import content_items, iter_media, template_messages, validate_sample
 from vlm_bridge.data.sources import load_json_samples
@@ -86,7 +86,7 @@ def build_prompt_batch(processor, requests: list[Request], video_fps: float | No
     texts, images, videos = [], [], []
     for request in requests:
         plain = template_messages(request.messages)
-        texts.append(processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False))
+        texts.append(render_chat(processor, plain, request.where, add_generation_prompt=True))
         row_images = []
         for kind, value in iter_media({"messages": request.messages}):
             try:
