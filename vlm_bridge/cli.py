@@ -196,7 +196,7 @@ def cmd_import(args) -> int:
         import_hf, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.dtype, args.overwrite,
     )
-    print(f"imported {args.hf_model} -> {args.megatron_path} ({meta['family']}, {meta['dtype']}, "
+    print(f"imported {args.hf_model} -> {args.megatron_path} ({meta.get('family', '?')}, {meta['dtype']}, "
           f"tp={parallel.tp} pp={parallel.pp}) in {time.time() - start:.1f}s")
     return 0
 
@@ -219,7 +219,7 @@ def cmd_export(args) -> int:
         export_hf, parallel.conversion_world_size, megatron_path, args.hf_path, parallel,
         args.dtype, args.overwrite, int(args.max_shard_size_gb * 1024**3), args.expert_layout,
     )
-    print(f"exported {megatron_path} -> {args.hf_path} ({meta['family']}, {meta['dtype']}) "
+    print(f"exported {megatron_path} -> {args.hf_path} ({meta.get('family', '?')}, {meta['dtype']}) "
           f"in {time.time() - start:.1f}s")
     return 0
 

@@ -290,3 +290,13 @@ def test_command_line_mistakes_are_one_line_too(args, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith("error: vlm-bridge") and "\n" not in err, err
     assert needle in err and "--help" in err, err
+
+
+@pytest.mark.parametrize("text, needle", [('{"family": "qwen2_5_vl"}', "no dtype, key_layout"),
+                                          ('{"family": "qwen2_5_vl",\n', "not readable JSON")])
+def test_an_edited_checkpoint_metadata_file_is_named(tiny_megatron, run_cli, capsys, tmp_path, text, needle):
+    meg = copy_model(tiny_megatron, tmp_path / "meg")
+    (meg / "vlm_bridge.json").write_text(text)
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, ["export", "--megatron-path", meg, "--hf-path", out],
+                str(meg / "vlm_bridge.json"), needle, out=out)

@@ -196,11 +196,25 @@ def save_megatron(model, out: Path, meta: dict, hf_side_dir: str | Path, overwri
             ctx.__exit__(*sys.exc_info())
 
 
+# What every reader of a checkpoint's metadata relies on (the rest have defaults).
+META_REQUIRED = ("dtype", "key_layout")
+
+
 def read_meta(megatron_dir: str | Path) -> dict:
     path = Path(megatron_dir) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{megatron_dir}: no {META_FILE} (not a vlm-bridge Megatron checkpoint)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc}); import the model again") from None
+    missing = [key for key in META_REQUIRED if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(missing)} (an edited or truncated file); import the "
+                              "model again")
+    if meta["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
+    return meta
 
 
 def load_in_place(model, weights_dir: str) -> None:
