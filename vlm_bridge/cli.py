@@ -286,10 +286,11 @@ def cmd_evaluate(args) -> int:
     from vlm_bridge.parallel import run_parallel
 
     data = args.data
-    if Path(data).suffix in (".jsonl", ".json") and ":" not in data:
-        if not Path(data).is_file():
+    if Path(data).suffix.lower() in (".jsonl", ".json") and ":" not in data:
+        path = Path(data).expanduser()
+        if not path.is_file():
             raise ValueError(f"--data {data} does not exist")
-        data = f"{Path(data).suffix[1:]}:{data}"
+        data = f"{path.suffix[1:].lower()}:{path}"
     if args.report:
         refuse_output_over_input(args.report, {"--data": args.data, "--megatron-path": args.megatron_path,
                                                "--hf-model": args.hf_model})

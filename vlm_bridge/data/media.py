@@ -17,14 +17,50 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 FRAMES_FPS = 2.0
 
 
+def shown(value: Any, limit: int = 120) -> str:
+    """A media reference as an error message shows it (a base64 image is not echoed whole)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def local_media(value: str | Path, what: str = "image") -> Path | bytes:
+    """A media reference as a local path, or the bytes of a ``data:...;base64,`` URI: ``file://``
+    URLs and ``~`` are read as paths; ``http(s)://`` is refused (nothing is downloaded at run
+    time)."""
+    text = str(value)
+    if text.startswith("data:"):
+        import base64
+        import binascii
+
+        header, comma, payload = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError(f"cannot read {what} {shown(text)} (a data URI must be base64: "
+                             "data:...;base64,...)")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"cannot read {what} {shown(text)} (invalid base64)") from None
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(text).path))
+    if text.startswith(("http://", "https://")):
+        raise ValueError(f"{what} {shown(text)} is a web address; media are not downloaded at run time: "
+                         "download it and give its path")
+    return Path(text).expanduser()
+
+
 def open_image(path: str | Path, what: str = "image") -> Any:
+    import io
+
     from PIL import Image
 
+    source = local_media(path, what)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.convert("RGB")
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {what} {path} ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"cannot read {what} {shown(path)} ({type(exc).__name__}: {shown(exc)})") from None
 
 
 def load_image(value: Any) -> Any:
@@ -42,7 +78,9 @@ def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedV
     if isinstance(value, DecodedVideo):
         return value
     if isinstance(value, str | Path):
-        path = Path(value)
+        path = local_media(value, "video")
+        if isinstance(path, bytes):
+            raise ValueError(f"video {shown(value)}: videos are read from files, not data URIs")
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vlm_bridge.data.layouts import normalize_sample
 from vlm_bridge.data.schema import MEDIA_TYPES, validate_sample
 
 Sample = dict[str, Any]
@@ -27,8 +28,9 @@ def _resolve(value: Any, base: Path) -> Any:
     """Relative media paths are relative to the data file, so a dataset folder can move."""
     if isinstance(value, list):
         return [_resolve(v, base) for v in value]
-    if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-        return str(base / value)
+    if isinstance(value, str) and "://" not in value and not value.startswith("data:"):
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base / path)
     return value
 
 
@@ -44,28 +46,36 @@ def _resolve_media_paths(sample: Sample, base: Path) -> Sample:
 def load_json_samples(path: str | Path) -> Iterator[Sample]:
     """Samples from a ``.jsonl`` file (one per line) or a ``.json`` file (a list).
 
-    Each sample is validated (errors name the file and line / index), and relative image and
-    video paths are resolved against the file's folder.
+    Each sample is read into the schema when it comes in a common layout (ShareGPT/LLaVA, TRL,
+    Arrow exports: :mod:`vlm_bridge.data.layouts`) and validated (errors name the file and line /
+    index), and relative image and video paths are resolved against the file's folder. A UTF-8
+    byte-order mark (Windows tools write one) is ignored.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     base = path.resolve().parent
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 where = f"{path.name} line {number}"
                 try:
-                    sample = json.loads(line)
+                    sample = normalize_sample(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
                 validate_sample(sample, where)
                 yield _resolve_media_paths(sample, base)
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path.name}: invalid JSON ({exc.msg} at line {exc.lineno} column "
+                             f"{exc.colno})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path.name}: expected a JSON list of samples")
         for index, sample in enumerate(data):
+            sample = normalize_sample(sample)
             validate_sample(sample, f"{path.name} sample {index}")
             yield _resolve_media_paths(sample, base)
     else:
@@ -104,30 +114,12 @@ def load_hf_dataset(
     return datasets.load_dataset(str(name_or_dir), subset, split=split, **load_kwargs)
 
 
-def _strip_nones(item: Any) -> Any:
-    """Arrow stores content items as structs with every field, unused ones None; drop those."""
-    if isinstance(item, dict):
-        return {k: _strip_nones(v) for k, v in item.items() if v is not None}
-    if isinstance(item, list):
-        return [_strip_nones(v) for v in item]
-    return item
-
-
 def row_to_sample(row: Mapping[str, Any]) -> Sample:
-    """A ``datasets`` row with a ``messages`` column, as a schema sample.
-
-    Media items without a value take theirs, in order, from an ``images`` / ``videos`` column
-    (the layout TRL and many hub VLM datasets use).
-    """
-    messages = _strip_nones(row["messages"])
-    pools = {kind: iter(row.get(f"{kind}s") or []) for kind in MEDIA_TYPES}
-    for message in messages:
-        if isinstance(message.get("content"), list):
-            for item in message["content"]:
-                kind = item.get("type")
-                if kind in MEDIA_TYPES and kind not in item:
-                    item[kind] = next(pools[kind], None)
-    return {"messages": messages}
+    """A ``datasets`` row with a ``messages`` (or ShareGPT ``conversations``) column, as a schema
+    sample; media items without a value take theirs, in order, from an ``images`` / ``videos``
+    column (:func:`.layouts.normalize_sample`)."""
+    sample = normalize_sample(dict(row))
+    return {"messages": sample["messages"]} if isinstance(sample, dict) and "messages" in sample else sample
 
 
 def hf_samples(
@@ -139,8 +131,9 @@ def hf_samples(
     dataset = load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
     base = Path(name_or_dir).resolve() if Path(name_or_dir).is_dir() else None
     for index, row in enumerate(dataset):
-        if "messages" not in row:
-            raise ValueError(f"{name_or_dir}: no 'messages' column (has {', '.join(row)})")
+        if "messages" not in row and "conversations" not in row:
+            raise ValueError(f"{name_or_dir}: no 'messages' (or ShareGPT 'conversations') column "
+                             f"(has {', '.join(row)})")
         sample = row_to_sample(row)
         validate_sample(sample, f"{name_or_dir} row {index}")
         yield _resolve_media_paths(sample, base) if base is not None else sample
@@ -311,7 +304,7 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
     """
     kind, _, rest = spec.partition(":")
     if kind in ("jsonl", "json") and rest:
-        if Path(rest).suffix != f".{kind}":
+        if Path(rest).suffix.lower() != f".{kind}":
             raise ValueError(f"source {spec!r}: expected a .{kind} file")
         return load_json_samples(rest)
     if kind == "hf" and rest:

@@ -16,7 +16,7 @@ from typing import Any
 
 from vlm_bridge.convert.hf_io import write_text_atomic
 from vlm_bridge.data.encode import PROCESSOR_MEDIA_ERRORS, render_chat
-from vlm_bridge.data.media import load_image, load_video, processor_media
+from vlm_bridge.data.media import load_image, load_video, local_media, processor_media, shown
 from vlm_bridge.data.schema import content_items, iter_media, template_messages, validate_sample
 from vlm_bridge.data.sources import load_json_samples
 
@@ -183,5 +183,11 @@ def check_media(requests: list[Request]) -> None:
     """Fail before any model loads when a media path does not exist."""
     for request in requests:
         for kind, value in iter_media({"messages": request.messages}):
-            if isinstance(value, str | Path) and not Path(value).exists():
-                raise ValueError(f"{request.where}: {kind} {value} does not exist")
+            if not isinstance(value, str | Path):
+                continue
+            try:
+                source = local_media(value, kind)
+            except ValueError as exc:
+                raise ValueError(f"{request.where}: {exc}") from None
+            if isinstance(source, Path) and not source.exists():
+                raise ValueError(f"{request.where}: {kind} {shown(value)} does not exist")

@@ -1,0 +1,104 @@
+"""Data files shaped as real datasets ship them (ShareGPT/LLaVA, TRL, Arrow exports, OpenAI items,
+Windows encodings, data URIs) are read into the schema, or refused with one line naming the file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+
+from vlm_bridge.data.encode import SampleEncoder
+from vlm_bridge.data.media import load_image
+from vlm_bridge.data.sources import load_source
+from vlm_bridge.testing.media import make_image
+from vlm_bridge.testing.tiny_qwen2_5_vl import make_tiny_processor
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SampleEncoder(make_tiny_processor(), max_seq_len=1024)
+
+
+def _write(path, rows, bom=False):
+    lines = path.suffix.lower() == ".jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows) if lines else json.dumps(rows)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+def _media(sample):
+    return [(i["type"], i.get(i["type"])) for m in sample["messages"] if isinstance(m["content"], list)
+            for i in m["content"] if i["type"] != "text"]
+
+
+def test_sharegpt_and_llava_rows_become_conversations(tmp_path, encoder):
+    make_image(28, 28, seed=0).save(tmp_path / "a.png")
+    make_image(28, 28, seed=1).save(tmp_path / "b.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                  {"from": "gpt", "value": "A square."}]},
+            {"images": ["a.png", "b.png"], "conversations": [  # one placeholder, one image unplaced
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Compare <image> please"},
+                {"from": "gpt", "value": "Same."}]}]
+    first, second = load_source(f"jsonl:{_write(tmp_path / 'sharegpt.jsonl', rows)}")
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    assert first["messages"][0]["content"][1] == {"type": "text", "text": "What is it?"}
+    assert _media(first) == [("image", str(tmp_path / "a.png"))]
+    assert [i["type"] for i in second["messages"][1]["content"]] == ["image", "text", "image", "text"]
+    assert _media(second) == [("image", str(tmp_path / "b.png")), ("image", str(tmp_path / "a.png"))]
+    assert encoder.encode(first) is not None and encoder.encode(second) is not None
+
+
+def test_trl_arrow_and_alias_layouts(tmp_path, encoder):
+    make_image(28, 28, seed=0).save(tmp_path / "a.png")
+    user_asks = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Red.", "image": None}]}
+    rows = [
+        {"messages": [user_asks, answer], "images": ["a.png"]},  # TRL
+        # Arrow export of a text-only row: the null image key must not become an image
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?", "image": None}]}, answer]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"}]}, answer]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "url": f"file://{tmp_path / 'a.png'}"}]},
+                      answer]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]},
+                      answer]},
+    ]
+    samples = list(load_source(f"jsonl:{_write(tmp_path / 'mixed.JSONL', rows)}"))
+    assert [len(_media(s)) for s in samples] == [1, 0, 1, 1, 1]
+    assert samples[1]["messages"][0]["content"] == [{"type": "text", "text": "Hi?"}]
+    for sample in samples:
+        encoded = encoder.encode(sample)
+        assert encoded is not None
+    image_token = encoder.media_token_ids["image"]
+    assert int((encoder.encode(samples[1]).input_ids == image_token).sum()) == 0
+
+
+def test_windows_bom_and_json_errors_name_the_file(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]}
+    assert len(list(load_source(f"jsonl:{_write(tmp_path / 'bom.jsonl', [row], bom=True)}"))) == 1
+    assert len(list(load_source(f"json:{_write(tmp_path / 'bom.json', [row], bom=True)}"))) == 1
+    (tmp_path / "comma.json").write_text(json.dumps([row])[:-1] + ",]")
+    with pytest.raises(ValueError, match=r"^comma.json: invalid JSON \(Expecting value at line 1"):
+        list(load_source(f"json:{tmp_path / 'comma.json'}"))
+
+
+def test_media_references_data_uri_file_url_home_and_web(tmp_path, monkeypatch):
+    buffer = io.BytesIO()
+    make_image(30, 20, seed=0).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert load_image(uri).size == (30, 20)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_image(28, 28, seed=0).save(tmp_path / "h.png")
+    assert load_image("~/h.png").size == (28, 28) and load_image(f"file://{tmp_path}/h.png").size == (28, 28)
+    with pytest.raises(ValueError, match="is a web address; media are not downloaded"):
+        load_image("https://example.com/cat.png")
+    with pytest.raises(ValueError) as bad:
+        load_image("data:image/png;base64," + "A" * 5000 + "!")
+    assert len(str(bad.value)) < 300 and "5023 characters" in str(bad.value)
+    # a data URI inside a data file is not taken for a path relative to the file
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": uri}]},
+                        {"role": "assistant", "content": "Red."}]}
+    (sample,) = load_source(f"jsonl:{_write(tmp_path / 'uri.jsonl', [row])}")
+    assert _media(sample) == [("image", uri)]
