@@ -317,3 +317,25 @@ def test_an_over_long_sample_is_skipped_and_counted_not_fatal(nemotron):
         {"role": "assistant", "content": "Red."}]}
     assert encoder.encode(sample, "sample 0") is None
     assert encoder.stats["too_long"] == 1
+
+
+def test_images_and_videos_in_one_file_train_and_evaluate(nemotron, tmp_path, run_cli):
+    """The model takes images and video only in separate batches: packing keeps them in separate
+    rows and micro-batches, and the evaluation loss pass in separate batches."""
+    from vlm_bridge.testing.media import make_image, make_video_frames, save_video_frames
+
+    make_image(64, 48, seed=0).save(tmp_path / "a.png")
+    save_video_frames(make_video_frames(4, 64, 48, seed=1), tmp_path / "clip")
+    rows = []
+    for i in range(6):
+        media = {"type": "video", "video": "clip"} if i % 2 else {"type": "image", "image": "a.png"}
+        question = {"role": "user", "content": [media, {"type": "text", "text": f"What {i}?"}]}
+        rows.append({"messages": [question, {"role": "assistant", "content": f"Thing {i}."}]})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli("evaluate", "--hf-model", nemotron, "--data", data, "--no-generate",
+                   "--report", tmp_path / "r.json") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["loss_samples"] == 6
+    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", nemotron, f"data.train=jsonl:{data}",
+                   f"output_dir={tmp_path / 'run'}", "steps=2", "global_batch_size=2", "micro_batch_size=1",
+                   "checkpoint.save_every=0", "data.seq_len=4096") == 0

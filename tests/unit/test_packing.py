@@ -126,3 +126,26 @@ def test_row_length_rounds_the_longest_row_and_caps_at_seq_len():
     rows = [[_sample(30, 1)], [_sample(50, 2), _sample(3, 3)]]
     assert row_length(rows, 64, 16) == 64 and row_length(rows, 100, 16) == 64
     assert row_length(rows, 100, 0) == 100 and row_length([[]], 100, 16) == 16
+
+
+def test_rows_keep_media_kinds_apart_when_asked():
+    """Images and videos never share a row (text-only samples go anywhere), also once the step
+    re-packs longest first."""
+    rng = random.Random(0)
+    for trial in range(200):
+        lengths = [rng.randint(50, 900) for _ in range(rng.randint(2, 30))]
+        kinds = [rng.choice(["image", "video", None]) for _ in lengths]
+        packer = BestFitRows(1024, max_rows=rng.randint(2, 12))
+        placed = 0
+        for n, kind in zip(lengths, kinds):
+            if not packer.add(n, kind):
+                break
+            placed += 1
+        rows = packer.ordered()
+        assert sorted(i for row in rows for i in row) == list(range(placed)), trial
+        for row in rows:
+            assert sum(lengths[i] for i in row) <= 1024
+            assert len({kinds[i] for i in row} - {None}) <= 1, (trial, [kinds[i] for i in row])
+    one_row = BestFitRows(1024, max_rows=1)
+    assert one_row.add(100, "image") and one_row.add(100, None) and not one_row.add(100, "video")
+    assert one_row.rows == [[0, 1]]

@@ -81,7 +81,7 @@ def run_generation(built, processor, requests: list[Request], sampling: Sampling
     if not sampling.stop_token_ids:
         sampling = replace(sampling, stop_token_ids=stop_token_ids(built.hf_side_dir, tokenizer))
     answers: list[dict] = [{} for _ in requests]
-    for indices in plan_batches(requests, batch_size, built.family.video_batch_alone):
+    for indices in plan_batches([r.has_video for r in requests], batch_size, built.family.video_batch_alone):
         batch = build_prompt_batch(processor, [requests[i] for i in indices], video_fps)
         streamer = _Streamer(tokenizer) if stream and dist.get_rank() == 0 else None
         out: Generated = generate_tokens(built, batch, sampling, on_step=streamer)

@@ -46,7 +46,8 @@ def eval_loss(model, family, settings, encoded: list, micro_batch_size: int,
               pad_id: int) -> tuple[float, float]:
     """Summed loss and loss-token count of ``encoded`` samples (every rank; data-parallel ranks
     share the micro-batches)."""
-    from vlm_bridge.train.batching import collate_padded
+    from vlm_bridge.inference.requests import plan_batches
+    from vlm_bridge.train.batching import collate_padded, has_video
     from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 
     if not encoded:
@@ -55,8 +56,10 @@ def eval_loss(model, family, settings, encoded: list, micro_batch_size: int,
     # Pipeline stages exchange fixed shapes: one length and full micro-batches.
     mbs = 1 if pp > 1 else micro_batch_size
     length = max(len(s) for s in encoded) if pp > 1 else None
-    batches = [collate_padded(encoded[i:i + mbs], family, settings, pad_id, length)
-               for i in range(0, len(encoded), mbs)]
+    # A family that takes a video only in a batch of its own gets each video sample alone.
+    groups = plan_batches([has_video(s) for s in encoded], mbs, family.video_batch_alone)
+    batches = [collate_padded([encoded[i] for i in group], family, settings, pad_id, length)
+               for group in groups]
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     while len(batches) % dp:  # every rank runs as many forwards (experts exchange tokens); add nothing
         batches.append(dataclasses.replace(batches[0], loss_mask=torch.zeros_like(batches[0].loss_mask)))

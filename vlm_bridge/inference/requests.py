@@ -153,14 +153,15 @@ def _typed_dict_values(typed) -> list:
         return []
 
 
-def plan_batches(requests: list[Request], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
-    """Request indices per batch, in order; a family whose processor takes a video only as a
-    prompt of its own (``video_batch_alone``) gets each video request in a batch by itself."""
+def plan_batches(with_video: list[bool], batch_size: int, video_alone: bool) -> Iterator[list[int]]:
+    """Indices per batch, in order, of items that hold a video or not; a family whose processor
+    takes a video only as a prompt of its own (``video_batch_alone``) gets each video item in a
+    batch by itself."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     current: list[int] = []
-    for index, request in enumerate(requests):
-        if video_alone and request.has_video:
+    for index, video in enumerate(with_video):
+        if video_alone and video:
             if current:
                 yield current
                 current = []

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_bridge.attention.core import AttentionMask
+from vlm_bridge.data.encode import MEDIA_LAYOUT
 from vlm_bridge.runtime import on_device
 
 IGNORE = -100
@@ -34,6 +35,39 @@ class MicroBatch:
     def to(self, device) -> MicroBatch:
         return MicroBatch(on_device(self.inputs, device), self.labels.to(device),
                           self.loss_mask.to(device), self.num_tokens)
+
+
+def has_video(sample) -> bool:
+    """Whether an encoded sample holds a video (its processor's video pixels)."""
+    return MEDIA_LAYOUT["video"][0] in sample.media
+
+
+def has_image(sample) -> bool:
+    return MEDIA_LAYOUT["image"][0] in sample.media
+
+
+def media_kind(sample) -> str | None:
+    """"video", "image" or None (text only): what a row may not mix where the family needs it."""
+    return "video" if has_video(sample) else "image" if has_image(sample) else None
+
+
+def group_rows(rows: list[list], per_batch: int, video_alone: bool) -> list[list[list]]:
+    """Packed rows (lists of encoded samples) into micro-batches of ``per_batch`` rows. A family
+    that takes images and videos only in separate batches (``video_batch_alone``; its packer keeps
+    them in separate rows) gets the rows ordered images, text, video, so that no micro-batch
+    holds images and a video unless the counts force it, which is refused by name."""
+    if video_alone:
+        def kind(row: list) -> int:
+            return 2 if any(has_video(s) for s in row) else 0 if any(has_image(s) for s in row) else 1
+
+        rows = sorted(rows, key=kind)  # stable: fullest first within a kind
+    groups = [rows[i:i + per_batch] for i in range(0, len(rows), per_batch)]
+    for group in groups if video_alone else []:
+        samples = [s for row in group for s in row]
+        if any(has_video(s) for s in samples) and any(has_image(s) for s in samples):
+            raise ValueError(f"a micro-batch of {per_batch} rows holds a video and images, which this model "
+                             "takes only in separate batches: set micro_batch_size=1")
+    return groups
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -55,31 +89,42 @@ class BestFitRows:
     def __init__(self, seq_len: int, max_rows: int | None = None) -> None:
         self.seq_len, self.max_rows = seq_len, max_rows
         self.lengths: list[int] = []
+        self.kinds: list[str | None] = []  # per sample
         self.rows: list[list[int]] = []
+        self.row_kinds: list[str | None] = []
         self._free: list[tuple[int, int]] = []  # (tokens left, row), sorted: a bisect finds the best fit
 
-    def add(self, n: int) -> bool:
+    def add(self, n: int, kind: str | None = None) -> bool:
         """Place the next sample, of ``n`` tokens; False (nothing changed) where no packing into
-        ``max_rows`` rows that this method finds holds it."""
+        ``max_rows`` rows that this method finds holds it. A ``kind`` (e.g. "video") keeps the
+        sample out of rows holding samples of another kind; samples without one go anywhere."""
         if n > self.seq_len:
             raise ValueError(f"sample of {n} tokens does not fit seq_len {self.seq_len}")
         slot = bisect.bisect_left(self._free, (n, -1))
+        while slot < len(self._free) and kind is not None \
+                and self.row_kinds[self._free[slot][1]] not in (None, kind):
+            slot += 1  # the next-best fit of a kind this sample may join
         if slot < len(self._free):
             left, row = self._free.pop(slot)
         elif self.max_rows is None or len(self.rows) < self.max_rows:
             left, row = self.seq_len, len(self.rows)
             self.rows.append([])
+            self.row_kinds.append(None)
         else:
-            repacked = pack_best_fit([*self.lengths, n], self.seq_len)
+            repacked = pack_best_fit([*self.lengths, n], self.seq_len, [*self.kinds, kind])
             if len(repacked) > self.max_rows:
                 return False
             self.lengths.append(n)
+            self.kinds.append(kind)
             self.rows = repacked
+            self.row_kinds = [next((self.kinds[i] for i in r if self.kinds[i]), None) for r in repacked]
             self._free = sorted((self.seq_len - sum(self.lengths[i] for i in r), k)
                                 for k, r in enumerate(repacked))
             return True
         self.rows[row].append(len(self.lengths))
+        self.row_kinds[row] = self.row_kinds[row] or kind
         self.lengths.append(n)
+        self.kinds.append(kind)
         bisect.insort(self._free, (left - n, row))
         return True
 
@@ -90,13 +135,14 @@ class BestFitRows:
         return [sorted(self.rows[r]) for r in order]
 
 
-def pack_best_fit(lengths: list[int], seq_len: int) -> list[list[int]]:
+def pack_best_fit(lengths: list[int], seq_len: int, kinds: list[str | None] | None = None) -> list[list[int]]:
     """Sample indices grouped into rows of at most ``seq_len`` tokens by best-fit decreasing
-    (longest first, each into the fullest row that holds it), fullest row first."""
+    (longest first, each into the fullest row that holds it and holds no other ``kinds``),
+    fullest row first."""
     longest_first = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     packer = BestFitRows(seq_len)
     for i in longest_first:
-        packer.add(lengths[i])
+        packer.add(lengths[i], kinds[i] if kinds else None)
     return [sorted(longest_first[j] for j in row) for row in packer.ordered()]
 
 

@@ -17,6 +17,8 @@ from vlm_bridge.train.batching import (
     MicroBatch,
     collate_packed,
     collate_padded,
+    group_rows,
+    media_kind,
     row_length,
 )
 
@@ -93,9 +95,11 @@ class MicroBatchStream:
         """
         packer = BestFitRows(self.seq_len, num_rows)
         taken: list = []
+        video_alone = getattr(self.family, "video_batch_alone", False)
         while True:
             sample = self._peek_encoded()
-            if not packer.add(sample.input_ids.numel()):  # the first always fits: a fresh row
+            # the first always fits: a fresh row; images and videos in separate rows where needed
+            if not packer.add(sample.input_ids.numel(), media_kind(sample) if video_alone else None):
                 break
             taken.append(sample)
             self._advance()
@@ -111,8 +115,7 @@ class MicroBatchStream:
                     for _ in range(num_microbatches)]
         rows = self._packed_rows(num_microbatches * self.mbs)
         out = []
-        for start in range(0, len(rows), self.mbs):
-            group = rows[start:start + self.mbs]
+        for group in group_rows(rows, self.mbs, getattr(self.family, "video_batch_alone", False)):
             length = row_length(group, self.seq_len, None if self.pad_to_seq_len else self.row_multiple)
             out.append(collate_packed(group, self.family, self.settings, length, self.pad_id))
         return out
