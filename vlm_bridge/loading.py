@@ -95,7 +95,10 @@ def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dic
 def _raw_config(folder: str | Path) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        snapshots = sorted((Path(folder) / "snapshots").glob("*/config.json"))
+        hint = (f"; it is a hub cache folder: pass one of its snapshots, e.g. {snapshots[-1].parent}"
+                if snapshots else "")
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder){hint}")
     try:
         return path, json.loads(path.read_text())
     except (OSError, ValueError) as exc:

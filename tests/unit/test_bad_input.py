@@ -300,3 +300,12 @@ def test_an_edited_checkpoint_metadata_file_is_named(tiny_megatron, run_cli, cap
     out = tmp_path / "out"
     check_error(run_cli, capsys, ["export", "--megatron-path", meg, "--hf-path", out],
                 str(meg / "vlm_bridge.json"), needle, out=out)
+
+
+def test_a_hub_cache_repository_folder_points_to_its_snapshot(tiny_hf, run_cli, capsys, tmp_path):
+    """huggingface_hub's cache: models--org--name/snapshots/<revision>/ holds the files."""
+    repo = tmp_path / "models--org--tiny"
+    copy_model(tiny_hf, repo / "snapshots" / ("a" * 40))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(repo, out), "no config.json", "hub cache folder",
+                str(repo / "snapshots" / ("a" * 40)), out=out)
