@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from vlm_bridge.attention.context import padded_length
 from vlm_bridge.compat.cpu import cuda_available
+from vlm_bridge.compat.distopt_state import keep_unsaved_optimizer_keys
 from vlm_bridge.compat.multi_tensor import use_foreach_multi_tensor_ops
 from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
@@ -96,6 +97,7 @@ def prepare_model(cfg: TrainConfig, built) -> None:
 def build_optimization(cfg: TrainConfig, built) -> tuple:
     """Megatron DDP around the model, the (distributed) optimizer and the LR/WD scheduler."""
     use_foreach_multi_tensor_ops()
+    keep_unsaved_optimizer_keys()
     lang = built.model.language_model.config
     lang.calculate_per_token_loss = True
     distributed = cfg.optim.distributed_optimizer == "on" or (
