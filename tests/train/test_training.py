@@ -165,6 +165,16 @@ def test_bf16_training_with_fp32_master_weights(tiny_cfg):
     assert result["losses"][-1] < result["losses"][0]
 
 
+def test_moe_layers_recompute_on_the_cpu_too(tiny_cfg, tiny_qwen3_moe, tmp_path):
+    """The recomputation inside the backward runs under the CPU layer as the forward did (the MoE
+    router moves its weight to CUDA otherwise)."""
+    plain = tiny_cfg(steps=2, output_dir=tmp_path / "a")
+    # recompute_layers alone turns recomputation on (every component, first layer of each)
+    recomputed = tiny_cfg(steps=2, output_dir=tmp_path / "b", recompute_layers="1")
+    plain.pretrained = recomputed.pretrained = str(tiny_qwen3_moe)
+    assert run_train(recomputed)["losses"] == pytest.approx(run_train(plain)["losses"], rel=1e-6)
+
+
 def test_activation_recomputation_gives_the_same_losses(tiny_cfg, tmp_path):
     plain = run_train(tiny_cfg(steps=2, output_dir=tmp_path / "a"))["losses"]
     recomputed = run_train(tiny_cfg(steps=2, recompute="true", output_dir=tmp_path / "b"))["losses"]

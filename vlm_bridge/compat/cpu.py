@@ -242,6 +242,13 @@ def cpu_compat() -> Iterator[bool]:
             _deactivate()
 
 
+def cpu_mode_for_recompute() -> contextlib.AbstractContextManager:
+    """The CUDA-to-CPU function mode again, for a layer that activation recomputation runs inside
+    the backward, where the mode pushed by :func:`cpu_compat` is not on the stack (Megatron's MoE
+    router moves its weight to CUDA there); a null context when the layer is off or CUDA exists."""
+    return _CudaToCpuMode() if cpu_compat_active() else contextlib.nullcontext()
+
+
 def cpu_compat_active() -> bool:
     """True while some :func:`cpu_compat` block is open in this process."""
     return _State.depth > 0

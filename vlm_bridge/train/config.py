@@ -114,7 +114,8 @@ class TrainConfig:
     # recomputing it costs one more ViT forward, not one more forward of the whole model.
     recompute_components: tuple[str, ...] = ()
     # Recompute only the first N layers of each recomputed component on this pipeline stage
-    # (0: every layer): memory traded for speed a layer at a time, Megatron's "block" method.
+    # (0: every layer; implies recompute): memory traded for speed a layer at a time, Megatron's
+    # "block" method.
     recompute_layers: int = 0
     log_every: int = 1
     tensorboard: bool = True

@@ -12,6 +12,7 @@ vision tower's, which dominate a step's activations when a micro-batch holds man
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,13 @@ def layers_to_recompute(model: torch.nn.Module, components: Sequence[str] = (),
     return [name for names in chosen for name in (names[:first_layers] if first_layers else names)]
 
 
+def _contexts() -> tuple:
+    """Forward as it is; the recomputation in the backward under the CPU layer when it is on."""
+    from vlm_bridge.compat.cpu import cpu_mode_for_recompute
+
+    return contextlib.nullcontext(), cpu_mode_for_recompute()
+
+
 def apply_recompute(model: torch.nn.Module, components: Sequence[str] = (), first_layers: int = 0) -> int:
     """Wrap the chosen layers' forward in a non-reentrant checkpoint (training only); returns how
     many layers were wrapped."""
@@ -69,7 +77,7 @@ def apply_recompute(model: torch.nn.Module, components: Sequence[str] = (), firs
         def checkpointed(*args, _forward=forward, _module=module, **kwargs):
             if not _module.training:
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
         module.forward = checkpointed
     return len(names)

@@ -89,8 +89,8 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
 
 def prepare_model(cfg: TrainConfig, built) -> None:
     """Recomputation, PEFT and freeze flags on a built model (before DDP sees its parameters)."""
-    if cfg.recompute or cfg.recompute_components:
-        apply_recompute(built.model, cfg.recompute_components, cfg.recompute_layers)
+    if cfg.recompute or cfg.recompute_components or cfg.recompute_layers:
+        apply_recompute(built.model, tuple(dict.fromkeys(cfg.recompute_components)), cfg.recompute_layers)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
 
 
