@@ -299,6 +299,9 @@ def import_hf(
     refuse_output_over_input(out, {"--hf-model": hf_dir})
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if (out / "config.json").is_file() and not (out / META_FILE).is_file():
+        raise CheckpointError(f"output directory {out} is a Hugging Face model folder; --overwrite "
+                              "replaces a vlm-bridge checkpoint only: choose another folder")
     # Streaming: each parameter is converted when the checkpoint writer reaches it.
     built = load_hf(hf_dir, parallel, DTYPES[dtype_arg] if dtype_arg else None, fill=False)
     meta = conversion_meta(built, parallel)
@@ -315,6 +318,9 @@ def export_hf(
     refuse_output_over_input(hf_dir, {"--megatron-path": megatron_dir})
     if Path(hf_dir).exists() and not overwrite:
         raise CheckpointError(f"output directory {hf_dir} already exists; pass --overwrite to replace it")
+    if (Path(hf_dir) / META_FILE).is_file():
+        raise CheckpointError(f"output directory {hf_dir} is a vlm-bridge Megatron checkpoint; --overwrite "
+                              "replaces a Hugging Face model folder only: choose another folder")
     built, meta = _build_for_checkpoint(megatron_dir, parallel, None)
     stream = None
     if meta.get("peft"):  # adapters are merged into the whole model first

@@ -309,3 +309,20 @@ def test_a_hub_cache_repository_folder_points_to_its_snapshot(tiny_hf, run_cli, 
     out = tmp_path / "out"
     check_error(run_cli, capsys, import_args(repo, out), "no config.json", "hub cache folder",
                 str(repo / "snapshots" / ("a" * 40)), out=out)
+
+
+def test_overwrite_replaces_only_its_own_kind_of_folder(tiny_hf, tiny_megatron, run_cli, capsys, tmp_path):
+    """An HF export does not overwrite a Megatron checkpoint nor an import an HF model folder (each
+    would leave the other's files beside its own); an adapter's config goes with its weights."""
+    meg, hf = copy_model(tiny_megatron, tmp_path / "meg"), copy_model(tiny_hf, tmp_path / "hf")
+    capsys.readouterr()
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", meg, "--overwrite") == 2
+    assert "is a vlm-bridge Megatron checkpoint" in capsys.readouterr().err
+    assert run_cli(*import_args(tiny_hf, hf, "--overwrite")) == 2
+    assert "is a Hugging Face model folder" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", adapter, "--overwrite") == 0
+    assert not (adapter / "adapter_config.json").exists() and (adapter / "model.safetensors").is_file()

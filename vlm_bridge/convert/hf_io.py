@@ -364,8 +364,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".index.jso
                    ".msgpack")
 
 
+# Files that describe superseded weights (an HF-PEFT adapter's config without its weights would
+# make transformers load an adapter that is gone).
+WEIGHT_COMPANIONS = ("adapter_config.json",)
+
+
 def _superseded(name: str, written: set[str]) -> bool:
-    return name in written or name.endswith(WEIGHT_SUFFIXES)
+    return name in written or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_COMPANIONS
 
 
 @contextlib.contextmanager
