@@ -373,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party_warnings()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # finetune's key=value overrides may come between its options (argparse takes a positional
+    # list only in one run); anything else unknown is an error as argparse would make it
+    if args.command == "finetune" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from vlm_bridge.convert.hf_io import CheckpointError
     from vlm_bridge.parallel import RankError
 

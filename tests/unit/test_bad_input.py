@@ -326,3 +326,14 @@ def test_overwrite_replaces_only_its_own_kind_of_folder(tiny_hf, tiny_megatron, 
     (adapter / "adapter_model.safetensors").write_bytes(b"x")
     assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", adapter, "--overwrite") == 0
     assert not (adapter / "adapter_config.json").exists() and (adapter / "model.safetensors").is_file()
+
+
+def test_finetune_overrides_may_come_between_options(tiny_hf, run_cli, capsys, tmp_path):
+    capsys.readouterr()
+    assert run_cli("finetune", "--recipe", "demo_tiny", "optim.lr=1e-3", "--pretrained", tiny_hf,
+                   "no.such_key=1") == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'no.such_key'" in err and "unrecognized" not in err, err
+    with pytest.raises(SystemExit):  # argparse's own exit, as for any unknown option
+        run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, "--fast")
+    assert "unrecognized arguments: --fast" in capsys.readouterr().err
