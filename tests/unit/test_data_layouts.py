@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,15 @@ def test_media_references_data_uri_file_url_home_and_web(tmp_path, monkeypatch):
                         {"role": "assistant", "content": "Red."}]}
     (sample,) = load_source(f"jsonl:{_write(tmp_path / 'uri.jsonl', [row])}")
     assert _media(sample) == [("image", uri)]
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<image> and <image>?"},
+                                          {"from": "gpt", "value": "Two."}]},
+     "sg.jsonl line 1: 2 <image> placeholders but 1 image file(s)"),
+    ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt"}]},
+     "sg.jsonl line 1: conversation turn 1 has no 'value'"),
+])
+def test_sharegpt_rows_that_do_not_add_up_are_named(tmp_path, row, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        list(load_source(f"jsonl:{_write(tmp_path / 'sg.jsonl', [row])}"))

@@ -45,14 +45,23 @@ def _pool(sample: Mapping[str, Any], kind: str) -> list[Any]:
     return list(found) if isinstance(found, list | tuple) else [found]
 
 
-def _sharegpt_messages(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
-    pools = {kind: iter(_pool(sample, kind)) for kind in MEDIA_TYPES}
+def _sharegpt_messages(sample: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    files = {kind: _pool(sample, kind) for kind in MEDIA_TYPES}
+    texts = [t.get("value") for t in sample["conversations"] if isinstance(t, Mapping)]
+    placeholders = [p for text in texts if isinstance(text, str) for p in PLACEHOLDER.findall(text)]
+    for kind, found in files.items():
+        wanted = placeholders.count(f"<{kind}>")
+        if wanted > len(found):
+            raise ValueError(f"{where}: {wanted} <{kind}> placeholders but {len(found)} {kind} file(s)")
+    pools = {kind: iter(found) for kind, found in files.items()}
     messages = []
-    for turn in sample["conversations"]:
+    for index, turn in enumerate(sample["conversations"]):
         if not isinstance(turn, Mapping):
             return sample["conversations"]  # malformed: validation names it
         role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content", ""))
+        if "value" not in turn and "content" not in turn:
+            raise ValueError(f"{where}: conversation turn {index} has no 'value'")
+        text = turn.get("value", turn.get("content"))
         content: list[dict[str, Any]] = []
         for part in PLACEHOLDER.split(text) if isinstance(text, str) else [text]:
             if part in ("<image>", "<video>"):
@@ -89,14 +98,15 @@ def _items(messages: list[Any]) -> Iterator[tuple[list[Any], int]]:
                 yield message["content"], i
 
 
-def normalize_sample(sample: Any) -> Any:
+def normalize_sample(sample: Any, where: str = "sample") -> Any:
     """``sample`` in the chat schema when it comes in one of the layouts above; anything else is
-    returned as it is, for validation to name what is wrong."""
+    returned as it is, for validation to name what is wrong (``where`` names the sample in the
+    errors found here)."""
     if not isinstance(sample, Mapping):
         return sample
     sample = dict(sample)
     if "messages" not in sample and isinstance(sample.get("conversations"), list):
-        sample["messages"] = _sharegpt_messages(sample)
+        sample["messages"] = _sharegpt_messages(sample, where)
     elif "messages" in sample and isinstance(sample["messages"], list):
         sample["messages"] = strip_nones(sample["messages"])
         pools = {kind: iter(_pool(sample, kind)) for kind in MEDIA_TYPES}

@@ -61,7 +61,7 @@ def load_json_samples(path: str | Path) -> Iterator[Sample]:
                     continue
                 where = f"{path.name} line {number}"
                 try:
-                    sample = normalize_sample(json.loads(line))
+                    sample = normalize_sample(json.loads(line), where)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
                 validate_sample(sample, where)
@@ -75,7 +75,7 @@ def load_json_samples(path: str | Path) -> Iterator[Sample]:
         if not isinstance(data, list):
             raise ValueError(f"{path.name}: expected a JSON list of samples")
         for index, sample in enumerate(data):
-            sample = normalize_sample(sample)
+            sample = normalize_sample(sample, f"{path.name} sample {index}")
             validate_sample(sample, f"{path.name} sample {index}")
             yield _resolve_media_paths(sample, base)
     else:
@@ -114,11 +114,11 @@ def load_hf_dataset(
     return datasets.load_dataset(str(name_or_dir), subset, split=split, **load_kwargs)
 
 
-def row_to_sample(row: Mapping[str, Any]) -> Sample:
+def row_to_sample(row: Mapping[str, Any], where: str = "row") -> Sample:
     """A ``datasets`` row with a ``messages`` (or ShareGPT ``conversations``) column, as a schema
     sample; media items without a value take theirs, in order, from an ``images`` / ``videos``
     column (:func:`.layouts.normalize_sample`)."""
-    sample = normalize_sample(dict(row))
+    sample = normalize_sample(dict(row), where)
     return {"messages": sample["messages"]} if isinstance(sample, dict) and "messages" in sample else sample
 
 
@@ -134,7 +134,7 @@ def hf_samples(
         if "messages" not in row and "conversations" not in row:
             raise ValueError(f"{name_or_dir}: no 'messages' (or ShareGPT 'conversations') column "
                              f"(has {', '.join(row)})")
-        sample = row_to_sample(row)
+        sample = row_to_sample(row, f"{name_or_dir} row {index}")
         validate_sample(sample, f"{name_or_dir} row {index}")
         yield _resolve_media_paths(sample, base) if base is not None else sample
 
