@@ -321,7 +321,8 @@ def test_an_over_long_sample_is_skipped_and_counted_not_fatal(nemotron):
 
 def test_images_and_videos_in_one_file_train_and_evaluate(nemotron, tmp_path, run_cli):
     """The model takes images and video only in separate batches: packing keeps them in separate
-    rows and micro-batches, and the evaluation loss pass in separate batches."""
+    rows and micro-batches (two rows each here: a step gets a micro-batch more where images give
+    way to video), and the evaluation loss pass in separate batches."""
     from vlm_bridge.testing.media import make_image, make_video_frames, save_video_frames
 
     make_image(64, 48, seed=0).save(tmp_path / "a.png")
@@ -337,5 +338,5 @@ def test_images_and_videos_in_one_file_train_and_evaluate(nemotron, tmp_path, ru
                    "--report", tmp_path / "r.json") == 0
     assert json.loads((tmp_path / "r.json").read_text())["loss_samples"] == 6
     assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", nemotron, f"data.train=jsonl:{data}",
-                   f"output_dir={tmp_path / 'run'}", "steps=2", "global_batch_size=2", "micro_batch_size=1",
+                   f"output_dir={tmp_path / 'run'}", "steps=2", "global_batch_size=4", "micro_batch_size=2",
                    "checkpoint.save_every=0", "data.seq_len=4096") == 0

@@ -149,3 +149,23 @@ def test_rows_keep_media_kinds_apart_when_asked():
     one_row = BestFitRows(1024, max_rows=1)
     assert one_row.add(100, "image") and one_row.add(100, None) and not one_row.add(100, "video")
     assert one_row.rows == [[0, 1]]
+
+
+def test_micro_batches_end_where_images_give_way_to_videos():
+    from vlm_bridge.train.batching import group_rows
+
+    def row(kind: str | None) -> list:
+        media = {"image": {"pixel_values": torch.zeros(1)}, "video": {"pixel_values_videos": torch.zeros(1)}}
+        ids = torch.ones(4, dtype=torch.long)
+        return [EncodedSample(input_ids=ids, labels=ids.clone(), num_loss_tokens=4,
+                              media=media.get(kind, {}))]
+
+    rows = [row("video"), row("image"), row(None), row("image"), row("video")]
+    groups = group_rows(rows, 2, video_alone=True)
+    kinds = [{("v" if "pixel_values_videos" in r[0].media else "i" if r[0].media else "t") for r in g}
+             for g in groups]
+    assert sum(len(g) for g in groups) == 5 and all(len(g) <= 2 for g in groups)
+    assert all(not {"i", "v"} <= k for k in kinds), kinds
+    assert len(group_rows(rows, 2, video_alone=False)) == 3  # other families: fixed groups, any mix
+    with pytest.raises(ValueError, match="set micro_batch_size=1"):
+        group_rows(rows, 4, video_alone=True, fixed=True)  # pipeline stages: full micro-batches only

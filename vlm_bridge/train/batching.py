@@ -51,22 +51,34 @@ def media_kind(sample) -> str | None:
     return "video" if has_video(sample) else "image" if has_image(sample) else None
 
 
-def group_rows(rows: list[list], per_batch: int, video_alone: bool) -> list[list[list]]:
-    """Packed rows (lists of encoded samples) into micro-batches of ``per_batch`` rows. A family
-    that takes images and videos only in separate batches (``video_batch_alone``; its packer keeps
-    them in separate rows) gets the rows ordered images, text, video, so that no micro-batch
-    holds images and a video unless the counts force it, which is refused by name."""
-    if video_alone:
-        def kind(row: list) -> int:
-            return 2 if any(has_video(s) for s in row) else 0 if any(has_image(s) for s in row) else 1
+def group_rows(rows: list[list], per_batch: int, video_alone: bool, fixed: bool = False) -> list[list[list]]:
+    """Packed rows (lists of encoded samples) into micro-batches of at most ``per_batch`` rows. A
+    family that takes images and videos only in separate batches (``video_batch_alone``; its
+    packer keeps them in separate rows) gets the rows ordered images, text, video and a micro-batch
+    ends where images give way to videos, so a step may have a micro-batch more. ``fixed``
+    (pipeline parallelism: every micro-batch the same shape) keeps ``per_batch`` rows and refuses a
+    micro-batch that would mix them, by name."""
+    if not video_alone:
+        return [rows[i:i + per_batch] for i in range(0, len(rows), per_batch)]
 
-        rows = sorted(rows, key=kind)  # stable: fullest first within a kind
-    groups = [rows[i:i + per_batch] for i in range(0, len(rows), per_batch)]
-    for group in groups if video_alone else []:
-        samples = [s for row in group for s in row]
-        if any(has_video(s) for s in samples) and any(has_image(s) for s in samples):
+    def kind(row: list) -> int:
+        return 2 if any(has_video(s) for s in row) else 0 if any(has_image(s) for s in row) else 1
+
+    rows = sorted(rows, key=kind)  # stable: fullest first within a kind
+    groups: list[list[list]] = []
+    for row in rows:
+        current = groups[-1] if groups else None
+        kinds = {kind(r) for r in current or []} | {kind(row)}
+        if current is not None and len(current) < per_batch and (fixed or not {0, 2} <= kinds):
+            current.append(row)
+        else:
+            groups.append([row])
+    for group in groups:
+        kinds = {kind(r) for r in group}
+        if {0, 2} <= kinds:
             raise ValueError(f"a micro-batch of {per_batch} rows holds a video and images, which this model "
-                             "takes only in separate batches: set micro_batch_size=1")
+                             "takes only in separate batches, and pipeline stages need full micro-batches: "
+                             "set micro_batch_size=1")
     return groups
 
 

@@ -115,7 +115,8 @@ class MicroBatchStream:
                     for _ in range(num_microbatches)]
         rows = self._packed_rows(num_microbatches * self.mbs)
         out = []
-        for group in group_rows(rows, self.mbs, getattr(self.family, "video_batch_alone", False)):
+        for group in group_rows(rows, self.mbs, getattr(self.family, "video_batch_alone", False),
+                                fixed=self.pad_to_seq_len):
             length = row_length(group, self.seq_len, None if self.pad_to_seq_len else self.row_multiple)
             out.append(collate_packed(group, self.family, self.settings, length, self.pad_id))
         return out

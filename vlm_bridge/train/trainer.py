@@ -182,6 +182,10 @@ def forward_backward(run: Run) -> tuple[list[dict], list]:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     step_batches = run.stream.next_step(run.num_microbatches * dp)
+    while len(step_batches) % dp:  # a step split further (images apart from videos): every rank runs
+        # as many forwards (experts exchange tokens in each); the extra one counts for nothing
+        step_batches.append(dataclasses.replace(step_batches[-1], num_tokens=0,
+                                                loss_mask=torch.zeros_like(step_batches[-1].loss_mask)))
     mine = [mb.to(device()) for mb in step_batches[dp_rank::dp]]
     # The schedule sizes pipeline messages from this (divided by CP, as the model pads).
     seq_len = padded_length(mine[0].labels.shape[1], run.cfg.parallel.cp)
