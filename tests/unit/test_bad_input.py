@@ -337,3 +337,13 @@ def test_finetune_overrides_may_come_between_options(tiny_hf, run_cli, capsys, t
     with pytest.raises(SystemExit):  # argparse's own exit, as for any unknown option
         run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, "--fast")
     assert "unrecognized arguments: --fast" in capsys.readouterr().err
+
+
+def test_moe_fine_tuning_at_tensor_parallel_two_is_named(tiny_qwen3_moe, run_cli, capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Yes."}]}) + "\n")
+    out = tmp_path / "run"
+    args = ["finetune", "--recipe", "demo_tiny", "--pretrained", tiny_qwen3_moe, f"data.train=jsonl:{data}",
+            f"output_dir={out}", "steps=1", "parallel.tp=2"]
+    check_error(run_cli, capsys, args, "parallel.tp=2", "parallel.ep", out=out)

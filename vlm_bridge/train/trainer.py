@@ -89,6 +89,13 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
 
 def prepare_model(cfg: TrainConfig, built) -> None:
     """Recomputation, PEFT and freeze flags on a built model (before DDP sees its parameters)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    if cfg.parallel.tp > 1 and any(isinstance(m, MoELayer) for m in built.model.modules()):
+        # Megatron trains MoE layers at TP > 1 only with sequence parallelism, which the models here
+        # do not use (converting, verifying and generating at TP > 1 are not affected).
+        raise ValueError(f"parallel.tp={cfg.parallel.tp}: a model with MoE layers fine-tunes at "
+                         "parallel.tp=1; spread its experts with parallel.ep instead")
     if cfg.recompute or cfg.recompute_components or cfg.recompute_layers:
         apply_recompute(built.model, tuple(dict.fromkeys(cfg.recompute_components)), cfg.recompute_layers)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
