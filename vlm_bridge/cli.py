@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -60,6 +61,22 @@ def _check_decoding(max_new_tokens: int, batch_size: int) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+# Beyond any model's positions; a larger --max-new-tokens would only size a cache no machine holds.
+MAX_NEW_TOKENS = 1 << 20
+
+
+def _check_new_tokens(source: str, max_new_tokens: int) -> None:
+    """--max-new-tokens within the model's positions (its config's, where it states them)."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}  # the model's own loading names an unreadable config
+    text = config.get("text_config") or config.get("llm_config") or {}
+    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings") or MAX_NEW_TOKENS
+    if max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is more than the model's {limit} positions")
 
 
 def _model_source(args) -> str:
@@ -225,16 +242,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from vlm_bridge.convert.hf_io import strict_json
     from vlm_bridge.parallel import run_parallel
     from vlm_bridge.verify import DEFAULT_PROMPT, format_report, verify
 
+    if args.tolerance is not None and not 0 <= args.tolerance < math.inf:  # nan fails too
+        raise ValueError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
     parallel = _parallel(args, args.hf_model)
     report = run_parallel(
         verify, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
         args.fp32_baseline, _key_values(args.processor_arg, "--processor-arg"),
     )
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(strict_json(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] else EXIT_PARITY
 
 
@@ -259,6 +279,7 @@ def cmd_generate(args) -> int:
     check_media(requests)
     sampling = _sampling(args)
     source = _model_source(args)
+    _check_new_tokens(source, args.max_new_tokens)
     _check_modalities(source, requests)
     parallel = _parallel(args, source)
     result = run_parallel(
@@ -280,7 +301,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input
+    from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input, strict_json
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import resolve_metric
     from vlm_bridge.parallel import run_parallel
@@ -295,6 +316,8 @@ def cmd_evaluate(args) -> int:
         refuse_output_over_input(args.report, {"--data": args.data, "--megatron-path": args.megatron_path,
                                                "--hf-model": args.hf_model})
         refuse_existing_file(args.report, "--report", args.overwrite)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
     metrics = tuple(args.metric or ("exact_match", "anls"))
     for name in metrics:
         resolve_metric(name)  # a bad name fails before any model loads
@@ -305,7 +328,7 @@ def cmd_evaluate(args) -> int:
     parallel = _parallel(args, _model_source(args))
     report = run_parallel(evaluate_command, parallel.conversion_world_size, args.hf_model,
                           args.megatron_path, parallel, data, options, args.dtype, args.report)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(strict_json(report, indent=2) if args.json else format_report(report))
     return 0
 
 

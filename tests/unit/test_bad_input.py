@@ -347,3 +347,36 @@ def test_moe_fine_tuning_at_tensor_parallel_two_is_named(tiny_qwen3_moe, run_cli
     args = ["finetune", "--recipe", "demo_tiny", "--pretrained", tiny_qwen3_moe, f"data.train=jsonl:{data}",
             f"output_dir={out}", "steps=1", "parallel.tp=2"]
     check_error(run_cli, capsys, args, "parallel.tp=2", "parallel.ep", out=out)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["generate", "--prompt", "hi", "--seed", str(10**23)], "--seed must be in"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", str(10**11)], "more than the model's 4096 positions"),
+    (["verify", "--tolerance", "nan"], "--tolerance must be a finite number"),
+    (["evaluate", "--data", "DATA", "--max-samples", "-1"], "--max-samples must be >= 1"),
+    (["evaluate", "--data", "DATA", "--metric", "./nowhere.py:f"], "cannot import it"),
+    (["evaluate", "--data", "DATA", "--metric", "os:path"], "path is a module, not a function"),
+])
+def test_decoding_and_report_options_are_checked_first(tiny_hf, run_cli, capsys, tmp_path, args, needle):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Yes."}]}) + "\n")
+    capsys.readouterr()
+    assert run_cli(*[str(data) if a == "DATA" else a for a in args], "--hf-model", tiny_hf) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
+
+
+def test_a_metric_from_a_file_and_a_nan_score_give_strict_json(tiny_hf, run_cli, capsys, tmp_path):
+    metrics = tmp_path / "my_metrics.py"
+    metrics.write_text("def half(answer, references):\n    return 0.5\n\ndef nan(answer, references):\n"
+                       "    return float('nan')\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Yes."}]}) + "\n")
+    report = tmp_path / "r.json"
+    assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", data, "--metric", f"{metrics}:half",
+                   "--metric", f"{metrics}:nan", "--max-new-tokens", "1", "--report", report) == 0
+    scores = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert scores["metrics"][f"{metrics}:half"] == 0.5 and scores["metrics"][f"{metrics}:nan"] is None

@@ -345,6 +345,21 @@ def refuse_existing_file(path: str | Path, option: str, overwrite: bool) -> None
         raise CheckpointError(f"{option} {path} already exists; pass --overwrite to replace it")
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that strict parsers read: a non-finite number (a metric's nan, say) is written as null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file by a temporary sibling and a rename (a failed run leaves no half-written
     file); missing parent folders are created. A symlinked path is written where it points."""

@@ -65,7 +65,8 @@ def read_video(path: str | Path, processor: Any, fps: float | None = None) -> De
         frames, metadata = load_video(str(path), backend="pyav", sample_indices_fn=sample_indices_fn)
     except Exception as exc:  # FFmpeg/PyAV errors, and sampling errors on empty or truncated files
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise ValueError(f"cannot read video {path} ({reason})") from None
+        raise ValueError(f"cannot read video {path}: not a video PyAV decodes, or an empty one "
+                         f"({reason})") from None
     return DecodedVideo(frames, dict(metadata), kwargs)
 
 

@@ -11,7 +11,6 @@ list (DocVQA-style sets of accepted answers).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vlm_bridge.convert.hf_io import write_text_atomic
+from vlm_bridge.convert.hf_io import strict_json, write_text_atomic
 from vlm_bridge.inference.generate import Sampling
 from vlm_bridge.inference.metrics import resolve_metric
 from vlm_bridge.inference.requests import request_from_sample
@@ -178,5 +177,5 @@ def evaluate_command(hf_model: str | None, megatron_path: str | None, parallel, 
         return {}
     report["data"] = data
     if report_path:
-        write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(report_path, strict_json(report, indent=2, ensure_ascii=False) + "\n")
     return report

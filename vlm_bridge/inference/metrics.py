@@ -10,6 +10,7 @@ import importlib
 import re
 import string
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Metric = Callable[[str, Sequence[str]], float]
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -61,10 +62,28 @@ def resolve_metric(name: str) -> Metric:
     """A built-in metric by name, or ``module:function`` (called as ``function(answer, references)``)."""
     if name in METRICS:
         return METRICS[name]
-    module, sep, function = name.partition(":")
-    if not sep:
-        raise ValueError(f"--metric {name!r}: use one of {', '.join(METRICS)} or module:function")
+    module, sep, function = name.rpartition(":")
+    if not sep or not module or not function:
+        raise ValueError(f"--metric {name!r}: use one of {', '.join(METRICS)}, module:function or "
+                         "FILE.py:function")
     try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as exc:
+        loaded = _module_from_file(module) if module.endswith(".py") else importlib.import_module(module)
+        metric = getattr(loaded, function)
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError) as exc:
         raise ValueError(f"--metric {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
+    if not callable(metric):
+        raise ValueError(f"--metric {name!r}: {function} is a {type(metric).__name__}, not a function")
+    return metric
+
+
+def _module_from_file(path: str):
+    """A metric module given as a file (``metrics.py:fn``), not on the import path."""
+    import importlib.util
+
+    file = Path(path).expanduser()
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    if spec is None or spec.loader is None or not file.is_file():
+        raise ImportError(f"no such file {file}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
