@@ -63,22 +63,6 @@ def _check_decoding(max_new_tokens: int, batch_size: int) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-# Beyond any model's positions; a larger --max-new-tokens would only size a cache no machine holds.
-MAX_NEW_TOKENS = 1 << 20
-
-
-def _check_new_tokens(source: str, max_new_tokens: int) -> None:
-    """--max-new-tokens within the model's positions (its config's, where it states them)."""
-    try:
-        config = json.loads((Path(source) / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}  # the model's own loading names an unreadable config
-    text = config.get("text_config") or config.get("llm_config") or {}
-    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings") or MAX_NEW_TOKENS
-    if max_new_tokens > limit:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} is more than the model's {limit} positions")
-
-
 def _model_source(args) -> str:
     """The folder whose HF config describes the model (checked before any rank starts)."""
     from vlm_bridge.inference.command import resolve_megatron_path
@@ -279,8 +263,7 @@ def cmd_generate(args) -> int:
     check_media(requests)
     sampling = _sampling(args)
     source = _model_source(args)
-    _check_new_tokens(source, args.max_new_tokens)
-    _check_modalities(source, requests)
+    _check_requests(source, requests, args.max_new_tokens)
     parallel = _parallel(args, source)
     result = run_parallel(
         generate_command, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
@@ -302,6 +285,7 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input, strict_json
+    from vlm_bridge.data.sources import source_path
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import resolve_metric
     from vlm_bridge.parallel import run_parallel
@@ -313,8 +297,9 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"--data {data} does not exist")
         data = f"{path.suffix[1:].lower()}:{path}"
     if args.report:
-        refuse_output_over_input(args.report, {"--data": args.data, "--megatron-path": args.megatron_path,
-                                               "--hf-model": args.hf_model})
+        inputs = {"--data": source_path(args.data), "--megatron-path": args.megatron_path,
+                  "--hf-model": args.hf_model}
+        refuse_output_over_input(args.report, inputs)
         refuse_existing_file(args.report, "--report", args.overwrite)
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
@@ -332,15 +317,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _check_modalities(hf_config_dir: str, requests) -> None:
-    """A video (or image) for a family that takes none fails before any model loads."""
+def _check_requests(hf_config_dir: str, requests, max_new_tokens: int) -> None:
+    """A video (or image) for a family that takes none, or more new tokens than the model has
+    positions, fails before any model loads."""
     if not os.path.isfile(os.path.join(hf_config_dir, "config.json")):
         return  # the loader says what is wrong with the folder
     from vlm_bridge.data.schema import iter_media
     from vlm_bridge.loading import load_hf_config
     from vlm_bridge.registry import family_for_config
 
-    family = family_for_config(load_hf_config(hf_config_dir))
+    config = load_hf_config(hf_config_dir)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if positions and max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is more than the model's {positions} positions")
+    family = family_for_config(config)
     for request in requests:
         for kind, _ in iter_media({"messages": request.messages}):
             if kind not in family.modalities:

@@ -1,6 +1,8 @@
-"""Two faults of Megatron-Core 0.16.1's distributed optimizer when it restores a checkpoint into a
+"""Three faults of Megatron-Core 0.16.1's distributed optimizer when it restores a checkpoint into a
 torch AdamW (no apex or Transformer Engine):
 
+* it describes what it loads from its current Adam state, which a torch AdamW creates only at its
+  first step: :func:`zero_state_to_load_into` puts zeros and step 0 in its place;
 * from a "fully_reshardable" checkpoint it copies every key of each parameter's Adam state, "step"
   included, but the checkpoint holds only "param", "exp_avg" and "exp_avg_sq": ``KeyError:
   'step'``. The step count comes with the common state; the copy here leaves keys the checkpoint
@@ -15,6 +17,24 @@ from __future__ import annotations
 import torch
 
 _PATCHED = "_vlm_bridge_keeps_unsaved_keys"
+
+
+def zero_state_to_load_into(optimizer) -> None:
+    """The distributed optimizer describes what it loads from its current Adam state (and its step
+    count), which a torch AdamW creates only at its first step: zeros and step 0 in their place,
+    each replaced by the checkpoint's values."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if adam is None or not hasattr(inner, "_get_model_param_range_map"):  # not distributed
+            continue
+        moments = getattr(adam, "MOMENT_DTYPE", None)
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(param, dtype=moments or param.dtype)
 
 
 def keep_unsaved_optimizer_keys() -> None:

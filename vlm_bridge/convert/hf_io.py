@@ -313,30 +313,18 @@ def refuse_output_over_input(output: str | Path, inputs: dict[str, str | Path | 
     """A command's output must not be one of its inputs, nor a folder holding one: writing it (and
     with --overwrite, deleting what was there) would destroy the input; nor an existing file inside
     an input folder (a checkpoint's own metadata, say). ``inputs``: option name -> path given (None:
-    not given); a data source spec (``jsonl:PATH``, ``hf:DIR@SPLIT``) counts as its path."""
+    not given)."""
     out = Path(output).resolve()
     for option, given in inputs.items():
         if given is None:
             continue
-        src = Path(source_path(str(given))).resolve()
+        src = Path(given).resolve()
         if src == out or out in src.parents:
             raise CheckpointError(f"the output {output} is {'' if src == out else 'a folder holding '}"
                                   f"the input {option} {given}; choose another output path")
         if src.is_dir() and src in out.parents and os.path.lexists(out) and not out.is_dir():
             raise CheckpointError(f"the output {output} is a file of the input {option} {given}; choose "
                                   "another output path")
-
-
-def source_path(spec: str) -> str:
-    """The file or folder a data source spec reads (``jsonl:PATH``, ``json:PATH``,
-    ``hf:DIR[@SPLIT]``); anything else is taken as a path."""
-    kind, colon, rest = spec.partition(":")
-    if colon and kind in ("jsonl", "json") and rest:
-        return rest
-    if colon and kind == "hf" and rest:
-        name, at, split = rest.rpartition("@")
-        return name if at and name and not Path(rest).exists() else rest
-    return spec
 
 
 def refuse_existing_file(path: str | Path, option: str, overwrite: bool) -> None:

@@ -106,7 +106,7 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
         return sample
     sample = dict(sample)
     if "messages" not in sample and isinstance(sample.get("conversations"), list):
-        sample["messages"] = _sharegpt_messages(sample, where)
+        sample["messages"] = _sharegpt_messages(sample, where)  # schema items already
     elif "messages" in sample and isinstance(sample["messages"], list):
         sample["messages"] = strip_nones(sample["messages"])
         pools = {kind: iter(_pool(sample, kind)) for kind in MEDIA_TYPES}
@@ -118,9 +118,4 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
                     value = next(pools[kind], None)
                     if value is not None:
                         item[kind] = value
-    else:
-        return sample
-    for content, i in _items(sample["messages"]):
-        if isinstance(content[i], dict):
-            content[i] = _media_item(content[i])
     return sample

@@ -293,6 +293,25 @@ MAKERS: dict[str, Callable[..., Iterator[Sample]]] = {
 }
 
 
+def _hf_name_and_split(rest: str) -> tuple[str, str | None]:
+    """``NAME_OR_DIR@SPLIT`` -> (NAME_OR_DIR, SPLIT); a folder whose own name holds "@" stays whole."""
+    name, at, split = rest.rpartition("@")
+    if at and name and split and "/" not in split and not Path(rest).exists():
+        return name, split
+    return rest, None
+
+
+def source_path(spec: str) -> str:
+    """The file or folder a source spec reads (``jsonl:PATH``, ``json:PATH``, ``hf:DIR[@SPLIT]``);
+    anything else is taken as a path."""
+    kind, colon, rest = spec.partition(":")
+    if colon and rest and kind in ("jsonl", "json"):
+        return rest
+    if colon and rest and kind == "hf":
+        return _hf_name_and_split(rest)[0]
+    return spec
+
+
 def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
     """Samples for a source string.
 
@@ -308,10 +327,9 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
             raise ValueError(f"source {spec!r}: expected a .{kind} file")
         return load_json_samples(rest)
     if kind == "hf" and rest:
-        name, at, split = rest.rpartition("@")  # hf:NAME_OR_DIR@SPLIT picks a split
-        if at and name and split and "/" not in split and not Path(rest).exists():
+        rest, split = _hf_name_and_split(rest)
+        if split is not None:
             kwargs["split"] = split
-            rest = name
         return hf_samples(rest, **kwargs)
     if kind in MAKERS:
         if rest:

@@ -60,25 +60,25 @@ def group_rows(rows: list[list], per_batch: int, video_alone: bool, fixed: bool 
     micro-batch that would mix them, by name."""
     if not video_alone:
         return [rows[i:i + per_batch] for i in range(0, len(rows), per_batch)]
+    order = {"image": 0, None: 1, "video": 2}
 
-    def kind(row: list) -> int:
-        return 2 if any(has_video(s) for s in row) else 0 if any(has_image(s) for s in row) else 1
+    def kind(row: list) -> str | None:  # a row holds one media kind at most (see BestFitRows)
+        return next((k for k in map(media_kind, row) if k is not None), None)
 
-    rows = sorted(rows, key=kind)  # stable: fullest first within a kind
     groups: list[list[list]] = []
-    for row in rows:
-        current = groups[-1] if groups else None
-        kinds = {kind(r) for r in current or []} | {kind(row)}
-        if current is not None and len(current) < per_batch and (fixed or not {0, 2} <= kinds):
-            current.append(row)
+    kinds: list[set] = []  # the media kinds of each group
+    for row in sorted(rows, key=lambda r: order[kind(r)]):  # stable: fullest first within a kind
+        mixed = kinds and {"image", "video"} <= kinds[-1] | {kind(row)}
+        if groups and len(groups[-1]) < per_batch and (fixed or not mixed):
+            groups[-1].append(row)
+            kinds[-1].add(kind(row))
         else:
             groups.append([row])
-    for group in groups:
-        kinds = {kind(r) for r in group}
-        if {0, 2} <= kinds:
-            raise ValueError(f"a micro-batch of {per_batch} rows holds a video and images, which this model "
-                             "takes only in separate batches, and pipeline stages need full micro-batches: "
-                             "set micro_batch_size=1")
+            kinds.append({kind(row)})
+    if any({"image", "video"} <= k for k in kinds):
+        raise ValueError(f"a micro-batch of {per_batch} rows holds a video and images, which this model "
+                         "takes only in separate batches, and pipeline stages need full micro-batches: "
+                         "set micro_batch_size=1")
     return groups
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from vlm_bridge.compat.distopt_state import zero_state_to_load_into
 from vlm_bridge.convert.engine import META_FILE
 from vlm_bridge.convert.hf_io import CheckpointError, copy_hf_side_files
 from vlm_bridge.convert.streaming import checkpoint_read_errors
@@ -125,24 +126,6 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
     return final
 
 
-def _zero_state_to_load_into(optimizer) -> None:
-    """The distributed optimizer describes what it loads from its current Adam state (and its step
-    count), which a torch AdamW creates only at its first step: zeros and step 0 in their place,
-    each replaced by the checkpoint's values."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = getattr(inner, "optimizer", None)
-        if adam is None or not hasattr(inner, "_get_model_param_range_map"):  # not distributed
-            continue
-        moments = getattr(adam, "MOMENT_DTYPE", None)
-        for group in adam.param_groups:
-            for param in group["params"]:
-                state = adam.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(param, dtype=moments or param.dtype)
-
-
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is the same); returns extra."""
     weights = str(Path(path) / "weights")
@@ -150,7 +133,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         common = dist_checkpointing.load_common_state_dict(weights)
         _check_optimizer_layout(path, common["extra"], optimizer)
         same_layout = common["extra"].get("layout") == _layout()
-        _zero_state_to_load_into(optimizer)
+        zero_state_to_load_into(optimizer)
         state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
     getattr(model, "module", model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
