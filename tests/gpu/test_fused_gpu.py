@@ -55,3 +55,28 @@ def test_fused_kernels_match_eager(backend, dtype, rows, monkeypatch):
              (heads, torch.randn(256, device="cuda", generator=gen).to(dtype)), dtype)
     glu = torch.randn(rows, 1, 2 * 1280, device="cuda", generator=gen).to(dtype)
     _compare(fused.gelu_tanh_glu, fused._gelu_tanh_glu, (glu,), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_matches_fp32_loss(dtype):
+    """The fused whole-logits loss at a real vocabulary (152,064 columns, 64 of them padding here)
+    against torch's cross-entropy of the fp32 logits: loss and logits gradient."""
+    from vlm_bridge.families._common.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    vocab, padded = 152000, 152064
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(1531, 1, padded, device="cuda", generator=gen) * 3).to(dtype)
+    logits[..., vocab:] = 0
+    labels = torch.randint(0, vocab, (1531, 1), device="cuda", generator=gen)
+    upstream = torch.rand(1531, 1, device="cuda", generator=gen)
+    ours = logits.clone().requires_grad_()
+    loss = fused_vocab_parallel_cross_entropy(ours, labels, vocab)
+    loss.backward(upstream)
+    reference = logits.float().clone().requires_grad_()
+    masked = reference.masked_fill(torch.arange(padded, device="cuda") >= vocab, float("-inf"))
+    want = torch.nn.functional.cross_entropy(masked.view(-1, padded), labels.view(-1), reduction="none")
+    want.backward(upstream.view(-1))
+    torch.testing.assert_close(loss.view(-1), want, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # one rounding of each gradient to bf16
+    torch.testing.assert_close(ours.grad.float(), reference.grad, rtol=tol, atol=1e-7)
+    assert not ours.grad[..., vocab:].any()

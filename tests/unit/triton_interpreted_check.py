@@ -8,6 +8,7 @@ mismatch."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -51,6 +52,98 @@ def main() -> None:
                 torch.testing.assert_close(g, e, **tol, msg=lambda m, n=name: f"{n}: {m}")
             print(f"ok {name} {dtype} max diff {max(max_error(got, want)):.2e}")
     check_adam_kernel()
+    from vlm_bridge.parallel import run_parallel
+
+    for tp in (1, 2):
+        for line in run_parallel(check_cross_entropy, tp, tp):
+            print(line)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(run_parallel(check_model_loss, 1, tmp))
+
+
+# 300 real columns padded to 384; at TP=2 the second shard (192-383) holds 108 real columns, so the
+# kernels loop over a shard wider than one block (block 128 below) and skip its padding.
+CE_VOCAB, CE_PADDED, CE_BLOCK = 300, 384, 128
+
+
+def check_cross_entropy(tp: int) -> list[str]:
+    """The fused vocabulary-parallel cross-entropy against Megatron's own on the fp32 copy of the
+    logits (padded columns masked), loss and logits gradient, on this rank's vocabulary shard.
+    Labels include one on the other shard and Megatron's ignored -100."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from vlm_bridge.families._common import fused_cross_entropy
+    from vlm_bridge.families._common.vocab import mask_padded_vocab
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tp=tp))
+    fused_cross_entropy._BLOCK = CE_BLOCK
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    gen = torch.Generator().manual_seed(6)
+    full = torch.randn(5, 2, CE_PADDED, generator=gen) * 4
+    full[..., CE_VOCAB:] = 0.0  # padded rows of the output weight are zero
+    labels = torch.randint(0, CE_VOCAB, (5, 2), generator=gen)
+    labels[0, 0], labels[1, 1], labels[2, 0] = -100, CE_VOCAB - 1, 0
+    upstream = torch.rand(5, 2, generator=gen)
+    lines, grads = [], {}
+    for dtype in (torch.float32, torch.bfloat16):
+        shard = full.to(dtype).chunk(tp, dim=-1)[rank].contiguous()
+        want_in = shard.clone().requires_grad_()
+        want = vocab_parallel_cross_entropy(mask_padded_vocab(want_in.float(), CE_VOCAB), labels)
+        want.backward(upstream)
+        got_in = shard.clone().requires_grad_()
+        got = fused_cross_entropy.fused_vocab_parallel_cross_entropy(got_in, labels, CE_VOCAB)
+        got.backward(upstream)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # bf16 gradients: one rounding on both sides, but the interpreter truncates where torch rounds
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-6}
+        torch.testing.assert_close(got_in.grad, want_in.grad, **tol)
+        assert got_in.grad.dtype == dtype
+        lines.append(f"ok cross-entropy tp={tp} {dtype} max diff {float((got - want).abs().max()):.2e}")
+        grads[dtype] = want_in.grad
+    # grad_in_place: the gradient is written over the logits (a non-leaf, as the output layer's are)
+    leaf = full.chunk(tp, dim=-1)[rank].contiguous().requires_grad_()
+    logits = leaf * 1.0
+    fused = fused_cross_entropy.fused_vocab_parallel_cross_entropy
+    loss = fused(logits, labels, CE_VOCAB, grad_in_place=True)
+    loss.backward(upstream)
+    torch.testing.assert_close(leaf.grad, grads[torch.float32], rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits.detach(), leaf.grad)
+    lines.append(f"ok cross-entropy tp={tp} gradient in place")
+    return lines if rank == 0 else []
+
+
+def check_model_loss(tmp: str) -> str:
+    """Through a model (Qwen2.5-VL's tiny vocabulary is padded for TP): the fused loss where the
+    model takes it (``fusion_enabled``, true on a GPU) against the fp32 one, per-token loss and the
+    output layer's gradient."""
+    from vlm_bridge.families._common import vlm
+    from vlm_bridge.loading import load_hf, load_processor
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+    from vlm_bridge.verify import DEFAULT_PROMPT, build_batch, default_media
+
+    init_distributed(ParallelConfig())
+    hf_dir = build_tiny_qwen2_5_vl(f"{tmp}/hf")
+    built = load_hf(str(hf_dir), ParallelConfig(), torch.float32)
+    batch = build_batch(load_processor(str(hf_dir)), *default_media(), DEFAULT_PROMPT)
+    inputs = built.family.model_inputs(built.settings, dict(batch))
+    calls, kernel_loss = [], vlm.fused_vocab_parallel_cross_entropy
+    vlm.fused_vocab_parallel_cross_entropy = lambda *a, **k: calls.append(k) or kernel_loss(*a, **k)
+    results = []
+    for fused_loss in (False, True):
+        vlm.fusion_enabled = lambda x, on=fused_loss: on
+        built.model.zero_grad(set_to_none=True)
+        loss = built.model(**inputs, labels=batch["input_ids"])
+        loss.sum().backward()
+        output = next(p.grad for n, p in built.model.named_parameters() if "output_layer" in n)
+        results.append((loss.detach().clone(), output.clone()))
+    (loss, grad), (fused_loss, fused_grad) = results
+    assert calls == [{"grad_in_place": True}], calls  # the second pass, and only it, took the kernel
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-6)
+    return f"ok cross-entropy through the model max diff {float((fused_loss - loss).abs().max()):.2e}"
 
 
 def check_adam_kernel() -> None:

@@ -37,7 +37,10 @@ from vlm_bridge.attention.context import (
     pad_tokens,
     padded_length,
 )
+from vlm_bridge.families._common import fused_cross_entropy
 from vlm_bridge.families._common.chunked_loss import chunked_linear_cross_entropy, chunking_pays
+from vlm_bridge.families._common.fused import fusion_enabled
+from vlm_bridge.families._common.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
@@ -213,6 +216,11 @@ class VLMModel(MegatronModule):
         logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=gather)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
+        if fusion_enabled(logits) and fused_cross_entropy.available(logits):
+            # The logits exist for this loss alone: their gradient may take their place.
+            loss = fused_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.s.vocab_size,
+                                                      grad_in_place=True)
+            return loss.transpose(0, 1).contiguous()
         if self.s.padded_vocab_size > self.s.vocab_size:
             # The loss works in fp32 anyway: mask that copy in place rather than make another.
             logits = mask_padded_vocab(logits.float(), self.s.vocab_size, inplace=True)

@@ -1,0 +1,149 @@
+"""The vocabulary-parallel cross-entropy of the whole-logits loss in two Triton kernels that read
+the half-precision logits where the output layer wrote them.
+
+Megatron's ``vocab_parallel_cross_entropy`` works on an fp32 copy of the logits (2.5 GB for 4,096
+tokens of a 152k vocabulary), makes about eight passes over it (max, shift, exp, sum, divide in the
+forward; the one-hot update and the scaling in the backward) and keeps the fp32 softmax for the
+backward. Here the forward reads each row once, keeping a running maximum, the sum of exponentials
+and the target's logit in fp32 registers; the backward reads the row again and writes
+``(softmax - one_hot) * dloss`` over the logits themselves, which nothing needs after the loss.
+Nothing of the logits' size is allocated.
+
+The result is Megatron's, term for term: the same fp32 arithmetic (a different summation order),
+padded vocabulary columns (global id >= ``vocab_size``) left out as ``-inf`` logits are, a label in
+no rank's shard contributing no target logit, and under tensor parallelism the maximum, the sum and
+the target all-reduced over the TP group. The gradient is rounded to the logits' dtype once, where
+the fp32 path rounds it when the ``.float()`` copy hands it back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+
+_BLOCK = 4096
+
+
+def available(logits: torch.Tensor) -> bool:
+    """True where the kernels can run and are wanted: a CUDA tensor (any under
+    ``TRITON_INTERPRET=1``), Triton, and ``VLM_BRIDGE_FUSED_LOSS`` not ``0`` (which keeps Megatron's
+    fp32 loss)."""
+    if os.environ.get("VLM_BRIDGE_FUSED_LOSS", "1") == "0":
+        return False
+    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _kernels() is not None
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def row_statistics(LOGITS, LABELS, MAX, SUMEXP, TARGET, cols, valid_cols, first_col,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * cols
+        label = tl.load(LABELS + row) - first_col
+        offs = tl.arange(0, BLOCK)
+        # A finite start: a shard that is all padding keeps sum 0 instead of exp(-inf + inf).
+        running_max = tl.full([], -1.0e30, tl.float32)
+        running_sum = tl.zeros([], tl.float32)
+        target = tl.zeros([], tl.float32)
+        for start in range(0, cols, BLOCK):
+            col = start + offs
+            x = tl.load(base + col, mask=col < valid_cols, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+            target += tl.sum(tl.where(col == label, x, 0.0), axis=0)
+        tl.store(MAX + row, running_max)
+        tl.store(SUMEXP + row, running_sum)
+        tl.store(TARGET + row, target)
+
+    @triton.jit
+    def logits_gradient(LOGITS, LABELS, LSE, DLOSS, GRAD, cols, valid_cols, first_col,
+                        BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(LABELS + row) - first_col
+        lse = tl.load(LSE + row)
+        dloss = tl.load(DLOSS + row).to(tl.float32)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, cols, BLOCK):
+            col = start + offs
+            x = tl.load(LOGITS + row * cols + col, mask=col < valid_cols, other=float("-inf")).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(col == label, 1.0, 0.0)) * dloss
+            tl.store(GRAD + row * cols + col, grad.to(GRAD.dtype.element_ty), mask=col < cols)
+
+    return row_statistics, logits_gradient
+
+
+def _tp_group() -> tuple[int, object | None]:
+    """This rank's TP rank and the TP group (None without TP or outside Megatron)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, None
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return 0, None
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
+
+
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, grad_in_place: bool):
+        row_statistics, _ = _kernels()
+        cols = logits.shape[-1]
+        flat = logits.reshape(-1, cols)
+        flat_labels = labels.reshape(-1).contiguous()
+        rank, group = _tp_group()
+        first_col = rank * cols
+        valid_cols = max(0, min(cols, vocab_size - first_col))
+        rows = flat.shape[0]
+        stats = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
+        row_statistics[(rows,)](flat, flat_labels, stats[0], stats[1], stats[2], cols, valid_cols, first_col,
+                                BLOCK=_BLOCK, num_warps=8)
+        local_max, local_sum, target = stats
+        inside = (flat_labels >= first_col) & (flat_labels < first_col + valid_cols)
+        global_max = local_max.clone()
+        if group is not None:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        # The shifted target logit (Megatron's "predicted logit"): 0 where this shard lacks the label.
+        shifted = torch.stack([local_sum * torch.exp(local_max - global_max),
+                               torch.where(inside, target - global_max, 0.0)])
+        if group is not None:
+            dist.all_reduce(shifted, group=group)
+        sum_exp, predicted = shifted
+        loss = torch.log(sum_exp) - predicted
+        ctx.save_for_backward(flat, flat_labels, global_max + torch.log(sum_exp))
+        ctx.first_col, ctx.valid_cols, ctx.grad_in_place = first_col, valid_cols, grad_in_place
+        ctx.shape = logits.shape
+        return loss.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, dloss: torch.Tensor):
+        _, logits_gradient = _kernels()
+        flat, flat_labels, lse = ctx.saved_tensors
+        rows, cols = flat.shape
+        grad = flat if ctx.grad_in_place else torch.empty_like(flat)
+        logits_gradient[(rows,)](flat, flat_labels, lse, dloss.reshape(-1).contiguous(), grad, cols,
+                                 ctx.valid_cols, ctx.first_col, BLOCK=_BLOCK, num_warps=8)
+        return grad.view(ctx.shape), None, None, None
+
+
+def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                       grad_in_place: bool = False) -> torch.Tensor:
+    """Per-token loss ``[*labels.shape]`` of ``logits`` ``[*labels.shape, local_vocab]`` (this TP
+    rank's shard, rows contiguous), as Megatron's ``vocab_parallel_cross_entropy`` of the fp32
+    logits with columns past ``vocab_size`` masked. ``grad_in_place`` writes the gradient over
+    ``logits``: only for logits made for this loss alone."""
+    if logits.stride(-1) != 1 or not logits.is_contiguous():
+        logits = logits.contiguous()
+    return _FusedVocabParallelCrossEntropy.apply(logits, labels, int(vocab_size), bool(grad_in_place))
