@@ -111,7 +111,34 @@ def check_cross_entropy(tp: int) -> list[str]:
     torch.testing.assert_close(leaf.grad, grads[torch.float32], rtol=1e-5, atol=1e-6)
     assert torch.equal(logits.detach(), leaf.grad)
     lines.append(f"ok cross-entropy tp={tp} gradient in place")
+    lines.append(check_chunked_loss(tp, rank))
     return lines if rank == 0 else []
+
+
+def check_chunked_loss(tp: int, rank: int) -> str:
+    """The chunked output layer + loss with its chunks run by the kernels, against its fp32 torch
+    chunks: loss and both gradients, chunks that do not divide the tokens, on this rank's shard."""
+    from vlm_bridge.families._common import chunked_loss
+
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(7, 2, 16, generator=gen)
+    weight = torch.randn(CE_PADDED, 16, generator=gen)
+    weight[CE_VOCAB:] = 0
+    shard = weight.chunk(tp)[rank]
+    labels = torch.randint(0, CE_VOCAB, (7, 2), generator=gen)
+    upstream = torch.rand(7, 2, generator=gen)
+    results = []
+    for kernels in (False, True):
+        chunked_loss.fusion_enabled = lambda x, on=kernels: on
+        h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
+        five_tokens = 5 * 4 * w.shape[0]
+        loss = chunked_loss.chunked_linear_cross_entropy(h, w, labels, CE_VOCAB, chunk_bytes=five_tokens)
+        loss.backward(upstream)
+        results.append((loss.detach(), h.grad, w.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    diff = float((results[1][0] - results[0][0]).abs().max())
+    return f"ok chunked loss by the kernels tp={tp} max diff {diff:.2e}"
 
 
 def check_model_loss(tmp: str) -> str:

@@ -12,6 +12,9 @@ shard, and the max, the sum of exponentials and the target logit are all-reduced
 per chunk. The hidden states enter through Megatron's ``copy_to_tensor_model_parallel_region``
 (identity forward, all-reduce of the input gradient backward), as the output layer's would.
 Padded vocabulary rows are -inf, as in :func:`vocab.mask_padded_vocab`.
+
+On a GPU each chunk's loss and gradient come from the kernels of :mod:`.fused_cross_entropy`,
+which read the chunk's half-precision logits in place of the fp32 copy and its passes here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from vlm_bridge.families._common import fused_cross_entropy
+from vlm_bridge.families._common.fused import fusion_enabled
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
 CHUNK_BYTES = 1 << 30
@@ -64,14 +69,19 @@ def _targets(labels: torch.Tensor, first_col: int, cols: int) -> tuple[torch.Ten
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                chunk: int) -> torch.Tensor:
+                chunk: int, kernels: bool) -> torch.Tensor:
         rank, group = _tp()
         first_col, cols = rank * weight.shape[0], weight.shape[0]
         tokens = hidden.shape[0]
         loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        ctx.vocab_size, ctx.chunk, ctx.kernels = vocab_size, chunk, kernels
         for start in range(0, tokens, chunk):
             stop = min(start + chunk, tokens)
+            if kernels:
+                loss[start:stop], lse[start:stop] = fused_cross_entropy.loss_and_log_normaliser(
+                    hidden[start:stop] @ weight.t(), labels[start:stop], vocab_size)
+                continue
             logits = _chunk_logits(hidden[start:stop], weight, vocab_size)
             top = logits.max(dim=1).values
             if group is not None:
@@ -89,7 +99,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse[start:stop] = log_total + top
             del logits
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.vocab_size, ctx.chunk = vocab_size, chunk
         return loss
 
     @staticmethod
@@ -104,12 +113,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             stop = min(start + ctx.chunk, hidden.shape[0])
             part = hidden[start:stop]
-            # softmax - one_hot(target), scaled by each token's incoming gradient
-            probs = _chunk_logits(part, weight, ctx.vocab_size).sub_(lse[start:stop, None]).exp_()
-            column, inside = _targets(labels[start:stop], first_col, cols)
-            probs[rows[:stop - start], column] -= inside.to(probs.dtype)
-            grad_logits = probs.mul_(grad_loss[start:stop, None].float()).to(hidden.dtype)
-            del probs
+            if ctx.kernels:
+                logits = part @ weight.t()  # its gradient takes its place
+                span = slice(start, stop)
+                grad_logits = fused_cross_entropy.logits_gradient(
+                    logits, labels[span], lse[span], grad_loss[span], ctx.vocab_size, logits)
+            else:
+                # softmax - one_hot(target), scaled by each token's incoming gradient
+                probs = _chunk_logits(part, weight, ctx.vocab_size).sub_(lse[start:stop, None]).exp_()
+                column, inside = _targets(labels[start:stop], first_col, cols)
+                probs[rows[:stop - start], column] -= inside.to(probs.dtype)
+                grad_logits = probs.mul_(grad_loss[start:stop, None].float()).to(hidden.dtype)
+                del probs
             if want_hidden:
                 grad_hidden[start:stop] = grad_logits @ weight
             if want_weight:
@@ -117,7 +132,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight = piece.float() if grad_weight is None else grad_weight.add_(piece)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -130,5 +145,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     lead = hidden.shape[:-1]
     flat = copy_to_tensor_model_parallel_region(hidden).reshape(-1, hidden.shape[-1])
     chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
-    loss = _ChunkedLinearCrossEntropy.apply(flat, weight, labels.reshape(-1), vocab_size, chunk)
+    kernels = fusion_enabled(flat) and fused_cross_entropy.available(flat)
+    loss = _ChunkedLinearCrossEntropy.apply(flat, weight, labels.reshape(-1).contiguous(), vocab_size, chunk,
+                                            kernels)
     return loss.view(lead)

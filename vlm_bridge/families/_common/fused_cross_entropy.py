@@ -69,7 +69,7 @@ def _kernels():
         tl.store(TARGET + row, target)
 
     @triton.jit
-    def logits_gradient(LOGITS, LABELS, LSE, DLOSS, GRAD, cols, valid_cols, first_col,
+    def gradient_kernel(LOGITS, LABELS, LSE, DLOSS, GRAD, cols, valid_cols, first_col,
                         BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(LABELS + row) - first_col
@@ -82,7 +82,7 @@ def _kernels():
             grad = (tl.exp(x - lse) - tl.where(col == label, 1.0, 0.0)) * dloss
             tl.store(GRAD + row * cols + col, grad.to(GRAD.dtype.element_ty), mask=col < cols)
 
-    return row_statistics, logits_gradient
+    return row_statistics, gradient_kernel
 
 
 def _tp_group() -> tuple[int, object | None]:
@@ -96,45 +96,66 @@ def _tp_group() -> tuple[int, object | None]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
 
 
+def shard_columns(cols: int, vocab_size: int) -> tuple[int, int]:
+    """This TP rank's first global vocabulary column and how many of its ``cols`` are real."""
+    rank, _ = _tp_group()
+    first_col = rank * cols
+    return first_col, max(0, min(cols, vocab_size - first_col))
+
+
+def loss_and_log_normaliser(logits: torch.Tensor, labels: torch.Tensor,
+                            vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and log-sum-exp (fp32, ``[rows]``) of ``logits`` ``[rows, local_vocab]``
+    (contiguous rows of this rank's shard) for global ``labels`` ``[rows]``, reduced over TP."""
+    row_statistics, _ = _kernels()
+    rows, cols = logits.shape
+    first_col, valid_cols = shard_columns(cols, vocab_size)
+    _, group = _tp_group()
+    stats = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
+    row_statistics[(rows,)](logits, labels, stats[0], stats[1], stats[2], cols, valid_cols, first_col,
+                            BLOCK=_BLOCK, num_warps=8)
+    local_max, local_sum, target = stats
+    inside = (labels >= first_col) & (labels < first_col + valid_cols)
+    global_max = local_max.clone()
+    if group is not None:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    # The shifted target logit (Megatron's "predicted logit"): 0 where this shard lacks the label.
+    shifted = torch.stack([local_sum * torch.exp(local_max - global_max),
+                           torch.where(inside, target - global_max, 0.0)])
+    if group is not None:
+        dist.all_reduce(shifted, group=group)
+    sum_exp, predicted = shifted
+    log_sum = torch.log(sum_exp)
+    return log_sum - predicted, global_max + log_sum
+
+
+def logits_gradient(logits: torch.Tensor, labels: torch.Tensor, log_normaliser: torch.Tensor,
+                    dloss: torch.Tensor, vocab_size: int, out: torch.Tensor) -> torch.Tensor:
+    """``(softmax - one_hot(label)) * dloss`` of ``logits`` ``[rows, local_vocab]`` into ``out``
+    (which may be ``logits`` itself), rounded to ``out``'s dtype."""
+    _, gradient = _kernels()
+    rows, cols = logits.shape
+    first_col, valid_cols = shard_columns(cols, vocab_size)
+    gradient[(rows,)](logits, labels, log_normaliser, dloss.contiguous(), out, cols, valid_cols, first_col,
+                      BLOCK=_BLOCK, num_warps=8)
+    return out
+
+
 class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, grad_in_place: bool):
-        row_statistics, _ = _kernels()
-        cols = logits.shape[-1]
-        flat = logits.reshape(-1, cols)
+        flat = logits.reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1).contiguous()
-        rank, group = _tp_group()
-        first_col = rank * cols
-        valid_cols = max(0, min(cols, vocab_size - first_col))
-        rows = flat.shape[0]
-        stats = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
-        row_statistics[(rows,)](flat, flat_labels, stats[0], stats[1], stats[2], cols, valid_cols, first_col,
-                                BLOCK=_BLOCK, num_warps=8)
-        local_max, local_sum, target = stats
-        inside = (flat_labels >= first_col) & (flat_labels < first_col + valid_cols)
-        global_max = local_max.clone()
-        if group is not None:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        # The shifted target logit (Megatron's "predicted logit"): 0 where this shard lacks the label.
-        shifted = torch.stack([local_sum * torch.exp(local_max - global_max),
-                               torch.where(inside, target - global_max, 0.0)])
-        if group is not None:
-            dist.all_reduce(shifted, group=group)
-        sum_exp, predicted = shifted
-        loss = torch.log(sum_exp) - predicted
-        ctx.save_for_backward(flat, flat_labels, global_max + torch.log(sum_exp))
-        ctx.first_col, ctx.valid_cols, ctx.grad_in_place = first_col, valid_cols, grad_in_place
-        ctx.shape = logits.shape
+        loss, log_normaliser = loss_and_log_normaliser(flat, flat_labels, vocab_size)
+        ctx.save_for_backward(flat, flat_labels, log_normaliser)
+        ctx.vocab_size, ctx.grad_in_place, ctx.shape = vocab_size, grad_in_place, logits.shape
         return loss.view(labels.shape)
 
     @staticmethod
     def backward(ctx, dloss: torch.Tensor):
-        _, logits_gradient = _kernels()
-        flat, flat_labels, lse = ctx.saved_tensors
-        rows, cols = flat.shape
-        grad = flat if ctx.grad_in_place else torch.empty_like(flat)
-        logits_gradient[(rows,)](flat, flat_labels, lse, dloss.reshape(-1).contiguous(), grad, cols,
-                                 ctx.valid_cols, ctx.first_col, BLOCK=_BLOCK, num_warps=8)
+        flat, flat_labels, log_normaliser = ctx.saved_tensors
+        out = flat if ctx.grad_in_place else torch.empty_like(flat)
+        grad = logits_gradient(flat, flat_labels, log_normaliser, dloss.reshape(-1), ctx.vocab_size, out)
         return grad.view(ctx.shape), None, None, None
 
 
