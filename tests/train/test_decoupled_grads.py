@@ -49,3 +49,39 @@ def test_bf16_grads_step_without_an_fp32_copy_and_match_the_copy(tiny_cfg, tmp_p
     assert decoupled["losses"] == pytest.approx(copied["losses"], rel=1e-6)
     for name, param in copied["params"].items():
         torch.testing.assert_close(decoupled["params"][name], param, rtol=0, atol=0, msg=name)
+
+
+def _accumulated_grads(cfg, accumulate: bool) -> dict:
+    from vlm_bridge.train.trainer import forward_backward, setup
+
+    os.environ["VLM_BRIDGE_WGRAD_ACCUMULATE"] = "1" if accumulate else "0"
+    try:
+        run = setup(cfg)
+        forward_backward(run)
+        named = list(run.model.module.named_parameters())
+        return {"grads": {n: p.main_grad.float().clone() for n, p in named if p.requires_grad},
+                "in_gemm": sorted(n for n, p in named if getattr(p, "grad_added_to_main_grad", False))}
+    finally:
+        os.environ.pop("VLM_BRIDGE_WGRAD_ACCUMULATE", None)
+
+
+def test_bf16_weight_gradients_accumulate_in_the_gemm_as_megatron_adds_them(tiny_cfg, tmp_path):
+    """Two micro-batches: the linears' weight gradients summed into the bf16 buffer by the GEMM
+    (one rounding per micro-batch) equal Megatron's separate add (two) to bf16 resolution; every
+    other gradient is unchanged."""
+    from vlm_bridge.parallel import run_parallel
+
+    over = {"dtype": "bf16", "optim.grad_reduce_in_fp32": "false"}
+    added = run_parallel(_accumulated_grads, 1, tiny_cfg(output_dir=tmp_path / "add", **over), False)
+    fused = run_parallel(_accumulated_grads, 1, tiny_cfg(output_dir=tmp_path / "gemm", **over), True)
+    assert added["in_gemm"] == []
+    # every linear weight of both towers, and nothing else (norms, biases, embeddings)
+    assert fused["in_gemm"] and all(n.endswith("weight") and "norm" not in n and "embedding" not in n
+                                    for n in fused["in_gemm"])
+    in_gemm = fused["in_gemm"]
+    assert any(n.startswith("vision") for n in in_gemm) and any("linear_fc2" in n for n in in_gemm)
+    for name, grad in added["grads"].items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(fused["grads"][name], grad, rtol=2**-7, atol=2**-7 * scale, msg=name)
+        if name not in fused["in_gemm"]:
+            assert torch.equal(fused["grads"][name], grad), name

@@ -18,9 +18,20 @@ The bias is fused where that is exact for the parallel layout:
 
 A fused layer returns no separate bias (``skip_bias_add`` reads False), which Megatron's MLP and
 bias-dropout-add accept.
+
+Weight gradients in half precision (``optim.grad_reduce_in_fp32=false``) are accumulated by the
+weight-gradient GEMM itself (``main_grad += grad_out^T @ input``, cuBLAS with beta = 1) where
+Megatron would make each micro-batch's gradient in a new tensor and add it to ``main_grad`` in a
+second kernel: per micro-batch that saves writing and re-reading a gradient the size of every
+weight, and the sum is rounded once instead of twice. Megatron's own switch for this
+(``gradient_accumulation_fusion``) needs Apex. ``VLM_BRIDGE_WGRAD_ACCUMULATE=0`` keeps the add.
+With fp32 gradient buffers the add stays: a bf16 x bf16 -> fp32 accumulating GEMM measured slower
+than the bf16 GEMM plus the add.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +40,49 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
 )
+
+
+def accumulates_in_gemm(weight: torch.Tensor) -> bool:
+    """True where ``weight``'s gradient goes straight into a half-precision Megatron ``main_grad``
+    of its own dtype (see the module doc)."""
+    main_grad = getattr(weight, "main_grad", None)
+    return (main_grad is not None and weight.requires_grad and main_grad.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16) and hasattr(weight, "grad_added_to_main_grad")
+            and os.environ.get("VLM_BRIDGE_WGRAD_ACCUMULATE", "1") != "0")
+
+
+class _LinearAccumulatingWeightGradient(torch.autograd.Function):
+    """``F.linear`` whose backward adds the weight gradient into ``weight.main_grad`` in the GEMM."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        weight.main_grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))
+        # Megatron's DDP hook skips a gradient marked as added, but it only runs (and marks the
+        # parameter ready for reduction) when a gradient arrives: hand it an uninitialised one.
+        weight.grad_added_to_main_grad = True
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, torch.empty_like(weight), grad_bias
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if accumulates_in_gemm(weight):
+        return _LinearAccumulatingWeightGradient.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _plain_call(args: tuple, kwargs: dict) -> bool:
+    """A ``_forward_impl`` call with nothing but an optional TP all-reduce of the input gradient."""
+    return not (args or kwargs.get("sequence_parallel") or kwargs.get("gradient_accumulation_fusion")
+                or kwargs.get("grad_output_buffer"))
 
 
 class FusedBiasColumnParallelLinear(ColumnParallelLinear):
@@ -43,12 +97,12 @@ class FusedBiasColumnParallelLinear(ColumnParallelLinear):
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         bias = kwargs.get("bias")
-        if (bias is None or not self.fuse_bias or args or kwargs.get("sequence_parallel")
-                or kwargs.get("gradient_accumulation_fusion") or kwargs.get("grad_output_buffer")):
+        ours = bias is not None and self.fuse_bias or bias is None and accumulates_in_gemm(weight)
+        if not ours or not _plain_call(args, kwargs):
             return super()._forward_impl(input, weight, *args, **kwargs)
         if kwargs.get("allreduce_dgrad"):  # the input's gradient is summed over TP ranks
             input = copy_to_tensor_model_parallel_region(input, group=kwargs.get("tp_group"))
-        return F.linear(input, weight, bias)
+        return _linear(input, weight, bias)
 
 
 class FusedBiasRowParallelLinear(RowParallelLinear):
@@ -64,4 +118,10 @@ class FusedBiasRowParallelLinear(RowParallelLinear):
     def forward(self, input_: torch.Tensor):
         if not self.fuse_bias or self.bias is None or self.explicit_expert_comm:
             return super().forward(input_)
-        return F.linear(input_, self.weight, self.bias), None
+        return _linear(input_, self.weight, self.bias), None
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        # Megatron's forward calls this for the matmul alone (bias None, no input-gradient reduce).
+        if kwargs.get("bias") is None and accumulates_in_gemm(weight) and _plain_call(args, kwargs):
+            return _linear(input, weight, None)
+        return super()._forward_impl(input, weight, *args, **kwargs)
