@@ -363,6 +363,10 @@ def cmd_finetune(args) -> int:
     # Experts are split over data-parallel x context-parallel ranks, so EP needs at least that many.
     world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp * cfg.parallel.cp, cfg.parallel.ep)
     result = run_parallel(train, world, cfg)
+    if result["steps"] == result["start_step"]:
+        print(f"nothing to do: {result['output_dir']} already holds step {result['steps']} of "
+              f"steps={cfg.steps}; raise steps to train further")
+        return 0
     print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")
     return 0

@@ -35,6 +35,12 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     extended = run_train(longer)
     assert len(extended["losses"]) == 8 and len(extended["lrs"]) == 2
     assert all(0.25 <= lr <= 0.5 for lr in extended["lrs"]), extended["lrs"]
+    # asked for fewer steps than the run holds: nothing is trained, nor saved again
+    saves = tmp_path / "cut" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in saves.iterdir()}
+    again = run_train(tiny_cfg(steps=6, output_dir=tmp_path / "cut", **{"checkpoint.save_every": 3}))
+    assert again["steps"] == again["start_step"] == 8 and again["lrs"] == []
+    assert {p.name: p.stat().st_mtime_ns for p in saves.iterdir()} == before
 
 
 def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):

@@ -111,6 +111,9 @@ def test_media_references_data_uri_file_url_home_and_web(tmp_path, monkeypatch):
      "sg.jsonl line 1: 2 <image> placeholders but 1 image file(s)"),
     ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt"}]},
      "sg.jsonl line 1: conversation turn 1 has no 'value'"),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+      "conversations": [{"from": "human", "value": "Bye?"}, {"from": "gpt", "value": "Bye."}]},
+     "sg.jsonl line 1: has both 'messages' and 'conversations'; keep one"),
 ])
 def test_sharegpt_rows_that_do_not_add_up_are_named(tmp_path, row, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):

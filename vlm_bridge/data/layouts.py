@@ -105,6 +105,8 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
     if not isinstance(sample, Mapping):
         return sample
     sample = dict(sample)
+    if sample.get("messages") is not None and sample.get("conversations") is not None:
+        raise ValueError(f"{where}: has both 'messages' and 'conversations'; keep one")
     if "messages" not in sample and isinstance(sample.get("conversations"), list):
         sample["messages"] = _sharegpt_messages(sample, where)  # schema items already
     elif "messages" in sample and isinstance(sample["messages"], list):

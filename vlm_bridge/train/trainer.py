@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
 def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) -> dict:
     cfg = run.cfg
     run.model.train()
-    start = time.time()
+    start, start_step = time.time(), run.step
     validation, lrs = [], []
     while run.step < cfg.steps:
         if stop_after is not None and run.step >= stop_after:
@@ -282,10 +282,11 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
             validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
         if cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0:
             _save_and_maybe_export(run)
-    if stop_after is None and run.step >= cfg.steps:
+    # A run resumed at or past its last step trained nothing: its checkpoint is already there.
+    if stop_after is None and run.step >= cfg.steps and run.step > start_step:
         _save_and_maybe_export(run)
     logger.close(run.losses)
-    return {"steps": run.step, "losses": run.losses, "seconds": time.time() - start,
+    return {"steps": run.step, "start_step": start_step, "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
             "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs}
 
