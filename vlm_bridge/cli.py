@@ -303,6 +303,8 @@ def cmd_evaluate(args) -> int:
         refuse_existing_file(args.report, "--report", args.overwrite)
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.no_generate and args.metric:
+        raise ValueError("--metric scores generated answers; --no-generate makes none (drop one of them)")
     metrics = tuple(args.metric or ("exact_match", "anls"))
     for name in metrics:
         resolve_metric(name)  # a bad name fails before any model loads

@@ -357,6 +357,7 @@ def test_moe_fine_tuning_at_tensor_parallel_two_is_named(tiny_qwen3_moe, run_cli
     (["evaluate", "--data", "DATA", "--max-samples", "-1"], "--max-samples must be >= 1"),
     (["evaluate", "--data", "DATA", "--metric", "./nowhere.py:f"], "cannot import it"),
     (["evaluate", "--data", "DATA", "--metric", "os:path"], "path is a module, not a function"),
+    (["evaluate", "--data", "DATA", "--no-generate", "--metric", "anls"], "--no-generate makes none"),
 ])
 def test_decoding_and_report_options_are_checked_first(tiny_hf, run_cli, capsys, tmp_path, args, needle):
     data = tmp_path / "d.jsonl"
