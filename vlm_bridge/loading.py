@@ -329,6 +329,8 @@ def export_hf(
         stream = CheckpointParams(built.model, built.params, f"{megatron_dir}/weights")
     out_dtype = DTYPES[dtype_arg or meta["dtype"]]
     if expert_layout:
+        if not any(".experts." in name for name, _ in built.model.named_parameters()):
+            raise ValueError(f"--expert-layout applies to MoE models; {megatron_dir} has no experts")
         built.expert_layout = expert_layout
     write_built(built, hf_dir, out_dtype, overwrite, max_shard_bytes, consume=True, stream=stream)
     return {"family": built.family.name, "dtype": dtype_name(out_dtype), "key_layout": built.key_layout}

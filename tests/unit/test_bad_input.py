@@ -227,6 +227,9 @@ def test_export_shard_size_is_checked_by_its_option_name(tiny_megatron, run_cli,
     out = tmp_path / "out"
     check_error(run_cli, capsys, ["export", "--megatron-path", tiny_megatron, "--hf-path", out,
                                   "--max-shard-size-gb", "-1"], "--max-shard-size-gb", out=out)
+    check_error(run_cli, capsys, ["export", "--megatron-path", tiny_megatron, "--hf-path", out,
+                                  "--expert-layout", "fused_hub"], "--expert-layout applies to MoE models",
+                out=out)
 
 
 def test_chat_template_kept_with_the_tokenizer_is_used_and_none_is_named(tiny_hf, tmp_path):
