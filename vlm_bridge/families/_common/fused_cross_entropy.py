@@ -24,6 +24,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from vlm_bridge.families._common.fused_triton import triton_runs_on
+
 _BLOCK = 4096
 
 
@@ -31,20 +33,13 @@ def available(logits: torch.Tensor) -> bool:
     """True where the kernels can run and are wanted: a CUDA tensor (any under
     ``TRITON_INTERPRET=1``), Triton, and ``VLM_BRIDGE_FUSED_LOSS`` not ``0`` (which keeps Megatron's
     fp32 loss)."""
-    if os.environ.get("VLM_BRIDGE_FUSED_LOSS", "1") == "0":
-        return False
-    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _kernels() is not None
+    return os.environ.get("VLM_BRIDGE_FUSED_LOSS", "1") != "0" and triton_runs_on(logits)
 
 
 @functools.cache
 def _kernels():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def row_statistics(LOGITS, LABELS, MAX, SUMEXP, TARGET, cols, valid_cols, first_col,

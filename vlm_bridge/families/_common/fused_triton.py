@@ -23,21 +23,31 @@ import torch
 _MAX_WIDTH = 16384
 
 
-def available(x: torch.Tensor) -> bool:
-    """True where these kernels can run on ``x``: a CUDA tensor (or any under the interpreter)
-    with Triton importable and a row that fits one program."""
-    if x.shape[-1] > _MAX_WIDTH or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return False
-    return _kernels() is not None
+    return True
+
+
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """True where a Triton kernel can take ``x``: a CUDA tensor (any under ``TRITON_INTERPRET=1``,
+    Triton's CPU interpreter) with Triton importable."""
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_importable()
+
+
+def available(x: torch.Tensor) -> bool:
+    """True where these kernels can run on ``x``: :func:`triton_runs_on` and a row that fits one
+    program."""
+    return x.shape[-1] <= _MAX_WIDTH and triton_runs_on(x)
 
 
 @functools.cache
 def _kernels():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def rms_norm_fwd(X, W, R, Y, RSTD, N, offset, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
