@@ -202,6 +202,24 @@ def test_writer_single_shard(tmp_path: Path) -> None:
         _assert_same(reader, tensors)
     with pytest.raises(CheckpointError, match="already has weight files"):
         ShardedSafetensorsWriter(tmp_path)
+    # a small file carries a header of its own size, not the 1 MiB reserved while writing
+    data = sum(t.nbytes for t in tensors.values())
+    header = read_safetensors_header(tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors").stat().st_size < 8 + len(json.dumps(header)) + 8 + data
+
+
+def test_writer_keeps_the_reserve_for_large_shards(tmp_path: Path, monkeypatch) -> None:
+    """A shard past COMPACT_BELOW keeps its reserved header space (no second pass over it)."""
+    monkeypatch.setattr(ShardedSafetensorsWriter, "COMPACT_BELOW", 64)
+    tensors = _tensors()
+    writer = ShardedSafetensorsWriter(tmp_path)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finalize()
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert size == ShardedSafetensorsWriter.HEADER_RESERVE + sum(t.nbytes for t in tensors.values())
+    with SafetensorsReader(tmp_path) as reader:
+        _assert_same(reader, tensors)
 
 
 def test_writer_output_loads_with_transformers(tmp_path: Path) -> None:
