@@ -610,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             out[name] = guarded(systems[name], hf_dir, all_encoded, args, rows, lora)
             _metrics(out[name], flops["total"], args, cuda)
+            if args.out:  # what is measured so far survives a run cut short
+                Path(args.out).write_text(json.dumps(result, default=str) + "\n")
         hf = out.get("hf", {})
         for name in SYSTEMS[1:]:
             meg = out.get(name, {})
