@@ -56,13 +56,15 @@ class _LinearAccumulatingWeightGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        # The parameter itself, not a saved copy of it: under recomputation saved tensors come
+        # back as new tensor objects, without the parameter's main_grad.
+        ctx.weight, ctx.has_bias = weight, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, ctx.weight
         grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
         rows = grad_out.reshape(-1, grad_out.shape[-1])
         weight.main_grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))
