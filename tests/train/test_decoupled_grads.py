@@ -80,8 +80,13 @@ def test_bf16_weight_gradients_accumulate_in_the_gemm_as_megatron_adds_them(tiny
                                     for n in fused["in_gemm"])
     in_gemm = fused["in_gemm"]
     assert any(n.startswith("vision") for n in in_gemm) and any("linear_fc2" in n for n in in_gemm)
+    # under recomputation the backward runs on recomputed activations and unpacked saved tensors
+    recomputed = run_parallel(_accumulated_grads, 1, tiny_cfg(output_dir=tmp_path / "re", recompute="true",
+                                                              **over), True)
+    assert recomputed["in_gemm"] == in_gemm
     for name, grad in added["grads"].items():
         scale = float(grad.abs().max()) or 1.0
         torch.testing.assert_close(fused["grads"][name], grad, rtol=2**-7, atol=2**-7 * scale, msg=name)
+        torch.testing.assert_close(recomputed["grads"][name], grad, rtol=2**-7, atol=2**-7 * scale, msg=name)
         if name not in fused["in_gemm"]:
             assert torch.equal(fused["grads"][name], grad), name
