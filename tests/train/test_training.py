@@ -41,6 +41,9 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     again = run_train(tiny_cfg(steps=6, output_dir=tmp_path / "cut", **{"checkpoint.save_every": 3}))
     assert again["steps"] == again["start_step"] == 8 and again["lrs"] == []
     assert {p.name: p.stat().st_mtime_ns for p in saves.iterdir()} == before
+    # nor are the saved weights and optimizer state read, which other settings could not take
+    other = run_train(tiny_cfg(steps=6, output_dir=tmp_path / "cut", **{"peft.method": "lora"}))
+    assert other["steps"] == other["start_step"] == 8
 
 
 def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):

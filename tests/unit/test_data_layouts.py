@@ -43,7 +43,10 @@ def test_sharegpt_and_llava_rows_become_conversations(tmp_path, encoder):
                 {"from": "system", "value": "Be brief."},
                 {"from": "human", "value": "Compare <image> please"},
                 {"from": "gpt", "value": "Same."}]}]
-    first, second = load_source(f"jsonl:{_write(tmp_path / 'sharegpt.jsonl', rows)}")
+    # rows of datasets concatenated from both layouts carry the other key as null
+    rows.append({**rows[0], "messages": None})
+    first, second, third = load_source(f"jsonl:{_write(tmp_path / 'sharegpt.jsonl', rows)}")
+    assert third["messages"] == first["messages"]
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert first["messages"][0]["content"][1] == {"type": "text", "text": "What is it?"}
     assert _media(first) == [("image", str(tmp_path / "a.png"))]

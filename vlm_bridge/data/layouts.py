@@ -105,9 +105,11 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
     if not isinstance(sample, Mapping):
         return sample
     sample = dict(sample)
-    if sample.get("messages") is not None and sample.get("conversations") is not None:
+    # Absent, null or empty: datasets concatenated from both layouts fill the other key with null.
+    given = [key for key in ("messages", "conversations") if sample.get(key) not in (None, [])]
+    if len(given) == 2:
         raise ValueError(f"{where}: has both 'messages' and 'conversations'; keep one")
-    if "messages" not in sample and isinstance(sample.get("conversations"), list):
+    if given == ["conversations"] and isinstance(sample["conversations"], list):
         sample["messages"] = _sharegpt_messages(sample, where)  # schema items already
     elif "messages" in sample and isinstance(sample["messages"], list):
         sample["messages"] = strip_nones(sample["messages"])

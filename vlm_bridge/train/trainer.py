@@ -170,6 +170,12 @@ def _maybe_resume(run: Run) -> None:
     step = ckpt.latest_step(root) if run.cfg.checkpoint.resume else None
     if step is None:
         return
+    if step >= run.cfg.steps:
+        # Nothing is left to train: the saved weights and optimizer state are not needed (and
+        # need not fit this run's settings, which may differ from the saved run's).
+        extra = ckpt.saved_extra(ckpt.iteration_dir(root, step))
+        run.step, run.losses = extra["step"], list(extra.get("losses", []))
+        return
     # The optimizer's state restores its param groups' peak and final rates too; this run's
     # config sets them (as it sets the scheduler's: see the override in build_optimization).
     rates = [(group.get("max_lr"), group.get("min_lr")) for group in run.optimizer.param_groups]
