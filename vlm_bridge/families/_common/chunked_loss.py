@@ -45,15 +45,6 @@ def chunking_pays(tokens: int, local_vocab: int) -> bool:
     return 4 * tokens * local_vocab > CHUNK_ABOVE_BYTES
 
 
-def _tp() -> tuple[int, object | None]:
-    """This rank's TP rank and the TP group (None without TP)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return 0, None
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
-
-
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """fp32 logits of a chunk, padded vocabulary columns (global id >= vocab_size) at -inf."""
     return mask_padded_vocab((hidden @ weight.t()).float(), vocab_size, inplace=True)
@@ -70,7 +61,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                 chunk: int, kernels: bool) -> torch.Tensor:
-        rank, group = _tp()
+        rank, group = fused_cross_entropy.tp_rank_and_group()
         first_col, cols = rank * weight.shape[0], weight.shape[0]
         tokens = hidden.shape[0]
         loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
@@ -104,7 +95,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         hidden, weight, labels, lse = ctx.saved_tensors
-        rank, _ = _tp()
+        rank, _ = fused_cross_entropy.tp_rank_and_group()
         first_col, cols = rank * weight.shape[0], weight.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None

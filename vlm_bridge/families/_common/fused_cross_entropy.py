@@ -80,7 +80,7 @@ def _kernels():
     return row_statistics, gradient_kernel
 
 
-def _tp_group() -> tuple[int, object | None]:
+def tp_rank_and_group() -> tuple[int, object | None]:
     """This rank's TP rank and the TP group (None without TP or outside Megatron)."""
     from megatron.core import parallel_state
 
@@ -93,7 +93,7 @@ def _tp_group() -> tuple[int, object | None]:
 
 def shard_columns(cols: int, vocab_size: int) -> tuple[int, int]:
     """This TP rank's first global vocabulary column and how many of its ``cols`` are real."""
-    rank, _ = _tp_group()
+    rank, _ = tp_rank_and_group()
     first_col = rank * cols
     return first_col, max(0, min(cols, vocab_size - first_col))
 
@@ -105,7 +105,7 @@ def loss_and_log_normaliser(logits: torch.Tensor, labels: torch.Tensor,
     row_statistics, _ = _kernels()
     rows, cols = logits.shape
     first_col, valid_cols = shard_columns(cols, vocab_size)
-    _, group = _tp_group()
+    _, group = tp_rank_and_group()
     stats = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
     row_statistics[(rows,)](logits, labels, stats[0], stats[1], stats[2], cols, valid_cols, first_col,
                             BLOCK=_BLOCK, num_warps=8)
