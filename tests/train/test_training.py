@@ -14,9 +14,10 @@ def test_loss_decreases_on_shapes_task(tiny_cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.pp": 2}])
-def test_tp_and_pp_match_tp1_losses(tiny_cfg, layout):
-    base = run_train(tiny_cfg(steps=4))["losses"]
-    other = run_train(tiny_cfg(steps=4, **layout), world=2)["losses"]
+def test_tp_and_pp_match_tp1_losses(tiny_cfg, layout, tmp_path):
+    # each run its own folder: the second would otherwise find the first's final checkpoint
+    base = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "tp1"))["losses"]
+    other = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "other", **layout), world=2)["losses"]
     assert len(base) == len(other) == 4
     for a, b in zip(base, other):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (base, other)

@@ -126,12 +126,6 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
     return final
 
 
-def saved_extra(path: str | Path) -> dict:
-    """The step, losses and data position a checkpoint holds, without its model or optimizer."""
-    with checkpoint_read_errors(path):
-        return dist_checkpointing.load_common_state_dict(str(Path(path) / "weights"))["extra"]
-
-
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is the same); returns extra."""
     weights = str(Path(path) / "weights")

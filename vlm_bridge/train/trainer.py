@@ -170,12 +170,6 @@ def _maybe_resume(run: Run) -> None:
     step = ckpt.latest_step(root) if run.cfg.checkpoint.resume else None
     if step is None:
         return
-    if step >= run.cfg.steps:
-        # Nothing is left to train: the saved weights and optimizer state are not needed (and
-        # need not fit this run's settings, which may differ from the saved run's).
-        extra = ckpt.saved_extra(ckpt.iteration_dir(root, step))
-        run.step, run.losses = extra["step"], list(extra.get("losses", []))
-        return
     # The optimizer's state restores its param groups' peak and final rates too; this run's
     # config sets them (as it sets the scheduler's: see the override in build_optimization).
     rates = [(group.get("max_lr"), group.get("min_lr")) for group in run.optimizer.param_groups]
@@ -251,6 +245,12 @@ def save(run: Run) -> Path:
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run on every rank. ``stop_after`` ends early after that many steps (tests interruption)."""
+    saved = ckpt.latest_step(_checkpoint_root(cfg)) if cfg.checkpoint.resume else None
+    if saved is not None and saved >= cfg.steps:
+        # Nothing is left to train: no model is built, and the saved run (whose settings may
+        # differ from these) and its output folder are left as they are.
+        return {"steps": saved, "start_step": saved, "losses": [], "seconds": 0.0, "skipped": {},
+                "output_dir": cfg.output_dir, "validation": [], "grad_norms": [], "lrs": []}
     run = setup(cfg)
     validator = None
     if cfg.data.validation:
@@ -288,8 +288,7 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
             validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
         if cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0:
             _save_and_maybe_export(run)
-    # A run resumed at or past its last step trained nothing: its checkpoint is already there.
-    if stop_after is None and run.step >= cfg.steps and run.step > start_step:
+    if stop_after is None and run.step >= cfg.steps:
         _save_and_maybe_export(run)
     logger.close(run.losses)
     return {"steps": run.step, "start_step": start_step, "losses": run.losses, "seconds": time.time() - start,
