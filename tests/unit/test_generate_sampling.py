@@ -11,7 +11,7 @@ import pytest
 from vlm_bridge.inference.generate import Sampling, choose_tokens
 from vlm_bridge.inference.requests import request_from_args
 from vlm_bridge.parallel import run_parallel
-from vlm_bridge.testing.generation import sampling_runs
+from vlm_bridge.testing.generation import batch_size_runs, sampling_runs
 
 
 def test_sampling_seeds_filters_stops_and_lengths(tiny_hf):
@@ -37,6 +37,30 @@ def test_sampling_seeds_filters_stops_and_lengths(tiny_hf):
     tokens, finish = out["stopped"]
     cut = g[0].index(out["stop"])
     assert tokens[0] == g[0][:cut] and finish[0] == "stop"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_hf):
+    prompts = ["Name a colour.", "Hi.", "Count to three, please, slowly."]
+    requests = [request_from_args(p, [], None) for p in prompts]
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=11)
+    answers = run_parallel(batch_size_runs, 1, str(tiny_hf), requests, sampling, [1, 2, 3])
+    assert answers[1] == answers[2] == answers[3]
+    assert len(set(answers[1])) > 1  # the rows drew different tokens
+
+
+def test_a_request_running_past_the_positions_is_named(capsys):
+    import torch
+
+    from vlm_bridge.inference.command import _warn_past_positions
+
+    class Settings:
+        max_position_embeddings = 16
+
+    batch = {"attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+    _warn_past_positions(Settings(), batch, [4, 5], max_new_tokens=11)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: request 5: its prompt (6 tokens) plus --max-new-tokens 11 goes past "
+                   "the model's 16 positions"]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

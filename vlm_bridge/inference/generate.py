@@ -15,6 +15,7 @@ the chosen tokens travel from there to every rank, so every rank feeds the same 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -68,10 +69,22 @@ class Generated:
     extra: dict = field(default_factory=dict)
 
 
+def row_generators(seed: int | None, row_ids: list[int]) -> list[torch.Generator] | None:
+    """One generator per row, seeded from ``seed`` and the row's request index: a request draws the
+    same tokens whatever batch it shares and wherever it sits in it."""
+    if seed is None:
+        return None
+    generators = []
+    for row_id in row_ids:
+        digest = hashlib.blake2b(f"{seed}/{row_id}".encode(), digest_size=8).digest()
+        generators.append(torch.Generator(device=device()).manual_seed(int.from_bytes(digest) >> 1))
+    return generators
+
+
 def choose_tokens(logits: torch.Tensor, sampling: Sampling,
-                  generator: torch.Generator | None) -> torch.Tensor:
+                  generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """Next token per row from ``[b, vocab]`` logits: argmax, or a draw after temperature, top-k
-    and top-p (nucleus) filtering."""
+    and top-p (nucleus) filtering. ``generator`` is one for the batch or one per row."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / sampling.temperature
@@ -85,6 +98,9 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling,
         drop = (cumulative - ordered.softmax(-1)) >= sampling.top_p
         scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     probs = scores.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[:, 0]
+                          for row, g in zip(probs, generator, strict=True)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -105,13 +121,14 @@ class _TokenRelay:
 
 def generate_tokens(built, batch: dict, sampling: Sampling,
                     on_step: Callable[[list[list[int]]], None] | None = None,
-                    trace: bool = False, decode: str = "auto") -> Generated:
+                    trace: bool = False, decode: str = "auto", row_ids: list[int] | None = None) -> Generated:
     """Run on every rank: generate for one left-padded batch of processor outputs.
 
     ``on_step(tokens_so_far)`` is called on every rank after each step (streaming). ``trace`` keeps
     each step's logits (last stage, CPU) and every token fed back in ``extra`` (tests compare them
     with a full forward). ``decode`` picks how the steps after the prefill run: ``auto`` (a CUDA
-    graph where possible), ``eager`` or ``static`` (see :func:`make_decoder`).
+    graph where possible), ``eager`` or ``static`` (see :func:`make_decoder`). ``row_ids`` (the
+    rows' request indices, default 0..b-1) seed each row's own draws when ``sampling.seed`` is set.
     """
     sampling.validate()
     family, settings, model = built.family, built.settings, built.model
@@ -125,9 +142,7 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
     state = InferenceState(capacity=prompt_len + sampling.max_new_tokens)
     inputs["attention_mask"] = AttentionMask(segment_ids=segments, causal=True, state=state)
     next_position = inputs["position_ids"][..., -1:].to(device()) + 1  # [b, 1] or [P, b, 1]
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device()).manual_seed(sampling.seed)
+    generator = row_generators(sampling.seed, row_ids if row_ids is not None else list(range(rows)))
     relay = _TokenRelay()
     stops = set(sampling.stop_token_ids)
     generated = Generated([[] for _ in range(rows)], ["length"] * rows, prompt_len)

@@ -135,3 +135,15 @@ def sampling_runs(hf_dir: str, requests: list[Request], samplings: list[Sampling
     stopped = generate_tokens(built, batch, replace(samplings[0], stop_token_ids=(stop,)))
     return {"runs": [(r.tokens, r.finish) for r in runs], "stop": stop,
             "stopped": (stopped.tokens, stopped.finish)}
+
+
+def batch_size_runs(hf_dir: str, requests: list[Request], sampling: Sampling, sizes: list[int]) -> dict:
+    """Run on one rank: each request's tokens when the requests are generated ``size`` at a time."""
+    from vlm_bridge.inference.command import run_generation
+    from vlm_bridge.loading import load_hf, load_processor
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    processor = load_processor(hf_dir)
+    return {size: [a["answer"] for a in run_generation(built, processor, requests, sampling, size)]
+            for size in sizes}
