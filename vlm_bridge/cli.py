@@ -366,8 +366,9 @@ def cmd_finetune(args) -> int:
     world = cfg.parallel.tp * cfg.parallel.pp * max(args.dp * cfg.parallel.cp, cfg.parallel.ep)
     result = run_parallel(train, world, cfg)
     if result["steps"] == result["start_step"]:
-        print(f"nothing to do: {result['output_dir']} already holds step {result['steps']} of "
-              f"steps={cfg.steps}; raise steps to train further")
+        exported = f"; exported it to {result['exported']}" if result.get("exported") else ""
+        print(f"nothing to train: {result['output_dir']} already holds step {result['steps']} of "
+              f"steps={cfg.steps}{exported}; raise steps to train further")
         return 0
     print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")

@@ -251,8 +251,10 @@ def _build_for_checkpoint(megatron_dir: str, parallel: ParallelConfig, dtype: to
     return built, meta
 
 
-def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None):
-    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout."""
+def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtype | None = None,
+                  merge: bool = True):
+    """Build this rank's model at ``parallel`` and load a checkpoint saved at any layout (LoRA/DoRA
+    adapters folded in unless ``merge`` is false)."""
     built, meta = _build_for_checkpoint(megatron_dir, parallel, dtype)
     peft = meta.get("peft")
     if peft:  # a LoRA/DoRA training checkpoint: load the adapters too and fold them in
@@ -262,7 +264,7 @@ def load_megatron(megatron_dir: str, parallel: ParallelConfig, dtype: torch.dtyp
             rank=peft["rank"], alpha=peft["alpha"], targets=tuple(peft["targets"]),
             components=tuple(peft["components"]), use_dora=peft["method"] == "dora"))
     load_in_place(built.model, f"{megatron_dir}/weights")
-    if peft:
+    if peft and merge:
         merge_lora(built.model)
     return built, meta
 

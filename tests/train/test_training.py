@@ -121,6 +121,17 @@ def test_lora_run_exports_merged_weights_and_peft_adapter(tiny_cfg, tmp_path, ru
     with torch.no_grad():
         diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max()
     assert diff < 1e-4
+    # a finished run re-run with checkpoint.export_hf=true exports its last checkpoint if it lacks one
+    import shutil
+
+    adapter = (it / "hf_peft_adapter" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(it / "hf_export")
+    shutil.rmtree(it / "hf_peft_adapter")
+    again = run_train(cfg)
+    assert again["start_step"] == 3 and again["exported"] == str(it / "hf_export")
+    assert checkpoint_mismatches(out, it / "hf_export") == []
+    assert (it / "hf_peft_adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert run_train(cfg)["exported"] is None  # it has one now
 
 
 def _loss_vs_hf(hf_dir, jsonl):

@@ -39,6 +39,7 @@ def test_unknown_recipe_is_one_clear_error():
     ("dtype=fp8", "dtype"),
     ("recompute_layers=-1", "recompute_layers must be >= 0"),
     ("recompute_components=vision,visual", "recompute_components: visual is not a component"),
+    ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
 ])
 def test_values_no_run_can_use_are_named_by_their_keys(override, needle, tmp_path):
     from vlm_bridge.train.config import apply_overrides, check_config

@@ -65,7 +65,7 @@ class EvalSettings:
 
     every: int = 0  # 0: only after the last step
     generate: bool = False
-    metrics: tuple[str, ...] = ("exact_match",)
+    metrics: tuple[str, ...] | None = None  # None: exact match (a choice needs generate=true)
     max_new_tokens: int = 32
     max_samples: int | None = None
     batch_size: int = 8
@@ -204,6 +204,9 @@ def check_config(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"recompute_components: {', '.join(unknown)} is not a component "
                          f"(one of {', '.join(components)})")
+    if cfg.eval.metrics and not cfg.eval.generate:
+        raise ValueError(f"eval.metrics={','.join(cfg.eval.metrics)} scores generated answers, and "
+                         "eval.generate is false: set eval.generate=true or leave eval.metrics out")
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")

@@ -247,10 +247,17 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run on every rank. ``stop_after`` ends early after that many steps (tests interruption)."""
     saved = ckpt.latest_step(_checkpoint_root(cfg)) if cfg.checkpoint.resume else None
     if saved is not None and saved >= cfg.steps:
-        # Nothing is left to train: no model is built, and the saved run (whose settings may
-        # differ from these) and its output folder are left as they are.
+        # Nothing is left to train: no model is built for training, and the saved run (whose
+        # settings may differ from these) and its output folder are left as they are, except for
+        # an HF export asked for now that the last checkpoint lacks.
+        exported = None
+        if cfg.checkpoint.export_hf:
+            from vlm_bridge.train.export import export_saved_checkpoint
+
+            exported = export_saved_checkpoint(cfg, ckpt.iteration_dir(_checkpoint_root(cfg), saved))
         return {"steps": saved, "start_step": saved, "losses": [], "seconds": 0.0, "skipped": {},
-                "output_dir": cfg.output_dir, "validation": [], "grad_norms": [], "lrs": []}
+                "output_dir": cfg.output_dir, "validation": [], "grad_norms": [], "lrs": [],
+                "exported": str(exported) if exported else None}
     run = setup(cfg)
     validator = None
     if cfg.data.validation:

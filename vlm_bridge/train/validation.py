@@ -15,7 +15,8 @@ class Validator:
         from vlm_bridge.loading import load_processor
 
         settings = cfg.eval  # its values are checked with the rest of the config (check_config)
-        for name in settings.metrics:
+        metrics = tuple(settings.metrics or ("exact_match",))
+        for name in metrics:
             resolve_metric(name)
         self.every, self.steps = settings.every, cfg.steps
         self.samples = list(load_source(cfg.data.validation))
@@ -23,7 +24,7 @@ class Validator:
             raise ValueError(f"data.validation {cfg.data.validation!r} holds no samples")
         self.processor = load_processor(built.hf_side_dir)
         self.options = EvalOptions(
-            generate=settings.generate, metrics=tuple(settings.metrics),
+            generate=settings.generate, metrics=metrics,
             max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
             micro_batch_size=cfg.micro_batch_size, seq_len=cfg.data.seq_len, max_samples=settings.max_samples,
         )
