@@ -21,6 +21,12 @@ THIRD_PARTY_WARNINGS = (
     ".*`load_state_dict` is deprecated.*",  # inside Megatron's torch_dist loader
     ".*deprecating ShardedTensor.*",  # torch.distributed.checkpoint, used by Megatron
     ".*The following imports from `dynamic_context.py`.*",  # Megatron's own import cycle notice
+    # Megatron warns of every TP x EP config, but it concerns training, and fine-tuning refuses
+    # MoE at parallel.tp > 1 with its own message; import, verify and generate are unaffected.
+    ".*When using expert parallelism and tensor parallelism for training.*",
+    ".*`torch.distributed.all_gather_into_tensor` is deprecated.*",  # called inside Megatron
+    # Megatron's hint for TP on a GPU, which init_distributed follows; it also fires on the CPU.
+    ".*it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS.*",
 )
 
 

@@ -89,6 +89,11 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
         if cuda_available():
+            if parallel.tp > 1:
+                # Megatron's TP linears overlap the input-gradient all-reduce with the weight
+                # gradient GEMM only when the GPU runs kernels in launch order (one hardware
+                # queue); it must be set before this process's CUDA context exists.
+                os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     world = dist.get_world_size()
