@@ -123,6 +123,11 @@ def _capture_megatron(built) -> dict:
         store["handles"].append(layer.register_forward_hook(
             lambda m, i, o, idx=idx: store["layers"].__setitem__(idx, _whole_sequence(o[0].detach()))
         ))
+    # HF's last hidden state is the final norm's output: record ours too (last stage only).
+    final_norm = getattr(model.language_model.decoder, "final_layernorm", None)
+    if final_norm is not None:
+        store["handles"].append(final_norm.register_forward_hook(
+            lambda m, i, o: store["layers"].__setitem__("final", _whole_sequence(o.detach()))))
     # With context parallelism each rank encodes a share of the media: no whole output to compare.
     if model.vision is not None and context_parallel_size() == 1:
         # Some towers also return extra features (DeepStack): compare what goes into the sequence.
@@ -350,11 +355,11 @@ def _gather_layers(local: dict) -> dict:
 
 
 def _layer_diffs(run: tuple, hf_hidden: list) -> list[float]:
-    """Max abs diff per decoder layer; HF's last hidden state is after the final norm, so skip it."""
+    """Max abs diff per decoder layer (the last one after the final norm, as HF reports it)."""
     valid = run[0]
     mine, _ = _megatron_side(run)
     return [float((a[valid].float() - b[valid].float()).abs().max())
-            for a, b in zip(mine[1:-1], hf_hidden[1:-1])]
+            for a, b in zip(mine[1:], hf_hidden[1:], strict=True)]
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -372,7 +377,7 @@ def _rms_errors(runs: list, hf_half: list, ref_runs: list) -> dict:
         for i, (valid, *_rest) in enumerate(runs):
             hidden, feats = pick(i)
             _, ref_hidden, ref_vision = ref_runs[i]
-            errors = [_rms(h[valid], r.cpu()[valid]) for h, r in zip(hidden[1:-1], ref_hidden[1:-1])]
+            errors = [_rms(h[valid], r.cpu()[valid]) for h, r in zip(hidden[1:], ref_hidden[1:], strict=True)]
             layers = [max(a, b) for a, b in zip(layers, errors)] if layers else errors
             vision += [_rms(a.reshape(-1, a.shape[-1]), b.cpu().reshape(-1, b.shape[-1]))
                        for a, b in zip(feats, ref_vision)]
@@ -381,10 +386,12 @@ def _rms_errors(runs: list, hf_half: list, ref_runs: list) -> dict:
 
 
 def _megatron_side(run: tuple) -> tuple[list, list]:
-    """Megatron's layer outputs as HF hidden states ``[b, s, h]`` (index 0 unused), and its vision."""
+    """Megatron's layer outputs as HF hidden states ``[b, s, h]`` (index 0, the embeddings, unused;
+    the last layer's output after the final norm), and its vision."""
     valid, _, layers, vision = run
-    hidden = [None] + [layers[i][: valid.shape[1]].transpose(0, 1) for i in sorted(layers)] + [None]
-    return hidden, vision
+    count = len(layers) - 1  # decoder layers; the final norm's output is under "final"
+    outputs = [layers[i] for i in range(count - 1)] + [layers["final"]]
+    return [None] + [h[: valid.shape[1]].transpose(0, 1) for h in outputs], vision
 
 
 def format_report(r: dict) -> str:

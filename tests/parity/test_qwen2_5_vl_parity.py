@@ -31,6 +31,7 @@ def test_parity_catches_a_wrong_weight(tiny_hf, tmp_path, parity):
     shutil.copytree(tiny_hf, broken)
     tensors = load_file(broken / "model.safetensors")
     tensors["model.layers.2.mlp.down_proj.weight"] += 0.05
+    tensors["model.layers.3.mlp.down_proj.weight"] += 0.05  # the last layer: compared too
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     # Megatron gets the broken weights, HF the original ones.
     from vlm_bridge.cli import main
@@ -41,6 +42,7 @@ def test_parity_catches_a_wrong_weight(tiny_hf, tmp_path, parity):
     assert not report["passed"]
     assert report["first_divergent_layer"] == 2
     assert max(report["layer_max_abs_diff"][:2]) <= TOL
+    assert len(report["layer_max_abs_diff"]) == 4 and report["layer_max_abs_diff"][3] > TOL
 
 
 @pytest.mark.parametrize("dtype", ["bf16"])
