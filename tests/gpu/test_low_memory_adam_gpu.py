@@ -66,3 +66,29 @@ def test_fused_kernel_widens_and_clips_a_decoupled_bf16_gradient(monkeypatch):
     copied = run(decoupled=False, fused=False)
     assert torch.equal(run(decoupled=True, fused=False), copied)  # the same fp32 arithmetic
     assert (run(decoupled=True, fused=True) - copied).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_moments_use_torch_fused_adamw_with_the_same_update_and_state():
+    from vlm_bridge.train.low_memory_adam import FusedAdamW
+
+    def run(cls, state=None, steps=3):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=g)) for n in (7, 1 << 20)]
+        opt = cls([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        if state is not None:  # as a checkpoint load does: step counters arrive on the CPU
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            opt.step()
+        return params, opt
+
+    fused, opt = run(FusedAdamW)
+    assert opt.defaults["fused"]
+    foreach, reference = run(torch.optim.AdamW)
+    for a, b in zip(fused, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # a foreach optimizer's state (CPU step counters) resumes in the fused one
+    resumed, opt = run(FusedAdamW, reference.state_dict(), steps=1)
+    assert all(s["step"].is_cuda and float(s["step"]) == 4 for s in opt.state.values())

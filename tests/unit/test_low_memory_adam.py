@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlm_bridge.train import low_memory_adam
-from vlm_bridge.train.low_memory_adam import AdamWBf16Moments, adam_class, check_moments
+from vlm_bridge.train.low_memory_adam import AdamWBf16Moments, FusedAdamW, adam_class, check_moments
 
 
 class _Fp32Moments(AdamWBf16Moments):
@@ -58,7 +58,9 @@ def test_adam_class_swap_is_scoped_and_checked():
         assert torch.optim.AdamW is AdamWBf16Moments
     assert torch.optim.AdamW is original
     with adam_class("fp32"):
-        assert torch.optim.AdamW is original
+        assert torch.optim.AdamW is FusedAdamW
+        # on the CPU it stays torch's default implementation
+        assert not torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]).defaults["fused"]
     with pytest.raises(ValueError, match="fp32 or bf16"), adam_class("fp8"):
         pass
 

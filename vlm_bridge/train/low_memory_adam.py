@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -105,17 +106,29 @@ class AdamWBf16Moments(torch.optim.AdamW):
             p.addcdiv_(m, v.sqrt().div_(root_correction2).add_(eps), value=-lr / correction1)
 
 
+class FusedAdamW(torch.optim.AdamW):
+    """torch's AdamW with ``fused=True`` when every parameter is on a GPU: one multi-tensor kernel
+    reads each parameter, gradient and moment once, where the default (``foreach``) makes a pass
+    per operation (about 2.5x the memory traffic; Apex's FusedAdam, which Megatron would pick, is
+    not installed). Same update, in fp32; ``VLM_BRIDGE_FUSED_ADAM=0`` keeps ``foreach``."""
+
+    def __init__(self, params, *args, **kwargs):
+        groups = list(params)
+        tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        if (os.environ.get("VLM_BRIDGE_FUSED_ADAM", "1") != "0" and tensors
+                and all(p.is_cuda and p.is_floating_point() for p in tensors)):
+            kwargs.setdefault("fused", True)
+        super().__init__(groups, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def adam_class(moments: str) -> Iterator[None]:
     """Within the block, Megatron's optimizer factory builds :class:`AdamWBf16Moments` for
-    ``moments="bf16"``; ``"fp32"`` leaves torch's AdamW in place."""
-    if moments == "fp32":
-        yield
-        return
-    if moments != "bf16":
+    ``moments="bf16"`` and :class:`FusedAdamW` for ``"fp32"``."""
+    if moments not in ("fp32", "bf16"):
         raise ValueError(f"optim.moments must be fp32 or bf16, got {moments!r}")
     original = torch.optim.AdamW
-    torch.optim.AdamW = AdamWBf16Moments
+    torch.optim.AdamW = AdamWBf16Moments if moments == "bf16" else FusedAdamW
     try:
         yield
     finally:
