@@ -129,6 +129,14 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def host_to_device(t: torch.Tensor, target: torch.device) -> torch.Tensor:
+    """``t.to(target)``; from the host to a GPU through pinned memory, asynchronously: a copy from
+    pageable memory first waits for the GPU to finish all queued work."""
+    if t.device.type == "cpu" and torch.device(target).type == "cuda":
+        return t.pin_memory().to(target, non_blocking=True)
+    return t.to(target)
+
+
 def shutdown_distributed() -> None:
     """Tear down Megatron's groups, its RNG tracker and torch.distributed, even after a failed run.
 

@@ -116,3 +116,23 @@ def test_block_mask_equals_create_block_mask(window, sq_offset):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert int(ours.kv_num_blocks.sum()) > 0  # partial blocks exist; full ones too without a window
     assert window is not None or int(ours.full_kv_num_blocks.sum()) > 0
+
+
+@pytest.mark.parametrize("cu", [[0, 3, 7, 8], [0, 5]])
+def test_varlen_bounds_known_at_construction_equal_the_derived_ones(cu):
+    made = AttentionMask.from_cu_seqlens(torch.tensor(cu, dtype=torch.int32), causal=False)
+    derived = AttentionMask(segment_ids=made.segment_ids.clone(), causal=False)
+    (ours, longest), (theirs, their_longest) = made.cu_seqlens(torch.device("cpu")), derived.cu_seqlens(
+        torch.device("cpu"))
+    assert ours.tolist() == theirs.tolist() == cu and longest == their_longest
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_mask_moved_to_the_gpu_brings_its_varlen_bounds():
+    packed = AttentionMask(segment_ids=torch.tensor([[0, 0, 1, 1, 1, 2, -1, -1]]), causal=True)
+    moved = packed.to(torch.device("cuda"))
+    gpu = moved.segment_ids.device
+    cached, longest = moved._cache[("cu", str(gpu))]
+    fresh = AttentionMask(segment_ids=moved.segment_ids.clone(), causal=True).cu_seqlens(gpu)
+    assert cached.is_cuda and cached.tolist() == fresh[0].tolist() == [0, 2, 5, 6, 8] and longest == fresh[1]

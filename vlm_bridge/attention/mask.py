@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlm_bridge.parallel import host_to_device
+
 
 @dataclass
 class AttentionMask:
@@ -59,8 +61,14 @@ class AttentionMask:
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool) -> AttentionMask:
         """Block-diagonal mask for one packed row whose segments end at ``cu_seqlens[1:]``."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-        return cls(segment_ids=ids[None], causal=causal)
+        total = int(cu_seqlens[-1]) if len(cu_seqlens) else 0
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                      output_size=total)
+        mask = cls(segment_ids=ids[None], causal=causal)
+        if bool((lengths > 0).all()):  # what cu_seqlens() would derive from the ids, known already
+            longest = int(lengths.max()) if len(lengths) else 0
+            mask._cache[("cu", str(cu_seqlens.device))] = (cu_seqlens.to(torch.int32), longest)
+        return mask
 
     @classmethod
     def from_padding(cls, attention_mask: torch.Tensor | None) -> AttentionMask:
@@ -93,11 +101,25 @@ class AttentionMask:
         return self._cache[key]
 
     def to(self, device) -> AttentionMask:
-        def move(t):
-            return t.to(device) if t is not None else None
+        """The mask on ``device``. Moving from the host to a GPU, the varlen boundaries are worked
+        out on the host first and copied asynchronously: derived on the GPU, they cost three
+        host-device synchronisations per mask (the GPU idles while the host catches up)."""
+        device = torch.device(device)
+        source = next((t.device for t in (self.segment_ids, self.span_ids) if t is not None), None)
+        to_gpu = source is not None and source.type == "cpu" and device.type == "cuda"
 
-        return dataclasses.replace(self, segment_ids=move(self.segment_ids), span_ids=move(self.span_ids),
-                                   _cache={})
+        def move(t):
+            return host_to_device(t, device) if t is not None else None
+
+        moved = dataclasses.replace(self, segment_ids=move(self.segment_ids), span_ids=move(self.span_ids),
+                                    _cache={})
+        if to_gpu:
+            cu = self.cu_seqlens(source)
+            if cu is not None:
+                if device.index is None:
+                    device = torch.device("cuda", torch.cuda.current_device())
+                moved._cache[("cu", str(device))] = (move(cu[0]), cu[1])
+        return moved
 
     # ---- what backends ask -------------------------------------------------------------------
     def is_plain(self) -> bool:

@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.linears import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict
+from vlm_bridge.parallel import host_to_device
 
 
 def _init_noop(weight: torch.Tensor) -> None:
@@ -86,7 +87,7 @@ class VisionTower(MegatronModule):
         """2D rotary angles of every patch, in the processor's patch order."""
         from transformers.vision_utils import get_vision_position_ids
 
-        positions = get_vision_position_ids(grid_thw, self.s.spatial_merge_size).to(device)
+        positions = host_to_device(get_vision_position_ids(grid_thw, self.s.spatial_merge_size), device)
         return vision_rotary_freqs(positions, self.config.kv_channels, self.s.vision_rope_theta)
 
     sharded_state_dict = per_element_sharded_state_dict
@@ -115,6 +116,7 @@ def encode_by_item(model, pixels: torch.Tensor, grid_thw: torch.Tensor, outputs:
     ranks can share the items out (``VLMModel.encode_vision``). Under CP a video's temporal patch
     groups are items of their own: the ViT never mixes them (attention, windows and positions are
     per frame group; the merger merges within a frame), so one long video spreads over all ranks."""
+    grid_thw = grid_thw.cpu()  # sizes and indices are worked out on the host (one synchronisation)
     if getattr(model, "_vision_split", None) is not None:
         t = grid_thw[:, 0]
         grid_thw = torch.repeat_interleave(grid_thw, t, dim=0)

@@ -24,6 +24,7 @@ from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families._qwen.vision import VisionTower, encode_by_item
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
+from vlm_bridge.parallel import host_to_device
 
 
 class Qwen25VisionModel(VisionTower):
@@ -36,11 +37,12 @@ class Qwen25VisionModel(VisionTower):
         """``pixel_values``: ``[patches, C*T*P*P]``; returns ``[patches / merge**2, out_hidden]``."""
         s, merge_unit = self.s, self.s.spatial_merge_size**2
         x = self.embed_patches(pixel_values)
+        grid_thw = grid_thw.cpu()  # the index work runs on the host; results travel asynchronously
         freqs = self.rotary(grid_thw, x.device)
         window_index, cu_window = get_vision_window_index(
             grid_thw, s.spatial_merge_size, s.window_size, s.patch_size
         )
-        window_index = window_index.to(x.device)
+        window_index = host_to_device(window_index, x.device)
         n = x.shape[0]
 
         def by_window(t: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,8 @@ class Qwen25VisionModel(VisionTower):
             )
 
         x, freqs = by_window(x)[:, None, :], by_window(freqs)
-        full = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False)
-        windowed = AttentionMask.from_cu_seqlens(cu_window, causal=False)
+        full = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False).to(x.device)
+        windowed = AttentionMask.from_cu_seqlens(cu_window, causal=False).to(x.device)
         for i, layer in enumerate(self.layers):
             mask = full if i in s.fullatt_block_indexes else windowed
             x, _ = layer(x, attention_mask=mask, rotary_pos_emb=freqs)

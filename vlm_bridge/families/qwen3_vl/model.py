@@ -28,6 +28,7 @@ from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families._qwen.vision import PatchMerger, VisionTower, encode_by_item
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
+from vlm_bridge.parallel import host_to_device
 
 
 class InterleavedMRoPE(torch.nn.Module):
@@ -66,15 +67,17 @@ class Qwen3VisionModel(VisionTower):
         """Returns (merged features, [DeepStack features per injection level])."""
         s = self.s
         x = self.embed_patches(pixel_values)
+        grid_thw = grid_thw.cpu()  # the index work runs on the host; results travel asynchronously
         side = int(s.num_position_embeddings**0.5)
         idx, weights = get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=side, mode="bilinear", align_corners=True,
             spatial_merge_size=s.spatial_merge_size,
         )
-        pos = (self.pos_embed(idx.to(x.device)) * weights.to(x.device)[:, :, None]).sum(1)
+        idx, weights = host_to_device(idx, x.device), host_to_device(weights, x.device)
+        pos = (self.pos_embed(idx) * weights[:, :, None]).sum(1)
         freqs = self.rotary(grid_thw, x.device)
         x = (x + pos.to(x.dtype))[:, None, :]
-        mask = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False)
+        mask = AttentionMask.from_cu_seqlens(get_vision_cu_seqlens(grid_thw), causal=False).to(x.device)
         deepstack = []
         for i, layer in enumerate(self.layers):
             x, _ = layer(x, attention_mask=mask, rotary_pos_emb=freqs)
