@@ -287,7 +287,7 @@ def cmd_evaluate(args) -> int:
     from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input, strict_json
     from vlm_bridge.data.sources import source_path
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
-    from vlm_bridge.inference.metrics import resolve_metric
+    from vlm_bridge.inference.metrics import check_metric
     from vlm_bridge.parallel import run_parallel
 
     data = args.data
@@ -307,7 +307,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError("--metric scores generated answers; --no-generate makes none (drop one of them)")
     metrics = tuple(args.metric or ("exact_match", "anls"))
     for name in metrics:
-        resolve_metric(name)  # a bad name fails before any model loads
+        check_metric(name)  # a bad name or a failing metric fails before any model loads
     options = EvalOptions(generate=not args.no_generate, metrics=metrics,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           seq_len=args.seq_len, max_samples=args.max_samples)

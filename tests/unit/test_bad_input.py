@@ -361,6 +361,9 @@ def test_moe_fine_tuning_at_tensor_parallel_two_is_named(tiny_qwen3_moe, run_cli
     (["evaluate", "--data", "DATA", "--metric", "./nowhere.py:f"], "cannot import it"),
     (["evaluate", "--data", "DATA", "--metric", "os:path"], "path is a module, not a function"),
     (["evaluate", "--data", "DATA", "--no-generate", "--metric", "anls"], "--no-generate makes none"),
+    (["evaluate", "--data", "DATA", "--metric", "os:getcwd"], "--metric os:getcwd failed on answer 'yes'"),
+    (["evaluate", "--data", "DATA", "--metric", "math:exp"], "--metric math:exp failed on answer 'yes'"),
+    (["evaluate", "--data", "DATA", "--metric", "operator:add"], "failed on answer 'yes'"),
 ])
 def test_decoding_and_report_options_are_checked_first(tiny_hf, run_cli, capsys, tmp_path, args, needle):
     data = tmp_path / "d.jsonl"
@@ -384,3 +387,8 @@ def test_a_metric_from_a_file_and_a_nan_score_give_strict_json(tiny_hf, run_cli,
                    "--metric", f"{metrics}:nan", "--max-new-tokens", "1", "--report", report) == 0
     scores = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert scores["metrics"][f"{metrics}:half"] == 0.5 and scores["metrics"][f"{metrics}:nan"] is None
+    # a score outside [0, 1] (a percentage, say) is refused before any model loads
+    metrics.write_text("def percent(answer, references):\n    return 100.0\n")
+    capsys.readouterr()
+    assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", data, "--metric", f"{metrics}:percent") == 2
+    assert "gave 100.0 for answer 'yes'; a score must be in [0, 1]" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from vlm_bridge.convert.hf_io import strict_json, write_text_atomic
 from vlm_bridge.inference.generate import Sampling
-from vlm_bridge.inference.metrics import resolve_metric
+from vlm_bridge.inference.metrics import resolve_metric, score_value
 from vlm_bridge.inference.requests import request_from_sample
 from vlm_bridge.parallel import device
 
@@ -123,14 +123,6 @@ def _answers(built, processor, samples: list[dict], options: EvalOptions) -> dic
     return {"scored": sum("scores" in row for row in rows), "metrics": means, "answers": rows}
 
 
-def _score(name: str, metric, answer: str, refs: list[str]) -> float:
-    """One metric on one answer; a user's metric that fails or returns no number is named."""
-    try:
-        return float(metric(answer, refs))
-    except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
-        raise ValueError(f"--metric {name} failed on answer {answer!r}: "
-                         f"{type(exc).__name__}: {exc}") from None
-
 
 def score_answers(predictions: list[str], references: list[list[str]],
                   metrics: tuple[str, ...]) -> tuple[list[dict], dict[str, float]]:
@@ -141,7 +133,8 @@ def score_answers(predictions: list[str], references: list[list[str]],
     for index, (answer, refs) in enumerate(zip(predictions, references, strict=True)):
         row: dict[str, Any] = {"index": index, "answer": answer, "references": refs}
         if refs:
-            row["scores"] = {name: _score(name, metric, answer, refs) for name, metric in functions.items()}
+            row["scores"] = {name: score_value(name, metric, answer, refs)
+                             for name, metric in functions.items()}
             for name, value in row["scores"].items():
                 sums[name] += value
         rows.append(row)

@@ -7,6 +7,7 @@ A metric takes the generated answer and the reference answers (one or more) and 
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -74,6 +75,26 @@ def resolve_metric(name: str) -> Metric:
     if not callable(metric):
         raise ValueError(f"--metric {name!r}: {function} is a {type(metric).__name__}, not a function")
     return metric
+
+
+def check_metric(name: str) -> Metric:
+    """:func:`resolve_metric`, then one call on an answer equal to its reference, so that a metric
+    that fails or returns no score in [0, 1] is named before any model loads or answer is made."""
+    metric = resolve_metric(name)
+    score_value(name, metric, "yes", ["yes"])
+    return metric
+
+
+def score_value(name: str, metric: Metric, answer: str, refs: Sequence[str]) -> float:
+    """One metric on one answer: a number in [0, 1], else a one-line error naming the metric."""
+    try:
+        value = float(metric(answer, refs))
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
+        raise ValueError(f"--metric {name} failed on answer {answer!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not (0.0 <= value <= 1.0 or math.isnan(value)):  # nan: no score (the mean is reported as null)
+        raise ValueError(f"--metric {name} gave {value} for answer {answer!r}; a score must be in [0, 1]")
+    return value
 
 
 def _module_from_file(path: str):

@@ -207,6 +207,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.eval.metrics and not cfg.eval.generate:
         raise ValueError(f"eval.metrics={','.join(cfg.eval.metrics)} scores generated answers, and "
                          "eval.generate is false: set eval.generate=true or leave eval.metrics out")
+    if cfg.eval.metrics and cfg.data.validation:
+        from vlm_bridge.inference.metrics import check_metric
+
+        for name in cfg.eval.metrics:  # a metric that cannot score fails before any rank starts
+            check_metric(name)
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")

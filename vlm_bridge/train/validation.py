@@ -5,7 +5,7 @@ its perplexity and, with ``eval.generate``, generated answers scored by ``eval.m
 from __future__ import annotations
 
 from vlm_bridge.inference.evaluate import EvalOptions, evaluate_model
-from vlm_bridge.inference.metrics import resolve_metric
+from vlm_bridge.inference.metrics import check_metric
 from vlm_bridge.train.config import TrainConfig
 
 
@@ -17,7 +17,7 @@ class Validator:
         settings = cfg.eval  # its values are checked with the rest of the config (check_config)
         metrics = tuple(settings.metrics or ("exact_match",))
         for name in metrics:
-            resolve_metric(name)
+            check_metric(name)
         self.every, self.steps = settings.every, cfg.steps
         self.samples = list(load_source(cfg.data.validation))
         if not self.samples:
