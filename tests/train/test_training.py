@@ -132,6 +132,10 @@ def test_lora_run_exports_merged_weights_and_peft_adapter(tiny_cfg, tmp_path, ru
     assert checkpoint_mismatches(out, it / "hf_export") == []
     assert (it / "hf_peft_adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert run_train(cfg)["exported"] is None  # it has one now
+    shutil.rmtree(it / "hf_peft_adapter")  # only the adapter missing (a stray file in its place)
+    (it / "hf_peft_adapter").write_text("not an adapter")
+    assert run_train(cfg)["exported"] == str(it / "hf_export")
+    assert (it / "hf_peft_adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def _loss_vs_hf(hf_dir, jsonl):

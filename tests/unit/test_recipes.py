@@ -40,12 +40,14 @@ def test_unknown_recipe_is_one_clear_error():
     ("recompute_layers=-1", "recompute_layers must be >= 0"),
     ("recompute_components=vision,visual", "recompute_components: visual is not a component"),
     ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
+    ("eval.generate=true;eval.metrics=no_such_module:f;data.validation=jsonl:v.jsonl",
+     "eval.metrics 'no_such_module:f': cannot import it"),
 ])
 def test_values_no_run_can_use_are_named_by_their_keys(override, needle, tmp_path):
     from vlm_bridge.train.config import apply_overrides, check_config
 
     with pytest.raises(ValueError, match=needle):
-        check_config(apply_overrides(get_recipe("demo_tiny"), [override]))
+        check_config(apply_overrides(get_recipe("demo_tiny"), override.split(";")))
 
 
 def test_output_dir_must_not_be_the_pretrained_folder(tmp_path):

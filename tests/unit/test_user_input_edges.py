@@ -127,3 +127,15 @@ def test_processor_options_are_checked_by_name_and_value(tiny_hf, tmp_path):
     with pytest.raises(ValueError, match=r"--processor-arg .*do_resize.*rejected it \(.*expected bool"):
         build_prompt_batch(processor, requests, do_resize="maybe")
     assert build_prompt_batch(processor, requests, do_resize=True)["input_ids"].shape[0] == 1
+
+
+def test_a_metric_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    import sys
+
+    from vlm_bridge.inference.metrics import check_metric
+
+    (tmp_path / "folder_metrics.py").write_text("def half(answer, references):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert check_metric("folder_metrics:half")("a", ["b"]) == 0.5
+    assert str(tmp_path) not in sys.path  # the search path is left as it was

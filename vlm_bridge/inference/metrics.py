@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
 import string
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -59,41 +61,54 @@ def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> 
 METRICS: dict[str, Metric] = {"exact_match": exact_match, "anls": anls}
 
 
-def resolve_metric(name: str) -> Metric:
-    """A built-in metric by name, or ``module:function`` (called as ``function(answer, references)``)."""
+def resolve_metric(name: str, option: str = "--metric") -> Metric:
+    """A built-in metric by name, or ``module:function`` (called as ``function(answer, references)``;
+    the module may also be a file in the current folder, as ``python -m`` would find it), or
+    ``FILE.py:function``. ``option`` is what errors call the setting."""
     if name in METRICS:
         return METRICS[name]
     module, sep, function = name.rpartition(":")
     if not sep or not module or not function:
-        raise ValueError(f"--metric {name!r}: use one of {', '.join(METRICS)}, module:function or "
+        raise ValueError(f"{option} {name!r}: use one of {', '.join(METRICS)}, module:function or "
                          "FILE.py:function")
     try:
-        loaded = _module_from_file(module) if module.endswith(".py") else importlib.import_module(module)
+        loaded = _module_from_file(module) if module.endswith(".py") else _import_from_here(module)
         metric = getattr(loaded, function)
     except (ImportError, AttributeError, TypeError, OSError, SyntaxError) as exc:
-        raise ValueError(f"--metric {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{option} {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
     if not callable(metric):
-        raise ValueError(f"--metric {name!r}: {function} is a {type(metric).__name__}, not a function")
+        raise ValueError(f"{option} {name!r}: {function} is a {type(metric).__name__}, not a function")
     return metric
 
 
-def check_metric(name: str) -> Metric:
+def _import_from_here(module: str):
+    """``import module`` with the current folder searched first (the ``vlm-bridge`` script's own
+    ``sys.path`` does not hold it)."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def check_metric(name: str, option: str = "--metric") -> Metric:
     """:func:`resolve_metric`, then one call on an answer equal to its reference, so that a metric
     that fails or returns no score in [0, 1] is named before any model loads or answer is made."""
-    metric = resolve_metric(name)
-    score_value(name, metric, "yes", ["yes"])
+    metric = resolve_metric(name, option)
+    score_value(name, metric, "yes", ["yes"], option)
     return metric
 
 
-def score_value(name: str, metric: Metric, answer: str, refs: Sequence[str]) -> float:
+def score_value(name: str, metric: Metric, answer: str, refs: Sequence[str],
+                option: str = "--metric") -> float:
     """One metric on one answer: a number in [0, 1], else a one-line error naming the metric."""
     try:
         value = float(metric(answer, refs))
     except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
-        raise ValueError(f"--metric {name} failed on answer {answer!r}: "
+        raise ValueError(f"{option} {name} failed on answer {answer!r}: "
                          f"{type(exc).__name__}: {exc}") from None
     if not (0.0 <= value <= 1.0 or math.isnan(value)):  # nan: no score (the mean is reported as null)
-        raise ValueError(f"--metric {name} gave {value} for answer {answer!r}; a score must be in [0, 1]")
+        raise ValueError(f"{option} {name} gave {value} for answer {answer!r}; a score must be in [0, 1]")
     return value
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from vlm_bridge.convert.distribute import gather
+from vlm_bridge.convert.hf_io import atomic_output_dir
 from vlm_bridge.convert.ops import Transpose
 from vlm_bridge.parallel import cpu_group
 from vlm_bridge.peft.lora import LoraConfig, lora_modules
@@ -106,11 +107,11 @@ def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> 
             raise ValueError("export_hf_peft: the model has no LoRA adapters")
         owners = {p.rsplit(".", 1)[0] for p in parameters}
         targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors} - owners)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(dict(sorted(tensors.items())), out / "adapter_model.safetensors", metadata={"format": "pt"})
         config = peft_config(cfg, targets, base_model_name_or_path, sorted(parameters)).to_dict()
         # As peft's save_pretrained writes it, with sets sorted so that every run writes the same file.
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        with atomic_output_dir(out_dir, overwrite=True) as out:  # complete or absent, never half
+            save_file(dict(sorted(tensors.items())), out / "adapter_model.safetensors",
+                      metadata={"format": "pt"})
+            (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     dist.barrier(group=cpu_group())

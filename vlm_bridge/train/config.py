@@ -211,7 +211,7 @@ def check_config(cfg: TrainConfig) -> None:
         from vlm_bridge.inference.metrics import check_metric
 
         for name in cfg.eval.metrics:  # a metric that cannot score fails before any rank starts
-            check_metric(name)
+            check_metric(name, "eval.metrics")
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")

@@ -17,17 +17,22 @@ def export_run_checkpoint(run, checkpoint_path: Path) -> Path:
 
 def export_saved_checkpoint(cfg, checkpoint_path: Path) -> Path | None:
     """Run on every rank: the export of ``export_run_checkpoint`` for a checkpoint already saved
-    without one (a finished run re-run with ``checkpoint.export_hf=true``); None when it has one."""
+    without one, or with only part of one (a finished run re-run with
+    ``checkpoint.export_hf=true``); None when it has it all."""
+    from vlm_bridge.convert.engine import read_meta
     from vlm_bridge.loading import load_megatron
     from vlm_bridge.parallel import ParallelConfig, init_distributed
 
-    if (Path(checkpoint_path) / "hf_export" / "config.json").is_file():
+    checkpoint_path = Path(checkpoint_path)
+    peft = bool(read_meta(str(checkpoint_path)).get("peft"))
+    complete = (checkpoint_path / "hf_export" / "config.json").is_file() and (
+        not peft or (checkpoint_path / "hf_peft_adapter" / "adapter_config.json").is_file())
+    if complete:
         return None
     parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
     init_distributed(parallel, seed=cfg.seed)
     built, meta = load_megatron(str(checkpoint_path), parallel, merge=False)
-    return _export(built, Path(checkpoint_path), DTYPES[meta["dtype"]], bool(meta.get("peft")),
-                   cfg.pretrained)
+    return _export(built, checkpoint_path, DTYPES[meta["dtype"]], peft, cfg.pretrained)
 
 
 def _export(built, checkpoint_path: Path, dtype, peft: bool, base_model: str) -> Path:

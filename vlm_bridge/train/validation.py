@@ -17,7 +17,7 @@ class Validator:
         settings = cfg.eval  # its values are checked with the rest of the config (check_config)
         metrics = tuple(settings.metrics or ("exact_match",))
         for name in metrics:
-            check_metric(name)
+            check_metric(name, "eval.metrics")
         self.every, self.steps = settings.every, cfg.steps
         self.samples = list(load_source(cfg.data.validation))
         if not self.samples:
