@@ -51,16 +51,24 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_hf):
 def test_a_request_running_past_the_positions_is_named(capsys):
     import torch
 
-    from vlm_bridge.inference.command import _warn_past_positions
+    from vlm_bridge.inference.generate import warn_past_positions_of
 
     class Settings:
         max_position_embeddings = 16
 
-    batch = {"attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
-    _warn_past_positions(Settings(), batch, [4, 5], max_new_tokens=11)
+    # left-padded 1-D positions: request 5's prompt ends at 5, request 4's at 3
+    flat = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    warn_past_positions_of(Settings(), flat, [4, 5], max_new_tokens=11)
+    # 3-D MRoPE: an image of 8 tokens spans only 2 positions, so 8 tokens end at position 3
+    mrope = torch.tensor([[[0, 1, 1, 1, 1, 1, 1, 1, 1, 3]], [[0, 1, 1, 1, 1, 2, 2, 2, 2, 3]],
+                          [[0, 1, 2, 1, 2, 1, 2, 1, 2, 3]]])
+    warn_past_positions_of(Settings(), mrope, [0], max_new_tokens=12)
+    warn_past_positions_of(Settings(), mrope, [0], max_new_tokens=13)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["warning: request 5: its prompt (6 tokens) plus --max-new-tokens 11 goes past "
-                   "the model's 16 positions"]
+    assert err == ["warning: request 5: its prompt ends at position 5; --max-new-tokens 11 would take "
+                   "it past the model's 16 positions",
+                   "warning: request 0: its prompt ends at position 3; --max-new-tokens 13 would take "
+                   "it past the model's 16 positions"]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

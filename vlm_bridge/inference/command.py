@@ -74,20 +74,6 @@ class _Streamer:
             self.shown = text
 
 
-def _warn_past_positions(settings, batch, indices: list[int], max_new_tokens: int) -> None:
-    """Say which requests may run past the model's positions (HF generates on there too; the
-    model was never trained at those positions, so the answer's end may be poor)."""
-    positions = getattr(settings, "max_position_embeddings", None)
-    mask = batch.get("attention_mask")
-    if not positions or mask is None:
-        return
-    for row, index in enumerate(indices):
-        prompt = int(mask[row].sum())
-        if prompt + max_new_tokens > positions:
-            print(f"warning: request {index}: its prompt ({prompt} tokens) plus --max-new-tokens "
-                  f"{max_new_tokens} goes past the model's {positions} positions", file=sys.stderr)
-
-
 def run_generation(built, processor, requests: list[Request], sampling: Sampling, batch_size: int,
                    stream: bool = False, video_fps: float | None = None) -> list[dict]:
     """Answers for every request (on every rank), in request order."""
@@ -97,10 +83,9 @@ def run_generation(built, processor, requests: list[Request], sampling: Sampling
     answers: list[dict] = [{} for _ in requests]
     for indices in plan_batches([r.has_video for r in requests], batch_size, built.family.video_batch_alone):
         batch = build_prompt_batch(processor, [requests[i] for i in indices], video_fps)
-        if dist.get_rank() == 0:
-            _warn_past_positions(built.settings, batch, indices, sampling.max_new_tokens)
         streamer = _Streamer(tokenizer) if stream and dist.get_rank() == 0 else None
-        out: Generated = generate_tokens(built, batch, sampling, on_step=streamer, row_ids=indices)
+        out: Generated = generate_tokens(built, batch, sampling, on_step=streamer, row_ids=indices,
+                                         warn_past_positions=True)
         if streamer is not None:
             print(flush=True)
         for row, index in enumerate(indices):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ class _TokenRelay:
 
 def generate_tokens(built, batch: dict, sampling: Sampling,
                     on_step: Callable[[list[list[int]]], None] | None = None,
-                    trace: bool = False, decode: str = "auto", row_ids: list[int] | None = None) -> Generated:
+                    trace: bool = False, decode: str = "auto", row_ids: list[int] | None = None,
+                    warn_past_positions: bool = False) -> Generated:
     """Run on every rank: generate for one left-padded batch of processor outputs.
 
     ``on_step(tokens_so_far)`` is called on every rank after each step (streaming). ``trace`` keeps
@@ -129,6 +131,8 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
     with a full forward). ``decode`` picks how the steps after the prefill run: ``auto`` (a CUDA
     graph where possible), ``eager`` or ``static`` (see :func:`make_decoder`). ``row_ids`` (the
     rows' request indices, default 0..b-1) seed each row's own draws when ``sampling.seed`` is set.
+    ``warn_past_positions``: rank 0 names (on stderr) each row whose decoding would run past the
+    model's positions.
     """
     sampling.validate()
     family, settings, model = built.family, built.settings, built.model
@@ -141,8 +145,11 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
     segments = segments.to(device()) if segments is not None else None
     state = InferenceState(capacity=prompt_len + sampling.max_new_tokens)
     inputs["attention_mask"] = AttentionMask(segment_ids=segments, causal=True, state=state)
+    row_ids = row_ids if row_ids is not None else list(range(rows))
+    if warn_past_positions and (not dist.is_initialized() or dist.get_rank() == 0):
+        warn_past_positions_of(settings, inputs["position_ids"], row_ids, sampling.max_new_tokens)
     next_position = inputs["position_ids"][..., -1:].to(device()) + 1  # [b, 1] or [P, b, 1]
-    generator = row_generators(sampling.seed, row_ids if row_ids is not None else list(range(rows)))
+    generator = row_generators(sampling.seed, row_ids)
     relay = _TokenRelay()
     stops = set(sampling.stop_token_ids)
     generated = Generated([[] for _ in range(rows)], ["length"] * rows, prompt_len)
@@ -176,6 +183,24 @@ def generate_tokens(built, batch: dict, sampling: Sampling,
             logits = decoder.step(chosen.to(device()))
     generated.decode_seconds = time.perf_counter() - start - generated.first_token_seconds
     return generated
+
+
+def warn_past_positions_of(settings, position_ids: torch.Tensor, row_ids: list[int],
+                           max_new_tokens: int) -> None:
+    """Name each row whose decoded tokens would take positions past the model's (HF generates on
+    there too, but the model never trained at them). A prompt's last position is its last column
+    (left padding); with 3-D MRoPE it is the largest axis, which for an image or a video is not
+    its token count. The n-th new token takes that position + n."""
+    limit = getattr(settings, "max_position_embeddings", None)
+    if not limit:
+        return
+    last = position_ids[..., -1]  # [b] or [P, b]
+    last = last.amax(dim=0) if last.dim() > 1 else last
+    for row, row_id in enumerate(row_ids):
+        end = int(last[row])
+        if end + max_new_tokens >= limit:
+            print(f"warning: request {row_id}: its prompt ends at position {end}; --max-new-tokens "
+                  f"{max_new_tokens} would take it past the model's {limit} positions", file=sys.stderr)
 
 
 def _record(generated: Generated, done: torch.Tensor, chosen: torch.Tensor, stops: set[int]) -> None:
