@@ -103,3 +103,30 @@ def test_a_decoupled_bf16_gradient_updates_as_its_clipped_fp32_copy():
         return param.detach()
 
     assert torch.equal(run(True), run(False))
+
+
+def test_fused_adamw_keeps_fused_when_resuming_a_foreach_state():
+    """A checkpoint saved by torch's default AdamW resumes in the fused one (torch's fused kernel
+    runs on the CPU too, so the test needs no GPU): same update, fused stays on."""
+    def run(cls, state=None, steps=3, **kw):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (7, 300)]
+        opt = cls([{"params": params}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+        if state is not None:
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return params, opt
+
+    import copy
+
+    _, saved = run(torch.optim.AdamW, steps=2)
+    state = saved.state_dict()  # its tensors are the optimizer's own: each load gets a copy
+    resumed, opt = run(FusedAdamW, copy.deepcopy(state), steps=1, fused=True)
+    assert all(group["fused"] for group in opt.param_groups)
+    assert all(float(s["step"]) == 3 for s in opt.state.values())
+    reference, _ = run(torch.optim.AdamW, copy.deepcopy(state), steps=1)
+    for a, b in zip(resumed, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -120,6 +120,19 @@ class FusedAdamW(torch.optim.AdamW):
             kwargs.setdefault("fused", True)
         super().__init__(groups, *args, **kwargs)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch takes the saved groups' settings, ``fused`` included: a state saved by the
+        ``foreach`` implementation (step counters on the host) would switch this one back to it."""
+        super().load_state_dict(state_dict)
+        if not self.defaults.get("fused"):
+            return
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "step" in state:  # the fused kernel reads its counter on the parameter's device
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
 
 @contextlib.contextmanager
 def adam_class(moments: str) -> Iterator[None]:
