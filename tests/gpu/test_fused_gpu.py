@@ -80,3 +80,25 @@ def test_fused_cross_entropy_matches_fp32_loss(dtype):
     tol = 1e-6 if dtype == torch.float32 else 2**-8  # one rounding of each gradient to bf16
     torch.testing.assert_close(ours.grad.float(), reference.grad, rtol=tol, atol=1e-7)
     assert not ours.grad[..., vocab:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_matches_megatron_and_is_installed(dtype):
+    """The fused RoPE at a Qwen query's shape (28 heads of 128, 3-D MRoPE angles) against
+    Megatron's torch RoPE; in bf16 its error against the fp32 result does not exceed Megatron's."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from vlm_bridge.families._common import fused_rope
+    from vlm_bridge.families._common.megatron_config import common_kwargs
+
+    assert common_kwargs(torch.bfloat16)["apply_rope_fusion"]
+    assert rope_utils.fused_apply_rotary_pos_emb is fused_rope.fused_apply_rotary_pos_emb
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    qkv = torch.randn(2048, 1, 36, 128, device="cuda", generator=gen).to(dtype)
+    query = qkv[:, :, :28]
+    freqs = torch.randn(2048, 1, 1, 128, device="cuda", generator=gen) * 50
+
+    def megatron(t):
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+
+    _compare(lambda t: fused_rope.fused_apply_rotary_pos_emb(t, freqs), megatron, (query,), dtype)

@@ -52,6 +52,8 @@ def main() -> None:
                 torch.testing.assert_close(g, e, **tol, msg=lambda m, n=name: f"{n}: {m}")
             print(f"ok {name} {dtype} max diff {max(max_error(got, want)):.2e}")
     check_adam_kernel()
+    for line in check_rope():
+        print(line)
     from vlm_bridge.parallel import run_parallel
 
     for tp in (1, 2):
@@ -59,6 +61,35 @@ def main() -> None:
             print(line)
     with tempfile.TemporaryDirectory() as tmp:
         print(run_parallel(check_model_loss, 1, tmp))
+
+
+def check_rope() -> list[str]:
+    """The fused RoPE against Megatron's torch RoPE: a query view out of a fused QKV tensor (rows
+    not contiguous), 5 heads (a partial head block), angles per batch row whose halves differ
+    (3-D MRoPE), and a rotary narrower than the head (the rest passes through); values and the
+    input gradient."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from vlm_bridge.families._common import fused_rope
+
+    gen = torch.Generator().manual_seed(8)
+    lines = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for rot, per_row in ((24, True), (16, False)):
+            qkv = (torch.randn(6, 2, 7, 24, generator=gen) * 2).to(dtype)
+            query = qkv[:, :, :5]  # [s, b, 5 heads, 24]: a view, strides of 7 heads
+            freqs = torch.randn(6, 2 if per_row else 1, 1, rot, generator=gen) * 3
+            assert fused_rope.covers(query, freqs)
+            got = values_and_grads(lambda t, f=freqs: fused_rope.fused_apply_rotary_pos_emb(t, f), query)
+            want = values_and_grads(lambda t, f=freqs: _apply_rotary_pos_emb_bshd(t.float(), f).to(t.dtype),
+                                    query)
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-6}
+            for g, e in zip(got, want, strict=True):
+                assert g.dtype == e.dtype and g.shape == e.shape
+                torch.testing.assert_close(g, e, **tol)
+            lines.append(f"ok rope {dtype} rot={rot} per_row={per_row} max diff "
+                         f"{max(max_error(got, want)):.2e}")
+    return lines
 
 
 # 300 real columns padded to 384; at TP=2 the second shard (192-383) holds 108 real columns, so the

@@ -6,6 +6,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.compat.cpu import cuda_available
+from vlm_bridge.families._common import fused_rope
 
 
 def skip_init(weight: torch.Tensor) -> None:
@@ -26,7 +27,9 @@ def common_kwargs(dtype: torch.dtype) -> dict:
         bias_dropout_fusion=cuda_available(),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        # RoPE as one Triton kernel per direction on GPUs (fused_rope.py), in Megatron's slot for
+        # Transformer Engine's; Megatron's torch ops elsewhere.
+        apply_rope_fusion=cuda_available() and fused_rope.install(),
         # Weights always come from a checkpoint: allocate shards in place (this path also tags
         # parameters with their TP partition metadata, which conversion relies on) and skip init.
         use_cpu_initialization=False,
