@@ -161,3 +161,22 @@ def test_recompile_limit_falls_back_to_eager(traced, monkeypatch):
         fused.fp32_rms_norm(x, w, 1.0, 1e-6)
         out = fused.fp32_rms_norm(x.double(), w.double(), 1.0, 1e-6)  # a second variant: over the limit
     torch.testing.assert_close(out, fused._rms_norm(x.double(), w.double(), 1.0, 1e-6), rtol=0, atol=0)
+
+
+def test_kernels_that_fail_their_self_check_are_not_used(monkeypatch):
+    """A kernel set that does not compile or disagrees with torch on a device is checked once,
+    named in one warning, and left unused there (the torch code runs)."""
+    from vlm_bridge.families._common import fused_triton
+
+    monkeypatch.setattr(fused_triton, "_CHECKED", {})
+    calls = []
+
+    def broken(device):
+        calls.append(device)
+        raise RuntimeError("PTX assembly failed")
+
+    with pytest.warns(UserWarning, match="the demo Triton kernels failed their check on cpu .*PTX"):
+        assert not fused_triton.passes_self_check("demo", torch.device("cpu"), broken)
+    assert not fused_triton.passes_self_check("demo", torch.device("cpu"), broken)
+    assert len(calls) == 1
+    assert fused_triton.passes_self_check("fine", torch.device("cpu"), lambda device: None)

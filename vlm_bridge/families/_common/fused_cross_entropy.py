@@ -24,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from vlm_bridge.families._common.fused_triton import triton_runs_on
+from vlm_bridge.families._common.fused_triton import passes_self_check, triton_runs_on
 
 _BLOCK = 4096
 
@@ -33,7 +33,30 @@ def available(logits: torch.Tensor) -> bool:
     """True where the kernels can run and are wanted: a CUDA tensor (any under
     ``TRITON_INTERPRET=1``), Triton, and ``VLM_BRIDGE_FUSED_LOSS`` not ``0`` (which keeps Megatron's
     fp32 loss)."""
-    return os.environ.get("VLM_BRIDGE_FUSED_LOSS", "1") != "0" and triton_runs_on(logits)
+    return (os.environ.get("VLM_BRIDGE_FUSED_LOSS", "1") != "0" and triton_runs_on(logits)
+            and passes_self_check("cross-entropy", logits.device, _self_check))
+
+
+def _self_check(device: torch.device) -> None:
+    """Both kernels on a small shard (padded columns, several blocks, bf16 and fp32) against the
+    torch computation; no collectives, so each rank checks alone."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(3, 300, generator=gen) * 3).to(device=device, dtype=dtype)
+        labels = torch.tensor([0, 150, 289], device=device)
+        stats = torch.empty(3, 3, dtype=torch.float32, device=device)
+        row_statistics, gradient = _kernels()
+        row_statistics[(3,)](logits, labels, stats[0], stats[1], stats[2], 300, 290, 0, BLOCK=128)
+        real = logits[:, :290].float()
+        lse = real.logsumexp(-1)
+        torch.testing.assert_close(stats[0] + stats[1].log(), lse, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats[2], real.gather(1, labels[:, None])[:, 0], rtol=1e-4, atol=1e-4)
+        grad = torch.empty_like(logits)
+        dloss = torch.ones(3, device=device)
+        gradient[(3,)](logits, labels, lse, dloss, grad, 300, 290, 0, BLOCK=128)
+        want = torch.nn.functional.pad(real.softmax(-1), (0, 10))
+        want[torch.arange(3), labels] -= 1
+        torch.testing.assert_close(grad.float(), want, rtol=1e-2, atol=1e-2)
 
 
 @functools.cache

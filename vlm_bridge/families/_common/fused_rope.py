@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from vlm_bridge.families._common.fused_triton import triton_runs_on
+from vlm_bridge.families._common.fused_triton import passes_self_check, triton_runs_on
 
 _MAX_HALF = 512
 
@@ -120,7 +120,23 @@ def covers(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> b
             and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and freqs.shape[0] == t.shape[0] and freqs.shape[1] in (1, t.shape[1]) and freqs.shape[2] == 1
             and freqs.shape[-1] % 2 == 0 and 0 < freqs.shape[-1] <= t.shape[-1]
-            and freqs.shape[-1] // 2 <= _MAX_HALF)
+            and freqs.shape[-1] // 2 <= _MAX_HALF and passes_self_check("RoPE", t.device, _self_check))
+
+
+def _self_check(device: torch.device) -> None:
+    """Both directions on a small case (a query view, per-row angles, a pass-through tail) against
+    Megatron's torch RoPE in fp32."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(5, 2, 4, 12, generator=gen).to(device)[:, :, :3]
+    freqs = (torch.randn(5, 2, 1, 8, generator=gen) * 3).to(device)
+    dy = torch.randn(5, 2, 3, 12, generator=gen).to(device)
+    leaf = x.clone().requires_grad_()
+    want = _apply_rotary_pos_emb_bshd(leaf, freqs)
+    want.backward(dy)
+    torch.testing.assert_close(_launch(x, freqs, backward=False), want.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_launch(dy, freqs, backward=True), leaf.grad, rtol=1e-4, atol=1e-4)
 
 
 def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False,

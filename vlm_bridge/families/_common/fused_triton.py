@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +38,27 @@ def triton_runs_on(x: torch.Tensor) -> bool:
     """True where a Triton kernel can take ``x``: a CUDA tensor (any under ``TRITON_INTERPRET=1``,
     Triton's CPU interpreter) with Triton importable."""
     return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_importable()
+
+
+_CHECKED: dict[tuple[str, str], bool] = {}
+
+
+def passes_self_check(name: str, device: torch.device, check: Callable[[torch.device], None]) -> bool:
+    """Whether the ``name`` kernels may run on ``device``: ``check(device)`` runs once per process
+    and device (it launches them on small inputs against a torch reference and raises on any
+    difference). Kernels that do not compile or disagree there are not used, with one warning, and
+    the torch code runs instead: a GPU or Triton version they were never run on costs speed, not
+    a failed run."""
+    key = (name, str(device))
+    if key not in _CHECKED:
+        try:
+            check(device)
+            _CHECKED[key] = True
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels here
+            warnings.warn(f"vlm-bridge: the {name} Triton kernels failed their check on {device} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); using torch ops instead", stacklevel=2)
+            _CHECKED[key] = False
+    return _CHECKED[key]
 
 
 def available(x: torch.Tensor) -> bool:
