@@ -4,7 +4,7 @@ Megatron without Transformer Engine applies RoPE as torch ops on ``[s, b, heads,
 sin of the angles (recomputed in every layer), two casts, two products, a negation and a
 concatenation for the rotated half, an add, and a final concatenation with the unrotated channels,
 about ten passes over each query and key tensor forward and as many backward. In a 7B step that is
-most of the ~1,700 ``cat`` calls of a profiled step, and a Qwen ViT repeats it in all 32 layers.
+most of the ~1,700 ``cat`` calls of a profiled step, and a rotary ViT repeats it in every one of its layers.
 
 Here each (token, row) program reads its angles once, takes cos and sin in fp32 registers and
 rotates every head in one read and one write; the backward is the transposed rotation
