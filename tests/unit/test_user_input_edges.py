@@ -139,3 +139,21 @@ def test_a_metric_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     assert check_metric("folder_metrics:half")("a", ["b"]) == 0.5
     assert str(tmp_path) not in sys.path  # the search path is left as it was
+
+
+def test_frames_reach_a_video_processor_that_does_not_sample(tmp_path):
+    """A hub folder without a video config gets a video processor that takes frames as given;
+    frames from a folder then still carry the indices it reads their times from."""
+    from vlm_bridge.inference.requests import build_prompt_batch, request_from_args
+    from vlm_bridge.loading import load_processor
+    from vlm_bridge.testing.media import make_video_frames
+    from vlm_bridge.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    processor = load_processor(build_tiny_qwen3_vl(tmp_path / "qwen3"))
+    processor.video_processor.do_sample_frames = False
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(make_video_frames(4, 64, 64, seed=1)):
+        frame.save(frames / f"{i:03d}.png")
+    batch = build_prompt_batch(processor, [request_from_args("What moves?", [], str(frames))])
+    assert batch["video_grid_thw"][0, 0] == 2  # four frames, two temporal patches

@@ -98,7 +98,11 @@ def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedV
             if size is not None and sizes[0] is not None and size != sizes[0]:
                 raise ValueError(f"video frame {name} is {size[0]}x{size[1]} but {names[0]} is "
                                  f"{sizes[0][0]}x{sizes[0][1]}: a video's frames share one size")
-    return DecodedVideo(value, {"total_num_frames": len(value), "fps": fps or FRAMES_FPS}, {})
+    # Every frame counts as taken (``frames_indices``): a video processor that does not sample
+    # (some processors' default where a folder has no video config) reads frame times from them.
+    metadata = {"total_num_frames": len(value), "fps": fps or FRAMES_FPS,
+                "frames_indices": list(range(len(value)))}
+    return DecodedVideo(value, metadata, {})
 
 
 def processor_media(images: list[Any] | None, videos: list[DecodedVideo], processor: Any) -> dict[str, Any]:
