@@ -232,9 +232,14 @@ def cmd_verify(args) -> int:
 
     if args.tolerance is not None and not 0 <= args.tolerance < math.inf:  # nan fails too
         raise ValueError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+    megatron_path = args.megatron_path
+    if megatron_path:  # a training run folder: its newest checkpoint, as generate and export take
+        from vlm_bridge.inference.command import resolve_megatron_path
+
+        megatron_path = str(resolve_megatron_path(megatron_path))
     parallel = _parallel(args, args.hf_model)
     report = run_parallel(
-        verify, parallel.conversion_world_size, args.hf_model, args.megatron_path, parallel,
+        verify, parallel.conversion_world_size, args.hf_model, megatron_path, parallel,
         args.image, args.video, args.prompt or DEFAULT_PROMPT, args.dtype, args.tolerance,
         args.fp32_baseline, _key_values(args.processor_arg, "--processor-arg"),
     )

@@ -113,6 +113,8 @@ def test_lora_run_exports_merged_weights_and_peft_adapter(tiny_cfg, tmp_path, ru
     out = tmp_path / "exported"
     assert run_cli("export", "--megatron-path", tmp_path / "lora", "--hf-path", out) == 0  # the run folder
     assert checkpoint_mismatches(out, it / "hf_export") == []  # its newest step, adapters folded in
+    # verify takes the run folder too: its newest checkpoint against the run's own HF export
+    assert run_cli("verify", "--hf-model", it / "hf_export", "--megatron-path", tmp_path / "lora") == 0
     assert checkpoint_mismatches(out, cfg.pretrained) != []  # the adapters changed the weights
     merged = AutoModelForImageTextToText.from_pretrained(out)
     base = AutoModelForImageTextToText.from_pretrained(cfg.pretrained)

@@ -223,3 +223,12 @@ def test_torch_dist_checkpoint_keeps_base_keys_and_round_trips(tiny_hf, tmp_path
     assert r["base_keys"] <= r["keys"]
     assert extra and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude") for k in extra)
     assert r["equal"]
+
+
+def test_the_adapter_names_a_local_base_model_by_its_absolute_path(tmp_path, monkeypatch):
+    from vlm_bridge.peft.hf_export import base_model_reference
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert base_model_reference("base") == str(tmp_path / "base")
+    assert base_model_reference("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"

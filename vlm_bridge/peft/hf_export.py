@@ -89,6 +89,13 @@ def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_p
     )
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """What the adapter's config names as its base model: a local folder as an absolute path (the
+    adapter is then found and loaded from any working directory), a hub name as given."""
+    folder = Path(name_or_path).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else name_or_path
+
+
 def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> None:
     """Run on every rank: write ``adapter_config.json`` + ``adapter_model.safetensors`` (rank 0)."""
     from safetensors.torch import save_file
@@ -107,7 +114,8 @@ def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> 
             raise ValueError("export_hf_peft: the model has no LoRA adapters")
         owners = {p.rsplit(".", 1)[0] for p in parameters}
         targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors} - owners)
-        config = peft_config(cfg, targets, base_model_name_or_path, sorted(parameters)).to_dict()
+        config = peft_config(cfg, targets, base_model_reference(base_model_name_or_path),
+                             sorted(parameters)).to_dict()
         # As peft's save_pretrained writes it, with sets sorted so that every run writes the same file.
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         with atomic_output_dir(out_dir, overwrite=True) as out:  # complete or absent, never half

@@ -204,6 +204,9 @@ def check_config(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"recompute_components: {', '.join(unknown)} is not a component "
                          f"(one of {', '.join(components)})")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ValueError(f"optim.min_lr {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}: the rate "
+                         "decays from optim.lr down to optim.min_lr; lower optim.min_lr too")
     if cfg.eval.metrics and not cfg.eval.generate:
         raise ValueError(f"eval.metrics={','.join(cfg.eval.metrics)} scores generated answers, and "
                          "eval.generate is false: set eval.generate=true or leave eval.metrics out")
