@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 a parity check that ran and failed; 2 a user mistake (bad paths,
 unsupported models, layouts that do not divide, corrupt files), with a one-line ``error: ...`` on
 stderr; 3 an internal error (a bug), with a one-line ``internal error: ...`` (the traceback with
-``VLM_BRIDGE_DEBUG=1``).
+``VLM_BRIDGE_DEBUG=1``); 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (the output being written
+is removed in both cases).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_CRASH = 3
+EXIT_INTERRUPTED = 130
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
@@ -407,11 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from vlm_bridge.convert.hf_io import CheckpointError
-    from vlm_bridge.parallel import RankError
+    from vlm_bridge.parallel import RankError, exit_on_sigterm
 
+    exit_on_sigterm()  # outputs being written are removed on SIGTERM as on Ctrl-C
     user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (*user_errors, RankError) as exc:
         if isinstance(exc, RankError) and not exc.user_error:
             return _crash(exc)

@@ -247,9 +247,38 @@ def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
             "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
 
 
-def _worker(rank: int, world: int, port: int, job: bytes, errors: Any) -> None:
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) ends this process as Ctrl-C would: an exception,
+    so that every ``finally`` and context manager runs and no half-written output is left."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _die_with(parent: int) -> None:
+    """Ask the kernel for a SIGTERM when the launching process dies (Linux), so that no rank lives
+    on, and publishes its output, after its launcher was killed."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _worker(rank: int, world: int, port: int, job: bytes, errors: Any, parent: int | None = None) -> None:
     """Target of a freshly spawned rank. ``job`` is the pickled ``(fn, args)``: unpickling it imports
-    the caller's modules (and Megatron), which must happen after the warning filters are set."""
+    the caller's modules (and Megatron), which must happen after the warning filters are set. The
+    launcher decides what Ctrl-C does (it stops the ranks with SIGTERM); a rank also stops when its
+    launcher dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_on_sigterm()
+    if parent is not None:
+        _die_with(parent)
     from vlm_bridge.logging_setup import quiet_third_party_warnings
 
     quiet_third_party_warnings()
@@ -607,7 +636,7 @@ def _run_spawned(fn: Callable, world_size: int, args: tuple) -> Any:
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, job, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, job, queue, os.getpid()), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
@@ -615,18 +644,35 @@ def _run_spawned(fn: Callable, world_size: int, args: tuple) -> Any:
     # Drain the queue while the ranks run: a large result would otherwise block its sender
     # (and the join below) until someone reads the pipe.
     messages = []
-    while len(messages) < world_size:
-        try:
-            messages.append(queue.get(timeout=1.0))
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                while not queue.empty():
-                    messages.append(queue.get_nowait())
-                break
+    try:
+        while len(messages) < world_size:
+            try:
+                messages.append(queue.get(timeout=1.0))
+            except queue_module.Empty:
+                if not any(p.is_alive() for p in procs):
+                    while not queue.empty():
+                        messages.append(queue.get_nowait())
+                    break
+    except BaseException:  # Ctrl-C or SIGTERM here: the ranks clean up and stop before we do
+        _stop(procs)
+        raise
     for p in procs:
         p.join()
     _raise_for_failures(messages, {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0})
     return next((m.result for m in messages if m.result is not None), None)
+
+
+def _stop(procs: list, grace: float = 60.0) -> None:
+    """SIGTERM to every live rank, time to remove what it was writing, then SIGKILL."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def run_parallel(fn: Callable, world_size: int, *args: Any) -> Any:
