@@ -387,8 +387,8 @@ def test_a_metric_from_a_file_and_a_nan_score_give_strict_json(tiny_hf, run_cli,
                    "--metric", f"{metrics}:nan", "--max-new-tokens", "1", "--report", report) == 0
     scores = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert scores["metrics"][f"{metrics}:half"] == 0.5 and scores["metrics"][f"{metrics}:nan"] is None
+    assert "no score (the metric gave nan)" in capsys.readouterr().out
     # a score outside [0, 1] (a percentage, say) is refused before any model loads
     metrics.write_text("def percent(answer, references):\n    return 100.0\n")
-    capsys.readouterr()
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", data, "--metric", f"{metrics}:percent") == 2
     assert "gave 100.0 for answer 'yes'; a score must be in [0, 1]" in capsys.readouterr().err

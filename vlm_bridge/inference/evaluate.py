@@ -149,7 +149,9 @@ def format_report(report: dict) -> str:
         lines.append(f"loss           {report['loss']:.4f} over {report['loss_tokens']} answer tokens "
                      f"(perplexity {report['perplexity']:.3f})")
     for name, value in report.get("metrics", {}).items():
-        lines.append(f"{name:<14} {100 * value:.1f}% of {report['scored']} answers")
+        nan = value is None or math.isnan(value)
+        shown = "no score (the metric gave nan)" if nan else f"{100 * value:.1f}%"
+        lines.append(f"{name:<14} {shown} of {report['scored']} answers")
     return "\n".join(lines)
 
 
