@@ -47,6 +47,18 @@ def test_unknown_architecture(tiny_hf, run_cli, capsys, tmp_path):
                 "Qwen2_5_VLForConditionalGeneration", out=out)
 
 
+def test_an_mrope_section_that_does_not_fit_the_head_is_named_at_import(tiny_hf, run_cli, capsys, tmp_path):
+    bad = copy_model(tiny_hf, tmp_path / "mrope")
+    cfg = json.loads((bad / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope["mrope_section"] = [s + 1 for s in rope.get("mrope_section", [1, 1, 1])]
+    text["rope_parameters" if "rope_parameters" in text else "rope_scaling"] = rope
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(bad, out), "mrope_section", "rotary channels", out=out)
+
+
 def test_folder_with_its_own_model_code_is_refused_without_a_prompt(tiny_hf, run_cli, capsys, tmp_path,
                                                                     monkeypatch):
     """A hub folder whose config needs its own Python code (``auto_map``) and that no family reads

@@ -22,10 +22,15 @@ def qwen_language_config(
     rope = dict(text_config.rope_parameters or {})
     if rope.get("rope_type", "default") not in ("default", "mrope"):
         raise ValueError(f"{family} rope_type {rope.get('rope_type')!r} is not supported")
+    section = list(rope.get("mrope_section", default_mrope_section))
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    if sum(section) * 2 != head_dim:  # each axis takes its share of the head's rotary half
+        raise ValueError(f"config.json: {family} mrope_section {section} covers {2 * sum(section)} "
+                         f"rotary channels, but a head has {head_dim}")
     # Qwen-VL language models have no linear biases (Qwen2.5's qkv bias comes as a family field).
     return decoder_config(
-        text_config, dtype, tp, pp, add_bias_linear=False,
-        mrope_section=list(rope.get("mrope_section", default_mrope_section)), activation_func=F.silu,
+        text_config, dtype, tp, pp, add_bias_linear=False, mrope_section=section, activation_func=F.silu,
         **family_fields,
     )
 
