@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -43,6 +44,10 @@ def main() -> None:
     from vlm_bridge.families._common.fused_cross_entropy import fused_vocab_parallel_cross_entropy
     from vlm_bridge.parallel import ParallelConfig, init_distributed
 
+    # One process, no launcher: the rendezvous variables torch.distributed reads from the environment.
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29517"}.items():
+        os.environ.setdefault(key, value)
     init_distributed(ParallelConfig())
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(args.tokens, 1, args.vocab, device="cuda", generator=gen) * 3).bfloat16()

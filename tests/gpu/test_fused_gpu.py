@@ -77,8 +77,10 @@ def test_fused_cross_entropy_matches_fp32_loss(dtype):
     want = torch.nn.functional.cross_entropy(masked.view(-1, padded), labels.view(-1), reduction="none")
     want.backward(upstream.view(-1))
     torch.testing.assert_close(loss.view(-1), want, rtol=1e-5, atol=1e-5)
-    tol = 1e-6 if dtype == torch.float32 else 2**-8  # one rounding of each gradient to bf16
-    torch.testing.assert_close(ours.grad.float(), reference.grad, rtol=tol, atol=1e-7)
+    # fp32: exp(x - lse) against torch's softmax differs by a few fp32 steps (5e-7 seen at 0.37 on an
+    # H100); bf16: one rounding of each gradient
+    tol = 4e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(ours.grad.float(), reference.grad, rtol=tol, atol=1e-6)
     assert not ours.grad[..., vocab:].any()
 
 
