@@ -48,3 +48,17 @@ def test_user_metric_by_module_path_and_bad_names():
         resolve_metric("bleu")
     with pytest.raises(ValueError, match="cannot import it"):
         resolve_metric("no_such_module:f")
+
+
+def test_a_metric_without_a_score_on_some_answers_is_averaged_over_the_rest(tmp_path, monkeypatch):
+    import math
+
+    from vlm_bridge.inference.evaluate import format_report
+
+    (tmp_path / "partial_metric.py").write_text(
+        "def some(answer, references):\n    return float('nan') if answer == 'skip' else 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    rows, means = score_answers(["a", "skip", "b"], [["x"], ["x"], ["x"]], ("partial_metric:some",))
+    assert means == {"partial_metric:some": 1.0} and math.isnan(rows[1]["scores"]["partial_metric:some"])
+    report = {"samples": 3, "loss_samples": 3, "skipped": {}, "scored": 3, "metrics": means, "answers": rows}
+    assert "partial_metric:some 100.0% of 2 answers (nan on 1, left out)" in format_report(report)

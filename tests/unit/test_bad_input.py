@@ -399,7 +399,7 @@ def test_a_metric_from_a_file_and_a_nan_score_give_strict_json(tiny_hf, run_cli,
                    "--metric", f"{metrics}:nan", "--max-new-tokens", "1", "--report", report) == 0
     scores = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert scores["metrics"][f"{metrics}:half"] == 0.5 and scores["metrics"][f"{metrics}:nan"] is None
-    assert "no score (the metric gave nan)" in capsys.readouterr().out
+    assert "no score: the metric gave nan on all 1 answers" in capsys.readouterr().out
     # a score outside [0, 1] (a percentage, say) is refused before any model loads
     metrics.write_text("def percent(answer, references):\n    return 100.0\n")
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", data, "--metric", f"{metrics}:percent") == 2

@@ -41,7 +41,7 @@ def test_unknown_recipe_is_one_clear_error():
     ("recompute_components=vision,visual", "recompute_components: visual is not a component"),
     ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
     ("optim.lr=1e-7", "optim.min_lr .* is above optim.lr 1e-07"),
-    ("eval.generate=true;eval.metrics=no_such_module:f;data.validation=jsonl:v.jsonl",
+    ("eval.generate=true;eval.metrics=no_such_module:f",
      "eval.metrics 'no_such_module:f': cannot import it"),
 ])
 def test_values_no_run_can_use_are_named_by_their_keys(override, needle, tmp_path):

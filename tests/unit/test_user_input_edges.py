@@ -157,3 +157,18 @@ def test_frames_reach_a_video_processor_that_does_not_sample(tmp_path):
         frame.save(frames / f"{i:03d}.png")
     batch = build_prompt_batch(processor, [request_from_args("What moves?", [], str(frames))])
     assert batch["video_grid_thw"][0, 0] == 2  # four frames, two temporal patches
+
+
+def test_a_run_folder_leads_to_checkpoints_kept_elsewhere(tmp_path):
+    import json
+
+    from vlm_bridge.inference.command import resolve_megatron_path
+
+    saves = tmp_path / "fast_disk" / "ckpts"
+    (saves / "iter_0000002" / "weights").mkdir(parents=True)
+    (saves / "iter_0000002" / "vlm_bridge.json").write_text("{}")
+    (saves / "latest").write_text("2\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(saves)}}))
+    assert resolve_megatron_path(run) == saves / "iter_0000002"

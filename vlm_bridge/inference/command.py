@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,16 @@ def resolve_megatron_path(path: str | Path) -> Path:
     from vlm_bridge.train.checkpoint import iteration_dir, latest_step
 
     path = Path(path)
-    for root in (path, path / "checkpoints"):
+    roots = [path, path / "checkpoints"]
+    run_config = path / "config.json"  # a run whose checkpoint.dir is elsewhere
+    if run_config.is_file():
+        try:
+            elsewhere = json.loads(run_config.read_text()).get("checkpoint", {}).get("dir")
+        except (ValueError, AttributeError):
+            elsewhere = None
+        if isinstance(elsewhere, str) and elsewhere:
+            roots.append(Path(elsewhere))
+    for root in roots:
         if (root / META_FILE).is_file():
             return root
         step = latest_step(root) if root.is_dir() else None

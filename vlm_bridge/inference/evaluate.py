@@ -127,19 +127,33 @@ def _answers(built, processor, samples: list[dict], options: EvalOptions) -> dic
 def score_answers(predictions: list[str], references: list[list[str]],
                   metrics: tuple[str, ...]) -> tuple[list[dict], dict[str, float]]:
     """Per-answer rows (with scores where there are references) and each metric's mean over the
-    scored answers."""
+    scored answers; an answer a metric gives nan (no score) is left out of that metric's mean (its
+    row keeps the nan; a metric with no score at all has mean nan)."""
     functions = {name: resolve_metric(name) for name in metrics}
-    rows, sums = [], dict.fromkeys(functions, 0.0)
+    rows, sums, counts = [], dict.fromkeys(functions, 0.0), dict.fromkeys(functions, 0)
     for index, (answer, refs) in enumerate(zip(predictions, references, strict=True)):
         row: dict[str, Any] = {"index": index, "answer": answer, "references": refs}
         if refs:
             row["scores"] = {name: score_value(name, metric, answer, refs)
                              for name, metric in functions.items()}
             for name, value in row["scores"].items():
-                sums[name] += value
+                if not math.isnan(value):
+                    sums[name] += value
+                    counts[name] += 1
         rows.append(row)
-    count = sum("scores" in row for row in rows)
-    return rows, ({name: total / count for name, total in sums.items()} if count else {})
+    if not any("scores" in row for row in rows):
+        return rows, {}
+    return rows, {name: sums[name] / counts[name] if counts[name] else math.nan for name in functions}
+
+
+def unscored_counts(rows: list[dict]) -> dict[str, int]:
+    """How many scored answers each metric gave nan (no score), where any."""
+    out: dict[str, int] = {}
+    for row in rows:
+        for name, value in row.get("scores", {}).items():
+            if value is None or math.isnan(value):
+                out[name] = out.get(name, 0) + 1
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -148,10 +162,14 @@ def format_report(report: dict) -> str:
     if "loss" in report:
         lines.append(f"loss           {report['loss']:.4f} over {report['loss_tokens']} answer tokens "
                      f"(perplexity {report['perplexity']:.3f})")
+    unscored = unscored_counts(report.get("answers", []))
     for name, value in report.get("metrics", {}).items():
-        nan = value is None or math.isnan(value)
-        shown = "no score (the metric gave nan)" if nan else f"{100 * value:.1f}%"
-        lines.append(f"{name:<14} {shown} of {report['scored']} answers")
+        scored = report["scored"] - unscored.get(name, 0)
+        if value is None or math.isnan(value):
+            lines.append(f"{name:<14} no score: the metric gave nan on all {report['scored']} answers")
+            continue
+        missing = f" (nan on {unscored[name]}, left out)" if name in unscored else ""
+        lines.append(f"{name:<14} {100 * value:.1f}% of {scored} answers{missing}")
     return "\n".join(lines)
 
 

@@ -210,7 +210,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.eval.metrics and not cfg.eval.generate:
         raise ValueError(f"eval.metrics={','.join(cfg.eval.metrics)} scores generated answers, and "
                          "eval.generate is false: set eval.generate=true or leave eval.metrics out")
-    if cfg.eval.metrics and cfg.data.validation:
+    if cfg.eval.metrics:
         from vlm_bridge.inference.metrics import check_metric
 
         for name in cfg.eval.metrics:  # a metric that cannot score fails before any rank starts
