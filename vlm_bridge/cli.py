@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from vlm_bridge.convert.hf_io import CheckpointError
-    from vlm_bridge.parallel import RankError, exit_on_sigterm
+    from vlm_bridge.parallel import exit_on_sigterm, stopped_by
 
     exit_on_sigterm()  # outputs being written are removed on SIGTERM as on Ctrl-C
     user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
@@ -418,16 +419,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (*user_errors, RankError) as exc:
-        if isinstance(exc, RankError) and not exc.user_error:
-            return _crash(exc)
+    except Exception as exc:
+        stopped = stopped_by()
+        if stopped is None:
+            return _report_failure(exc, user_errors)
+        # the stop arrived inside a library that wrapped it in its own error (checkpoint writers)
+        print("interrupted" if stopped == signal.SIGINT else "terminated", file=sys.stderr)
+        return 128 + stopped
+
+
+def _report_failure(exc: Exception, user_errors: tuple) -> int:
+    """A user mistake as one ``error:`` line (exit 2); anything else is a bug: one line, exit 3."""
+    from vlm_bridge.parallel import RankError
+
+    if isinstance(exc, user_errors) or (isinstance(exc, RankError) and exc.user_error):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # a bug: say so in one line, never as a failed parity check
-        if os.environ.get("VLM_BRIDGE_DEBUG"):
-            raise
-        return _crash(exc)
+    if os.environ.get("VLM_BRIDGE_DEBUG") and not isinstance(exc, RankError):
+        raise exc
+    return _crash(exc)
 
 
 def _crash(exc: BaseException) -> int:

@@ -247,13 +247,33 @@ def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
             "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
 
 
+_STOPPED_BY: int | None = None  # the signal that asked this process to stop, once one has
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM (``kill``, ``timeout``, a scheduler) ends this process as Ctrl-C would: an exception,
-    so that every ``finally`` and context manager runs and no half-written output is left."""
+    so that every ``finally`` and context manager runs and no half-written output is left. Either
+    signal is also remembered (:func:`stopped_by`): an exception raised where Python swallows it
+    (a finaliser) or that a library wraps in its own still stops the run at its next
+    :func:`raise_if_stopped`, and the CLI still reports an interruption."""
     def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        global _STOPPED_BY
+        _STOPPED_BY = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, stop)
+
+
+def stopped_by() -> int | None:
+    return _STOPPED_BY
+
+
+def raise_if_stopped() -> None:
+    """Stop here if a stop signal arrived and its exception was lost on the way."""
+    if _STOPPED_BY is not None:
+        raise KeyboardInterrupt if _STOPPED_BY == signal.SIGINT else SystemExit(128 + _STOPPED_BY)
 
 
 def _die_with(parent: int) -> None:

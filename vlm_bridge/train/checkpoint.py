@@ -109,11 +109,16 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
         copy_hf_side_files(hf_side_dir, tmp / "hf")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     dist.barrier(group=cpu_group())
-    state = _sharded(model, optimizer, loading=False, with_rng=True)
-    # Plain (non-sharded) entries are "common" state, written once by rank 0.
-    state["scheduler"] = scheduler.state_dict()
-    state["extra"] = {**extra, "layout": _layout(), **_optimizer_layout(optimizer)}
-    dist_checkpointing.save(state, str(tmp / "weights"))
+    try:
+        state = _sharded(model, optimizer, loading=False, with_rng=True)
+        # Plain (non-sharded) entries are "common" state, written once by rank 0.
+        state["scheduler"] = scheduler.state_dict()
+        state["extra"] = {**extra, "layout": _layout(), **_optimizer_layout(optimizer)}
+        dist_checkpointing.save(state, str(tmp / "weights"))
+    except BaseException:  # interrupted or failed: the unfinished save is not left behind
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier(group=cpu_group())
     if dist.get_rank() == 0:
         if final.exists():

@@ -31,7 +31,7 @@ from vlm_bridge.compat.distopt_state import keep_unsaved_optimizer_keys
 from vlm_bridge.compat.multi_tensor import use_foreach_multi_tensor_ops
 from vlm_bridge.convert.engine import DTYPES, dtype_name
 from vlm_bridge.loading import conversion_meta, load_pretrained
-from vlm_bridge.parallel import ParallelConfig, device, init_distributed
+from vlm_bridge.parallel import ParallelConfig, device, init_distributed, raise_if_stopped
 from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train import decoupled_grads
 from vlm_bridge.train.config import TrainConfig, check_config, to_dict
@@ -285,6 +285,7 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
     while run.step < cfg.steps:
         if stop_after is not None and run.step >= stop_after:
             break
+        raise_if_stopped()  # a stop signal whose exception something swallowed ends the run here
         t0 = time.time()
         stats = train_step(run)
         lrs.append(stats["lr"])
