@@ -419,11 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:
+    except BaseException as exc:  # torch's checkpoint writer wraps a stop in a BaseException of its own
         stopped = stopped_by()
         if stopped is None:
+            if not isinstance(exc, Exception):
+                raise
             return _report_failure(exc, user_errors)
-        # the stop arrived inside a library that wrapped it in its own error (checkpoint writers)
         print("interrupted" if stopped == signal.SIGINT else "terminated", file=sys.stderr)
         return 128 + stopped
 

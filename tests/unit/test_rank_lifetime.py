@@ -47,3 +47,25 @@ def test_a_rank_stops_and_cleans_up_when_its_launcher_is_killed(tmp_path):
     finally:
         launcher.kill()
         launcher.join()
+
+
+def test_a_stop_wrapped_by_a_library_is_still_one_line(monkeypatch, capsys, tmp_path):
+    """torch's checkpoint writer re-raises an interruption as its own BaseException; the CLI still
+    reports the stop in one line with the signal's exit code."""
+    from vlm_bridge import cli, parallel
+
+    class WriterFailure(BaseException):  # as torch.distributed.checkpoint.api.CheckpointException
+        pass
+
+    def interrupted_write(args):
+        monkeypatch.setattr(parallel, "_STOPPED_BY", signal.SIGTERM)
+        raise WriterFailure("ranks: [0]")
+
+    monkeypatch.setitem(cli.COMMANDS, "export", interrupted_write)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        code = cli.main(["export", "--megatron-path", str(tmp_path), "--hf-path", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert code == 143 and capsys.readouterr().err.strip() == "terminated"
