@@ -67,7 +67,9 @@ def test_import_and_export_stay_under_a_fraction_of_the_model(tmp_path):
 
     hf = build_tiny_qwen2_5_vl(tmp_path / "hf", dtype=torch.bfloat16, config_overrides={"text_config": {
         "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "vocab_size": 8192,
-        "num_attention_heads": 6, "num_key_value_heads": 2}})
+        "num_attention_heads": 6, "num_key_value_heads": 2,
+        # heads of 128: the real model's MRoPE split of the 64 rotary pairs
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}})
     with SafetensorsReader(hf) as reader:
         size = reader.total_bytes()
         largest = max(reader.get(name).nbytes for name in reader.keys())
