@@ -410,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from vlm_bridge.convert.hf_io import CheckpointError
-    from vlm_bridge.parallel import exit_on_sigterm, stopped_by
+    from vlm_bridge.parallel import stop_on_signals, stopped_by
 
-    exit_on_sigterm()  # outputs being written are removed on SIGTERM as on Ctrl-C
+    stop_on_signals()  # outputs being written are removed on SIGTERM as on Ctrl-C
     user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
     try:
         return COMMANDS[args.command](args)

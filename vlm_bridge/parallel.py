@@ -250,7 +250,7 @@ def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
 _STOPPED_BY: int | None = None  # the signal that asked this process to stop, once one has
 
 
-def exit_on_sigterm() -> None:
+def stop_on_signals() -> None:
     """SIGTERM (``kill``, ``timeout``, a scheduler) ends this process as Ctrl-C would: an exception,
     so that every ``finally`` and context manager runs and no half-written output is left. Either
     signal is also remembered (:func:`stopped_by`): an exception raised where Python swallows it
@@ -296,7 +296,7 @@ def _worker(rank: int, world: int, port: int, job: bytes, errors: Any, parent: i
     launcher decides what Ctrl-C does (it stops the ranks with SIGTERM); a rank also stops when its
     launcher dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_on_sigterm()
+    stop_on_signals()
     if parent is not None:
         _die_with(parent)
     from vlm_bridge.logging_setup import quiet_third_party_warnings

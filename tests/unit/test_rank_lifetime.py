@@ -11,9 +11,9 @@ from pathlib import Path
 
 
 def _rank(parent: int, folder: str) -> None:
-    from vlm_bridge.parallel import _die_with, exit_on_sigterm
+    from vlm_bridge.parallel import _die_with, stop_on_signals
 
-    exit_on_sigterm()
+    stop_on_signals()
     _die_with(parent)
     Path(folder, "ready").write_text("")
     try:

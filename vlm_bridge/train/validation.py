@@ -5,7 +5,6 @@ its perplexity and, with ``eval.generate``, generated answers scored by ``eval.m
 from __future__ import annotations
 
 from vlm_bridge.inference.evaluate import EvalOptions, evaluate_model
-from vlm_bridge.inference.metrics import check_metric
 from vlm_bridge.train.config import TrainConfig
 
 
@@ -14,10 +13,8 @@ class Validator:
         from vlm_bridge.data.sources import load_source
         from vlm_bridge.loading import load_processor
 
-        settings = cfg.eval  # its values are checked with the rest of the config (check_config)
+        settings = cfg.eval  # its values, the metrics included, are checked by check_config
         metrics = tuple(settings.metrics or ("exact_match",))
-        for name in metrics:
-            check_metric(name, "eval.metrics")
         self.every, self.steps = settings.every, cfg.steps
         self.samples = list(load_source(cfg.data.validation))
         if not self.samples:
