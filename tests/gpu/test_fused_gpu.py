@@ -55,6 +55,8 @@ def test_fused_kernels_match_eager(backend, dtype, rows, monkeypatch):
              (heads, torch.randn(256, device="cuda", generator=gen).to(dtype)), dtype)
     glu = torch.randn(rows, 1, 2 * 1280, device="cuda", generator=gen).to(dtype)
     _compare(fused.gelu_tanh_glu, fused._gelu_tanh_glu, (glu,), dtype)
+    wide = torch.randn(rows // 8, 2, 2 * 10240, device="cuda", generator=gen).to(dtype)  # Gemma-3-4B's fc1
+    _compare(fused.gelu_tanh_glu, fused._gelu_tanh_glu, (wide,), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

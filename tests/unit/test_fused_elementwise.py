@@ -109,13 +109,13 @@ def test_triton_kernels_match_eager():
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 20, done.stdout
+    assert done.stdout.count("ok ") == 22, done.stdout
 
 
 def test_triton_kernels_are_the_default_and_compile_is_chosen_on_request(monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "fusion_enabled", lambda x: True)
-    monkeypatch.setattr(fused.fused_triton, "available", lambda x: True)
+    monkeypatch.setattr(fused.fused_triton, "triton_runs_on", lambda x: True)
     monkeypatch.setattr(fused.fused_triton, "gelu_tanh_glu", lambda x: calls.append("triton") or x)
     monkeypatch.setattr(fused, "_compiled", lambda fn: (lambda *a: calls.append("compile") or a[0]))
     x = torch.zeros(2, 4)
@@ -127,7 +127,7 @@ def test_triton_kernels_are_the_default_and_compile_is_chosen_on_request(monkeyp
     fused.gelu_tanh_glu(x)
     # Without a hand-written kernel (Triton missing), the default compiles.
     monkeypatch.delenv("VLM_BRIDGE_FUSED")
-    monkeypatch.setattr(fused.fused_triton, "available", lambda x: False)
+    monkeypatch.setattr(fused.fused_triton, "triton_runs_on", lambda x: False)
     fused.gelu_tanh_glu(x)
     assert calls == ["triton", "compile", "triton", "compile"]
 
@@ -180,3 +180,36 @@ def test_kernels_that_fail_their_self_check_are_not_used(monkeypatch):
     assert not fused_triton.passes_self_check("demo", torch.device("cpu"), broken)
     assert len(calls) == 1
     assert fused_triton.passes_self_check("fine", torch.device("cpu"), lambda device: None)
+
+
+def _gradient_check(device):
+    """A self-check that needs autograd and saves tensors for its backward, as a kernel check does."""
+    leaf = torch.arange(4.0, device=device).requires_grad_()
+    (leaf * leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * leaf.detach())
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "inference_mode", "no_grad"])
+def test_a_first_use_inside_autograd_state_checks_apart_from_it(where, monkeypatch):
+    """A kernel's first use can come inside a recomputed (checkpointed) layer, under no_grad or in
+    generation's inference mode. The check must pass there, and a checkpointed layer whose forward
+    made the check must still recompute and give the same gradient (the check's tensors were once
+    taken for the layer's own: 'a different number of tensors was saved')."""
+    from vlm_bridge.families._common import fused_triton
+
+    monkeypatch.setattr(fused_triton, "_CHECKED", {})
+    passed = []
+
+    def layer(x):
+        if not fused_triton._CHECKED:  # first use only, as in a real step
+            passed.append(fused_triton.passes_self_check("demo", torch.device("cpu"), _gradient_check))
+        return (x * x).sin()
+
+    x = torch.randn(6, requires_grad=True)
+    if where == "checkpoint":
+        torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+        torch.testing.assert_close(x.grad, (2 * x * (x * x).cos()).detach())
+    else:
+        with torch.inference_mode() if where == "inference_mode" else torch.no_grad():
+            layer(x.detach())
+    assert passed == [True]

@@ -35,12 +35,15 @@ def main() -> None:
         w = (torch.randn(40, generator=gen) * 0.1).to(dtype)
         heads = torch.randn(6, 2, 16, generator=gen).to(dtype)[:, :, :8]  # rows not contiguous
         glu_in = torch.randn(5, 3, 2 * 24, generator=gen).to(dtype)
+        # wider than a row kernel takes (16,384), not a multiple of the column block
+        wide_glu_in = torch.randn(2, 1, 2 * 8200, generator=gen).to(dtype)
         cases = {
             "norm+residual": (lambda a, b, c: fused_triton.rms_norm(a, b, 1.0, 1e-6, c),
                               lambda a, b, c: fused._rms_norm_add(a, b, c, 1.0, 1e-6), (x, w, residual)),
             "head norm": (lambda a, b: fused_triton.rms_norm(a, b, 0.0, 1e-5),
                           lambda a, b: fused._rms_norm(a, b, 0.0, 1e-5), (heads, w[:8])),
             "gelu-tanh gate": (fused_triton.gelu_tanh_glu, fused._gelu_tanh_glu, (glu_in,)),
+            "wide gelu-tanh gate": (fused_triton.gelu_tanh_glu, fused._gelu_tanh_glu, (wide_glu_in,)),
         }
         for name, (triton_fn, eager_fn, tensors) in cases.items():
             got, want = values_and_grads(triton_fn, *tensors), values_and_grads(eager_fn, *tensors)

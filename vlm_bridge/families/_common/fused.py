@@ -72,10 +72,13 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=True, fullgraph=True)
 
 
-def _dispatch(fn: Callable, hand_written: Callable | None, x: torch.Tensor, *args) -> torch.Tensor:
+def _dispatch(fn: Callable, hand_written: Callable | None, x: torch.Tensor, *args,
+              any_width: bool = False) -> torch.Tensor:
     if not fusion_enabled(x):
         return fn(x, *args)
-    if hand_written is not None and _backend() == "triton" and fused_triton.available(x):
+    # Row kernels hold a whole row in one program; elementwise ones (any_width) take any width.
+    takes = fused_triton.triton_runs_on if any_width else fused_triton.available
+    if hand_written is not None and _backend() == "triton" and takes(x):
         return hand_written(x, *args)
     try:
         return _compiled(fn)(x, *args)
@@ -132,4 +135,4 @@ def _gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_glu(x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` along the last dimension (Megatron's fused
     fc1 layout)."""
-    return _dispatch(_gelu_tanh_glu, fused_triton.gelu_tanh_glu, x)
+    return _dispatch(_gelu_tanh_glu, fused_triton.gelu_tanh_glu, x, any_width=True)
