@@ -7,7 +7,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vlm_bridge.parallel import cpu_group, device
+from vlm_bridge.parallel import cpu_group, device, host_to_device
 
 
 def on_device(inputs: dict, where: torch.device | None = None) -> dict:
@@ -18,6 +18,8 @@ def on_device(inputs: dict, where: torch.device | None = None) -> dict:
     def move(value):
         if isinstance(value, list):
             return [move(v) for v in value]
+        if isinstance(value, torch.Tensor):  # pixels through pinned memory: the GPU keeps working
+            return host_to_device(value, target)
         return value.to(target) if hasattr(value, "to") else value
 
     return {key: move(value) for key, value in inputs.items()}

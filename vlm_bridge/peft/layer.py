@@ -137,7 +137,9 @@ class LoraLinear(torch.nn.Module):
             h = copy_to_tensor_model_parallel_region(h, group=group)
         else:
             h = reduce_from_tensor_model_parallel_region(h, group=group)
-        return F.linear(h, self.lora_B) * self.scaling
+        # The scale multiplies the rank-r hidden, not the layer-wide output: one pass over
+        # tokens x rank instead of tokens x out_features, forward and backward.
+        return F.linear(h * self.scaling, self.lora_B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, out_bias = self.base_layer(x, *args, **kwargs)

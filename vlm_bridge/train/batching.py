@@ -18,6 +18,7 @@ import torch
 
 from vlm_bridge.attention.core import AttentionMask
 from vlm_bridge.data.encode import MEDIA_LAYOUT
+from vlm_bridge.parallel import host_to_device
 from vlm_bridge.runtime import on_device
 
 IGNORE = -100
@@ -33,8 +34,8 @@ class MicroBatch:
     num_tokens: int  # real (non-padding) tokens, for throughput
 
     def to(self, device) -> MicroBatch:
-        return MicroBatch(on_device(self.inputs, device), self.labels.to(device),
-                          self.loss_mask.to(device), self.num_tokens)
+        return MicroBatch(on_device(self.inputs, device), host_to_device(self.labels, device),
+                          host_to_device(self.loss_mask, device), self.num_tokens)
 
 
 def has_video(sample) -> bool:
