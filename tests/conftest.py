@@ -106,14 +106,15 @@ def run_cli():
     return cli
 
 
-def verify_report(hf: Path, megatron: Path | None, tp: int = 1, pp: int = 1, dtype=None) -> dict:
+def verify_report(hf: Path, megatron: Path | None, tp: int = 1, pp: int = 1, dtype=None,
+                  cp: int = 1) -> dict:
     """Parity report of HF vs Megatron on two images of different sizes, a video and a text row."""
     from vlm_bridge.parallel import ParallelConfig, run_parallel
     from vlm_bridge.verify import DEFAULT_PROMPT, verify
 
-    parallel = ParallelConfig(tp=tp, pp=pp)
+    parallel = ParallelConfig(tp=tp, pp=pp, cp=cp)
     return run_parallel(
-        verify, tp * pp, str(hf), str(megatron) if megatron else None, parallel, [], None,
+        verify, tp * pp * cp, str(hf), str(megatron) if megatron else None, parallel, [], None,
         DEFAULT_PROMPT, dtype, None,
     )
 

@@ -128,13 +128,34 @@ def _capture_megatron(built) -> dict:
     if final_norm is not None:
         store["handles"].append(final_norm.register_forward_hook(
             lambda m, i, o: store["layers"].__setitem__("final", _whole_sequence(o.detach()))))
-    # With context parallelism each rank encodes a share of the media: no whole output to compare.
-    if model.vision is not None and context_parallel_size() == 1:
+    if model.vision is not None:
         # Some towers also return extra features (DeepStack): compare what goes into the sequence.
-        store["handles"].append(model.vision.register_forward_hook(
-            lambda m, i, o: store["vision"].append(_vision_features(o).detach().cpu())
-        ))
+        def record(output) -> None:
+            store["vision"].append(_vision_features(output).detach().cpu())
+
+        if context_parallel_size() == 1:
+            store["handles"].append(model.vision.register_forward_hook(lambda m, i, o: record(o)))
+        else:  # each CP rank encodes a share of the media: record the features gathered for all
+            store["handles"].append(_RecordedCall(model, "encode_vision", record))
     return store
+
+
+class _RecordedCall:
+    """Hands every return value of ``owner.name(...)`` to ``record`` until :meth:`remove`."""
+
+    def __init__(self, owner, name: str, record) -> None:
+        self.owner, self.name = owner, name
+        original = getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            out = original(*args, **kwargs)
+            record(out)
+            return out
+
+        setattr(owner, name, recorded)
+
+    def remove(self) -> None:
+        delattr(self.owner, self.name)  # the instance attribute: the class's method shows again
 
 
 def _whole_sequence(hidden: torch.Tensor) -> torch.Tensor:

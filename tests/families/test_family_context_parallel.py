@@ -1,7 +1,8 @@
 """Context parallelism for every registered family that supports it: CP=2 (and TP=2 x CP=2, and
 EP=2 with CP=2 for MoE) gives the logits of CP=1 on verify's batch (images, a video, a text row,
 left-padded) and on a packed row of several samples with padding; a family that cannot split its
-sequences refuses ``--cp`` with one line."""
+sequences refuses ``--cp`` with one line. ``verify`` at CP=2 passes the full parity check, vision
+tower included."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def test_cp2_logits_equal_cp1(family, tiny_models, shapes_jsonl, video_frames):
     for layout, logits in zip(layouts[1:], results[1:]):
         assert _max_diff(results[0], logits) <= TOL, layout
     assert all(torch.isfinite(torch.from_numpy(t)).all() for t in results[0])
+
+
+@pytest.mark.parametrize("family", CP_FAMILIES, ids=lambda f: f.name)
+def test_verify_at_cp2_compares_the_vision_tower_too(family, tiny_models, parity):
+    """Each CP rank encodes a share of the media; verify compares the features gathered for all of
+    them (it reported no vision difference at all under CP)."""
+    from family_checks import assert_parity
+
+    assert_parity(parity(str(tiny_models(family.name)), None, cp=2))
 
 
 def test_a_family_without_context_parallelism_refuses_cp(run_cli, tiny_models, capfd):
