@@ -62,3 +62,26 @@ def test_a_metric_without_a_score_on_some_answers_is_averaged_over_the_rest(tmp_
     assert means == {"partial_metric:some": 1.0} and math.isnan(rows[1]["scores"]["partial_metric:some"])
     report = {"samples": 3, "loss_samples": 3, "skipped": {}, "scored": 3, "metrics": means, "answers": rows}
     assert "partial_metric:some 100.0% of 2 answers (nan on 1, left out)" in format_report(report)
+
+
+def test_a_metric_failing_during_fine_tune_validation_is_named_as_eval_metrics(tmp_path, monkeypatch):
+    """A metric that passes its check on the sample answer can still fail on a generated one; in
+    fine-tuning the setting is ``eval.metrics``, not ``evaluate``'s ``--metric``."""
+    from vlm_bridge.train.config import TrainConfig
+    from vlm_bridge.train.validation import Validator
+
+    (tmp_path / "picky.py").write_text("def metric(answer, references):\n"
+                                       "    if answer != 'yes':\n        raise KeyError(answer)\n"
+                                       "    return 1.0\n")
+    (tmp_path / "val.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                        '{"role": "assistant", "content": "a"}]}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig()
+    cfg.data.validation = f"jsonl:{tmp_path / 'val.jsonl'}"
+    cfg.eval.generate, cfg.eval.metrics = True, ["picky:metric"]
+    monkeypatch.setattr("vlm_bridge.loading.load_processor", lambda folder: None)
+    options = Validator(cfg, type("Built", (), {"hf_side_dir": str(tmp_path)})()).options
+    with pytest.raises(ValueError, match=r"^eval.metrics picky:metric failed on answer 'no'"):
+        score_answers(["no"], [["yes"]], options.metrics, options.metric_option)
+    with pytest.raises(ValueError, match=r"^--metric picky:metric failed"):
+        score_answers(["no"], [["yes"]], options.metrics)

@@ -38,6 +38,7 @@ class EvalOptions:
     micro_batch_size: int = 4  # samples per loss forward
     seq_len: int = 4096  # longer samples are truncated as in training
     max_samples: int | None = None
+    metric_option: str = "--metric"  # what a metric's error calls the setting (eval.metrics in fine-tuning)
     extra: dict = field(default_factory=dict)
 
 
@@ -117,24 +118,24 @@ def _answers(built, processor, samples: list[dict], options: EvalOptions) -> dic
     answers = run_generation(built, processor, requests, sampling, options.batch_size)
     built.model.train(was_training)
     refs = [references_of(s, r.reference) for s, r in zip(samples, requests)]
-    rows, means = score_answers([a["answer"] for a in answers], refs, options.metrics)
+    rows, means = score_answers([a["answer"] for a in answers], refs, options.metrics, options.metric_option)
     for row, answer in zip(rows, answers):
         row["finish"] = answer["finish"]
     return {"scored": sum("scores" in row for row in rows), "metrics": means, "answers": rows}
 
 
 
-def score_answers(predictions: list[str], references: list[list[str]],
-                  metrics: tuple[str, ...]) -> tuple[list[dict], dict[str, float]]:
+def score_answers(predictions: list[str], references: list[list[str]], metrics: tuple[str, ...],
+                  option: str = "--metric") -> tuple[list[dict], dict[str, float]]:
     """Per-answer rows (with scores where there are references) and each metric's mean over the
     scored answers; an answer a metric gives nan (no score) is left out of that metric's mean (its
     row keeps the nan; a metric with no score at all has mean nan)."""
-    functions = {name: resolve_metric(name) for name in metrics}
+    functions = {name: resolve_metric(name, option) for name in metrics}
     rows, sums, counts = [], dict.fromkeys(functions, 0.0), dict.fromkeys(functions, 0)
     for index, (answer, refs) in enumerate(zip(predictions, references, strict=True)):
         row: dict[str, Any] = {"index": index, "answer": answer, "references": refs}
         if refs:
-            row["scores"] = {name: score_value(name, metric, answer, refs)
+            row["scores"] = {name: score_value(name, metric, answer, refs, option)
                              for name, metric in functions.items()}
             for name, value in row["scores"].items():
                 if not math.isnan(value):

@@ -24,6 +24,7 @@ class Validator:
             generate=settings.generate, metrics=metrics,
             max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
             micro_batch_size=cfg.micro_batch_size, seq_len=cfg.data.seq_len, max_samples=settings.max_samples,
+            metric_option="eval.metrics",
         )
 
     def due(self, step: int) -> bool:
