@@ -69,11 +69,16 @@ def main() -> None:
     result = {"tokens": args.tokens, "vocab": args.vocab, "device": torch.cuda.get_device_name(),
               "megatron_fp32_ms": base_ms, "megatron_fp32_peak_added_gb": base_gb,
               "fused_ms": fused_ms, "fused_peak_added_gb": fused_gb, "speedup": base_ms / fused_ms}
+    _report(result, f"fused {fused_ms:.2f} ms vs Megatron fp32 {base_ms:.2f} ms: {base_ms / fused_ms:.2f}x; "
+                    f"memory added {fused_gb:.2f} vs {base_gb:.2f} GB", args.out)
+
+
+def _report(result: dict, summary: str, out: str | None) -> None:
+    """The result as JSON and a one-line summary on stdout, and the JSON in ``out`` if given."""
     print(json.dumps(result, indent=1))
-    print(f"fused {fused_ms:.2f} ms vs Megatron fp32 {base_ms:.2f} ms: {base_ms / fused_ms:.2f}x; "
-          f"memory added {fused_gb:.2f} vs {base_gb:.2f} GB")
-    if args.out:
-        with open(args.out, "w") as f:
+    print(summary)
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -8,11 +8,10 @@ torch ops (the baseline), the ``torch.compile`` chain and the hand-written Trito
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
-from cross_entropy import _time_ms
+from cross_entropy import _report, _time_ms
 
 
 def main() -> None:
@@ -44,13 +43,10 @@ def main() -> None:
         result[f"{name}_ms"], result[f"{name}_tb_s"] = ms, moved_gb / ms
     result["triton_over_eager"] = result["eager_ms"] / result["triton_ms"]
     result["triton_over_compile"] = result["compile_ms"] / result["triton_ms"]
-    print(json.dumps(result, indent=1))
-    print(f"triton {result['triton_ms']:.2f} ms ({result['triton_tb_s']:.2f} TB/s), compile "
-          f"{result['compile_ms']:.2f} ms, eager {result['eager_ms']:.2f} ms: "
-          f"{result['triton_over_compile']:.2f}x compile, {result['triton_over_eager']:.2f}x eager")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    _report(result, f"triton {result['triton_ms']:.2f} ms ({result['triton_tb_s']:.2f} TB/s), compile "
+                    f"{result['compile_ms']:.2f} ms, eager {result['eager_ms']:.2f} ms: "
+                    f"{result['triton_over_compile']:.2f}x compile, {result['triton_over_eager']:.2f}x eager",
+            args.out)
 
 
 if __name__ == "__main__":
