@@ -131,10 +131,34 @@ def load_hf_config(folder: str | Path):
         if form is not None:
             return form.config(raw)
         # Never the folder's own code: transformers would otherwise ask on the terminal and wait.
-        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except invalid as exc:
         reason = " ".join(str(exc).split())  # one line
         raise CheckpointError(f"{path}: {reason}") from None
+    _refuse_ignored_top_level_settings(path, raw, config)
+    return config
+
+
+# Language-model sizes a flattened config may hold at its top level.
+_TEXT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _refuse_ignored_top_level_settings(path: Path, raw: dict, config) -> None:
+    """A config whose language-model sizes stand at the top level, where its config class does not
+    read them (some classes move them into ``text_config``, others keep ``text_config``'s defaults
+    and would build a model of another size, whose every weight then mismatches): one line naming
+    the settings, instead of hundreds of missing tensors later."""
+    text = getattr(config, "text_config", None)
+    if text is None or "text_config" in raw:
+        return
+    ignored = [key for key in _TEXT_SIZES if key in raw and getattr(text, key, raw[key]) != raw[key]]
+    if ignored:
+        found = ", ".join(f"{key}={raw[key]}" for key in ignored)
+        used = ", ".join(f"{key}={getattr(text, key)}" for key in ignored)
+        raise CheckpointError(
+            f"{path}: {found} stand at the top level, where transformers does not read them for "
+            f"model_type {raw.get('model_type')!r}: they belong under \"text_config\" (read as it is, the "
+            f"model would have {used})")
 
 
 def load_processor(folder: str | Path):

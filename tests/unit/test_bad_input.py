@@ -59,6 +59,27 @@ def test_an_mrope_section_that_does_not_fit_the_head_is_named_at_import(tiny_hf,
     check_error(run_cli, capsys, import_args(bad, out), "mrope_section", "rotary channels", out=out)
 
 
+def _flattened(hf: Path, to: Path) -> Path:
+    """The folder with its text settings moved to the config's top level (an older hub form)."""
+    flat = copy_model(hf, to)
+    cfg = json.loads((flat / "config.json").read_text())
+    text = cfg.pop("text_config")
+    cfg.update({k: v for k, v in text.items() if k != "model_type"})
+    (flat / "config.json").write_text(json.dumps(cfg))
+    return flat
+
+
+def test_language_settings_a_config_class_ignores_at_the_top_level_are_named(tiny_hf, tiny_qwen3, run_cli,
+                                                                              capsys, tmp_path):
+    """Qwen3-VL's config class keeps text_config's defaults (a 4096-wide, 32-layer model) when the
+    sizes stand at the top level: every tensor then mismatched. Qwen2.5-VL's class moves them."""
+    out = tmp_path / "out"
+    check_error(run_cli, capsys, import_args(_flattened(tiny_qwen3, tmp_path / "q3"), out),
+                "config.json: hidden_size=", "num_hidden_layers=", 'belong under "text_config"',
+                "would have hidden_size=4096", out=out)
+    assert run_cli(*import_args(_flattened(tiny_hf, tmp_path / "q25"), out)) == 0
+
+
 def test_folder_with_its_own_model_code_is_refused_without_a_prompt(tiny_hf, run_cli, capsys, tmp_path,
                                                                     monkeypatch):
     """A hub folder whose config needs its own Python code (``auto_map``) and that no family reads
