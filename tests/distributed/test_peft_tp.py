@@ -164,3 +164,44 @@ def test_dora_on_a_layer_that_gathers_its_output_matches_the_whole_layer(tp):
     scale = m / torch.linalg.norm(w + scaling * big_b @ a, dim=1)  # HF PEFT's DoRA, whole layer
     want = x @ w.T + b + (scale - 1) * (x @ w.T) + scale * scaling * (x @ a.T @ big_b.T)
     torch.testing.assert_close(got["out"], want, rtol=1e-5, atol=1e-5)
+
+
+def _dora_dropout_input_gradient(tp: int) -> torch.Tensor:
+    """The input gradient of a column-parallel layer (output rows split) under DoRA with dropout,
+    with a magnitude that makes the DoRA scale differ from 1."""
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.peft import LoraConfig
+    from vlm_bridge.peft.layer import LoraLinear
+
+    init_distributed(ParallelConfig(tp=tp))
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    group = parallel_state.get_tensor_model_parallel_group()
+    base = ColumnParallelLinear(8, 6, config=config, init_method=lambda w: None, bias=False,
+                                gather_output=False, tp_group=group)
+    g = torch.Generator().manual_seed(0)
+    full = {"w": torch.randn(6, 8, generator=g), "B": torch.randn(6, 4, generator=g),
+            "m": torch.rand(6, generator=g) + 0.5, "upstream": torch.randn(3, 6, generator=g)}
+    layer = LoraLinear(base, LoraConfig(rank=4, alpha=8.0, use_dora=True, dropout=0.5), "linear_fc1")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for param, key in ((base.weight, "w"), (layer.lora_B, "B"), (layer.lora_magnitude, "m")):
+            param.copy_(full[key].chunk(tp, dim=0)[rank])
+    x = torch.randn(3, 8, generator=g).requires_grad_()
+    torch.manual_seed(1)  # the replicated input's dropout mask: the same on every rank and at TP=1
+    out, _ = layer(x)
+    (out * full["upstream"].chunk(tp, dim=-1)[rank]).sum().backward()
+    return x.grad
+
+
+def test_dora_with_dropout_gives_a_column_parallel_layer_its_whole_input_gradient():
+    """With dropout, DoRA runs the base weight on the dropped input itself; under TP each rank's
+    part of that input gradient must be summed, as the base layer sums its own. Left alone it
+    differed across ranks, and the replicated adapters of the layers before drifted apart."""
+    one = run_parallel(_dora_dropout_input_gradient, 1, 1)
+    two = run_parallel(_dora_dropout_input_gradient, 2, 2)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)

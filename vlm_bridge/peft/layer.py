@@ -165,9 +165,13 @@ class LoraLinear(torch.nn.Module):
                     plain = plain.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)]
                 plain = plain - bias if added else plain
             else:
-                plain = F.linear(xd, w)
-                if not self.column:
-                    plain = reduce_from_tensor_model_parallel_region(plain, group=self.base_layer.tp_group)
+                group = self.base_layer.tp_group
+                if self.column:  # replicated input, output rows split: all-reduce xd's gradient,
+                    # as the base layer does (each rank's part was used alone, and the replicated
+                    # parameters before this layer drifted apart across TP ranks)
+                    plain = F.linear(copy_to_tensor_model_parallel_region(xd, group=group), w)
+                else:
+                    plain = reduce_from_tensor_model_parallel_region(F.linear(xd, w), group=group)
             delta = (scale - 1) * plain + scale * delta
         if gather:
             delta = gather_from_tensor_model_parallel_region(delta, group=self.base_layer.tp_group)
