@@ -204,8 +204,9 @@ def _refuse_unsupported_config(path: Path, raw: dict) -> None:
 
 def check_context_parallel(family: Family, parallel: ParallelConfig) -> None:
     if parallel.cp > 1 and family.no_context_parallel:
-        raise ValueError(f"--cp {parallel.cp}: the {family.name} family does not support context "
-                         f"parallelism: {family.no_context_parallel}")
+        # the same layout comes from --cp or, in finetune, parallel.cp
+        raise ValueError(f"context parallelism {parallel.cp} (--cp, or parallel.cp in finetune): the "
+                         f"{family.name} family does not support it: {family.no_context_parallel}")
 
 
 def build_rank_model(hf_config, dtype: torch.dtype, parallel: ParallelConfig) -> BuiltModel:

@@ -65,4 +65,5 @@ def test_a_family_without_context_parallelism_refuses_cp(run_cli, tiny_models, c
     capfd.readouterr()
     assert run_cli("verify", "--hf-model", folder, "--cp", "2") == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "does not support context parallelism" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "does not support it" in err[0]
+    assert "context parallelism 2 (--cp, or parallel.cp in finetune)" in err[0]

@@ -206,3 +206,18 @@ def test_a_conversation_the_chat_template_rejects_is_named(gemma, run_cli, tmp_p
             err = capsys.readouterr().err.strip()
             assert err.startswith(f"error: {row}: ") and "\n" not in err, err
             assert "chat template rejected this conversation" in err, err
+
+
+def test_dora_on_the_projector_with_an_hf_export_is_refused_before_training(gemma, run_cli, capsys, tmp_path):
+    """PEFT adapts Gemma's bare projection matrix with plain LoRA only, so the HF-PEFT adapter of a
+    DoRA run on the projector cannot be written: said before any step, not after the last."""
+    from vlm_bridge.testing.shapes_task import make_task
+
+    train = make_task(tmp_path / "shapes", n_train=4, n_eval=1, size=56)["train"]
+    out = tmp_path / "run"
+    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", gemma, f"data.train=jsonl:{train}",
+                   "steps=1", "global_batch_size=2", "micro_batch_size=1", "peft.method=dora",
+                   "peft.components=projector", "checkpoint.export_hf=true", f"output_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert "DoRA on multi_modal_projector.mm_input_projection_weight cannot be exported" in err
+    assert "step" not in capsys.readouterr().out and not out.exists()

@@ -62,6 +62,21 @@ def test_lora_run_validates_then_generates_and_evaluates_like_its_export(tiny_cf
     assert mine["metrics"] == theirs["metrics"] == result["validation"][-1]["metrics"]
 
 
+def test_a_metric_failing_at_the_last_validation_keeps_the_final_checkpoint(tiny_cfg, four_samples,
+                                                                          tmp_path, monkeypatch):
+    """The last validation runs after the final save: a user's metric that passes its check on the
+    sample answer and fails on a generated one is named as eval.metrics, and the weights stay."""
+    (tmp_path / "picky_metric.py").write_text("def metric(answer, references):\n"
+                                              "    if answer != 'yes':\n        raise KeyError(answer)\n"
+                                              "    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(**{"steps": 1, "data.validation": f"jsonl:{four_samples}", "eval.generate": "true",
+                      "eval.metrics": "picky_metric:metric", "eval.max_new_tokens": 2})
+    with pytest.raises(Exception, match="eval.metrics picky_metric:metric failed on answer"):
+        run_train(cfg)
+    assert (Path(cfg.output_dir) / "checkpoints" / "iter_0000001" / "weights").is_dir()
+
+
 def test_evaluate_refuses_bad_input(run_cli, tiny_hf, four_samples, tmp_path, capfd):
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", tmp_path / "none.jsonl") == 2
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", four_samples, "--metric", "bleu") == 2

@@ -85,3 +85,12 @@ def test_a_metric_failing_during_fine_tune_validation_is_named_as_eval_metrics(t
         score_answers(["no"], [["yes"]], options.metrics, options.metric_option)
     with pytest.raises(ValueError, match=r"^--metric picky:metric failed"):
         score_answers(["no"], [["yes"]], options.metrics)
+
+
+def test_a_metric_that_calls_sys_exit_is_an_error_not_a_silent_end(tmp_path, monkeypatch):
+    """sys.exit() inside a metric ended evaluate and finetune with exit 0 and nothing written."""
+    (tmp_path / "quits.py").write_text("import sys\n\ndef metric(answer, references):\n"
+                                       "    return 1.0 if answer == 'yes' else sys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^--metric quits:metric failed on answer 'no': SystemExit"):
+        score_answers(["no"], [["yes"]], ("quits:metric",))

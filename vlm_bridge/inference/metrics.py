@@ -104,7 +104,9 @@ def score_value(name: str, metric: Metric, answer: str, refs: Sequence[str],
     """One metric on one answer: a number in [0, 1], else a one-line error naming the metric."""
     try:
         value = float(metric(answer, refs))
-    except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
+    # Any failure of user code is a usage error here; sys.exit() in a metric too (it ended the
+    # command with exit 0 and nothing written).
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
         raise ValueError(f"{option} {name} failed on answer {answer!r}: "
                          f"{type(exc).__name__}: {exc}") from None
     if not (0.0 <= value <= 1.0 or math.isnan(value)):  # nan: no score (the mean is reported as null)

@@ -65,12 +65,26 @@ def _local_hf_tensors(built) -> tuple[dict[str, torch.Tensor], LoraConfig | None
     return out, cfg, parameters
 
 
+def check_exportable(built) -> None:
+    """Raise before a run trains what :func:`export_hf_peft` would raise at its end: DoRA on a bare
+    HF matrix (PEFT adapts a parameter with plain LoRA only)."""
+    by_name = {e.megatron: e for e in built.table}
+    for name, mod in sorted(lora_modules(built.model).items()):
+        entry = by_name.get(f"{name}.weight")
+        if entry is not None and isinstance(entry.op, Transpose) and mod.use_dora:
+            raise ValueError(_dora_on_parameter(name, entry.hf[0]))
+
+
+def _dora_on_parameter(name: str, hf_name: str) -> str:
+    return (f"{name}: DoRA on {hf_name} cannot be exported (PEFT adapts that parameter with plain "
+            "LoRA only); use peft.method=lora or leave that component out")
+
+
 def _parameter_adapter(built, name: str, hf_name: str, full: dict) -> dict[str, torch.Tensor]:
     """A bare HF matrix ``W`` used as ``x @ W`` (stored as our Linear's transpose): PEFT adapts it
     as a parameter, ``W + s B' A'`` with ``B' = A^T`` and ``A' = B^T`` of our ``W^T + s B A``."""
     if "lora_magnitude" in full:
-        raise ValueError(f"{name}: DoRA on {hf_name} cannot be exported (PEFT adapts that parameter "
-                         "with plain LoRA only); use peft.method=lora or leave that component out")
+        raise ValueError(_dora_on_parameter(name, hf_name))
     path = "base_model.model." + built.family.hf_module_path(hf_name)
     return {f"{path}.lora_A.weight": full["lora_B"].t().contiguous(),
             f"{path}.lora_B.weight": full["lora_A"].t().contiguous()}

@@ -210,6 +210,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.eval.metrics and not cfg.eval.generate:
         raise ValueError(f"eval.metrics={','.join(cfg.eval.metrics)} scores generated answers, and "
                          "eval.generate is false: set eval.generate=true or leave eval.metrics out")
+    if cfg.eval.generate and cfg.data.validation and cfg.parallel.cp > 1:
+        raise ValueError(f"eval.generate=true: generation does not run with context parallelism "
+                         f"(parallel.cp={cfg.parallel.cp}); set eval.generate=false (validation loss "
+                         "only) or parallel.cp=1")
     if cfg.eval.metrics:
         from vlm_bridge.inference.metrics import check_metric
 

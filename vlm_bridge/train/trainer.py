@@ -147,6 +147,10 @@ def setup(cfg: TrainConfig) -> Run:
     init_distributed(parallel, seed=cfg.seed)
     built = load_pretrained(cfg.pretrained, parallel, DTYPES[cfg.dtype])
     prepare_model(cfg, built)
+    if cfg.checkpoint.export_hf and cfg.peft.method:  # refused now, not after training
+        from vlm_bridge.peft.hf_export import check_exportable
+
+        check_exportable(built)
     ddp, optimizer, scheduler = build_optimization(cfg, built)
     dp = parallel_state.get_data_parallel_world_size()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
@@ -290,14 +294,14 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
         stats = train_step(run)
         lrs.append(stats["lr"])
         logger.log(run.step, stats, time.time() - t0)
+        # Saved before validating: a validation that fails (a user's metric) keeps the weights.
+        last = stop_after is None and run.step >= cfg.steps
+        if last or (cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0):
+            _save_and_maybe_export(run)
         if validator is not None and validator.due(run.step):
             report = validator.run(run)
             logger.log_eval(run.step, report)
             validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
-        if cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0:
-            _save_and_maybe_export(run)
-    if stop_after is None and run.step >= cfg.steps:
-        _save_and_maybe_export(run)
     logger.close(run.losses)
     return {"steps": run.step, "start_step": start_step, "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
