@@ -139,19 +139,23 @@ def load_hf_config(folder: str | Path):
     return config
 
 
-# Language-model sizes a flattened config may hold at its top level.
-_TEXT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+# Language-model settings a flattened config may hold at its top level.
+_TEXT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings")
 
 
 def _refuse_ignored_top_level_settings(path: Path, raw: dict, config) -> None:
-    """A config whose language-model sizes stand at the top level, where its config class does not
-    read them (some classes move them into ``text_config``, others keep ``text_config``'s defaults
-    and would build a model of another size, whose every weight then mismatches): one line naming
-    the settings, instead of hundreds of missing tensors later."""
+    """A config whose language-model settings stand at the top level, where its config class does
+    not read them (some classes move them into ``text_config`` when it is absent; with an empty or
+    partial ``text_config``, or in other classes, its defaults stay, and a model of another size is
+    built, whose every weight then mismatches): one line naming the settings, instead of hundreds
+    of missing tensors later."""
     text = getattr(config, "text_config", None)
-    if text is None or "text_config" in raw:
+    if text is None:
         return
-    ignored = [key for key in _TEXT_SIZES if key in raw and getattr(text, key, raw[key]) != raw[key]]
+    given = raw.get("text_config") or {}  # may be absent, null, empty or partial
+    ignored = [key for key in _TEXT_SIZES
+               if key in raw and key not in given and getattr(text, key, raw[key]) != raw[key]]
     if ignored:
         found = ", ".join(f"{key}={raw[key]}" for key in ignored)
         used = ", ".join(f"{key}={getattr(text, key)}" for key in ignored)

@@ -219,5 +219,5 @@ def test_dora_on_the_projector_with_an_hf_export_is_refused_before_training(gemm
                    "steps=1", "global_batch_size=2", "micro_batch_size=1", "peft.method=dora",
                    "peft.components=projector", "checkpoint.export_hf=true", f"output_dir={out}") == 2
     err = capsys.readouterr().err
-    assert "DoRA on multi_modal_projector.mm_input_projection_weight cannot be exported" in err
+    assert "DoRA on multi_modal_projector.mm_input_projection_weight has no HF-PEFT adapter form" in err
     assert "step" not in capsys.readouterr().out and not out.exists()

@@ -94,3 +94,9 @@ def test_a_metric_that_calls_sys_exit_is_an_error_not_a_silent_end(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"^--metric quits:metric failed on answer 'no': SystemExit"):
         score_answers(["no"], [["yes"]], ("quits:metric",))
+    # a scoring script that parses its own command line, or exits, when imported
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(2)\n\ndef metric(answer, references):\n"
+                                        "    return 1.0\n")
+    for name in ("script:metric", "script.py:metric"):
+        with pytest.raises(ValueError, match=rf"^--metric '{name}': cannot import it \(SystemExit: 2\)"):
+            resolve_metric(name)

@@ -77,6 +77,12 @@ def test_language_settings_a_config_class_ignores_at_the_top_level_are_named(tin
     check_error(run_cli, capsys, import_args(_flattened(tiny_qwen3, tmp_path / "q3"), out),
                 "config.json: hidden_size=", "num_hidden_layers=", 'belong under "text_config"',
                 "would have hidden_size=4096", out=out)
+    for kept in ({}, None, {"model_type": "qwen3_vl_text", "vocab_size": 300}):  # empty, null, partial
+        flat = _flattened(tiny_qwen3, tmp_path / f"q3_{len(kept or '')}_{kept is None}")
+        cfg = json.loads((flat / "config.json").read_text())
+        (flat / "config.json").write_text(json.dumps({**cfg, "text_config": kept}))
+        check_error(run_cli, capsys, import_args(flat, out), "hidden_size=", 'belong under "text_config"',
+                    out=out)
     assert run_cli(*import_args(_flattened(tiny_hf, tmp_path / "q25"), out)) == 0
 
 

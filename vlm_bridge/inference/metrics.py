@@ -74,7 +74,9 @@ def resolve_metric(name: str, option: str = "--metric") -> Metric:
     try:
         loaded = _module_from_file(module) if module.endswith(".py") else _import_from_here(module)
         metric = getattr(loaded, function)
-    except (ImportError, AttributeError, TypeError, OSError, SyntaxError) as exc:
+    # SystemExit: a scoring script that parses its own arguments or exits at import (it ended the
+    # command silently, or printed the script's usage)
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, SystemExit) as exc:
         raise ValueError(f"{option} {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
     if not callable(metric):
         raise ValueError(f"{option} {name!r}: {function} is a {type(metric).__name__}, not a function")

@@ -76,8 +76,9 @@ def check_exportable(built) -> None:
 
 
 def _dora_on_parameter(name: str, hf_name: str) -> str:
-    return (f"{name}: DoRA on {hf_name} cannot be exported (PEFT adapts that parameter with plain "
-            "LoRA only); use peft.method=lora or leave that component out")
+    return (f"{name}: DoRA on {hf_name} has no HF-PEFT adapter form (PEFT adapts that parameter "
+            "with plain LoRA only), so the run's adapter cannot be exported; use peft.method=lora or "
+            "leave that component out (`export` of the run still writes the merged HF model)")
 
 
 def _parameter_adapter(built, name: str, hf_name: str, full: dict) -> dict[str, torch.Tensor]:
