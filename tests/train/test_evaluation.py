@@ -77,6 +77,16 @@ def test_a_metric_failing_at_the_last_validation_keeps_the_final_checkpoint(tiny
     assert (Path(cfg.output_dir) / "checkpoints" / "iter_0000001" / "weights").is_dir()
 
 
+def test_a_run_folder_fine_tunes_from_its_newest_checkpoint(tiny_cfg, tmp_path):
+    """``--pretrained`` takes a finished run's folder as verify, export and evaluate do (its own
+    config.json is the run's: it was read as a model's, 'unsupported architecture None')."""
+    first = tiny_cfg(steps=2)
+    run_train(first)
+    again = tiny_cfg(steps=1, output_dir=str(tmp_path / "again"))
+    again.pretrained = first.output_dir
+    assert len(run_train(again)["losses"]) == 1
+
+
 def test_evaluate_refuses_bad_input(run_cli, tiny_hf, four_samples, tmp_path, capfd):
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", tmp_path / "none.jsonl") == 2
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", four_samples, "--metric", "bleu") == 2

@@ -40,6 +40,27 @@ def resolve_megatron_path(path: str | Path) -> Path:
         f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder)")
 
 
+def resolve_pretrained(path: str) -> str:
+    """``finetune --pretrained``: an HF folder or a checkpoint as given; a training run's folder (or
+    its checkpoint root) resolves to its newest checkpoint, as verify, export and evaluate take it
+    (its own config.json is the run's, which names no model)."""
+    folder = Path(path)
+    if not path or (folder / META_FILE).is_file():
+        return path
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            raw = json.loads(config.read_text())
+        except ValueError:
+            return path  # named by the loader
+        if not isinstance(raw, dict) or "model_type" in raw or "architectures" in raw:
+            return path
+    try:
+        return str(resolve_megatron_path(folder))
+    except FileNotFoundError:
+        return path  # not a run either: the loader names what is missing
+
+
 def load_for_inference(hf_model: str | None, megatron_path: str | None, parallel: ParallelConfig,
                        dtype_arg: str | None):
     """This rank's model from a Megatron checkpoint (LoRA adapters merged) or an HF folder."""

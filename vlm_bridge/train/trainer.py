@@ -145,7 +145,9 @@ def setup(cfg: TrainConfig) -> Run:
     parallel = ParallelConfig(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, cp=cfg.parallel.cp)
     parallel.validate()
     init_distributed(parallel, seed=cfg.seed)
-    built = load_pretrained(cfg.pretrained, parallel, DTYPES[cfg.dtype])
+    from vlm_bridge.inference.command import resolve_pretrained
+
+    built = load_pretrained(resolve_pretrained(cfg.pretrained), parallel, DTYPES[cfg.dtype])
     prepare_model(cfg, built)
     if cfg.checkpoint.export_hf and cfg.peft.method:  # refused now, not after training
         from vlm_bridge.peft.hf_export import check_exportable
