@@ -87,6 +87,22 @@ def test_a_run_folder_fine_tunes_from_its_newest_checkpoint(tiny_cfg, tmp_path):
     assert len(run_train(again)["losses"]) == 1
 
 
+def test_a_new_lora_run_starts_from_an_earlier_lora_runs_merged_model(tiny_cfg, tmp_path):
+    """An earlier LoRA run's adapters are folded into the base weights, and the new adapters start
+    at B = 0 on top: the first loss (taken before any update) equals full fine-tuning's from the
+    same folder. It was refused ('the model already has LoRA adapters')."""
+    earlier = tiny_cfg(**{"peft.method": "lora", "optim.lr": "5e-3", "steps": 2})
+    run_train(earlier)
+    first_losses = []
+    for name, method in (("sft", None), ("lora", "lora"), ("dora", "dora")):
+        peft = {"peft.method": method} if method else {}
+        cfg = tiny_cfg(steps=1, output_dir=str(tmp_path / name), **peft)
+        cfg.pretrained = earlier.output_dir
+        first_losses.append(run_train(cfg)["losses"][0])
+    assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-6)
+    assert first_losses[2] == pytest.approx(first_losses[0], rel=1e-6)
+
+
 def test_evaluate_refuses_bad_input(run_cli, tiny_hf, four_samples, tmp_path, capfd):
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", tmp_path / "none.jsonl") == 2
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", four_samples, "--metric", "bleu") == 2

@@ -128,6 +128,19 @@ def merge_lora(model: torch.nn.Module) -> None:
         mod.merge()
 
 
+def fold_lora(model: torch.nn.Module) -> int:
+    """Merge every adapter into its base weight for good and put the base layer back in its place:
+    a PEFT checkpoint becomes the plain model a new PEFT run adapts. Returns how many it folded."""
+    model = _unwrap(model)
+    wrapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLinear)]
+    for name, mod in wrapped:
+        mod.merge()
+        mod._saved_weight = None  # no unmerge: the merged weight is the model now
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, mod.base_layer)
+    return len(wrapped)
+
+
 def unmerge_lora(model: torch.nn.Module) -> None:
     for mod in lora_modules(model).values():
         mod.unmerge()
