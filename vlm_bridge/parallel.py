@@ -259,7 +259,7 @@ def stop_on_signals() -> None:
     def stop(signum: int, frame: Any) -> None:
         global _STOPPED_BY
         _STOPPED_BY = signum
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        _raise_stop(signum)
 
     signal.signal(signal.SIGTERM, stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -273,7 +273,12 @@ def stopped_by() -> int | None:
 def raise_if_stopped() -> None:
     """Stop here if a stop signal arrived and its exception was lost on the way."""
     if _STOPPED_BY is not None:
-        raise KeyboardInterrupt if _STOPPED_BY == signal.SIGINT else SystemExit(128 + _STOPPED_BY)
+        _raise_stop(_STOPPED_BY)
+
+
+def _raise_stop(signum: int) -> None:
+    """Ctrl-C's exception for SIGINT; for SIGTERM an exit with the shell's code for it."""
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _die_with(parent: int) -> None:

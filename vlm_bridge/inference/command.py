@@ -22,14 +22,11 @@ def resolve_megatron_path(path: str | Path) -> Path:
 
     path = Path(path)
     roots = [path, path / "checkpoints"]
-    run_config = path / "config.json"  # a run whose checkpoint.dir is elsewhere
-    if run_config.is_file():
-        try:
-            elsewhere = json.loads(run_config.read_text()).get("checkpoint", {}).get("dir")
-        except (ValueError, AttributeError):
-            elsewhere = None
-        if isinstance(elsewhere, str) and elsewhere:
-            roots.append(Path(elsewhere))
+    run_config = _json_object(path / "config.json")  # a run whose checkpoint.dir is elsewhere
+    checkpoint = run_config.get("checkpoint") if run_config else None
+    elsewhere = checkpoint.get("dir") if isinstance(checkpoint, dict) else None
+    if isinstance(elsewhere, str) and elsewhere:
+        roots.append(Path(elsewhere))
     for root in roots:
         if (root / META_FILE).is_file():
             return root
@@ -47,18 +44,22 @@ def resolve_pretrained(path: str) -> str:
     folder = Path(path)
     if not path or (folder / META_FILE).is_file():
         return path
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            raw = json.loads(config.read_text())
-        except ValueError:
-            return path  # named by the loader
-        if not isinstance(raw, dict) or "model_type" in raw or "architectures" in raw:
-            return path
+    config = _json_object(folder / "config.json")
+    if config is not None and ("model_type" in config or "architectures" in config):
+        return path  # an HF folder
     try:
         return str(resolve_megatron_path(folder))
     except FileNotFoundError:
-        return path  # not a run either: the loader names what is missing
+        return path  # neither: the loader names what is wrong
+
+
+def _json_object(file: Path) -> dict | None:
+    """The JSON object in ``file``; None where there is no file or no object in it."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_for_inference(hf_model: str | None, megatron_path: str | None, parallel: ParallelConfig,

@@ -30,14 +30,16 @@ def _is_adapter(name: str) -> bool:
 
 
 def apply_freeze_and_peft(model: torch.nn.Module, freeze: FreezeSettings, peft: PeftSettings) -> None:
+    from vlm_bridge.peft.lora import fold_lora
+
+    # A PEFT checkpoint as the pretrained model: its adapters (merged on load) become part of the
+    # base weights, which full fine-tuning trains and new adapters start fresh on.
+    fold_lora(model)
     if peft.method is not None:
-        from vlm_bridge.peft.lora import LoraConfig, apply_lora, fold_lora
+        from vlm_bridge.peft.lora import LoraConfig, apply_lora
 
         if peft.method not in ("lora", "dora"):
             raise ValueError(f"peft.method must be lora, dora or none, not {peft.method!r}")
-        # A PEFT checkpoint as the pretrained model: its adapters (merged on load) become part of
-        # the base weights, and the new run's adapters start fresh on top of them.
-        fold_lora(model)
         apply_lora(model, LoraConfig(rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
                                      targets=tuple(peft.targets), components=tuple(peft.components),
                                      use_dora=peft.method == "dora"))
