@@ -314,6 +314,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     cfg.optim.moments = "bf16" if getattr(args, "bf16_moments", False) else "fp32"
     cfg.recompute_components = tuple(c for c in getattr(args, "recompute_components", "").split(",") if c)
     cfg.recompute_layers = getattr(args, "recompute_layers", 0)
+    cfg.recompute_elementwise = getattr(args, "recompute_elementwise", False)
     if lora:  # routed experts are never adapted, like HF's targets (its experts are 3-D tensors)
         cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
         targets = lora_targets(args.model_type)[1]  # the family's (Nemotron: Mamba in/out too)
@@ -337,6 +338,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
                padded_tokens=sum(mb.labels.numel() for mb in mbs),
                microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
                recompute_components=list(cfg.recompute_components), recompute_layers=cfg.recompute_layers,
+               recompute_elementwise=cfg.recompute_elementwise,
                experts=os.environ.get("VLM_BRIDGE_MOE_EXPERTS", "grouped"),
                trainable_params=sum(p.numel() for p in built.model.parameters() if p.requires_grad),
                optimizer=f"Megatron Adam, fp32 master, {cfg.optim.moments} moments, "
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")
     p.add_argument("--recompute-components", default="",
                    help="Megatron: recompute only these components' layers from the start (e.g. vision)")
+    p.add_argument("--recompute-elementwise", action="store_true",
+                   help="Megatron: keep no norm outputs or MLP activations; the backward rebuilds them")
     p.add_argument("--recompute-layers", type=int, default=0,
                    help="Megatron: recompute only the first N layers of each (0: all)")
     p.add_argument("--bf16-grads", action="store_true", help="Megatron: bf16 gradient buffers")

@@ -3,6 +3,7 @@ projector trains them through the shared trainer (and exports as an HF-PEFT adap
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vlm_bridge.parallel import run_parallel
@@ -72,3 +73,83 @@ def test_lora_on_the_vision_tower_trains_it(case, shapes_jsonl, tmp_path):
     moved = {k for k, v in adapter.items() if "lora_B" in k and v.abs().max() > 0}
     assert any(".language_model." not in k for k in moved), sorted(adapter)[:5]  # the vision tower
     assert any(".language_model." in k for k in moved)
+
+
+def _elementwise_recompute_step(hf_dir: str, jsonl: str, lora: bool):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from vlm_bridge.data.encode import SampleEncoder
+    from vlm_bridge.data.sources import load_source
+    from vlm_bridge.inference.requests import ensure_pad_token
+    from vlm_bridge.loading import load_hf, load_processor
+    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.train.batching import collate_packed
+    from vlm_bridge.train.config import FreezeSettings, PeftSettings
+    from vlm_bridge.train.elementwise_recompute import (
+        apply_elementwise_recompute,
+        dense_mlp,
+        norm_consumer_pairs,
+    )
+    from vlm_bridge.train.freeze import apply_freeze_and_peft
+    from vlm_bridge.train.recompute import layers_kept_whole
+
+    init_distributed(ParallelConfig())
+    built = load_hf(hf_dir, ParallelConfig(), torch.float32)
+    model = built.model.train()
+    if lora:
+        apply_freeze_and_peft(model, FreezeSettings(), PeftSettings(method="lora", rank=4, alpha=8.0))
+    processor = load_processor(hf_dir)
+    ensure_pad_token(processor.tokenizer)
+    encoder = SampleEncoder(processor, 256)
+    samples = [encoder.encode(s) for s in list(load_source(f"jsonl:{jsonl}"))[:4]]
+    mb = collate_packed([samples[:2], samples[2:]], built.family, built.settings, 256,
+                        processor.tokenizer.pad_token_id)
+    layers = layers_kept_whole(model, [])
+    watched = {"norm": [], "activation": []}
+
+    def watch(kind, tensor):
+        watched[kind].append(StorageWeakRef(tensor.untyped_storage()))
+
+    for layer in layers:
+        for norm, _ in norm_consumer_pairs(layer):
+            norm.register_forward_hook(lambda m, a, out: watch("norm", out))
+        if dense_mlp(layer) is not None:
+            dense_mlp(layer).linear_fc2.register_forward_pre_hook(lambda m, a: watch("activation", a[0]))
+
+    def step():
+        for refs in watched.values():
+            refs.clear()
+        model.zero_grad(set_to_none=True)
+        per_token = model(**mb.inputs, labels=mb.labels)
+        loss = (per_token * mb.loss_mask).sum() / mb.loss_mask.sum()
+        # the forward is done, the backward not yet (which runs the norms again)
+        freed = {kind: (sum(ref.expired() for ref in refs), len(refs)) for kind, refs in watched.items()}
+        loss.backward()
+        return float(loss), freed, {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}
+
+    kept = step()
+    hooked = apply_elementwise_recompute(layers)
+    return kept, step(), hooked
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["sft", "lora"])
+def test_rebuilt_norm_and_activation_outputs_are_not_kept_and_grads_are_bit_exact(case, shapes_jsonl, lora):
+    """With ``recompute_elementwise`` no pre-norm output and no dense-MLP activation output outlives
+    the forward (every LM and ViT layer, Mamba layers included, with and without LoRA on the
+    linears); the backward rebuilds them and the gradients are unchanged, bit for bit."""
+    _, hf = case
+    (loss_k, freed_k, grads_k), (loss_r, freed_r, grads_r), hooked = run_parallel(
+        _elementwise_recompute_step, 1, str(hf), str(shapes_jsonl), lora)
+    (norms, n_norms), (acts, n_acts) = freed_r["norm"], freed_r["activation"]
+    assert hooked == n_norms + n_acts and n_norms > 4 and n_acts >= 2, freed_r
+    assert norms == n_norms and acts == n_acts, freed_r
+    # kept without it: all of them in SFT; with LoRA on the LM, the norm outputs its adapters save
+    # (a MoE LM has no dense MLP, and the frozen vision tower keeps nothing)
+    if lora:
+        assert freed_k["norm"][0] < n_norms, freed_k
+    else:
+        assert freed_k == {"norm": (0, n_norms), "activation": (0, n_acts)}, freed_k
+    assert loss_k == loss_r and grads_k.keys() == grads_r.keys() and len(grads_k) > 8
+    for name, grad in grads_k.items():
+        assert torch.equal(grad, grads_r[name]), name

@@ -117,6 +117,10 @@ class TrainConfig:
     # (0: every layer; implies recompute): memory traded for speed a layer at a time, Megatron's
     # "block" method.
     recompute_layers: int = 0
+    # Keep neither pre-norm outputs nor MLP activation outputs between forward and backward: the
+    # backward rebuilds each from a tensor kept anyway (the norm's input, linear_fc1's output), one
+    # elementwise pass each; bit-exact. For the layers not recomputed whole.
+    recompute_elementwise: bool = False
     log_every: int = 1
     tensorboard: bool = True
     wandb: bool = False

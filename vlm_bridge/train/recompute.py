@@ -64,9 +64,10 @@ def _contexts() -> tuple:
     return contextlib.nullcontext(), cpu_mode_for_recompute()
 
 
-def apply_recompute(model: torch.nn.Module, components: Sequence[str] = (), first_layers: int = 0) -> int:
-    """Wrap the chosen layers' forward in a non-reentrant checkpoint (training only); returns how
-    many layers were wrapped."""
+def apply_recompute(model: torch.nn.Module, components: Sequence[str] = (),
+                    first_layers: int = 0) -> list[str]:
+    """Wrap the chosen layers' forward in a non-reentrant checkpoint (training only); returns the
+    wrapped layers' names."""
     from torch.utils.checkpoint import checkpoint
 
     names = layers_to_recompute(model, components, first_layers)
@@ -80,4 +81,10 @@ def apply_recompute(model: torch.nn.Module, components: Sequence[str] = (), firs
             return checkpoint(_forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
         module.forward = checkpointed
-    return len(names)
+    return names
+
+
+def layers_kept_whole(model: torch.nn.Module, recomputed: Sequence[str]) -> list[torch.nn.Module]:
+    """The layers whose forward is not recomputed (where finer recomputation can save memory)."""
+    skip = set(recomputed)
+    return [module for name, module in _layers(model) if name not in skip]

@@ -35,11 +35,12 @@ from vlm_bridge.parallel import ParallelConfig, device, init_distributed, raise_
 from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train import decoupled_grads
 from vlm_bridge.train.config import TrainConfig, check_config, to_dict
+from vlm_bridge.train.elementwise_recompute import apply_elementwise_recompute
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 from vlm_bridge.train.low_memory_adam import adam_class, check_moments
 from vlm_bridge.train.metrics import RunLogger
-from vlm_bridge.train.recompute import apply_recompute
+from vlm_bridge.train.recompute import apply_recompute, layers_kept_whole
 
 
 class NonFiniteLoss(RuntimeError):
@@ -96,9 +97,13 @@ def prepare_model(cfg: TrainConfig, built) -> None:
         # do not use (converting, verifying and generating at TP > 1 are not affected).
         raise ValueError(f"parallel.tp={cfg.parallel.tp}: a model with MoE layers fine-tunes at "
                          "parallel.tp=1; spread its experts with parallel.ep instead")
+    recomputed: list[str] = []
     if cfg.recompute or cfg.recompute_components or cfg.recompute_layers:
-        apply_recompute(built.model, tuple(dict.fromkeys(cfg.recompute_components)), cfg.recompute_layers)
+        recomputed = apply_recompute(built.model, tuple(dict.fromkeys(cfg.recompute_components)),
+                                     cfg.recompute_layers)
     apply_freeze_and_peft(built.model, cfg.freeze, cfg.peft)
+    if cfg.recompute_elementwise:  # after PEFT, whose adapters replace the linears it hooks
+        apply_elementwise_recompute(layers_kept_whole(built.model, recomputed))
 
 
 def build_optimization(cfg: TrainConfig, built) -> tuple:

@@ -14,10 +14,16 @@ from megatron.core.transformer.mlp import MLP
 from vlm_bridge.families._common.fused import gelu_tanh_glu
 
 
-def gelu_tanh_mlp(mlp: MLP, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fc2(gelu_tanh(gate) * up)`` with ``[gate | up] = fc1(x)``, as ``MLP.forward`` returns it
-    (output, bias); needs ``gated_linear_unit``."""
-    intermediate, bias = mlp.linear_fc1(hidden_states)
+def gelu_tanh_activation(intermediate: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` of ``fc1``'s output ``[gate | up]`` (plus its bias)."""
     if bias is not None:
         intermediate = intermediate + bias
-    return mlp.linear_fc2(gelu_tanh_glu(intermediate))
+    return gelu_tanh_glu(intermediate)
+
+
+def gelu_tanh_mlp(mlp: MLP, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fc2(gelu_tanh(gate) * up)`` with ``[gate | up] = fc1(x)``, as ``MLP.forward`` returns it
+    (output, bias); needs ``gated_linear_unit``. A layer that calls it sets
+    ``mlp.rebuild_activation = gelu_tanh_activation``, so that training can rebuild the activation
+    output in the backward instead of keeping it."""
+    return mlp.linear_fc2(gelu_tanh_activation(*mlp.linear_fc1(hidden_states)))

@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from vlm_bridge.attention.mask import AttentionMask
-from vlm_bridge.families._common.glu_mlp import gelu_tanh_mlp
+from vlm_bridge.families._common.glu_mlp import gelu_tanh_activation, gelu_tanh_mlp
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict, scatter_vision_embeddings
 from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
@@ -70,6 +70,7 @@ class GemmaTransformerLayer(TransformerLayer):
         self.post_attention_layernorm = GemmaRMSNorm(config, config.hidden_size, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config, config.hidden_size, eps)
         self.rope_kind = SLIDING if sliding else FULL
+        self.mlp.rebuild_activation = gelu_tanh_activation
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, **kwargs):
         rotary = rotary_pos_emb[self.rope_kind] if isinstance(rotary_pos_emb, dict) else rotary_pos_emb
