@@ -334,6 +334,8 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
     if getattr(args, "profile", False):
         res["profile"] = _profile(lambda: trainer.train_step(run))
+    if getattr(args, "sync_report", False):
+        res["host_syncs"] = _host_syncs(lambda: trainer.train_step(run))
     res.update(real_tokens=sum(mb.num_tokens for mb in mbs),
                padded_tokens=sum(mb.labels.numel() for mb in mbs),
                microbatches=len(mbs), recompute=recompute, parallel=str(parallel),
@@ -345,6 +347,38 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
                          f"{'fp32' if cfg.optim.grad_reduce_in_fp32 else 'bf16'} grads, "
                          f"distributed={cuda_available()}")
     return res
+
+
+def _host_syncs(step, top: int = 20) -> list:
+    """One extra step under torch's CUDA sync debug mode: every operation that made the host wait
+    for the GPU, by the project / Megatron frames that called it (a waiting host stops queueing
+    kernels, and the GPU idles until it catches up)."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    where: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f"{f.filename.split('site-packages/')[-1].split('/work/')[-1]}:{f.lineno} {f.name}"
+                  for f in traceback.extract_stack()[:-1]
+                  if ("vlm_bridge" in f.filename or "megatron" in f.filename or "benchmarks" in f.filename)]
+        where[" <- ".join(reversed(frames[-4:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [[count, frames] for frames, count in where.most_common(top)]
 
 
 def _profile(step, top: int = 15) -> dict:
@@ -525,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
+    p.add_argument("--sync-report", action="store_true",
+                   help="one extra Megatron step under CUDA sync debug mode: where the host waits")
     p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")
     p.add_argument("--recompute-components", default="",
                    help="Megatron: recompute only these components' layers from the start (e.g. vision)")

@@ -131,10 +131,23 @@ def device() -> torch.device:
 
 def host_to_device(t: torch.Tensor, target: torch.device) -> torch.Tensor:
     """``t.to(target)``; from the host to a GPU through pinned memory, asynchronously: a copy from
-    pageable memory first waits for the GPU to finish all queued work."""
+    pageable memory first waits for the GPU to finish all queued work. The moved tensor remembers
+    its host original for :func:`on_host`."""
     if t.device.type == "cpu" and torch.device(target).type == "cuda":
-        return t.pin_memory().to(target, non_blocking=True)
+        moved = t.pin_memory().to(target, non_blocking=True)
+        moved._host_original = t
+        return moved
     return t.to(target)
+
+
+def on_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host for index work (grids, sizes): a copy of the host original of a tensor that
+    :func:`host_to_device` moved, without waiting for the GPU; ``t.cpu()`` otherwise, which waits
+    until every queued kernel has run, so the GPU then idles while the host catches up."""
+    original = getattr(t, "_host_original", None)
+    if original is not None and os.environ.get("VLM_BRIDGE_HOST_ORIGINALS", "1") != "0":
+        return original.clone()
+    return t.cpu()
 
 
 def shutdown_distributed() -> None:

@@ -82,7 +82,7 @@ def _elementwise_recompute_step(hf_dir: str, jsonl: str, lora: bool):
     from vlm_bridge.data.sources import load_source
     from vlm_bridge.inference.requests import ensure_pad_token
     from vlm_bridge.loading import load_hf, load_processor
-    from vlm_bridge.parallel import ParallelConfig, init_distributed
+    from vlm_bridge.parallel import ParallelConfig, device, init_distributed
     from vlm_bridge.train.batching import collate_packed
     from vlm_bridge.train.config import FreezeSettings, PeftSettings
     from vlm_bridge.train.elementwise_recompute import (
@@ -103,7 +103,7 @@ def _elementwise_recompute_step(hf_dir: str, jsonl: str, lora: bool):
     encoder = SampleEncoder(processor, 256)
     samples = [encoder.encode(s) for s in list(load_source(f"jsonl:{jsonl}"))[:4]]
     mb = collate_packed([samples[:2], samples[2:]], built.family, built.settings, 256,
-                        processor.tokenizer.pad_token_id)
+                        processor.tokenizer.pad_token_id).to(device())
     layers = layers_kept_whole(model, [])
     watched = {"norm": [], "activation": []}
 

@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vlm_bridge.families._common.linears import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 from vlm_bridge.families._common.modules import per_element_sharded_state_dict
-from vlm_bridge.parallel import host_to_device
+from vlm_bridge.parallel import host_to_device, on_host
 
 
 def _init_noop(weight: torch.Tensor) -> None:
@@ -116,7 +116,7 @@ def encode_by_item(model, pixels: torch.Tensor, grid_thw: torch.Tensor, outputs:
     ranks can share the items out (``VLMModel.encode_vision``). Under CP a video's temporal patch
     groups are items of their own: the ViT never mixes them (attention, windows and positions are
     per frame group; the merger merges within a frame), so one long video spreads over all ranks."""
-    grid_thw = grid_thw.cpu()  # sizes and indices are worked out on the host (one synchronisation)
+    grid_thw = on_host(grid_thw)  # sizes and indices are worked out on the host
     if getattr(model, "_vision_split", None) is not None:
         t = grid_thw[:, 0]
         grid_thw = torch.repeat_interleave(grid_thw, t, dim=0)

@@ -30,6 +30,7 @@ from vlm_bridge.families._common.modules import per_element_sharded_state_dict
 from vlm_bridge.families._common.norms import Fp32RMSNorm
 from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families.nemotron_vl.config import NemotronVLSettings, squared_relu
+from vlm_bridge.parallel import on_host
 
 
 def _skip_init(weight: torch.Tensor) -> None:
@@ -147,7 +148,7 @@ class RadioVisionTower(MegatronModule):
         if pixel_values is not None:
             if image_grid_hw is None:
                 raise ValueError("pixel_values without image_grid_hw: the patch grid of each image is needed")
-            hw = [tuple(int(v) for v in row) for row in image_grid_hw.tolist()]
+            hw = [tuple(int(v) for v in row) for row in on_host(image_grid_hw).tolist()]
             if sum(r * c for r, c in hw) != pixel_values.shape[0]:
                 raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches but image_grid_hw "
                                  f"describes {sum(r * c for r, c in hw)}")

@@ -24,7 +24,7 @@ from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families._qwen.vision import VisionTower, encode_by_item
 from vlm_bridge.families.qwen2_5_vl.config import Qwen25VLSettings
-from vlm_bridge.parallel import host_to_device
+from vlm_bridge.parallel import host_to_device, on_host
 
 
 class Qwen25VisionModel(VisionTower):
@@ -37,7 +37,7 @@ class Qwen25VisionModel(VisionTower):
         """``pixel_values``: ``[patches, C*T*P*P]``; returns ``[patches / merge**2, out_hidden]``."""
         s, merge_unit = self.s, self.s.spatial_merge_size**2
         x = self.embed_patches(pixel_values)
-        grid_thw = grid_thw.cpu()  # the index work runs on the host; results travel asynchronously
+        grid_thw = on_host(grid_thw)  # the index work runs on the host; results travel asynchronously
         freqs = self.rotary(grid_thw, x.device)
         window_index, cu_window = get_vision_window_index(
             grid_thw, s.spatial_merge_size, s.window_size, s.patch_size

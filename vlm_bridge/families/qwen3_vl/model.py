@@ -28,7 +28,7 @@ from vlm_bridge.families._common.specs import transformer_layer_spec
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families._qwen.vision import PatchMerger, VisionTower, encode_by_item
 from vlm_bridge.families.qwen3_vl.config import Qwen3VLSettings
-from vlm_bridge.parallel import host_to_device
+from vlm_bridge.parallel import host_to_device, on_host
 
 
 class InterleavedMRoPE(torch.nn.Module):
@@ -67,7 +67,7 @@ class Qwen3VisionModel(VisionTower):
         """Returns (merged features, [DeepStack features per injection level])."""
         s = self.s
         x = self.embed_patches(pixel_values)
-        grid_thw = grid_thw.cpu()  # the index work runs on the host; results travel asynchronously
+        grid_thw = on_host(grid_thw)  # the index work runs on the host; results travel asynchronously
         side = int(s.num_position_embeddings**0.5)
         idx, weights = get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=side, mode="bilinear", align_corners=True,
