@@ -367,7 +367,8 @@ def _host_syncs(step, top: int = 20) -> list:
         frames = [f"{f.filename.split('site-packages/')[-1].split('/work/')[-1]}:{f.lineno} {f.name}"
                   for f in traceback.extract_stack()[:-1]
                   if ("vlm_bridge" in f.filename or "megatron" in f.filename or "benchmarks" in f.filename)]
-        where[" <- ".join(reversed(frames[-4:]))] += 1
+        if "synchroniz" in str(message):
+            where[" <- ".join(reversed(frames[-4:]))] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vlm_bridge.parallel import host_to_device, on_host
+
 
 def per_element_sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                                    metadata=None) -> dict:
@@ -66,16 +68,20 @@ def scatter_vision_embeddings(
 ) -> torch.Tensor:
     """Place vision features at the positions of ``token_id`` in ``[s, b, h]`` text embeddings.
 
-    Features are consumed in row-major (batch, position) order, as the HF models do.
+    Features are consumed in row-major (batch, position) order, as the HF models do. The positions
+    come from the host original of ``input_ids`` and the features go in by index: counting a device
+    mask (forward) or ``masked_scatter``'s backward (``masked_select``) would make the host wait
+    for the GPU in every micro-batch.
     """
-    mask = input_ids == token_id  # [b, s]
-    count = int(mask.sum())
-    if count != features.shape[0]:
+    b, s = input_ids.shape
+    positions = torch.nonzero(on_host(input_ids).reshape(-1) == token_id).reshape(-1)
+    if positions.numel() != features.shape[0]:
         raise ValueError(
-            f"{what}: {count} placeholder tokens in input_ids but {features.shape[0]} features"
+            f"{what}: {positions.numel()} placeholder tokens in input_ids but {features.shape[0]} features"
         )
-    # masked_scatter fills in the logical order of its input, so scatter into a [b, s, h] view.
-    out = embeddings.transpose(0, 1).masked_scatter(mask[..., None], features.to(embeddings.dtype))
+    rows = embeddings.transpose(0, 1).reshape(b * s, -1)  # [b * s, h], row-major (batch, position)
+    out = rows.index_copy(0, host_to_device(positions, rows.device), features.to(rows.dtype))
+    out = out.view(b, s, -1)
     # Row-major [s, b, h]: a transposed view would make the decoder's linears (whose elementwise
     # ops keep strides) run as batched matmuls over positions with the weight broadcast.
     return swap_first_dims(out)
