@@ -43,7 +43,7 @@ def _syncs_in_forward_backward(hf_dir: str, jsonl: str) -> list[str]:
     sites: list[str] = []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        if "called a synchronizing CUDA operation" in str(message):  # not the mode's own notice
             frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-1]
                       if "vlm_bridge" in f.filename or "megatron" in f.filename]
             sites.append(" <- ".join(reversed(frames[-3:])))
