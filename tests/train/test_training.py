@@ -186,6 +186,16 @@ def test_resume_at_a_different_tensor_parallel_size(tiny_cfg, tmp_path, distribu
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (resumed, full)
 
 
+def test_resume_with_adapter_dropout_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
+    """A row-parallel adapter's dropout draws from Megatron's model-parallel RNG stream, which the
+    checkpoint keeps with the others: resumed masks are the uninterrupted run's."""
+    lora = {"peft.method": "lora", "peft.dropout": "0.1", "checkpoint.save_every": "2"}
+    full = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "full", **lora))["losses"]
+    cfg = tiny_cfg(steps=4, output_dir=tmp_path / "cut", **lora)
+    assert run_train(cfg, stop_after=2)["losses"] == full[:2]
+    assert run_train(cfg)["losses"] == full
+
+
 def test_bf16_training_with_fp32_master_weights(tiny_cfg):
     result = run_train(tiny_cfg(steps=4, dtype="bf16"))
     assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])

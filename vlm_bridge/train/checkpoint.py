@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from vlm_bridge.compat.distopt_state import zero_state_to_load_into
 from vlm_bridge.convert.engine import META_FILE
@@ -55,12 +56,30 @@ def latest_step(root: str | Path) -> int | None:
 
 
 def _rng_object(world_layout: str) -> ShardedObject:
-    """Per-rank RNG states; only restored when the rank layout is unchanged."""
-    state = {"torch": torch.get_rng_state(), "layout": world_layout}
+    """Per-rank RNG states, Megatron's tracker included (the dropout of a row-parallel adapter draws
+    from its model-parallel stream); only restored when the rank layout is unchanged."""
+    tracked = get_cuda_rng_tracker().get_states()
+    state = {"torch": torch.get_rng_state(), "layout": world_layout,
+             "tracker": {name: s.get_state() if isinstance(s, torch.Generator) else s.clone()
+                         for name, s in tracked.items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     rank, world = dist.get_rank(), dist.get_world_size()
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _restore_rng(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    tracker = get_cuda_rng_tracker()
+    states = dict(tracker.get_states())
+    for name, value in saved.get("tracker", {}).items():  # checkpoints before it kept none
+        if isinstance(states.get(name), torch.Generator):
+            states[name].set_state(value)
+        else:
+            states[name] = value
+    tracker.set_states(states)
 
 
 def _layout() -> str:
@@ -144,7 +163,5 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        _restore_rng(state["rng"])
     return common["extra"]
