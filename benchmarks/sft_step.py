@@ -350,36 +350,10 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
 
 
 def _host_syncs(step, top: int = 20) -> list:
-    """One extra step under torch's CUDA sync debug mode: every operation that made the host wait
-    for the GPU, by the project / Megatron frames that called it (a waiting host stops queueing
-    kernels, and the GPU idles until it catches up)."""
-    import collections
-    import traceback
-    import warnings
+    """One extra step: every operation that made the host wait for the GPU, by calling frames."""
+    from vlm_bridge.testing.host_waits import host_waits
 
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    where: collections.Counter = collections.Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        frames = [f"{f.filename.split('site-packages/')[-1].split('/work/')[-1]}:{f.lineno} {f.name}"
-                  for f in traceback.extract_stack()[:-1]
-                  if ("vlm_bridge" in f.filename or "megatron" in f.filename or "benchmarks" in f.filename)]
-        if "called a synchronizing CUDA operation" in str(message):  # not the mode's own notice
-            where[" <- ".join(reversed(frames[-4:]))] += 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-            torch.cuda.synchronize()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return [[count, frames] for frames, count in where.most_common(top)]
+    return [[count, frames] for frames, count in host_waits(step).most_common(top)]
 
 
 def _profile(step, top: int = 15) -> dict:

@@ -13,14 +13,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _syncs_in_forward_backward(hf_dir: str, jsonl: str) -> list[str]:
-    import traceback
-    import warnings
-
     from vlm_bridge.data.encode import SampleEncoder
     from vlm_bridge.data.sources import load_source
     from vlm_bridge.inference.requests import ensure_pad_token
     from vlm_bridge.loading import load_hf, load_processor
     from vlm_bridge.parallel import ParallelConfig, device, init_distributed
+    from vlm_bridge.testing.host_waits import host_waits
     from vlm_bridge.train.batching import collate_packed
 
     init_distributed(ParallelConfig())
@@ -39,25 +37,7 @@ def _syncs_in_forward_backward(hf_dir: str, jsonl: str) -> list[str]:
         (per_token * mb.loss_mask).sum().backward()
 
     step()  # first use: kernels compile and check themselves once
-    torch.cuda.synchronize()
-    sites: list[str] = []
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if "called a synchronizing CUDA operation" in str(message):  # not the mode's own notice
-            frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-1]
-                      if "vlm_bridge" in f.filename or "megatron" in f.filename]
-            sites.append(" <- ".join(reversed(frames[-3:])))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    return sites
+    return list(host_waits(step))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3_vl"])

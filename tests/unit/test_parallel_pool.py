@@ -179,3 +179,21 @@ def test_cpu_compat_nests_and_init_distributed_demands_it():
     assert not cpu_compat_active() and torch.cuda.current_device is original
     with pytest.raises(RuntimeError, match="inside run_parallel or `with cpu_compat"):
         init_distributed(ParallelConfig())
+
+
+def test_on_host_reads_the_host_original_of_a_moved_tensor(monkeypatch):
+    """Index work on a tensor that ``host_to_device`` moved reads a copy of its host original (a
+    GPU copy back would wait for every queued kernel); other tensors are copied as usual."""
+    import torch
+
+    from vlm_bridge.parallel import on_host
+
+    grid = torch.tensor([[1, 4, 6]])
+    moved = grid * 1  # stands for the device copy
+    moved._host_original = grid
+    got = on_host(moved)
+    assert torch.equal(got, grid) and got.data_ptr() != grid.data_ptr()  # a copy: callers may edit it
+    monkeypatch.setenv("VLM_BRIDGE_HOST_ORIGINALS", "0")
+    assert torch.equal(on_host(moved), moved)
+    plain = torch.tensor([3])
+    assert on_host(plain) is plain.cpu()
