@@ -62,3 +62,30 @@ def test_cu_seqlens_of_packed_row_and_refusal_for_split_segments():
     split = AttentionMask(segment_ids=torch.tensor([[0, 1, 0]]), causal=False)
     assert split.cu_seqlens(torch.device("cpu")) is None
     assert AttentionMask(segment_ids=torch.zeros(2, 4, dtype=torch.long)).cu_seqlens("cpu") is None
+
+
+def test_vision_features_go_in_row_major_by_index_with_masked_scatter_gradients():
+    """Features fill the placeholders in (batch, position) order; values and both gradients equal
+    ``masked_scatter``'s (which the index form replaced: its backward waited for the GPU). A count
+    that does not match is one line naming both numbers."""
+    import pytest
+    import torch
+
+    from vlm_bridge.families._common.modules import scatter_vision_embeddings
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 9, 9, 5, 9], [9, 5, 5, 9, 5]])  # 9: the placeholder
+    emb = torch.randn(5, 2, 3, requires_grad=True)  # [s, b, h]
+    feats = torch.randn(5, 3, requires_grad=True)
+    upstream = torch.randn(5, 2, 3)
+    out = scatter_vision_embeddings(emb, ids, 9, feats, "images")
+    out.backward(upstream)
+    got = (out.detach(), emb.grad.clone(), feats.grad.clone())
+    emb.grad = feats.grad = None
+    want = emb.transpose(0, 1).masked_scatter((ids == 9)[..., None], feats).transpose(0, 1)
+    want.backward(upstream)
+    for a, b in zip(got, (want.detach(), emb.grad, feats.grad), strict=True):
+        assert torch.equal(a, b)
+    assert out.is_contiguous() and torch.equal(out[2, 0], feats[1].detach())  # row 0's second 9
+    with pytest.raises(ValueError, match="images: 5 placeholder tokens in input_ids but 4 features"):
+        scatter_vision_embeddings(emb, ids, 9, feats[:4], "images")
