@@ -41,12 +41,13 @@ class _Rebuildable:
     """Stands for one output while its consumer saves tensors; rebuilt on the first unpack."""
 
     def __init__(self, output: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> None:
-        self.storage_ptr = output.untyped_storage().data_ptr()
+        self.storage_ptr, self.dtype = output.untyped_storage().data_ptr(), output.dtype
         self.rebuild = rebuild
         self.rebuilt: torch.Tensor | None = None
 
     def pack(self, saved: torch.Tensor):
-        if saved.layout != torch.strided or saved.untyped_storage().data_ptr() != self.storage_ptr:
+        if (saved.layout != torch.strided or saved.dtype != self.dtype
+                or saved.untyped_storage().data_ptr() != self.storage_ptr):
             return saved
         return self, saved.shape, saved.stride(), saved.storage_offset()
 
