@@ -40,8 +40,8 @@ def _syncs_in_forward_backward(hf_dir: str, jsonl: str) -> list[str]:
     return list(host_waits(step))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3_vl"])
-def test_a_dense_training_micro_batch_never_waits_for_the_gpu(family, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3_vl", "nemotron_vl"])
+def test_a_training_micro_batch_never_waits_for_the_gpu(family, tmp_path):
     from vlm_bridge.registry import family_by_name
     from vlm_bridge.testing.shapes_task import make_task
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_bridge.compat.tf32 import matmul_tf32
+from vlm_bridge.parallel import host_to_device
 
 
 def segment_runs(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,6 +47,9 @@ class ConvFixups(NamedTuple):
     pos: torch.Tensor  # [n]
     reads: torch.Tensor  # [n, k]: tap j reads pos - j
     keep: torch.Tensor  # [n, k]
+
+    def to(self, device: torch.device) -> ConvFixups:
+        return ConvFixups(*(host_to_device(t, device) for t in self))
 
 
 def conv_fixups(runs: torch.Tensor, k: int) -> ConvFixups | None:

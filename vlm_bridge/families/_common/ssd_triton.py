@@ -19,6 +19,7 @@ import os
 import torch
 
 from vlm_bridge.compat.tf32 import matmul_tf32_enabled
+from vlm_bridge.parallel import host_to_device, on_host
 
 SCAN_ENV = "VLM_BRIDGE_MAMBA_SCAN"
 
@@ -54,14 +55,15 @@ def available(device: torch.device, needs_grad: bool = False, dtype: torch.dtype
 
 
 def _cu_seqlens(batch: int, seq: int, runs: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Sequence starts over the flattened ``[b * s]`` tokens: every row, and every run inside it."""
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)
-    ids = rows * (seq + 1) + (runs if runs is not None else 0)
+    """Sequence starts over the flattened ``[b * s]`` tokens: every row, and every run inside it.
+    Worked out on the host (from the host original of ``runs``): a ``nonzero`` on the GPU would
+    make the host wait in every Mamba layer."""
+    rows = torch.arange(batch)[:, None].expand(batch, seq)
+    ids = rows * (seq + 1) + (on_host(runs) if runs is not None else 0)
     flat = ids.reshape(-1)
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-    edges = [torch.zeros(1, dtype=torch.long, device=device), starts,
-             torch.full((1,), batch * seq, dtype=torch.long, device=device)]
-    return torch.cat(edges)
+    edges = [torch.zeros(1, dtype=torch.long), starts, torch.full((1,), batch * seq, dtype=torch.long)]
+    return host_to_device(torch.cat(edges), device)
 
 
 def triton_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

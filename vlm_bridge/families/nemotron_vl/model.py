@@ -35,6 +35,7 @@ from vlm_bridge.families._common.ssd_scan import conv_fixups, segment_runs
 from vlm_bridge.families._common.vlm import Embedded, VLMModel
 from vlm_bridge.families.nemotron_vl.config import ATTENTION, MAMBA, MLP, MOE
 from vlm_bridge.families.nemotron_vl.radio import RadioVisionTower
+from vlm_bridge.parallel import host_to_device, on_host
 
 
 class MambaLayer(MegatronModule):
@@ -54,10 +55,17 @@ class MambaLayer(MegatronModule):
         if state is not None:
             return self._generate(hidden_states, attention_mask, state), None
         runs = fixups = None
-        if getattr(attention_mask, "segment_ids", None) is not None:  # one derivation per forward
-            runs = attention_mask.cached("mamba_runs", lambda: segment_runs(attention_mask.segment_ids))
+        ids = getattr(attention_mask, "segment_ids", None)
+        if ids is not None:  # one derivation per forward, on the host (no wait for the GPU)
+            runs = attention_mask.cached("mamba_runs",
+                                         lambda: host_to_device(segment_runs(on_host(ids)), ids.device))
             taps = self.mixer.settings.d_conv
-            fixups = attention_mask.cached(("mamba_conv_fixups", taps), lambda: conv_fixups(runs, taps))
+
+            def derive_fixups():
+                fixups = conv_fixups(on_host(runs), taps)
+                return fixups.to(ids.device) if fixups is not None else None
+
+            fixups = attention_mask.cached(("mamba_conv_fixups", taps), derive_fixups)
         out, _ = self.mixer(self.norm(hidden_states), runs=runs, fixups=fixups)
         return hidden_states + out, None
 
