@@ -197,3 +197,21 @@ def test_on_host_reads_the_host_original_of_a_moved_tensor(monkeypatch):
     assert torch.equal(on_host(moved), moved)
     plain = torch.tensor([3])
     assert on_host(plain) is plain.cpu()
+
+
+@pytest.mark.skipif(cuda_available(), reason="the layer is a no-op with CUDA")
+def test_cpu_layer_drops_the_trackers_forked_rng_notice(caplog):
+    """On the CPU the forked "CUDA" generator is the CPU one, so a dropout inside Megatron's fork
+    always changes it: the tracker's notice would print once per adapter and micro-batch."""
+    import logging
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.CudaRNGStatesTracker()  # not the process-wide one
+    with cpu_compat(), caplog.at_level(logging.WARNING):
+        tracker.add("notice-check", 7)
+        with tracker.fork("notice-check"):
+            torch.rand(3)
+    assert "CPU RNG state changed" not in caplog.text
+    logging.getLogger(mrandom.__name__).warning("CPU RNG state changed within GPU RNG context")
+    assert "CPU RNG state changed" in caplog.text  # outside the layer it is Megatron's again

@@ -23,6 +23,7 @@ CPU ones outside a run).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -124,12 +125,23 @@ def _patch_torch_cuda(p: _Patcher) -> None:
     p.set(cuda, "manual_seed_all", lambda seed: None)  # torch.manual_seed calls it: must not recurse
 
 
+class _ForkedCpuRngNotice(logging.Filter):
+    """Drops the tracker's 'CPU RNG state changed within GPU RNG context': here the forked "CUDA"
+    generator is the CPU one, so every dropout inside a fork changes it (one line per adapter and
+    micro-batch otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def _patch_megatron_rng(p: _Patcher) -> None:
     """Megatron's TP RNG tracker forks CUDA RNG states; on CPU fork the CPU generator instead."""
     from megatron.core.tensor_parallel import random as mrandom
 
     p.set(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     p.set(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    logger = logging.getLogger(mrandom.__name__)
+    p.set(logger, "filters", [*logger.filters, _ForkedCpuRngNotice()])
 
 
 def _patch_all_to_all_split_sizes(p: _Patcher) -> None:
