@@ -378,7 +378,10 @@ def cmd_finetune(args) -> int:
         print(f"nothing to train: {result['output_dir']} already holds step {result['steps']} of "
               f"steps={cfg.steps}{exported}; raise steps to train further")
         return 0
-    print(f"finished {result['steps']} steps in {result['seconds']:.0f}s; outputs in "
+    first, last = result["start_step"] + 1, result["steps"]
+    ran = f"{last} steps" if first == 1 else (
+        f"step{f's {first}-' if last > first else ' '}{last} (resumed from step {first - 1})")
+    print(f"finished {ran} in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")
     return 0
 

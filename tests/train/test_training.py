@@ -190,10 +190,15 @@ def test_resume_with_adapter_dropout_reproduces_uninterrupted_losses(tiny_cfg, t
     """A row-parallel adapter's dropout draws from Megatron's model-parallel RNG stream, which the
     checkpoint keeps with the others: resumed masks are the uninterrupted run's."""
     lora = {"peft.method": "lora", "peft.dropout": "0.1", "checkpoint.save_every": "2"}
-    full = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "full", **lora))["losses"]
+    full = run_train(tiny_cfg(steps=4, output_dir=tmp_path / "full", **lora))
+    assert full["start_step"] == 0 and full["rng_restored"] is None
     cfg = tiny_cfg(steps=4, output_dir=tmp_path / "cut", **lora)
-    assert run_train(cfg, stop_after=2)["losses"] == full[:2]
-    assert run_train(cfg)["losses"] == full
+    assert run_train(cfg, stop_after=2)["losses"] == full["losses"][:2]
+    resumed = run_train(cfg)
+    assert resumed["losses"] == full["losses"] and resumed["rng_restored"] is True
+    # at another layout the streams cannot continue, and the run says so
+    other = tiny_cfg(steps=6, output_dir=tmp_path / "cut", **lora, **{"parallel.tp": "2"})
+    assert run_train(other, world=2)["rng_restored"] is False
 
 
 def test_bf16_training_with_fp32_master_weights(tiny_cfg):

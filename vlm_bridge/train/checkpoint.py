@@ -164,4 +164,4 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _restore_rng(state["rng"])
-    return common["extra"]
+    return {**common["extra"], "rng_restored": same_layout}

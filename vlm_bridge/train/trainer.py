@@ -59,6 +59,7 @@ class Run:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    rng_restored: bool | None = None  # resumed: whether the random streams continue (None: fresh)
 
 
 def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
@@ -191,6 +192,11 @@ def _maybe_resume(run: Run) -> None:
             group["max_lr"], group["min_lr"] = max_lr, min_lr
     run.scheduler.step(increment=0)  # the rates at the restored step, from the restored groups
     run.step = extra["step"]
+    run.rng_restored = extra["rng_restored"]
+    if dist.get_rank() == 0:
+        fresh = "" if run.rng_restored else (f"; it was saved at another layout ({extra.get('layout')}), "
+                                             "so random streams such as dropout's start afresh")
+        print(f"resuming from step {step} ({ckpt.iteration_dir(root, step)}){fresh}", flush=True)
     run.losses = list(extra.get("losses", []))
     run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
 
@@ -310,7 +316,8 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
             logger.log_eval(run.step, report)
             validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
     logger.close(run.losses)
-    return {"steps": run.step, "start_step": start_step, "losses": run.losses, "seconds": time.time() - start,
+    return {"steps": run.step, "start_step": start_step, "rng_restored": run.rng_restored,
+            "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
             "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs}
 
