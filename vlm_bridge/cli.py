@@ -379,8 +379,9 @@ def cmd_finetune(args) -> int:
               f"steps={cfg.steps}{exported}; raise steps to train further")
         return 0
     first, last = result["start_step"] + 1, result["steps"]
-    ran = f"{last} steps" if first == 1 else (
-        f"step{f's {first}-' if last > first else ' '}{last} (resumed from step {first - 1})")
+    ran = f"{last} steps"
+    if first > 1:  # a resumed run: the steps it trained
+        ran = f"{f'steps {first}-{last}' if last > first else f'step {last}'} (resumed from step {first - 1})"
     print(f"finished {ran} in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")
     return 0
