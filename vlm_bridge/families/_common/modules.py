@@ -71,17 +71,14 @@ def scatter_vision_embeddings(
     Features are consumed in row-major (batch, position) order, as the HF models do. The positions
     come from the host original of ``input_ids`` and the features go in by index: counting a device
     mask (forward) or ``masked_scatter``'s backward (``masked_select``) would make the host wait
-    for the GPU in every micro-batch.
+    for the GPU in every micro-batch. The result is one fresh row-major ``[s, b, h]`` tensor.
     """
     b, s = input_ids.shape
-    positions = torch.nonzero(on_host(input_ids).reshape(-1) == token_id).reshape(-1)
-    if positions.numel() != features.shape[0]:
+    batch, position = torch.nonzero(on_host(input_ids) == token_id, as_tuple=True)  # row-major order
+    if batch.numel() != features.shape[0]:
         raise ValueError(
-            f"{what}: {positions.numel()} placeholder tokens in input_ids but {features.shape[0]} features"
+            f"{what}: {batch.numel()} placeholder tokens in input_ids but {features.shape[0]} features"
         )
-    rows = embeddings.transpose(0, 1).reshape(b * s, -1)  # [b * s, h], row-major (batch, position)
-    out = rows.index_copy(0, host_to_device(positions, rows.device), features.to(rows.dtype))
-    out = out.view(b, s, -1)
-    # Row-major [s, b, h]: a transposed view would make the decoder's linears (whose elementwise
-    # ops keep strides) run as batched matmuls over positions with the weight broadcast.
-    return swap_first_dims(out)
+    rows = embeddings.reshape(s * b, -1)  # row position * b + batch of [s, b, h]
+    index = host_to_device(position * b + batch, rows.device)
+    return rows.index_copy(0, index, features.to(rows.dtype)).view(s, b, -1)

@@ -57,9 +57,17 @@ def available(device: torch.device, needs_grad: bool = False, dtype: torch.dtype
 def _cu_seqlens(batch: int, seq: int, runs: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Sequence starts over the flattened ``[b * s]`` tokens: every row, and every run inside it.
     Worked out on the host (from the host original of ``runs``): a ``nonzero`` on the GPU would
-    make the host wait in every Mamba layer."""
+    make the host wait in every Mamba layer. Kept on ``runs``, which every layer of a forward shares."""
+    if runs is None:
+        return _starts(batch, seq, None, device)
+    if getattr(runs, "_cu_seqlens", None) is None:
+        runs._cu_seqlens = _starts(batch, seq, on_host(runs), device)
+    return runs._cu_seqlens
+
+
+def _starts(batch: int, seq: int, host_runs: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     rows = torch.arange(batch)[:, None].expand(batch, seq)
-    ids = rows * (seq + 1) + (on_host(runs) if runs is not None else 0)
+    ids = rows * (seq + 1) + (host_runs if host_runs is not None else 0)
     flat = ids.reshape(-1)
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
     edges = [torch.zeros(1, dtype=torch.long), starts, torch.full((1,), batch * seq, dtype=torch.long)]
