@@ -382,6 +382,8 @@ def cmd_finetune(args) -> int:
     ran = f"{last} steps"
     if first > 1:  # a resumed run: the steps it trained
         ran = f"{f'steps {first}-{last}' if last > first else f'step {last}'} (resumed from step {first - 1})"
+    if result.get("skipped_updates"):
+        ran += f", {result['skipped_updates']} of them without an update (fp16 overflow)"
     print(f"finished {ran} in {result['seconds']:.0f}s; outputs in "
           f"{result['output_dir']}; data (encoded / skipped by reason): {result['skipped']}")
     return 0

@@ -62,16 +62,19 @@ def test_lora_run_validates_then_generates_and_evaluates_like_its_export(tiny_cf
     assert mine["metrics"] == theirs["metrics"] == result["validation"][-1]["metrics"]
 
 
-def test_a_metric_failing_at_the_last_validation_keeps_the_final_checkpoint(tiny_cfg, four_samples,
-                                                                          tmp_path, monkeypatch):
-    """The last validation runs after the final save: a user's metric that passes its check on the
-    sample answer and fails on a generated one is named as eval.metrics, and the weights stay."""
+@pytest.mark.parametrize("steps", [1, 3], ids=["last_validation", "first_of_three_unsaved"])
+def test_a_metric_failing_at_validation_keeps_the_weights_trained_so_far(tiny_cfg, four_samples, steps,
+                                                                        tmp_path, monkeypatch):
+    """The last validation runs after the final save; an earlier one, at a step no save was asked
+    for, saves before the error goes on. A user's metric that passes its check on the sample answer
+    and fails on a generated one is named as eval.metrics, and the weights stay."""
     (tmp_path / "picky_metric.py").write_text("def metric(answer, references):\n"
                                               "    if answer != 'yes':\n        raise KeyError(answer)\n"
                                               "    return 1.0\n")
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg(**{"steps": 1, "data.validation": f"jsonl:{four_samples}", "eval.generate": "true",
-                      "eval.metrics": "picky_metric:metric", "eval.max_new_tokens": 2})
+    cfg = tiny_cfg(**{"steps": steps, "data.validation": f"jsonl:{four_samples}", "eval.generate": "true",
+                      "eval.metrics": "picky_metric:metric", "eval.max_new_tokens": 2, "eval.every": 1,
+                      "checkpoint.save_every": 0})
     with pytest.raises(Exception, match="eval.metrics picky_metric:metric failed on answer"):
         run_train(cfg)
     assert (Path(cfg.output_dir) / "checkpoints" / "iter_0000001" / "weights").is_dir()

@@ -207,6 +207,30 @@ def test_bf16_training_with_fp32_master_weights(tiny_cfg):
     assert result["losses"][-1] < result["losses"][0]
 
 
+def test_fp16_updates_from_the_first_step_and_counts_skipped_updates(tiny_cfg, tmp_path):
+    """The loss is a token sum until the step divides it, so fp16's first loss scale comes from a
+    micro-batch's tokens: every step updates. A scale that overflows skips its updates, leaves the
+    weights (so the losses) as they were, and is counted."""
+    fp16 = {"dtype": "fp16", "optim.warmup_steps": "0", "steps": "3"}
+    ok = run_train(tiny_cfg(output_dir=tmp_path / "a", **fp16))
+    assert ok["skipped_updates"] == 0 and ok["losses"][-1] < ok["losses"][0], ok["losses"]
+    over = run_train(tiny_cfg(output_dir=tmp_path / "b", **fp16, **{"optim.initial_loss_scale": str(2**32)}))
+    still = run_train(tiny_cfg(output_dir=tmp_path / "c", **fp16, **{"optim.lr": "0", "optim.min_lr": "0"}))
+    assert over["skipped_updates"] == 3 and over["losses"] == still["losses"], (over, still)
+
+
+def test_a_skipped_update_is_named_on_its_step_line_between_logged_steps(tiny_cfg, tmp_path, capsys):
+    from vlm_bridge.train.metrics import RunLogger
+
+    logger = RunLogger(tiny_cfg(output_dir=tmp_path / "run", tensorboard="false", log_every="10"), True)
+    stats = {"loss": 5.0, "lr": 1e-4, "grad_norm": 0.0, "tokens": 100}
+    logger.log(1, {**stats, "update_ok": True}, 0.1)
+    logger.log(2, {**stats, "update_ok": False, "loss_scale": 8.0}, 0.1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step     2/")
+    assert lines[0].endswith("update skipped: fp16 gradients overflowed, loss scale now 8")
+
+
 def test_moe_layers_recompute_on_the_cpu_too(tiny_cfg, tiny_qwen3_moe, tmp_path):
     """The recomputation inside the backward runs under the CPU layer as the forward did (the MoE
     router moves its weight to CUDA otherwise)."""

@@ -41,6 +41,7 @@ def test_unknown_recipe_is_one_clear_error():
     ("recompute_components=vision,visual", "recompute_components: visual is not a component"),
     ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
     ("optim.lr=1e-7", "optim.min_lr .* is above optim.lr 1e-07"),
+    ("optim.initial_loss_scale=-1", "optim.initial_loss_scale must be >= 0"),
     ("eval.generate=true;parallel.cp=2;data.validation=jsonl:val.jsonl",
      r"eval.generate=true: generation does not run with context parallelism \(parallel.cp=2\)"),
     ("eval.generate=true;eval.metrics=no_such_module:f",

@@ -82,9 +82,22 @@ def _restore_rng(saved: dict) -> None:
     tracker.set_states(states)
 
 
-def _layout() -> str:
-    return (f"tp{parallel_state.get_tensor_model_parallel_world_size()}"
-            f"pp{parallel_state.get_pipeline_model_parallel_world_size()}w{dist.get_world_size()}")
+def _layout(legacy: bool = False) -> str:
+    """The rank layout a checkpoint's per-rank RNG states belong to. Data, context and expert
+    parallelism are named too: at one world size, DP=2 and CP=2 give rank 1 different roles."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if legacy:  # what checkpoints written before CP and EP were named recorded
+        return f"tp{tp}pp{pp}w{dist.get_world_size()}"
+    cp = parallel_state.get_context_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return f"tp{tp}pp{pp}cp{cp}ep{ep}w{dist.get_world_size()}"
+
+
+def _same_layout(saved: str | None) -> bool:
+    if saved is None:
+        return False
+    return saved == (_layout() if "cp" in saved else _layout(legacy=True))
 
 
 def _optimizer_layout(optimizer) -> dict:
@@ -156,7 +169,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     with checkpoint_read_errors(path):
         common = dist_checkpointing.load_common_state_dict(weights)
         _check_optimizer_layout(path, common["extra"], optimizer)
-        same_layout = common["extra"].get("layout") == _layout()
+        same_layout = _same_layout(common["extra"].get("layout"))
         zero_state_to_load_into(optimizer)
         state = dist_checkpointing.load(_sharded(model, optimizer, True, same_layout), weights)
     getattr(model, "module", model).load_state_dict(state["model"], strict=True)

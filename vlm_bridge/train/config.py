@@ -7,6 +7,7 @@ are parsed by the field's declared type, and an unknown key or bad value is a on
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class OptimSettings:
     # Adam's two moments in "fp32" or "bf16" (4 bytes/param less; the update and the master
     # weights stay fp32; see train/low_memory_adam.py for what rounding the moments costs).
     moments: str = "fp32"
+    # dtype=fp16 only: the dynamic loss scale's start; 0 = 2**16 / tokens per micro-batch (a power
+    # of two, at least 1). The loss is a token sum until the step divides it, so a weight gradient
+    # sums a micro-batch's tokens in fp16: Megatron's 2**32 (or torch's 2**16) overflowed every
+    # step of a fine-tune's start, each one skipped.
+    initial_loss_scale: float = 0.0
 
 
 @dataclass
@@ -208,6 +214,9 @@ def check_config(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"recompute_components: {', '.join(unknown)} is not a component "
                          f"(one of {', '.join(components)})")
+    if cfg.optim.initial_loss_scale < 0:
+        raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
+                         f"got {cfg.optim.initial_loss_scale:g}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ValueError(f"optim.min_lr {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}: the rate "
                          "decays from optim.lr down to optim.min_lr; lower optim.min_lr too")
@@ -226,6 +235,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
+
+
+def initial_loss_scale(cfg: TrainConfig) -> float:
+    """fp16's first loss scale: the setting, or 2**16 over the tokens of a micro-batch (floored to a
+    power of two, at least 1), so that a weight gradient summed over those tokens stays in range."""
+    if cfg.optim.initial_loss_scale:
+        return cfg.optim.initial_loss_scale
+    tokens = cfg.micro_batch_size * cfg.data.seq_len
+    return float(2 ** max(0, 16 - math.ceil(math.log2(tokens))))
 
 
 def _get(cfg: TrainConfig, key: str):

@@ -51,9 +51,11 @@ class RunLogger:
         elapsed = time.time() - self.start
         eta = elapsed / max(done, 1) * (self.cfg.steps - step)
         tps = stats["tokens"] / max(seconds, 1e-9)
-        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+        skipped = "" if stats.get("update_ok", True) else (
+            f"  update skipped: fp16 gradients overflowed, loss scale now {stats['loss_scale']:g}")
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps or skipped:
             print(f"step {step:>5}/{self.cfg.steps}  loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
-                  f"grad {stats['grad_norm']:.2f}  {tps:,.0f} tok/s  eta {eta:,.0f}s", flush=True)
+                  f"grad {stats['grad_norm']:.2f}  {tps:,.0f} tok/s  eta {eta:,.0f}s{skipped}", flush=True)
         scalars = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                    "tokens_per_s": tps}
         if self.tb is not None:

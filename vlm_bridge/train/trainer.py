@@ -34,7 +34,7 @@ from vlm_bridge.loading import conversion_meta, load_pretrained
 from vlm_bridge.parallel import ParallelConfig, device, init_distributed, raise_if_stopped
 from vlm_bridge.train import checkpoint as ckpt
 from vlm_bridge.train import decoupled_grads
-from vlm_bridge.train.config import TrainConfig, check_config, to_dict
+from vlm_bridge.train.config import TrainConfig, check_config, initial_loss_scale, to_dict
 from vlm_bridge.train.elementwise_recompute import apply_elementwise_recompute
 from vlm_bridge.train.freeze import apply_freeze_and_peft
 from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
@@ -60,6 +60,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     rng_restored: bool | None = None  # resumed: whether the random streams continue (None: fresh)
+    skipped_updates: int = 0  # fp16 steps whose gradients overflowed (no update)
 
 
 def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
@@ -71,7 +72,7 @@ def _optimizer(cfg: TrainConfig, model, dtype: torch.dtype):
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-        use_distributed_optimizer=distributed,
+        use_distributed_optimizer=distributed, initial_loss_scale=initial_loss_scale(cfg),
     )
     overrides = {}
     # Per-component learning rates over the prefixes the family declares for each component.
@@ -232,13 +233,17 @@ def train_step(run: Run) -> dict:
                             "check the data)")
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves on)
     ok, grad_norm, _ = run.optimizer.step()
-    run.scheduler.step(increment=1)
+    stats = {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok), "lr": lr,
+             "tokens": sum(mb.num_tokens for mb in step_batches)}
+    if ok:
+        run.scheduler.step(increment=1)
+    else:  # fp16 gradients overflowed: no update, a smaller loss scale, the schedule waits (Megatron's rule)
+        run.skipped_updates += 1
+        stats["loss_scale"] = float(run.optimizer.get_loss_scale())
     run.step += 1
     run.losses.append(loss)
-    run.grad_norms.append(float(grad_norm or 0.0))
-    return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok),
-            "lr": lr,
-            "tokens": sum(mb.num_tokens for mb in step_batches)}
+    run.grad_norms.append(stats["grad_norm"])
+    return stats
 
 
 def _global_loss(outputs: list[dict]) -> float:
@@ -309,17 +314,27 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
         logger.log(run.step, stats, time.time() - t0)
         # Saved before validating: a validation that fails (a user's metric) keeps the weights.
         last = stop_after is None and run.step >= cfg.steps
-        if last or (cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0):
+        saved = last or bool(cfg.checkpoint.save_every and run.step % cfg.checkpoint.save_every == 0)
+        if saved:
             _save_and_maybe_export(run)
         if validator is not None and validator.due(run.step):
-            report = validator.run(run)
+            try:
+                report = validator.run(run)
+            except Exception:  # a user's metric, say: the steps trained so far are kept first
+                if not saved:
+                    path = save(run)
+                    if dist.get_rank() == 0:
+                        print(f"validation failed at step {run.step}; the weights are saved in {path}",
+                              flush=True)
+                raise
             logger.log_eval(run.step, report)
             validation.append({"step": run.step, **{k: v for k, v in report.items() if k != "answers"}})
     logger.close(run.losses)
     return {"steps": run.step, "start_step": start_step, "rng_restored": run.rng_restored,
             "losses": run.losses, "seconds": time.time() - start,
             "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
-            "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs}
+            "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs,
+            "skipped_updates": run.skipped_updates}
 
 
 def _save_and_maybe_export(run: Run) -> None:
