@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from vlm_bridge.compat.distopt_state import zero_state_to_load_into
 from vlm_bridge.convert.engine import META_FILE
 from vlm_bridge.convert.hf_io import CheckpointError, copy_hf_side_files
-from vlm_bridge.convert.streaming import checkpoint_read_errors
+from vlm_bridge.convert.streaming import checkpoint_read_errors, without_record_crc
 from vlm_bridge.parallel import cpu_group
 
 LATEST = "latest"
@@ -146,7 +146,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
         # Plain (non-sharded) entries are "common" state, written once by rank 0.
         state["scheduler"] = scheduler.state_dict()
         state["extra"] = {**extra, "layout": _layout(), **_optimizer_layout(optimizer)}
-        dist_checkpointing.save(state, str(tmp / "weights"))
+        with without_record_crc():
+            dist_checkpointing.save(state, str(tmp / "weights"))
     except BaseException:  # interrupted or failed: the unfinished save is not left behind
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
