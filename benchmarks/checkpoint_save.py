@@ -1,7 +1,7 @@
 """Time a training checkpoint save (model, optimizer, scheduler, RNG: Megatron ``torch_dist``) with
 and without a CRC32 per record, alternately in one process, on the same run state.
 
-    python benchmarks/checkpoint_save.py [--hidden 2048] [--ffn 8192] [--layers 4] [--repeats 2] [--workdir DIR]
+    python benchmarks/checkpoint_save.py [--hidden 2048] [--ffn 8192] [--layers 4] [--repeats 2]
 
 A Qwen2.5-VL of the tiny builder's vision tower and tokenizer with a widened language model (random
 weights, fp32, fp32 Adam moments) takes one training step, which creates the optimizer state; the
