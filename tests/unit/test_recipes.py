@@ -3,6 +3,8 @@ micro-batch divides at its data-parallel size 1, and layouts that name real para
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from vlm_bridge.recipes import all_recipes, get_recipe
@@ -42,6 +44,9 @@ def test_unknown_recipe_is_one_clear_error():
     ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
     ("optim.lr=1e-7", "optim.min_lr .* is above optim.lr 1e-07"),
     ("optim.initial_loss_scale=-1", "optim.initial_loss_scale must be >= 0"),
+    ("optim.schedule=step", "optim.schedule: 'step' is not one of cosine, linear, constant, wsd"),
+    ("optim.decay_steps=5", "optim.decay_steps=5 sets the final decay of optim.schedule=wsd"),
+    ("optim.schedule=wsd;optim.decay_steps=500;steps=100", "optim.decay_steps=500 is longer than the run"),
     ("eval.generate=true;parallel.cp=2;data.validation=jsonl:val.jsonl",
      r"eval.generate=true: generation does not run with context parallelism \(parallel.cp=2\)"),
     ("eval.generate=true;eval.metrics=no_such_module:f",
@@ -61,3 +66,28 @@ def test_output_dir_must_not_be_the_pretrained_folder(tmp_path):
     cfg.pretrained, cfg.output_dir = str(tmp_path / "model"), str(tmp_path / "model" / ".." / "model")
     with pytest.raises(ValueError, match="is the --pretrained model's folder"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # warmup 2 of 10 steps from 0 to 1e-3, then down to 1e-4 (or not)
+    ("cosine", [0.0, 5e-4] + [1e-4 + 4.5e-4 * (math.cos(math.pi * k / 8) + 1) for k in range(8)]),
+    ("linear", [0.0, 5e-4, 1e-3, 8.875e-4, 7.75e-4, 6.625e-4, 5.5e-4, 4.375e-4, 3.25e-4, 2.125e-4]),
+    ("constant", [0.0, 5e-4] + [1e-3] * 8),
+    ("wsd", [0.0, 5e-4] + [1e-3] * 6 + [7e-4, 4e-4]),  # decay_steps=3, min_lr after the last step
+])
+def test_learning_rate_schedules(schedule, expected):
+    import torch
+    from vlm_bridge.train.config import apply_overrides, check_config
+    from vlm_bridge.train.trainer import build_scheduler
+
+    over = [f"optim.schedule={schedule}", "steps=10", "optim.warmup_steps=2", "optim.lr=1e-3",
+            "optim.min_lr=1e-4"] + (["optim.decay_steps=3"] if schedule == "wsd" else [])
+    cfg = apply_overrides(get_recipe("demo_tiny"), over)
+    check_config(cfg)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = build_scheduler(cfg, optimizer)
+    rates = []
+    for _ in range(cfg.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(increment=1)
+    assert rates == pytest.approx(expected, abs=1e-6), rates

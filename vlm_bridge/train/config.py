@@ -29,6 +29,11 @@ class OptimSettings:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     warmup_steps: int = 10
+    # After the warmup: "cosine" or "linear" decay to min_lr over the run, "constant" (stays at
+    # lr), or "wsd" (warmup-stable-decay: lr, then linear towards min_lr over the last
+    # decay_steps). As in Megatron and HF, min_lr is where the rate stands after the last step.
+    schedule: str = "cosine"
+    decay_steps: int = 0  # wsd only: the final decay's length; 0 = a tenth of the run (at least 1)
     clip_grad: float = 1.0
     # Per-component peak learning rates; None means ``lr``.
     language_lr: float | None = None
@@ -189,6 +194,7 @@ CHOICES = {
     "dtype": ("bf16", "fp16", "fp32"),
     "optim.distributed_optimizer": ("auto", "on", "off"),
     "optim.moments": ("fp32", "bf16"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "peft.method": (None, "lora", "dora"),
 }
 # Settings that must be at least this (a recipe's values and every override alike).
@@ -196,6 +202,7 @@ MINIMUMS = {
     "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
     "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
     "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0, "recompute_layers": 0,
+    "optim.decay_steps": 0,
 }
 
 
@@ -214,6 +221,11 @@ def check_config(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"recompute_components: {', '.join(unknown)} is not a component "
                          f"(one of {', '.join(components)})")
+    if cfg.optim.decay_steps and cfg.optim.schedule != "wsd":
+        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} sets the final decay of "
+                         f"optim.schedule=wsd; optim.schedule is {cfg.optim.schedule}")
+    if cfg.optim.decay_steps > cfg.steps:
+        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run (steps={cfg.steps})")
     if cfg.optim.initial_loss_scale < 0:
         raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
                          f"got {cfg.optim.initial_loss_scale:g}")

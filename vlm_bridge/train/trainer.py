@@ -108,6 +108,26 @@ def prepare_model(cfg: TrainConfig, built) -> None:
         apply_elementwise_recompute(layers_kept_whole(built.model, recomputed))
 
 
+def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
+    """Megatron's LR/WD scheduler for ``optim.schedule``: linear warmup from 0, then the decay."""
+    # Megatron needs warmup < decay steps; a run shorter than its warmup warms up for all but
+    # its last step.
+    warmup = min(cfg.optim.warmup_steps, max(cfg.steps - 1, 0))
+    wsd = cfg.optim.schedule == "wsd"
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(cfg.steps, 1),
+        lr_decay_style="WSD" if wsd else cfg.optim.schedule,
+        wsd_decay_steps=(cfg.optim.decay_steps or max(cfg.steps // 10, 1)) if wsd else None,
+        lr_wsd_decay_style="linear" if wsd else None,
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
+        wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant",
+        # On resume the run's own config sets the schedule (a run extended to more steps, or
+        # given a new lr, follows it); the checkpoint gives only the position in it.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
+    )
+
+
 def build_optimization(cfg: TrainConfig, built) -> tuple:
     """Megatron DDP around the model, the (distributed) optimizer and the LR/WD scheduler."""
     use_foreach_multi_tensor_ops()
@@ -125,18 +145,7 @@ def build_optimization(cfg: TrainConfig, built) -> tuple:
         module=built.model,
     )
     optimizer = _optimizer(cfg, ddp, DTYPES[cfg.dtype])
-    # Megatron needs warmup < decay steps; a run shorter than its warmup warms up for all but
-    # its last step.
-    warmup = min(cfg.optim.warmup_steps, max(cfg.steps - 1, 0))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(cfg.steps, 1),
-        lr_decay_style="cosine", start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
-        wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant",
-        # On resume the run's own config sets the schedule (a run extended to more steps, or
-        # given a new lr, follows it); the checkpoint gives only the position in it.
-        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
-    )
+    scheduler = build_scheduler(cfg, optimizer)
     lang.finalize_model_grads_func = finalize_model_grads
     lang.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
