@@ -77,6 +77,7 @@ def test_output_dir_must_not_be_the_pretrained_folder(tmp_path):
 ])
 def test_learning_rate_schedules(schedule, expected):
     import torch
+
     from vlm_bridge.train.config import apply_overrides, check_config
     from vlm_bridge.train.trainer import build_scheduler
 

@@ -225,7 +225,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} sets the final decay of "
                          f"optim.schedule=wsd; optim.schedule is {cfg.optim.schedule}")
     if cfg.optim.decay_steps > cfg.steps:
-        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run (steps={cfg.steps})")
+        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run "
+                         f"(steps={cfg.steps})")
     if cfg.optim.initial_loss_scale < 0:
         raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
                          f"got {cfg.optim.initial_loss_scale:g}")
