@@ -47,6 +47,20 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     assert other["steps"] == other["start_step"] == 8
 
 
+def test_keep_last_removes_older_checkpoints_after_each_save(tiny_cfg, tmp_path):
+    from vlm_bridge.train import checkpoint as ckpt
+
+    cfg = tiny_cfg(steps=3, output_dir=tmp_path / "run", **{"checkpoint.save_every": 1,
+                                                           "checkpoint.keep_last": 2})
+    run_train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+    assert ckpt.latest_step(root) == 3
+    (root / ".iter_0000004.tmp").mkdir()  # an unfinished save is not a checkpoint to count
+    assert ckpt.prune_checkpoints(root, 1) == [root / "iter_0000002"]
+    assert sorted(p.name for p in root.iterdir()) == [".iter_0000004.tmp", "iter_0000003", "latest"]
+
+
 def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):
     from vlm_bridge.train import checkpoint as ckpt
 

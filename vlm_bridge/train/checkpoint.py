@@ -55,6 +55,23 @@ def latest_step(root: str | Path) -> int | None:
     return max(steps) if steps else None
 
 
+def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest complete checkpoints (with their HF exports); returns
+    what went. Each goes by a rename to a temporary name first, so an interrupted removal never
+    leaves a half-deleted folder that looks complete."""
+    root = Path(root)
+    steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    removed = []
+    for step in steps[:-keep] if keep > 0 else []:
+        folder = iteration_dir(root, step)
+        doomed = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def _rng_object(world_layout: str) -> ShardedObject:
     """Per-rank RNG states, Megatron's tracker included (the dropout of a row-parallel adapter draws
     from its model-parallel stream); only restored when the rank layout is unchanged."""

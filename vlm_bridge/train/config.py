@@ -107,6 +107,7 @@ class CheckpointSettings:
     save_every: int = 0  # 0: only at the end
     resume: bool = True  # resume from the latest checkpoint in dir when there is one
     export_hf: bool = False  # also write an HF export next to each save
+    keep_last: int = 0  # keep only this many newest checkpoints (0: all)
 
 
 @dataclass
@@ -202,7 +203,7 @@ MINIMUMS = {
     "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
     "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
     "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0, "recompute_layers": 0,
-    "optim.decay_steps": 0,
+    "optim.decay_steps": 0, "checkpoint.keep_last": 0,
 }
 
 

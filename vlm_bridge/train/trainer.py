@@ -352,3 +352,5 @@ def _save_and_maybe_export(run: Run) -> None:
         from vlm_bridge.train.export import export_run_checkpoint
 
         export_run_checkpoint(run, path)
+    if run.cfg.checkpoint.keep_last and dist.get_rank() == 0:  # after the export that reads it
+        ckpt.prune_checkpoints(_checkpoint_root(run.cfg), run.cfg.checkpoint.keep_last)
