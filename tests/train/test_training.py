@@ -47,6 +47,12 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     assert other["steps"] == other["start_step"] == 8
 
 
+def test_samples_encoded_by_worker_processes_train_the_same_losses(tiny_cfg, tmp_path):
+    here = run_train(tiny_cfg(steps=3, output_dir=tmp_path / "a", **{"data.workers": "0"}))
+    ahead = run_train(tiny_cfg(steps=3, output_dir=tmp_path / "b", **{"data.workers": "2"}))
+    assert ahead["losses"] == here["losses"] and ahead["skipped"] == here["skipped"]
+
+
 def test_keep_last_removes_older_checkpoints_after_each_save(tiny_cfg, tmp_path):
     from vlm_bridge.train import checkpoint as ckpt
 

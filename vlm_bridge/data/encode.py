@@ -73,6 +73,9 @@ class EncodedSample:
     media: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     truncated: bool = False
+    # The family's positions of this sample alone ([..., 1, n]), once a training stream has worked
+    # them out (next to the encoding, in its worker process when it has workers).
+    positions: torch.Tensor | None = None
 
     def __getattr__(self, name: str):
         # Only called for names that are not fields: processor outputs by name.

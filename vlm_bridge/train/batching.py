@@ -183,8 +183,11 @@ def _media_of(samples, keys) -> dict:
     return out
 
 
-def _sample_positions(family, settings, sample) -> torch.Tensor:
-    """The family's positions of one sample alone: ``[..., 1, n]``."""
+def sample_positions(family, settings, sample) -> torch.Tensor:
+    """The family's positions of one sample alone: ``[..., 1, n]`` (kept on the sample when a
+    stream worked them out already)."""
+    if sample.positions is not None:
+        return sample.positions
     batch = {"input_ids": sample.input_ids[None], **sample.media,
              **{k: v[None] for k, v in sample.tokens.items()}}
     return family.position_ids(settings, batch)
@@ -203,7 +206,7 @@ def collate_packed(rows: list[list], family, settings, seq_len: int, pad_id: int
             n = sample.input_ids.numel()
             ids[r, start:start + n] = sample.input_ids
             seg[r, start:start + n] = j
-            sample_pos = _sample_positions(family, settings, sample)
+            sample_pos = sample_positions(family, settings, sample)
             if pos is None:  # [len(rows), seq_len] after the family's leading axes (3 for MRoPE)
                 pos = torch.zeros(*sample_pos.shape[:-2], len(rows), seq_len, dtype=torch.long)
             pos[..., r, start:start + n] = sample_pos[..., 0, :]

@@ -67,6 +67,9 @@ class DataSettings:
     skip_bad_media: bool = False
     max_samples: int | None = None
     shuffle: bool = True
+    # Processes encoding the next samples while the model trains (-1: up to 4 per local GPU on
+    # CUDA, none on CPU-only machines, where the cores train; 0: in the rank's own process).
+    workers: int = -1
 
 
 @dataclass
@@ -203,7 +206,7 @@ MINIMUMS = {
     "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
     "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
     "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0, "recompute_layers": 0,
-    "optim.decay_steps": 0, "checkpoint.keep_last": 0,
+    "optim.decay_steps": 0, "checkpoint.keep_last": 0, "data.workers": -1,
 }
 
 

@@ -23,9 +23,13 @@ def build_stream(cfg: TrainConfig, built) -> MicroBatchStream:
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    return MicroBatchStream(
+    stream = MicroBatchStream(
         samples, encoder, built.family, built.settings, seq_len=cfg.data.seq_len,
         pack=cfg.data.pack, micro_batch_size=cfg.micro_batch_size, pad_id=pad_id,
         seed=cfg.seed, shuffle=cfg.data.shuffle, pad_to_seq_len=cfg.parallel.pp > 1,
         row_multiple=cfg.data.row_multiple,
     )
+    from vlm_bridge.train.encode_ahead import auto_workers
+
+    stream.encode_ahead(auto_workers() if cfg.data.workers < 0 else cfg.data.workers)
+    return stream

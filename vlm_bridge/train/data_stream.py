@@ -20,6 +20,7 @@ from vlm_bridge.train.batching import (
     group_rows,
     media_kind,
     row_length,
+    sample_positions,
 )
 
 
@@ -40,24 +41,70 @@ class MicroBatchStream:
         # Rows keep seq_len tokens when pipeline stages exchange messages of one fixed shape.
         self.pad_to_seq_len, self.row_multiple = pad_to_seq_len, row_multiple
         self.position = DataPosition()
-        self._order: list[int] | None = None
-        self._order_epoch = -1
         self._cache: tuple[tuple[int, int], object] | None = None  # the pending sample of a full row
+        self._orders: dict[int, list[int]] = {}  # this epoch's order and, when looking ahead, the next
+        self.ahead = None  # an EncodeAhead: the next samples are encoded by worker processes
+        self._workers = self._lookahead = 0
+        self._taken = 0  # samples the stream moved past (the last step's count sets the lookahead)
         if len(samples) == 0:
             raise ValueError("the training data source is empty")
         if row_multiple < 0:
             raise ValueError(f"data.row_multiple must be >= 0, got {row_multiple}")
 
-    def _permutation(self) -> list[int]:
-        if self._order_epoch != self.position.epoch:
+    def encode_ahead(self, workers: int) -> None:
+        """Encode the samples the stream will ask for next in ``workers`` processes (0: here),
+        started at the first sample asked for and stopped by ``close``."""
+        self._workers = workers
+        self._lookahead = 2 * workers
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
+        self._workers = 0
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
             n = len(self.samples)
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + self.position.epoch)
-                self._order = torch.randperm(n, generator=g).tolist()
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(n, generator=g).tolist()
             else:
-                self._order = list(range(n))
-            self._order_epoch = self.position.epoch
-        return self._order
+                order = list(range(n))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def _permutation(self) -> list[int]:
+        return self._order_of(self.position.epoch)
+
+    def _encode(self, key: tuple[int, int], index: int):
+        if self.ahead is None and self._workers > 0:
+            from vlm_bridge.train.encode_ahead import EncodeAhead
+
+            self.ahead = EncodeAhead(self.encoder, self.samples, self._workers, self._with_positions)
+        if self.ahead is None:
+            encoded = self.encoder.encode(self.samples[index], where=f"training sample {index}")
+            return self._with_positions(encoded)
+        self.ahead.ahead(self._positions_after(key, self._lookahead))
+        return self.ahead.take(key, index)
+
+    def _with_positions(self, sample):
+        """The sample with its positions worked out (packing places them; see collate_packed)."""
+        if sample is not None and self.pack:
+            sample.positions = sample_positions(self.family, self.settings, sample)
+        return sample
+
+    def _positions_after(self, key: tuple[int, int], count: int) -> list[tuple[tuple[int, int], int]]:
+        """The next ``count`` (position, sample index) pairs from ``key`` on, into later epochs."""
+        epoch, i = key
+        out = []
+        while len(out) < count:
+            order = self._order_of(epoch)
+            take = order[i:i + count - len(out)]
+            out += [((epoch, i + k), index) for k, index in enumerate(take)]
+            epoch, i = epoch + 1, 0
+        return out
 
     def _peek_encoded(self):
         """Encoded sample at the current position (skipped samples advance the position)."""
@@ -70,7 +117,7 @@ class MicroBatchStream:
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
             index = order[self.position.index]
-            encoded = self.encoder.encode(self.samples[index], where=f"training sample {index}")
+            encoded = self._encode(key, index)
             self._cache = (key, encoded)
             if encoded is not None:
                 return encoded
@@ -79,6 +126,7 @@ class MicroBatchStream:
 
     def _advance(self) -> None:
         self.position.index += 1
+        self._taken += 1
 
     def _next_sample(self):
         """The next sample, consumed (an unpacked row holds it alone)."""
@@ -108,6 +156,11 @@ class MicroBatchStream:
 
     def next_step(self, num_microbatches: int) -> list[MicroBatch]:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
+        if self.ahead is not None and self._taken:
+            # Look as far ahead as the last step took, so that the next step's samples are all
+            # encoded while this one trains.
+            self._lookahead = max(self._lookahead, self._taken + 1)
+        self._taken = 0
         if not self.pack:
             length = self.seq_len if self.pad_to_seq_len else None
             return [collate_padded([self._next_sample() for _ in range(self.mbs)], self.family,

@@ -306,6 +306,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             logger.close(None)
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
         raise
+    finally:
+        run.stream.close()  # the encoding workers
 
 
 def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) -> dict:
