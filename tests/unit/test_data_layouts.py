@@ -121,3 +121,36 @@ def test_media_references_data_uri_file_url_home_and_web(tmp_path, monkeypatch):
 def test_sharegpt_rows_that_do_not_add_up_are_named(tmp_path, row, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         list(load_source(f"jsonl:{_write(tmp_path / 'sg.jsonl', [row])}"))
+
+
+def test_image_lists_longer_than_the_image_items_are_placed_or_refused(tmp_path):
+    """A TRL-style ``images`` list: files beyond the image items fill ``<image>`` written in text
+    (LLaVA data as messages), or open the first user turn when the messages ask for none; never
+    dropped in silence."""
+    for name in ("a.png", "b.png"):
+        make_image(28, 28, seed=0).save(tmp_path / name)
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}
+    rows = [
+        # the messages ask for no image: the file opens the first user turn
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe it."}]}, answer],
+         "images": ["a.png"]},
+        # LLaVA text placeholders in messages
+        {"messages": [{"role": "user", "content": [{"type": "text",
+                                                   "text": "<image>\nLeft, <image> right?"}]}, answer],
+         "images": ["a.png", "b.png"]},
+        # as many files as items: a literal "<image>" in text stays text
+        {"messages": [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": "Is <image> a tag?"}]}, answer],
+         "images": ["a.png"]},
+    ]
+    first, llava, literal = load_source(f"jsonl:{_write(tmp_path / 'trl.jsonl', rows)}")
+    assert [item["type"] for item in first["messages"][0]["content"]] == ["image", "text"]
+    assert [(i["type"], i.get("image", i.get("text"))) for i in llava["messages"][0]["content"]] == [
+        ("image", str(tmp_path / "a.png")), ("text", "Left, "), ("image", str(tmp_path / "b.png")),
+        ("text", " right?")]
+    assert literal["messages"][0]["content"][1] == {"type": "text", "text": "Is <image> a tag?"}
+    asks_one = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}
+    two_files_one_item = {"messages": [asks_one, answer], "images": ["a.png", "b.png"]}
+    with pytest.raises(ValueError, match=re.escape("line 1: 2 file(s) in 'images' but 1 image item(s) or "
+                                                   "<image> placeholder(s) in the messages")):
+        list(load_source(f"jsonl:{_write(tmp_path / 'bad.jsonl', [two_files_one_item])}"))

@@ -172,3 +172,23 @@ def test_a_run_folder_leads_to_checkpoints_kept_elsewhere(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(saves)}}))
     assert resolve_megatron_path(run) == saves / "iter_0000002"
+
+
+def test_a_phone_photo_is_turned_upright_as_transformers_turns_it(tmp_path):
+    """EXIF orientation 6: landscape pixels shown rotated; transformers' load_image honours it, so
+    training, evaluation and generation must too (else they see another image than serving)."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    from vlm_bridge.data.media import load_image
+
+    pixels = Image.new("RGB", (224, 112), (200, 30, 30))
+    pixels.paste((20, 20, 220), (0, 0, 40, 112))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path = tmp_path / "photo.jpg"
+    pixels.save(path, exif=exif)
+    ours, theirs = load_image(str(path)), hf_load_image(str(path))
+    assert ours.size == theirs.size == (112, 224)
+    assert list(ours.getdata()) == list(theirs.getdata())
+    with Image.open(path) as opened:  # a PIL image given as it was decoded (a datasets column)
+        assert list(load_image(opened).getdata()) == list(theirs.getdata())

@@ -113,13 +113,65 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
         sample["messages"] = _sharegpt_messages(sample, where)  # schema items already
     elif "messages" in sample and isinstance(sample["messages"], list):
         sample["messages"] = strip_nones(sample["messages"])
-        pools = {kind: iter(_pool(sample, kind)) for kind in MEDIA_TYPES}
-        for content, i in _items(sample["messages"]):
-            if isinstance(content[i], dict):
-                item = content[i] = _media_item(content[i])
-                kind = item.get("type")
-                if kind in MEDIA_TYPES and kind not in item:
-                    value = next(pools[kind], None)
-                    if value is not None:
-                        item[kind] = value
+        _fill_from_lists(sample, where)
     return sample
+
+
+def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
+    """Media items without a value take theirs, in order, from the sample's ``images`` / ``videos``
+    lists. When a list holds more files than the messages have items of its kind, ``<image>`` /
+    ``<video>`` in text items (LLaVA data written as messages) are placeholders too; files that
+    no item or placeholder of their kind asks for open the first user turn, as in the ShareGPT
+    layout (and TRL); more files than a sample's items and placeholders is an error."""
+    files = {kind: _pool(sample, kind) for kind in MEDIA_TYPES}
+    for content, i in _items(sample["messages"]):
+        if isinstance(content[i], dict):
+            content[i] = _media_item(content[i])
+    slots = {kind: 0 for kind in MEDIA_TYPES}
+    for content, i in _items(sample["messages"]):
+        item = content[i]
+        if isinstance(item, dict) and item.get("type") in MEDIA_TYPES and item["type"] not in item:
+            slots[item["type"]] += 1
+    surplus = {kind for kind in MEDIA_TYPES if len(files[kind]) > slots[kind]}
+    for message in sample["messages"] if surplus else []:  # text placeholders take files too
+        if isinstance(message, Mapping) and isinstance(message.get("content"), list):
+            message["content"] = [part for item in message["content"]
+                                  for part in _split_placeholders(item, surplus)]
+    pools = {kind: iter(found) for kind, found in files.items()}
+    asked = {kind: 0 for kind in MEDIA_TYPES}
+    for content, i in _items(sample["messages"]):
+        item = content[i]
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in MEDIA_TYPES and kind not in item:
+            asked[kind] += 1
+            value = next(pools[kind], None)
+            if value is not None:
+                item[kind] = value
+    unplaced = []
+    for kind in MEDIA_TYPES:
+        left = list(pools[kind])
+        if left and asked[kind]:
+            raise ValueError(f"{where}: {len(files[kind])} file(s) in '{kind}s' but {asked[kind]} {kind} "
+                             f"item(s) or <{kind}> placeholder(s) in the messages; give one per file")
+        unplaced += [{"type": kind, kind: value} for value in left]
+    first_user = next((m for m in sample["messages"] if isinstance(m, Mapping) and m.get("role") == "user"
+                       and isinstance(m.get("content"), list)), None)
+    if unplaced and first_user is not None:
+        first_user["content"][:0] = unplaced
+
+
+def _split_placeholders(item: Any, kinds: set[str]) -> list[Any]:
+    """A text item around placeholders of ``kinds`` (``<image>``, ``<video>``) as text and empty
+    media items."""
+    if not (isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)):
+        return [item]
+    pattern = re.compile("(" + "|".join(f"<{kind}>" for kind in sorted(kinds)) + ")")
+    if not pattern.search(item["text"]):
+        return [item]
+    parts = []
+    for part in pattern.split(item["text"]):
+        if pattern.fullmatch(part):
+            parts.append({"type": part[1:-1]})
+        elif part.strip("\n"):
+            parts.append({**item, "text": part.strip("\n")})
+    return parts

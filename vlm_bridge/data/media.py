@@ -58,14 +58,22 @@ def open_image(path: str | Path, what: str = "image") -> Any:
     source = local_media(path, what)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {what} {shown(path)} ({type(exc).__name__}: {shown(exc)})") from None
 
 
+def upright_rgb(image: Any) -> Any:
+    """An RGB copy turned as its EXIF orientation says (a phone photo stores landscape pixels and
+    tags them as rotated), as transformers' ``load_image`` gives it to the HF processors."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def load_image(value: Any) -> Any:
-    """A path or a PIL image -> an RGB PIL image (one-line ValueError naming a bad file)."""
-    return open_image(value) if isinstance(value, str | Path) else value.convert("RGB")
+    """A path or a PIL image -> an upright RGB PIL image (one-line ValueError naming a bad file)."""
+    return open_image(value) if isinstance(value, str | Path) else upright_rgb(value)
 
 
 def load_video(value: Any, processor: Any, fps: float | None = None) -> DecodedVideo:
