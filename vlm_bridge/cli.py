@@ -202,7 +202,21 @@ def cmd_import(args) -> int:
     )
     print(f"imported {args.hf_model} -> {args.megatron_path} ({meta.get('family', '?')}, {meta['dtype']}, "
           f"tp={parallel.tp} pp={parallel.pp}) in {time.time() - start:.1f}s")
+    _note_unusable_processor(args.hf_model)
     return 0
+
+
+def _note_unusable_processor(hf_dir: str) -> None:
+    """The weights converted, but generate, evaluate and finetune also read the processor (kept in
+    the checkpoint's hf/): say now what they would refuse."""
+    from vlm_bridge.convert.hf_io import CheckpointError
+    from vlm_bridge.loading import load_processor
+
+    try:
+        load_processor(hf_dir)
+    except (CheckpointError, OSError, ValueError) as exc:
+        print(f"note: {exc}; generate, evaluate and finetune read it from the checkpoint's hf/ folder, "
+              "so they refuse this checkpoint until it is there", flush=True)
 
 
 def cmd_export(args) -> int:

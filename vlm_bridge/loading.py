@@ -176,6 +176,11 @@ def load_processor(folder: str | Path):
     else:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not tokenizer("hello")["input_ids"]:
+        # transformers builds an empty tokenizer when the folder has none: every text would encode
+        # to nothing (a folder of weights and configs only, or a checkpoint saved without it)
+        raise CheckpointError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json missing); "
+                              "copy the tokenizer files from the model's original folder")
     if not getattr(processor, "chat_template", None):
         # Folders saved before processors had templates of their own keep it with the tokenizer.
         processor.chat_template = getattr(tokenizer, "chat_template", None)

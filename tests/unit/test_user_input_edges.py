@@ -192,3 +192,19 @@ def test_a_phone_photo_is_turned_upright_as_transformers_turns_it(tmp_path):
     assert list(ours.getdata()) == list(theirs.getdata())
     with Image.open(path) as opened:  # a PIL image given as it was decoded (a datasets column)
         assert list(load_image(opened).getdata()) == list(theirs.getdata())
+
+
+def test_a_folder_without_a_tokenizer_imports_with_a_note_and_is_refused_by_name(tiny_hf, run_cli, capfd,
+                                                                                 tmp_path):
+    """transformers builds an empty tokenizer for a folder of weights and configs only: every text
+    encoded to nothing, and generate ended in an internal error."""
+    hf = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_hf, hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink()
+    assert run_cli("import", "--hf-model", hf, "--megatron-path", tmp_path / "meg") == 0
+    assert "note: " in capfd.readouterr().out
+    needle = "no tokenizer (tokenizer.json / tokenizer_config.json missing)"
+    for source in (["--hf-model", hf], ["--megatron-path", tmp_path / "meg"]):
+        assert run_cli("generate", *source, "--prompt", "hi", "--max-new-tokens", "2") == 2
+        assert needle in capfd.readouterr().err
