@@ -86,3 +86,23 @@ def test_encoded_tensors_come_back_whole():
         assert torch.equal(mb.inputs["input_ids"][0, :33], torch.full((33,), 7))
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_source_that_no_sample_survives_names_the_counts_and_the_first_reason(workers):
+    from vlm_bridge.data.encode import SampleEncoder
+    from vlm_bridge.testing.tiny_qwen2_5_vl import make_tiny_processor
+
+    broken = {"messages": [{"role": "user", "content": [{"type": "image", "image": "/no/such.png"},
+                                                        {"type": "text", "text": "Q"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]}
+    encoder = SampleEncoder(make_tiny_processor(), max_seq_len=256, skip_bad_media=True)
+    stream = MicroBatchStream([broken] * 3, encoder, _FAMILY, None, seq_len=256, pack=True,
+                              micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
+    stream.encode_ahead(workers)
+    try:
+        with pytest.raises(ValueError, match=r"no sample of the data source survives encoding \(skipped: "
+                                             r"\{'bad_media': \d+\}; first: training sample 0: .*no/such\.png"):
+            stream.next_step(1)
+    finally:
+        stream.close()

@@ -205,6 +205,7 @@ class SampleEncoder:
         self.skip_bad_media = skip_bad_media
         self.video_fps = video_fps
         self.stats: dict[str, int] = {"encoded": 0, "truncated": 0, **dict.fromkeys(SKIP_REASONS, 0)}
+        self.skip_examples: dict[str, str] = {}  # the first skipped sample of each reason, and why
         self.header, self.footer, self.end_of_turn = self._probe_template()
         self.media_token_ids = {kind: self._media_token_id(kind) for kind in MEDIA_TYPES}
         self._control_ids = set(self.tokenizer.all_special_ids) | set(
@@ -280,8 +281,9 @@ class SampleEncoder:
 
     # --- encoding ------------------------------------------------------------------------------
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, detail: str) -> None:
         self.stats[reason] += 1
+        self.skip_examples.setdefault(reason, detail)
 
     def encode(self, sample: Mapping[str, Any], where: str = "sample") -> EncodedSample | None:
         """Encode one sample; None (and ``stats[reason] += 1``) when it is skipped.
@@ -298,7 +300,7 @@ class SampleEncoder:
             loaded = [self._load(k, v) for k, v in iter_media(sample) if k == "video"]
         except BadMediaError as exc:
             if self.skip_bad_media:
-                self._skip("bad_media")
+                self._skip("bad_media", f"{where}: {exc}")
                 return None
             raise BadMediaError(f"{where}: {exc}") from None
         plain = template_messages(messages)
@@ -310,11 +312,11 @@ class SampleEncoder:
         except PROCESSOR_MEDIA_ERRORS as exc:
             if not media_kwargs:
                 raise
+            rejected = f"{where}: the processor rejected its media ({type(exc).__name__}: {exc})"
             if self.skip_bad_media:
-                self._skip("bad_media")
+                self._skip("bad_media", rejected)
                 return None
-            raise BadMediaError(f"{where}: the processor rejected its media "
-                                f"({type(exc).__name__}: {exc})") from None
+            raise BadMediaError(rejected) from None
         input_ids = out["input_ids"][0].long()
         labels = self._labels(text, num_assistant, input_ids, where)
         per_token = {
@@ -330,7 +332,7 @@ class SampleEncoder:
         }
         others = set(out) - {"input_ids", "attention_mask", *per_token, *vision}
         if int((labels != IGNORE_INDEX).sum()) == 0:
-            self._skip("no_loss_tokens")
+            self._skip("no_loss_tokens", f"{where}: no assistant token to learn from")
             return None
         truncated = input_ids.numel() > self.max_seq_len
         if truncated:
@@ -338,14 +340,15 @@ class SampleEncoder:
             unknown = others | (set(vision) - known)
             if unknown:  # media this encoder cannot cut between (e.g. per-image patch grids it does
                 # not know): the sample cannot fit, and is skipped and counted as such
-                self._skip("too_long")
+                self._skip("too_long", f"{where}: {input_ids.numel()} tokens, media that cannot be cut "
+                                       f"({', '.join(sorted(unknown))})")
                 return None
             cut, keep = self._safe_cut(input_ids, vision, where)
             input_ids, labels = input_ids[:cut], labels[:cut]
             per_token = {key: value[:cut] for key, value in per_token.items()}
             vision = self._drop_media(vision, keep)
             if int((labels != IGNORE_INDEX).sum()) == 0:
-                self._skip("too_long")
+                self._skip("too_long", f"{where}: no assistant token within max_seq_len {self.max_seq_len}")
                 return None
         self.stats["encoded"] += 1
         self.stats["truncated"] += int(truncated)

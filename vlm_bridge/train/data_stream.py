@@ -122,7 +122,10 @@ class MicroBatchStream:
             if encoded is not None:
                 return encoded
             self.position.index += 1
-        raise ValueError("no sample of the data source survives encoding (see the skip counts)")
+        counts = {k: v for k, v in self.encoder.stats.items() if v and k not in ("encoded", "truncated")}
+        example = next(iter(getattr(self.encoder, "skip_examples", {}).values()), None)
+        raise ValueError(f"no sample of the data source survives encoding (skipped: {counts}"
+                         + (f"; first: {example})" if example else ")"))
 
     def _advance(self) -> None:
         self.position.index += 1

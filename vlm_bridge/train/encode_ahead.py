@@ -43,11 +43,11 @@ def _start_worker() -> None:
     torch.set_num_threads(1)  # one core each: the workers together are the parallelism
 
 
-def _encode(index: int) -> tuple[Any, dict[str, int]]:
+def _encode(index: int) -> tuple[Any, dict[str, int], dict[str, str]]:
     before = dict(_ENCODER.stats)
     encoded = _PREPARE(_ENCODER.encode(_SAMPLES[index], where=f"training sample {index}"))
     added = {k: v - before.get(k, 0) for k, v in _ENCODER.stats.items() if v != before.get(k, 0)}
-    return encoded, added
+    return encoded, added, getattr(_ENCODER, "skip_examples", {})
 
 
 class EncodeAhead:
@@ -84,9 +84,12 @@ class EncodeAhead:
         future = self._pending.pop(key, None) or self._submit(index)
         for passed in [k for k in self._pending if k < key]:  # positions the stream moved past
             self._pending.pop(passed).cancel()
-        encoded, added = future.result()
+        encoded, added, examples = future.result()
         for name, count in added.items():
             self.encoder.stats[name] = self.encoder.stats.get(name, 0) + count
+        if hasattr(self.encoder, "skip_examples"):
+            for reason, example in examples.items():
+                self.encoder.skip_examples.setdefault(reason, example)
         return encoded
 
     def close(self) -> None:
