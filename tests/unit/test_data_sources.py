@@ -261,3 +261,15 @@ def test_hf_source_picks_a_split_and_resolves_paths_against_its_folder(tmp_path,
     assert train["messages"][0]["content"][0]["image"] == str(folder.resolve() / "images" / "a.png")
     with pytest.raises(ValueError, match="no split 'dev'"):
         list(load_source("hf:data/dd@dev"))
+
+
+def test_hf_source_reads_one_data_file_and_resolves_paths_against_its_folder(tmp_path):
+    rows = {"messages": [[{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                       {"type": "text", "text": "What?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]]}
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "data.parquet")
+    (sample,) = load_source(f"hf:{tmp_path / 'data.parquet'}", cache_dir=str(tmp_path / "cache"))
+    assert sample["messages"][0]["content"][0]["image"] == str(tmp_path.resolve() / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.txt: not a data file datasets reads by name"):
+        list(load_source(f"hf:{tmp_path / 'notes.txt'}"))

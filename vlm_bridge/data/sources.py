@@ -111,7 +111,18 @@ def load_hf_dataset(
                 return loaded[split]
             return loaded
         name_or_dir = root
+    elif root.is_file():  # one data file: its format's builder (a folder or a name finds it itself)
+        builder = DATA_FILE_BUILDERS.get(root.suffix.lower().lstrip("."))
+        if builder is None:
+            raise ValueError(f"{root}: not a data file datasets reads by name "
+                             f"({', '.join('.' + e for e in DATA_FILE_BUILDERS)}); pass its folder")
+        return datasets.load_dataset(builder, data_files={split: str(root)}, split=split, **load_kwargs)
     return datasets.load_dataset(str(name_or_dir), subset, split=split, **load_kwargs)
+
+
+# A data file's extension -> the datasets builder that reads it.
+DATA_FILE_BUILDERS = {"parquet": "parquet", "arrow": "arrow", "csv": "csv",
+                      "json": "json", "jsonl": "json"}
 
 
 def row_to_sample(row: Mapping[str, Any], where: str = "row") -> Sample:
@@ -129,7 +140,8 @@ def hf_samples(
     Relative media paths of a local dataset are resolved against its folder, as a JSON file's
     are against the file's."""
     dataset = load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
-    base = Path(name_or_dir).resolve() if Path(name_or_dir).is_dir() else None
+    local = Path(name_or_dir)
+    base = local.resolve() if local.is_dir() else local.resolve().parent if local.is_file() else None
     for index, row in enumerate(dataset):
         if "messages" not in row and "conversations" not in row:
             raise ValueError(f"{name_or_dir}: no 'messages' (or ShareGPT 'conversations') column "
