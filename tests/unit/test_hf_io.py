@@ -98,6 +98,11 @@ def test_missing_or_empty_folder(tmp_path: Path) -> None:
         SafetensorsReader(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         SafetensorsReader(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"v": torch.zeros(2)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model-00001-of-00002\.bin, "
+                                              r"\.\.\.\), which are not read; write safetensors first"):
+        SafetensorsReader(tmp_path)
 
 
 def test_truncated_file(tmp_path: Path) -> None:

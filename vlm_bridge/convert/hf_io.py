@@ -129,6 +129,12 @@ class SafetensorsReader:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
+            pickled = sorted(p.name for p in self.folder.glob("*.bin"))
+            if pickled:  # read by unpickling (code may run) and whole: converted once by transformers instead
+                raise CheckpointError(
+                    f"no *.safetensors files in {self.folder}, only pickled weights ({pickled[0]}"
+                    f"{', ...' if len(pickled) > 1 else ''}), which are not read; write safetensors first: "
+                    f"AutoModelForImageTextToText.from_pretrained(DIR).save_pretrained(NEW_DIR)")
             raise CheckpointError(f"no *.safetensors files in {self.folder}")
 
         self._entries: dict[str, tuple[Path, dict[str, Any]]] = {}
