@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals()  # outputs being written are removed on SIGTERM as on Ctrl-C
     user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
     try:
+        _resolve_model_names(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -447,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
             return _report_failure(exc, user_errors)
         print("interrupted" if stopped == signal.SIGINT else "terminated", file=sys.stderr)
         return 128 + stopped
+
+
+def _resolve_model_names(args) -> None:
+    """``--hf-model`` / ``--pretrained`` given as a hub id or a hub cache entry: its snapshot."""
+    for option in ("hf_model", "pretrained"):
+        value = getattr(args, option, None)
+        if value:
+            from vlm_bridge.loading import resolve_model_folder
+
+            setattr(args, option, resolve_model_folder(str(value)))
 
 
 def _report_failure(exc: Exception, user_errors: tuple) -> int:

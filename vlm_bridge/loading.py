@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,12 +93,46 @@ def conversion_meta(built: BuiltModel, parallel: ParallelConfig, **extra) -> dic
     }
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_folder(value: str) -> str:
+    """A model as users name it, as the folder to read: a folder as it is; a hub cache entry
+    (``models--org--name``) as the snapshot its ``refs/main`` names; a hub id (``org/name``) that
+    is no folder here as its snapshot in the local Hugging Face cache (``HF_HOME`` /
+    ``HF_HUB_CACHE``). Nothing is downloaded."""
+    folder = Path(value)
+    if (folder / "config.json").is_file():
+        return value
+    if (folder / "snapshots").is_dir():
+        ref = folder / "refs" / "main"
+        main = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if main is not None and (main / "config.json").is_file():
+            return str(main)
+        snapshots = sorted((folder / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+        if len(snapshots) == 1:
+            return str(snapshots[0].parent)
+        return value  # _raw_config names the choice
+    if not folder.exists() and _REPO_ID.fullmatch(value):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(value, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise CheckpointError(f"{value}: no such folder, and not in the local Hugging Face cache "
+                                  f"({HF_HUB_CACHE}); download it first (hf download {value}) or pass "
+                                  "its folder") from None
+    return value
+
+
 def _raw_config(folder: str | Path) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         snapshots = sorted((Path(folder) / "snapshots").glob("*/config.json"))
-        hint = (f"; it is a hub cache folder: pass one of its snapshots, e.g. {snapshots[-1].parent}"
-                if snapshots else "")
+        hint = (f"; it is a hub cache folder whose refs/main names no complete snapshot: pass one of "
+                f"its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder){hint}")
     try:
         return path, json.loads(path.read_text())

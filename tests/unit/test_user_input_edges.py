@@ -208,3 +208,28 @@ def test_a_folder_without_a_tokenizer_imports_with_a_note_and_is_refused_by_name
     for source in (["--hf-model", hf], ["--megatron-path", tmp_path / "meg"]):
         assert run_cli("generate", *source, "--prompt", "hi", "--max-new-tokens", "2") == 2
         assert needle in capfd.readouterr().err
+
+
+def test_hub_ids_and_cache_entries_resolve_to_the_snapshot_refs_main_names(tiny_hf, tmp_path, monkeypatch):
+    """A model as users name it: ``org/name`` from the local cache, or the cache entry folder, whose
+    refs/main may name an older snapshot than the newest one on disk. Nothing is downloaded."""
+    import huggingface_hub.constants
+
+    from vlm_bridge.convert.hf_io import CheckpointError
+    from vlm_bridge.loading import resolve_model_folder
+
+    cache = tmp_path / "hub"
+    entry = cache / "models--tiny-org--tiny-q25"
+    main, newer = entry / "snapshots" / ("a" * 40), entry / "snapshots" / ("f" * 40)
+    shutil.copytree(tiny_hf, main)
+    newer.mkdir(parents=True)
+    (newer / "config.json").write_text("{}")  # a partial download of a later revision
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model_folder(str(entry)) == str(main)
+    assert Path(resolve_model_folder("tiny-org/tiny-q25")).resolve() == main.resolve()
+    assert resolve_model_folder(str(tiny_hf)) == str(tiny_hf)
+    with pytest.raises(CheckpointError, match="tiny-org/other: no such folder, and not in the local "
+                                              "Hugging Face cache"):
+        resolve_model_folder("tiny-org/other")
