@@ -41,19 +41,31 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    # Unset: the model's generation_config.json, as transformers' generate reads it.
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the generation config's max_new_tokens, else 128")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the generation config's (greedy unless it sets do_sample)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
 
 
-def _sampling(args):
+def _sampling(args, model_dir: str):
+    """The decoding settings: those given, the rest from the model's generation_config.json."""
+    from vlm_bridge.inference.command import generation_defaults
     from vlm_bridge.inference.generate import Sampling
 
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k}
+    defaults, notes = generation_defaults(model_dir, sampling_given=any(
+        given[k] is not None for k in ("temperature", "top_p", "top_k")))
+    chosen = {k: v if v is not None else defaults[k] for k, v in given.items()}
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    args.max_new_tokens = chosen["max_new_tokens"]
+    sampling = Sampling(**chosen, seed=args.seed)
     _check_decoding(args.max_new_tokens, args.batch_size)
     sampling.validate()
     return sampling
@@ -283,8 +295,8 @@ def cmd_generate(args) -> int:
     else:
         requests = [request_from_args(args.prompt, args.image, args.video)]
     check_media(requests)
-    sampling = _sampling(args)
     source = _model_source(args)
+    sampling = _sampling(args, source)
     _check_requests(source, requests, args.max_new_tokens)
     parallel = _parallel(args, source)
     result = run_parallel(

@@ -132,3 +132,26 @@ def test_generate_cli_refuses_a_video_for_an_image_only_family(run_cli, tmp_path
     assert run_cli("generate", "--hf-model", gemma, "--prompt", "x", "--video", tmp_path / "clip") == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gemma3_vl family takes no video input" in err[0], err
+
+
+@pytest.mark.parametrize("config, given, expected, noted", [
+    ({}, False, {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "top_k": 0}, []),
+    ({"max_new_tokens": 3, "do_sample": False, "temperature": 0.7}, False,
+     {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0}, []),
+    ({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}, False,
+     {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+     ["temperature 0.7, top-p 0.8, top-k 20", "repetition_penalty 1.05 not applied"]),
+    # an option given on the command line: the config's sampling is not mixed in
+    ({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}, True,
+     {"max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0}, []),
+])
+def test_unset_generate_options_come_from_the_generation_config(tmp_path, config, given, expected, noted):
+    """As transformers' generate reads generation_config.json (Gemma 3's samples with top-k 64 and
+    top-p 0.95); what is not applied is named."""
+    from vlm_bridge.inference.command import generation_defaults
+
+    if config:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    defaults, notes = generation_defaults(tmp_path, sampling_given=given)
+    assert defaults == expected
+    assert len(notes) == len(noted) and all(n in note for n, note in zip(noted, notes)), notes

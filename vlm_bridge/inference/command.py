@@ -92,6 +92,42 @@ def stop_token_ids(hf_dir: str | Path, tokenizer) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
 
+# Decoding when neither the command nor the generation config says.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def generation_defaults(hf_dir: str | Path, sampling_given: bool) -> tuple[dict, list[str]]:
+    """What ``generate`` decodes with where its options are unset, from the folder's
+    generation_config.json as transformers' ``generate`` reads it: its ``max_new_tokens``, and
+    with ``do_sample`` its temperature, top-p and top-k (else greedy). When the command set any of
+    the sampling options, the unset ones are neutral rather than the config's. Also the notes to
+    print: the sampling taken from the config, and its settings that are not applied."""
+    from transformers import GenerationConfig
+
+    config = None
+    if (Path(hf_dir) / "generation_config.json").is_file():
+        config = GenerationConfig.from_pretrained(hf_dir, local_files_only=True)
+    defaults = {"max_new_tokens": getattr(config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS,
+                "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    notes = []
+    if sampling_given or config is None:
+        if sampling_given:
+            defaults["temperature"] = 1.0 if getattr(config, "do_sample", False) else 0.0
+        return defaults, notes
+    if config.do_sample:
+        defaults.update(temperature=config.temperature if config.temperature is not None else 1.0,
+                        top_p=config.top_p if config.top_p is not None else 1.0, top_k=config.top_k or 0)
+        notes.append(f"sampling as generation_config.json sets it: temperature {defaults['temperature']:g}, "
+                     f"top-p {defaults['top_p']:g}, top-k {defaults['top_k']} (--temperature 0: greedy)")
+    ignored = [f"{name} {getattr(config, name)}" for name, neutral in (
+        ("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("num_beams", 1), ("min_p", None))
+        if getattr(config, name, neutral) not in (neutral, None)]
+    if ignored:
+        notes.append(f"generation_config.json's {', '.join(ignored)} not applied (sampling and greedy "
+                     "decoding only)")
+    return defaults, notes
+
+
 class _Streamer:
     """Prints a single request's answer as it grows (rank 0 only)."""
 
