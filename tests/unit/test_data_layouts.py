@@ -39,9 +39,9 @@ def test_sharegpt_and_llava_rows_become_conversations(tmp_path, encoder):
     make_image(28, 28, seed=1).save(tmp_path / "b.png")
     rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                   {"from": "gpt", "value": "A square."}]},
-            {"images": ["a.png", "b.png"], "conversations": [  # one placeholder, one image unplaced
+            {"images": ["a.png", "b.png"], "conversations": [  # no placeholder: the files open the turn
                 {"from": "system", "value": "Be brief."},
-                {"from": "human", "value": "Compare <image> please"},
+                {"from": "human", "value": "Compare them please"},
                 {"from": "gpt", "value": "Same."}]}]
     # rows of datasets concatenated from both layouts carry the other key as null
     rows.append({**rows[0], "messages": None})
@@ -50,8 +50,8 @@ def test_sharegpt_and_llava_rows_become_conversations(tmp_path, encoder):
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert first["messages"][0]["content"][1] == {"type": "text", "text": "What is it?"}
     assert _media(first) == [("image", str(tmp_path / "a.png"))]
-    assert [i["type"] for i in second["messages"][1]["content"]] == ["image", "text", "image", "text"]
-    assert _media(second) == [("image", str(tmp_path / "b.png")), ("image", str(tmp_path / "a.png"))]
+    assert [i["type"] for i in second["messages"][1]["content"]] == ["image", "image", "text"]
+    assert _media(second) == [("image", str(tmp_path / "a.png")), ("image", str(tmp_path / "b.png"))]
     assert encoder.encode(first) is not None and encoder.encode(second) is not None
 
 
@@ -112,6 +112,10 @@ def test_media_references_data_uri_file_url_home_and_web(tmp_path, monkeypatch):
     ({"image": "a.png", "conversations": [{"from": "human", "value": "<image> and <image>?"},
                                           {"from": "gpt", "value": "Two."}]},
      "sg.jsonl line 1: 2 <image> placeholders but 1 image file(s)"),
+    # a placeholder for one of two files: where the other goes is not said
+    ({"images": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "Compare <image> please"},
+                                                      {"from": "gpt", "value": "Same."}]},
+     "sg.jsonl line 1: 1 <image> placeholders but 2 image file(s)"),
     ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt"}]},
      "sg.jsonl line 1: conversation turn 1 has no 'value'"),
     ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],

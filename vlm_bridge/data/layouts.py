@@ -5,7 +5,8 @@ same way for JSON files and ``datasets`` tables:
 
 * ShareGPT / LLaVA: ``{"conversations": [{"from": "human", "value": "<image>\\nWhat?"}, {"from":
   "gpt", "value": "..."}], "image": "x.png"}``; each ``<image>`` / ``<video>`` placeholder takes the
-  next file of ``image(s)`` / ``video(s)``; files without a placeholder open the first user turn;
+  next file of ``image(s)`` / ``video(s)``; files of a kind no placeholder asks for open the first
+  user turn (placeholders for some files only is an error: where the others go is not said);
 * TRL and many hub VLM datasets: media items without a value (``{"type": "image"}``) take theirs,
   in order, from an ``images`` / ``videos`` list next to ``messages``;
 * Arrow exports: every struct field present, the unused ones null (``{"type": "text", "text":
@@ -51,7 +52,7 @@ def _sharegpt_messages(sample: Mapping[str, Any], where: str) -> list[dict[str, 
     placeholders = [p for text in texts if isinstance(text, str) for p in PLACEHOLDER.findall(text)]
     for kind, found in files.items():
         wanted = placeholders.count(f"<{kind}>")
-        if wanted > len(found):
+        if wanted > len(found) or 0 < wanted < len(found):  # files only open the turn when none is placed
             raise ValueError(f"{where}: {wanted} <{kind}> placeholders but {len(found)} {kind} file(s)")
     pools = {kind: iter(found) for kind, found in files.items()}
     messages = []
