@@ -68,6 +68,9 @@ def run_steps(cfg, warmup: int, steps: int) -> dict:
         seconds = (time.perf_counter() - start) / steps
     except torch.OutOfMemoryError as exc:
         return {"oom": str(exc).splitlines()[0][:200]}
+    finally:
+        if "run" in locals():
+            run.stream.close()  # its encoding workers
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0])
     if dist.is_initialized() and dist.get_world_size() > 1:
         from vlm_bridge.parallel import cpu_group
