@@ -294,7 +294,7 @@ def _raise_stop(signum: int) -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
-def _die_with(parent: int) -> None:
+def die_with(parent: int) -> None:
     """Ask the kernel for a SIGTERM when the launching process dies (Linux), so that no rank lives
     on, and publishes its output, after its launcher was killed."""
     try:
@@ -316,7 +316,7 @@ def _worker(rank: int, world: int, port: int, job: bytes, errors: Any, parent: i
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_on_signals()
     if parent is not None:
-        _die_with(parent)
+        die_with(parent)
     from vlm_bridge.logging_setup import quiet_third_party_warnings
 
     quiet_third_party_warnings()

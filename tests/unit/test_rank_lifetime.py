@@ -11,10 +11,10 @@ from pathlib import Path
 
 
 def _rank(parent: int, folder: str) -> None:
-    from vlm_bridge.parallel import _die_with, stop_on_signals
+    from vlm_bridge.parallel import die_with, stop_on_signals
 
     stop_on_signals()
-    _die_with(parent)
+    die_with(parent)
     Path(folder, "ready").write_text("")
     try:
         time.sleep(120)

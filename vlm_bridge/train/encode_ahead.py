@@ -37,9 +37,18 @@ def auto_workers() -> int:
     return max(1, min(4, cores - 1))
 
 
-def _start_worker() -> None:
+def _start_worker(rank_pid: int) -> None:
+    import signal
+
     import torch
 
+    from vlm_bridge.parallel import die_with
+
+    # The rank decides what Ctrl-C does (it closes the pool); SIGTERM ends a worker quietly, as
+    # does the rank's death.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with(rank_pid)
     torch.set_num_threads(1)  # one core each: the workers together are the parallelism
 
 
@@ -62,7 +71,7 @@ class EncodeAhead:
         _ENCODER, _SAMPLES, _PREPARE = encoder, samples, prepare
         self.encoder = encoder
         self._pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                                            initializer=_start_worker)
+                                            initializer=_start_worker, initargs=(os.getpid(),))
         self._pending: dict[Any, cf.Future] = {}
 
     def _submit(self, index: int) -> cf.Future:
@@ -84,7 +93,11 @@ class EncodeAhead:
         future = self._pending.pop(key, None) or self._submit(index)
         for passed in [k for k in self._pending if k < key]:  # positions the stream moved past
             self._pending.pop(passed).cancel()
-        encoded, added, examples = future.result()
+        try:
+            encoded, added, examples = future.result()
+        except cf.BrokenExecutor:
+            raise RuntimeError(f"an encoding worker process died while encoding training sample {index} "
+                               "(killed, or out of memory?); data.workers=0 encodes in the rank itself") from None
         for name, count in added.items():
             self.encoder.stats[name] = self.encoder.stats.get(name, 0) + count
         if hasattr(self.encoder, "skip_examples"):
