@@ -3,6 +3,8 @@ in the trainer's process, across epochs and skipped samples; an error when the s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_packing import _FAMILY, _sample, _tags
@@ -22,6 +24,8 @@ class _CountingEncoder:
             return None
         if sample[0] < 0:
             raise ValueError(f"{where}: a bad sample")
+        if sample[0] == 0:  # the process dies (killed, out of memory)
+            os._exit(9)
         self.stats["encoded"] += 1
         return _sample(*sample)
 
@@ -103,6 +107,19 @@ def test_a_source_that_no_sample_survives_names_the_counts_and_the_first_reason(
     try:
         needle = r"survives encoding \(skipped: \{'bad_media': \d+\}; first: training sample 0: .*such\.png"
         with pytest.raises(ValueError, match=needle):
+            stream.next_step(1)
+    finally:
+        stream.close()
+
+
+def test_a_worker_that_dies_is_named():
+    stream = MicroBatchStream([(20, 1), (0, 2)], _CountingEncoder(), _FAMILY, None, seq_len=20, pack=True,
+                              micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
+    stream.encode_ahead(1)
+    try:
+        with pytest.raises(RuntimeError, match=r"an encoding worker process died \(killed, or out of "
+                                               r"memory\?\) while the samples from training sample \d on"):
+            stream.next_step(1)
             stream.next_step(1)
     finally:
         stream.close()

@@ -96,9 +96,9 @@ class EncodeAhead:
         try:
             encoded, added, examples = future.result()
         except cf.BrokenExecutor:
-            raise RuntimeError(f"an encoding worker process died while encoding training sample "
-                               f"{index} (killed, or out of memory?); data.workers=0 encodes in the "
-                               "rank itself") from None
+            raise RuntimeError(f"an encoding worker process died (killed, or out of memory?) while the "
+                               f"samples from training sample {index} on were encoded; data.workers=0 "
+                               "encodes in the rank itself") from None
         for name, count in added.items():
             self.encoder.stats[name] = self.encoder.stats.get(name, 0) + count
         if hasattr(self.encoder, "skip_examples"):
