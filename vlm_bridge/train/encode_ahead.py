@@ -27,13 +27,14 @@ _PREPARE: Any = None
 
 
 def auto_workers() -> int:
-    """``data.workers=-1``: none without CUDA (the cores train), else up to 4 per local GPU, keeping
-    one core of each GPU's share for the rank itself."""
+    """``data.workers=-1``: none without CUDA (the cores train), else up to 4 per local rank, keeping
+    one core of each rank's share of this machine's cores for the rank itself."""
     import torch
 
     if not torch.cuda.is_available():
         return 0
-    cores = len(os.sched_getaffinity(0)) // max(torch.cuda.device_count(), 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))  # torchrun sets it
+    cores = len(os.sched_getaffinity(0)) // max(local_ranks, 1)
     return max(1, min(4, cores - 1))
 
 
