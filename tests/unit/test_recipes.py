@@ -47,6 +47,8 @@ def test_unknown_recipe_is_one_clear_error():
     ("optim.schedule=step", "optim.schedule: 'step' is not one of cosine, linear, constant, wsd"),
     ("optim.decay_steps=5", "optim.decay_steps=5 sets the final decay of optim.schedule=wsd"),
     ("optim.schedule=wsd;optim.decay_steps=500;steps=100", "optim.decay_steps=500 is longer than the run"),
+    ("optim.schedule=wsd;optim.decay_steps=95;steps=100;optim.warmup_steps=10",
+     r"optim.decay_steps=95 is longer than the run after its warmup \(steps=100, optim.warmup_steps=10\)"),
     ("eval.generate=true;parallel.cp=2;data.validation=jsonl:val.jsonl",
      r"eval.generate=true: generation does not run with context parallelism \(parallel.cp=2\)"),
     ("eval.generate=true;eval.metrics=no_such_module:f",

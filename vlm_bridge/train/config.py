@@ -228,9 +228,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.optim.decay_steps and cfg.optim.schedule != "wsd":
         raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} sets the final decay of "
                          f"optim.schedule=wsd; optim.schedule is {cfg.optim.schedule}")
-    if cfg.optim.decay_steps > cfg.steps:
-        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run "
-                         f"(steps={cfg.steps})")
+    if cfg.optim.decay_steps > cfg.steps - min(cfg.optim.warmup_steps, cfg.steps - 1):
+        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run after its "
+                         f"warmup (steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps})")
     if cfg.optim.initial_loss_scale < 0:
         raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
                          f"got {cfg.optim.initial_loss_scale:g}")
