@@ -106,13 +106,11 @@ def resolve_model_folder(value: str) -> str:
         return value
     if (folder / "snapshots").is_dir():
         ref = folder / "refs" / "main"
-        main = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
-        if main is not None and (main / "config.json").is_file():
-            return str(main)
-        snapshots = sorted((folder / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-        if len(snapshots) == 1:
-            return str(snapshots[0].parent)
-        return value  # _raw_config names the choice
+        if ref.is_file():
+            main = folder / "snapshots" / ref.read_text().strip()
+            return str(main) if (main / "config.json").is_file() else value  # _raw_config says so
+        snapshots = list((folder / "snapshots").glob("*/config.json"))
+        return str(snapshots[0].parent) if len(snapshots) == 1 else value  # else _raw_config names them
     if not folder.exists() and _REPO_ID.fullmatch(value):
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -131,8 +129,8 @@ def _raw_config(folder: str | Path) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         snapshots = sorted((Path(folder) / "snapshots").glob("*/config.json"))
-        hint = (f"; it is a hub cache folder whose refs/main names no complete snapshot: pass one of "
-                f"its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
+        hint = (f"; it is a hub cache folder whose refs/main names no complete snapshot (or that has "
+                f"no refs/main): pass one of its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder){hint}")
     try:
         return path, json.loads(path.read_text())

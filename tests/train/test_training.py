@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import run_train
 
@@ -65,6 +67,15 @@ def test_keep_last_removes_older_checkpoints_after_each_save(tiny_cfg, tmp_path)
     (root / ".iter_0000004.tmp").mkdir()  # an unfinished save is not a checkpoint to count
     assert ckpt.prune_checkpoints(root, 1) == [root / "iter_0000002"]
     assert sorted(p.name for p in root.iterdir()) == [".iter_0000004.tmp", "iter_0000003", "latest"]
+    # a run started afresh (checkpoint.resume=false) where an earlier run saved later steps: the
+    # newest saves are its own, and the one latest names stays
+    other = tmp_path / "other"
+    for step, saved_at in ((6, 1_000), (2, 2_000), (4, 3_000)):
+        (ckpt.iteration_dir(other, step) / "weights").mkdir(parents=True)
+        (ckpt.iteration_dir(other, step) / "weights" / ".metadata").write_text("")
+        os.utime(ckpt.iteration_dir(other, step) / "weights" / ".metadata", (saved_at, saved_at))
+    (other / "latest").write_text("4\n")
+    assert ckpt.prune_checkpoints(other, 1) == [other / "iter_0000006", other / "iter_0000002"]
 
 
 def test_interrupted_save_is_never_latest(tiny_cfg, tmp_path):

@@ -233,3 +233,9 @@ def test_hub_ids_and_cache_entries_resolve_to_the_snapshot_refs_main_names(tiny_
     with pytest.raises(CheckpointError, match="tiny-org/other: no such folder, and not in the local "
                                               "Hugging Face cache"):
         resolve_model_folder("tiny-org/other")
+    # refs/main naming a snapshot that is not there: no other revision is taken in its place
+    (entry / "refs" / "main").write_text("b" * 40)
+    from vlm_bridge.loading import load_hf_config
+
+    with pytest.raises(CheckpointError, match="refs/main names no complete snapshot"):
+        load_hf_config(resolve_model_folder(str(entry)))

@@ -55,14 +55,25 @@ def latest_step(root: str | Path) -> int | None:
     return max(steps) if steps else None
 
 
+def _saved_at(folder: Path) -> float:
+    done = folder / "weights" / ".metadata"  # the checkpoint's last file
+    return (done if done.exists() else folder).stat().st_mtime
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """Remove all but the ``keep`` newest complete checkpoints (with their HF exports); returns
-    what went. Each goes by a rename to a temporary name first, so an interrupted removal never
-    leaves a half-deleted folder that looks complete."""
+    """Remove all but the ``keep`` most recently saved checkpoints (with their HF exports), never
+    the one ``latest`` names; returns what went. Recency is the save's time, not its step: a run
+    started afresh in a folder that holds an earlier run's later steps keeps its own. Each goes by
+    a rename to a temporary name first, so an interrupted removal never leaves a half-deleted
+    folder that looks complete."""
     root = Path(root)
-    steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    steps = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit()]
+    steps.sort(key=lambda step: (_saved_at(iteration_dir(root, step)), step))
+    current = latest_step(root)
     removed = []
     for step in steps[:-keep] if keep > 0 else []:
+        if step == current:
+            continue
         folder = iteration_dir(root, step)
         doomed = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(doomed, ignore_errors=True)
