@@ -53,15 +53,23 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args, model_dir: str):
-    """The decoding settings: those given, the rest from the model's generation_config.json."""
+    """The decoding settings: those given, each unset one from the model's generation_config.json
+    (as transformers' generate takes them), said on stderr when they sample."""
     from vlm_bridge.inference.command import generation_defaults
     from vlm_bridge.inference.generate import Sampling
 
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
              "top_k": args.top_k}
-    defaults, notes = generation_defaults(model_dir, sampling_given=any(
-        given[k] is not None for k in ("temperature", "top_p", "top_k")))
+    defaults, notes = generation_defaults(model_dir)
     chosen = {k: v if v is not None else defaults[k] for k, v in given.items()}
+    from_config = [k for k in ("temperature", "top_p", "top_k") if given[k] is None]
+    if chosen["temperature"] > 0 and from_config and defaults["temperature"] > 0:
+        notes.insert(0, f"sampling with temperature {chosen['temperature']:g}, top-p {chosen['top_p']:g}, "
+                        f"top-k {chosen['top_k']} ({', '.join(k.replace('_', '-') for k in from_config)} "
+                        "from generation_config.json; --temperature 0: greedy)")
+    if chosen["temperature"] == 0 and (given["top_p"] is not None or given["top_k"] is not None):
+        notes.insert(0, "--top-p and --top-k apply only when sampling (a --temperature above 0); "
+                        "this decodes greedily")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     args.max_new_tokens = chosen["max_new_tokens"]

@@ -134,24 +134,40 @@ def test_generate_cli_refuses_a_video_for_an_image_only_family(run_cli, tmp_path
     assert len(err) == 1 and "gemma3_vl family takes no video input" in err[0], err
 
 
-@pytest.mark.parametrize("config, given, expected, noted", [
-    ({}, False, {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "top_k": 0}, []),
-    ({"max_new_tokens": 3, "do_sample": False, "temperature": 0.7}, False,
+SAMPLING_CONFIG = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                   "repetition_penalty": 1.05}
+
+
+@pytest.mark.parametrize("config, options, expected, noted", [
+    ({}, {}, {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "top_k": 0}, []),
+    ({"max_new_tokens": 3, "do_sample": False, "temperature": 0.7}, {},
      {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0}, []),
-    ({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}, False,
-     {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
-     ["temperature 0.7, top-p 0.8, top-k 20", "repetition_penalty 1.05 not applied"]),
-    # an option given on the command line: the config's sampling is not mixed in
-    ({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}, True,
-     {"max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0}, []),
+    (SAMPLING_CONFIG, {}, {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+     ["sampling with temperature 0.7, top-p 0.8, top-k 20 (temperature, top-p, top-k from",
+      "repetition_penalty 1.05 not applied"]),
+    # one option given: the others still come from the config, as transformers takes them
+    (SAMPLING_CONFIG, {"top_k": 5}, {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.8, "top_k": 5},
+     ["top-k 5 (temperature, top-p from", "repetition_penalty 1.05 not applied"]),
+    (SAMPLING_CONFIG, {"temperature": 0.0}, {"max_new_tokens": 128, "temperature": 0.0, "top_p": 0.8,
+                                             "top_k": 20}, ["repetition_penalty 1.05 not applied"]),
+    # a greedy config and --top-k alone: greedy, and said
+    ({"do_sample": False}, {"top_k": 5},
+     {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "top_k": 5},
+     ["--top-p and --top-k apply only when sampling"]),
 ])
-def test_unset_generate_options_come_from_the_generation_config(tmp_path, config, given, expected, noted):
+def test_unset_generate_options_come_from_the_generation_config(tmp_path, capsys, config, options, expected,
+                                                                noted):
     """As transformers' generate reads generation_config.json (Gemma 3's samples with top-k 64 and
     top-p 0.95); what is not applied is named."""
-    from vlm_bridge.inference.command import generation_defaults
+    from types import SimpleNamespace
+
+    from vlm_bridge.cli import _sampling
 
     if config:
         (tmp_path / "generation_config.json").write_text(json.dumps(config))
-    defaults, notes = generation_defaults(tmp_path, sampling_given=given)
-    assert defaults == expected
+    args = SimpleNamespace(**{"max_new_tokens": None, "temperature": None, "top_p": None, "top_k": None,
+                              **options}, seed=None, batch_size=1)
+    sampling = _sampling(args, str(tmp_path))
+    assert {k: getattr(sampling, k) for k in expected} == expected
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert len(notes) == len(noted) and all(n in note for n, note in zip(noted, notes)), notes

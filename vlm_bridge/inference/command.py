@@ -96,12 +96,11 @@ def stop_token_ids(hf_dir: str | Path, tokenizer) -> tuple[int, ...]:
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-def generation_defaults(hf_dir: str | Path, sampling_given: bool) -> tuple[dict, list[str]]:
+def generation_defaults(hf_dir: str | Path) -> tuple[dict, list[str]]:
     """What ``generate`` decodes with where its options are unset, from the folder's
     generation_config.json as transformers' ``generate`` reads it: its ``max_new_tokens``, and
-    with ``do_sample`` its temperature, top-p and top-k (else greedy). When the command set any of
-    the sampling options, the unset ones are neutral rather than the config's. Also the notes to
-    print: the sampling taken from the config, and its settings that are not applied."""
+    with ``do_sample`` its temperature, top-p and top-k (else greedy: temperature 0). Also the
+    config's settings that are not applied, as notes."""
     from transformers import GenerationConfig
 
     config = None
@@ -109,22 +108,16 @@ def generation_defaults(hf_dir: str | Path, sampling_given: bool) -> tuple[dict,
         config = GenerationConfig.from_pretrained(hf_dir, local_files_only=True)
     defaults = {"max_new_tokens": getattr(config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS,
                 "temperature": 0.0, "top_p": 1.0, "top_k": 0}
-    notes = []
-    if sampling_given or config is None:
-        if sampling_given:
-            defaults["temperature"] = 1.0 if getattr(config, "do_sample", False) else 0.0
-        return defaults, notes
+    if config is None:
+        return defaults, []
     if config.do_sample:
         defaults.update(temperature=config.temperature if config.temperature is not None else 1.0,
                         top_p=config.top_p if config.top_p is not None else 1.0, top_k=config.top_k or 0)
-        notes.append(f"sampling as generation_config.json sets it: temperature {defaults['temperature']:g}, "
-                     f"top-p {defaults['top_p']:g}, top-k {defaults['top_k']} (--temperature 0: greedy)")
     ignored = [f"{name} {getattr(config, name)}" for name, neutral in (
         ("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("num_beams", 1), ("min_p", None))
         if getattr(config, name, neutral) not in (neutral, None)]
-    if ignored:
-        notes.append(f"generation_config.json's {', '.join(ignored)} not applied (sampling and greedy "
-                     "decoding only)")
+    notes = [f"generation_config.json's {', '.join(ignored)} not applied (sampling and greedy decoding "
+             "only)"] if ignored else []
     return defaults, notes
 
 
