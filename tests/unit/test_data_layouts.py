@@ -147,7 +147,16 @@ def test_image_lists_longer_than_the_image_items_are_placed_or_refused(tmp_path)
                                                    {"type": "text", "text": "Is <image> a tag?"}]}, answer],
          "images": ["a.png"]},
     ]
-    first, llava, literal = load_source(f"jsonl:{_write(tmp_path / 'trl.jsonl', rows)}")
+    # plain-string turns (which the schema takes) place their files the same way
+    rows += [{"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant",
+                                                                               "content": "Red."}],
+              "images": ["a.png"]},
+             {"messages": [{"role": "user", "content": "What colour?"}, answer], "images": ["a.png"]}]
+    first, llava, literal, string_placeholder, string_plain = load_source(
+        f"jsonl:{_write(tmp_path / 'trl.jsonl', rows)}")
+    for sample in (string_placeholder, string_plain):
+        assert sample["messages"][0]["content"] == [{"type": "image", "image": str(tmp_path / "a.png")},
+                                                    {"type": "text", "text": "What colour?"}]
     assert [item["type"] for item in first["messages"][0]["content"]] == ["image", "text"]
     assert [(i["type"], i.get("image", i.get("text"))) for i in llava["messages"][0]["content"]] == [
         ("image", str(tmp_path / "a.png")), ("text", "Left, "), ("image", str(tmp_path / "b.png")),
@@ -158,3 +167,6 @@ def test_image_lists_longer_than_the_image_items_are_placed_or_refused(tmp_path)
     with pytest.raises(ValueError, match=re.escape("line 1: 2 file(s) in 'images' but 1 image item(s) or "
                                                    "<image> placeholder(s) in the messages")):
         list(load_source(f"jsonl:{_write(tmp_path / 'bad.jsonl', [two_files_one_item])}"))
+    no_user_turn = {"messages": [{"role": "system", "content": "Be brief."}, answer], "images": ["a.png"]}
+    with pytest.raises(ValueError, match=re.escape("line 1: 1 file(s) in its media lists, and no user turn")):
+        list(load_source(f"jsonl:{_write(tmp_path / 'bad.jsonl', [no_user_turn])}"))

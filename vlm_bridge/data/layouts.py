@@ -125,6 +125,10 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
     no item or placeholder of their kind asks for open the first user turn, as in the ShareGPT
     layout (and TRL); more files than a sample's items and placeholders is an error."""
     files = {kind: _pool(sample, kind) for kind in MEDIA_TYPES}
+    if any(files.values()):  # plain-string turns take files too: as one text item
+        sample["messages"] = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                              if isinstance(m, Mapping) and isinstance(m.get("content"), str) else m
+                              for m in sample["messages"]]
     for content, i in _items(sample["messages"]):
         if isinstance(content[i], dict):
             content[i] = _media_item(content[i])
@@ -157,7 +161,10 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
         unplaced += [{"type": kind, kind: value} for value in left]
     first_user = next((m for m in sample["messages"] if isinstance(m, Mapping) and m.get("role") == "user"
                        and isinstance(m.get("content"), list)), None)
-    if unplaced and first_user is not None:
+    if unplaced and first_user is None:
+        raise ValueError(f"{where}: {len(unplaced)} file(s) in its media lists, and no user turn to "
+                         "put them in")
+    if unplaced:
         first_user["content"][:0] = unplaced
 
 
