@@ -117,7 +117,7 @@ def test_a_worker_that_dies_is_named():
                               micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
     stream.encode_ahead(1)
     try:
-        with pytest.raises(RuntimeError, match=r"an encoding worker process died \(killed, or out of "
+        with pytest.raises(ChildProcessError, match=r"an encoding worker process died \(killed, or out of "
                                                r"memory\?\) while the samples from training sample \d on"):
             stream.next_step(1)
             stream.next_step(1)

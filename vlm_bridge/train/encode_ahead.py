@@ -96,8 +96,8 @@ class EncodeAhead:
             self._pending.pop(passed).cancel()
         try:
             encoded, added, examples = future.result()
-        except cf.BrokenExecutor:
-            raise RuntimeError(f"an encoding worker process died (killed, or out of memory?) while the "
+        except cf.BrokenExecutor:  # not a bug here: the machine ended it (an OSError: one error line)
+            raise ChildProcessError(f"an encoding worker process died (killed, or out of memory?) while the "
                                f"samples from training sample {index} on were encoded; data.workers=0 "
                                "encodes in the rank itself") from None
         for name, count in added.items():
