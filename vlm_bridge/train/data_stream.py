@@ -23,6 +23,9 @@ from vlm_bridge.train.batching import (
     sample_positions,
 )
 
+# Encoded samples held ahead of the stream at most (each holds its pixels: a few MB an image).
+MAX_LOOKAHEAD = 256
+
 
 @dataclass
 class DataPosition:
@@ -161,8 +164,9 @@ class MicroBatchStream:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
         if self.ahead is not None and self._taken:
             # Look as far ahead as the last step took, so that the next step's samples are all
-            # encoded while this one trains.
-            self._lookahead = max(self._lookahead, self._taken + 1)
+            # encoded while this one trains; at most MAX_LOOKAHEAD samples are held encoded ahead.
+            wanted = max(self._lookahead, self._taken + 1)
+            self._lookahead = min(wanted, max(MAX_LOOKAHEAD, 2 * self._workers))
         self._taken = 0
         if not self.pack:
             length = self.seq_len if self.pad_to_seq_len else None

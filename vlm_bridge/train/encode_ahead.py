@@ -97,9 +97,9 @@ class EncodeAhead:
         try:
             encoded, added, examples = future.result()
         except cf.BrokenExecutor:  # not a bug here: the machine ended it (an OSError: one error line)
-            raise ChildProcessError(f"an encoding worker process died (killed, or out of memory?) while the "
-                               f"samples from training sample {index} on were encoded; data.workers=0 "
-                               "encodes in the rank itself") from None
+            raise ChildProcessError(f"an encoding worker process died (killed, or out of memory?) while "
+                                    f"the samples from training sample {index} on were encoded; "
+                                    "data.workers=0 encodes in the rank itself") from None
         for name, count in added.items():
             self.encoder.stats[name] = self.encoder.stats.get(name, 0) + count
         if hasattr(self.encoder, "skip_examples"):
