@@ -70,12 +70,12 @@ def _sampling(args, model_dir: str):
     if chosen["temperature"] == 0 and (given["top_p"] is not None or given["top_k"] is not None):
         notes.insert(0, "--top-p and --top-k apply only when sampling (a --temperature above 0); "
                         "this decodes greedily")
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
     args.max_new_tokens = chosen["max_new_tokens"]
     sampling = Sampling(**chosen, seed=args.seed)
     _check_decoding(args.max_new_tokens, args.batch_size)
-    sampling.validate()
+    sampling.validate()  # a bad value is the one line, without notes
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return sampling
 
 

@@ -345,12 +345,15 @@ def test_an_edited_checkpoint_metadata_file_is_named(tiny_megatron, run_cli, cap
 
 
 def test_a_hub_cache_repository_folder_points_to_its_snapshot(tiny_hf, run_cli, capsys, tmp_path):
-    """huggingface_hub's cache: models--org--name/snapshots/<revision>/ holds the files."""
+    """huggingface_hub's cache: models--org--name/snapshots/<revision>/ holds the files. Without
+    refs/main, its only snapshot is read; of two, neither is guessed."""
     repo = tmp_path / "models--org--tiny"
     copy_model(tiny_hf, repo / "snapshots" / ("a" * 40))
+    assert run_cli(*import_args(repo, tmp_path / "one")) == 0
+    copy_model(tiny_hf, repo / "snapshots" / ("b" * 40))
     out = tmp_path / "out"
     check_error(run_cli, capsys, import_args(repo, out), "no config.json", "hub cache folder",
-                str(repo / "snapshots" / ("a" * 40)), out=out)
+                str(repo / "snapshots" / ("b" * 40)), out=out)
 
 
 def test_overwrite_replaces_only_its_own_kind_of_folder(tiny_hf, tiny_megatron, run_cli, capsys, tmp_path):
