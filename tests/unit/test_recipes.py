@@ -44,6 +44,7 @@ def test_unknown_recipe_is_one_clear_error():
     ("eval.metrics=anls", "eval.metrics=anls scores generated answers, and eval.generate is false"),
     ("optim.lr=1e-7", "optim.min_lr .* is above optim.lr 1e-07"),
     ("optim.initial_loss_scale=-1", "optim.initial_loss_scale must be >= 0"),
+    ("data.workers=100000", r"data.workers=100000 is more than this machine's \d+ CPUs"),
     ("optim.schedule=step", "optim.schedule: 'step' is not one of cosine, linear, constant, wsd"),
     ("optim.decay_steps=5", "optim.decay_steps=5 sets the final decay of optim.schedule=wsd"),
     ("optim.schedule=wsd;optim.decay_steps=500;steps=100", "optim.decay_steps=500 is longer than the run"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.optim.decay_steps > cfg.steps - min(cfg.optim.warmup_steps, cfg.steps - 1):
         raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} is longer than the run after its "
                          f"warmup (steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps})")
+    cpus = os.cpu_count() or 1
+    if cfg.data.workers > cpus:
+        raise ValueError(f"data.workers={cfg.data.workers} is more than this machine's {cpus} CPUs "
+                         "(-1: a share of them for each local rank)")
     if cfg.optim.initial_loss_scale < 0:
         raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
                          f"got {cfg.optim.initial_loss_scale:g}")

@@ -333,7 +333,7 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
                 report = validator.run(run)
             except Exception:  # a user's metric, say: the steps trained so far are kept first
                 if not saved:
-                    path = save(run)
+                    path = _save_and_maybe_export(run)
                     if dist.get_rank() == 0:
                         print(f"validation failed at step {run.step}; the weights are saved in {path}",
                               flush=True)
@@ -348,7 +348,7 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
             "skipped_updates": run.skipped_updates}
 
 
-def _save_and_maybe_export(run: Run) -> None:
+def _save_and_maybe_export(run: Run) -> Path:
     path = save(run)
     if run.cfg.checkpoint.export_hf:
         from vlm_bridge.train.export import export_run_checkpoint
@@ -356,3 +356,4 @@ def _save_and_maybe_export(run: Run) -> None:
         export_run_checkpoint(run, path)
     if run.cfg.checkpoint.keep_last and dist.get_rank() == 0:  # after the export that reads it
         ckpt.prune_checkpoints(_checkpoint_root(run.cfg), run.cfg.checkpoint.keep_last)
+    return path
