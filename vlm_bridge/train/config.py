@@ -111,7 +111,7 @@ class CheckpointSettings:
     save_every: int = 0  # 0: only at the end
     resume: bool = True  # resume from the latest checkpoint in dir when there is one
     export_hf: bool = False  # also write an HF export next to each save
-    keep_last: int = 0  # keep only this many newest checkpoints (0: all)
+    keep_last: int = 0  # keep only this many most recently saved checkpoints (0: all)
 
 
 @dataclass
@@ -207,7 +207,7 @@ MINIMUMS = {
     "steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "log_every": 1, "data.seq_len": 1,
     "data.row_multiple": 0, "optim.warmup_steps": 0, "peft.rank": 1, "eval.every": 0,
     "eval.max_new_tokens": 1, "eval.batch_size": 1, "checkpoint.save_every": 0, "recompute_layers": 0,
-    "optim.decay_steps": 0, "checkpoint.keep_last": 0, "data.workers": -1,
+    "optim.decay_steps": 0, "checkpoint.keep_last": 0, "data.workers": -1, "optim.initial_loss_scale": 0,
 }
 
 
@@ -236,9 +236,6 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.data.workers > cpus:
         raise ValueError(f"data.workers={cfg.data.workers} is more than this machine's {cpus} CPUs "
                          "(-1: a share of them for each local rank)")
-    if cfg.optim.initial_loss_scale < 0:
-        raise ValueError(f"optim.initial_loss_scale must be >= 0 (0: from the micro-batch's tokens), "
-                         f"got {cfg.optim.initial_loss_scale:g}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ValueError(f"optim.min_lr {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}: the rate "
                          "decays from optim.lr down to optim.min_lr; lower optim.min_lr too")

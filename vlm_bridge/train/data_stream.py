@@ -48,6 +48,7 @@ class MicroBatchStream:
         self._orders: dict[int, list[int]] = {}  # this epoch's order and, when looking ahead, the next
         self.ahead = None  # an EncodeAhead: the next samples are encoded by worker processes
         self._workers = self._lookahead = 0
+        self._ahead_until = 0  # positions before this ordinal (epoch * samples + index) were asked ahead
         self._taken = 0  # samples the stream moved past (the last step's count sets the lookahead)
         if len(samples) == 0:
             raise ValueError("the training data source is empty")
@@ -99,14 +100,15 @@ class MicroBatchStream:
         return sample
 
     def _positions_after(self, key: tuple[int, int], count: int) -> list[tuple[tuple[int, int], int]]:
-        """The next ``count`` (position, sample index) pairs from ``key`` on, into later epochs."""
-        epoch, i = key
+        """The (position, sample index) pairs of the ``count`` positions from ``key`` on, into later
+        epochs, that no earlier call returned (positions only move forward within a run)."""
+        n = len(self.samples)
+        first, end = key[0] * n + key[1], key[0] * n + key[1] + count  # positions as one ordinal
         out = []
-        while len(out) < count:
-            order = self._order_of(epoch)
-            take = order[i:i + count - len(out)]
-            out += [((epoch, i + k), index) for k, index in enumerate(take)]
-            epoch, i = epoch + 1, 0
+        for ordinal in range(max(first, self._ahead_until), end):
+            epoch, i = divmod(ordinal, n)
+            out.append(((epoch, i), self._order_of(epoch)[i]))
+        self._ahead_until = max(self._ahead_until, end)
         return out
 
     def _peek_encoded(self):
