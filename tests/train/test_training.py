@@ -49,6 +49,21 @@ def test_resume_reproduces_uninterrupted_losses(tiny_cfg, tmp_path):
     assert other["steps"] == other["start_step"] == 8
 
 
+def test_a_checkpoint_saved_while_the_next_step_is_built_resumes_at_the_step_trained(tiny_cfg, tmp_path):
+    import shutil
+
+    from vlm_bridge.train import checkpoint as ckpt
+
+    cfg = tiny_cfg(steps=5, output_dir=tmp_path / "run", **{"checkpoint.save_every": 2})
+    full = run_train(cfg)  # step 3 was built ahead while step 2 trained and was saved
+    root = tmp_path / "run" / "checkpoints"
+    for step in (4, 5):
+        shutil.rmtree(ckpt.iteration_dir(root, step))
+    (root / ckpt.LATEST).write_text("2")
+    resumed = run_train(cfg)
+    assert resumed["start_step"] == 2 and resumed["losses"] == full["losses"], (resumed, full)
+
+
 def test_samples_encoded_by_worker_processes_train_the_same_losses(tiny_cfg, tmp_path):
     here = run_train(tiny_cfg(steps=3, output_dir=tmp_path / "a", **{"data.workers": "0"}))
     ahead = run_train(tiny_cfg(steps=3, output_dir=tmp_path / "b", **{"data.workers": "2"}))

@@ -4,11 +4,17 @@ Raw samples are visited in a seeded permutation per epoch and encoded lazily. A 
 contiguous run of that order; its start is the data position saved in checkpoints, so a resumed
 run rebuilds exactly the batches the uninterrupted run would have seen. Every rank builds the
 same global batch; data-parallel rank r trains on micro-batches r, r + dp, ...
+
+``prepare_next`` builds the next step in a thread while the current one trains (packing and
+collating, and encoding what the workers have not), so a GPU does not wait for the host between
+steps; the batches, positions and counts are those of building it when asked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +39,24 @@ class DataPosition:
     index: int = 0  # next position in this epoch's permutation
 
 
+@dataclass
+class _PreparedStep:
+    """A step built ahead: ``start`` and ``counts`` are the stream's position and encoder counts
+    before it, what a checkpoint or a report takes while it is not handed out."""
+
+    num_microbatches: int
+    start: DataPosition
+    counts: dict
+    thread: threading.Thread | None = None
+    batches: list | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Cancelled(Exception):
+    """The stream closed while a step was being built ahead."""
+
+
 class MicroBatchStream:
     def __init__(self, samples, encoder, family, settings, *, seq_len: int, pack: bool,
                  micro_batch_size: int, pad_id: int, seed: int, shuffle: bool, pad_to_seq_len: bool,
@@ -50,6 +74,8 @@ class MicroBatchStream:
         self._workers = self._lookahead = 0
         self._ahead_until = 0  # positions before this ordinal (epoch * samples + index) were asked ahead
         self._taken = 0  # samples the stream moved past (the last step's count sets the lookahead)
+        self._prepared: _PreparedStep | None = None
+        self._closing = False
         if len(samples) == 0:
             raise ValueError("the training data source is empty")
         if row_multiple < 0:
@@ -62,6 +88,10 @@ class MicroBatchStream:
         self._lookahead = 2 * workers
 
     def close(self) -> None:
+        if self._prepared is not None and self._prepared.thread is not None:
+            self._closing = True  # the step being built stops at its next sample
+            self._prepared.thread.join()
+        self._prepared, self._closing = None, False
         if self.ahead is not None:
             self.ahead.close()
             self.ahead = None
@@ -114,6 +144,8 @@ class MicroBatchStream:
     def _peek_encoded(self):
         """Encoded sample at the current position (skipped samples advance the position)."""
         for _ in range(2 * len(self.samples) + 1):
+            if self._closing:
+                raise _Cancelled
             order = self._permutation()
             if self.position.index >= len(order):
                 self.position = DataPosition(self.position.epoch + 1, 0)
@@ -162,8 +194,52 @@ class MicroBatchStream:
         # The loop stops only once all num_rows rows exist and none holds the next sample.
         return [[taken[i] for i in row] for row in packer.ordered()]
 
+    @property
+    def resume_position(self) -> DataPosition:
+        """Where a run resumed from here starts: after the last step handed out."""
+        return self._prepared.start if self._prepared is not None else self.position
+
+    def counts(self) -> dict:
+        """The encoder's counts over the steps handed out."""
+        return dict(self._prepared.counts if self._prepared is not None else self.encoder.stats)
+
+    def prepare_next(self, num_microbatches: int) -> None:
+        """Start building the next step in a thread (``VLM_BRIDGE_PREPARE_AHEAD=0``: build it
+        now); ``next_step`` hands it out, and raises what building it raised."""
+        if self._prepared is not None:
+            return
+        prepared = _PreparedStep(num_microbatches, DataPosition(self.position.epoch, self.position.index),
+                                 dict(self.encoder.stats))
+        self._prepared = prepared
+
+        def build() -> None:
+            try:
+                prepared.batches = self._build_step(num_microbatches)
+            except BaseException as err:  # raised where the step is asked for
+                prepared.error = err
+            finally:
+                prepared.done.set()
+
+        if os.environ.get("VLM_BRIDGE_PREPARE_AHEAD", "1") == "0":
+            build()
+            return
+        prepared.thread = threading.Thread(target=build, name="vlm-bridge-next-step", daemon=True)
+        prepared.thread.start()
+
     def next_step(self, num_microbatches: int) -> list[MicroBatch]:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return self._build_step(num_microbatches)
+        prepared.done.wait()
+        if prepared.num_microbatches != num_microbatches:
+            raise RuntimeError(f"a step of {prepared.num_microbatches} micro-batches was prepared, "
+                               f"{num_microbatches} were asked for")
+        if prepared.error is not None:
+            raise prepared.error
+        return prepared.batches
+
+    def _build_step(self, num_microbatches: int) -> list[MicroBatch]:
         if self.ahead is not None and self._taken:
             # Look as far ahead as the last step took, so that the next step's samples are all
             # encoded while this one trains; at most MAX_LOOKAHEAD samples are held encoded ahead.

@@ -211,11 +211,14 @@ def _maybe_resume(run: Run) -> None:
     run.stream.position.epoch, run.stream.position.index = extra["data_epoch"], extra["data_index"]
 
 
-def forward_backward(run: Run) -> tuple[list[dict], list]:
-    """Forward and backward over the next global batch; gradients reduced, no update yet."""
+def forward_backward(run: Run, prepare_next: bool = False) -> tuple[list[dict], list]:
+    """Forward and backward over the next global batch; gradients reduced, no update yet.
+    ``prepare_next``: the step after it is built on the host meanwhile (see data_stream)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     step_batches = run.stream.next_step(run.num_microbatches * dp)
+    if prepare_next:
+        run.stream.prepare_next(run.num_microbatches * dp)
     while len(step_batches) % dp:  # a step split further (images apart from videos): every rank runs
         # as many forwards (experts exchange tokens in each); the extra one counts for nothing
         step_batches.append(dataclasses.replace(step_batches[-1], num_tokens=0,
@@ -233,9 +236,9 @@ def forward_backward(run: Run) -> tuple[list[dict], list]:
     return outputs, step_batches
 
 
-def train_step(run: Run) -> dict:
+def train_step(run: Run, prepare_next: bool = False) -> dict:
     """One global step: forward/backward over all micro-batches, optimizer and LR update."""
-    outputs, step_batches = forward_backward(run)
+    outputs, step_batches = forward_backward(run, prepare_next)
     loss = _global_loss(outputs)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1}; stopping (lower optim.lr or "
@@ -262,8 +265,9 @@ def _global_loss(outputs: list[dict]) -> float:
 
 
 def save(run: Run) -> Path:
-    extra = {"step": run.step, "data_epoch": run.stream.position.epoch,
-             "data_index": run.stream.position.index, "losses": run.losses,
+    position = run.stream.resume_position  # not a step built ahead
+    extra = {"step": run.step, "data_epoch": position.epoch, "data_index": position.index,
+             "losses": run.losses,
              "config": to_dict(run.cfg)}
     parallel = ParallelConfig(tp=run.cfg.parallel.tp, pp=run.cfg.parallel.pp, ep=run.cfg.parallel.ep)
     # The same metadata as an import (key and expert layouts), plus what export needs to rebuild
@@ -320,7 +324,9 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
             break
         raise_if_stopped()  # a stop signal whose exception something swallowed ends the run here
         t0 = time.time()
-        stats = train_step(run)
+        # The next step is built while this one trains, unless it is not going to run.
+        more = run.step + 1 < cfg.steps and (stop_after is None or run.step + 1 < stop_after)
+        stats = train_step(run, prepare_next=more)
         lrs.append(stats["lr"])
         logger.log(run.step, stats, time.time() - t0)
         # Saved before validating: a validation that fails (a user's metric) keeps the weights.
@@ -343,7 +349,7 @@ def _train_loop(run: Run, validator, logger: RunLogger, stop_after: int | None) 
     logger.close(run.losses)
     return {"steps": run.step, "start_step": start_step, "rng_restored": run.rng_restored,
             "losses": run.losses, "seconds": time.time() - start,
-            "skipped": dict(run.stream.encoder.stats), "output_dir": cfg.output_dir,
+            "skipped": run.stream.counts(), "output_dir": cfg.output_dir,
             "validation": validation, "grad_norms": run.grad_norms, "lrs": lrs,
             "skipped_updates": run.skipped_updates}
 
