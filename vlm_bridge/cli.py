@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 EXIT_PARITY = 1
 EXIT_USAGE = 2
@@ -160,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="loss, perplexity and scored answers on held-out conversations")
     _add_model_source(p)
     p.add_argument("--data", required=True,
-                   help="chat-schema data: a .jsonl/.json file, jsonl:PATH, hf:NAME_OR_DIR or a maker name")
+                   help="chat-schema data: a .jsonl/.json file, a data file or dataset folder, jsonl:PATH, "
+                        "hf:NAME_OR_DIR or a maker name")
     p.add_argument("--metric", action="append", default=None,
                    help="exact_match, anls or module:function (repeatable; default: exact_match and anls)")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
@@ -327,17 +327,13 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input, strict_json
-    from vlm_bridge.data.sources import source_path
+    from vlm_bridge.data.sources import check_source, source_path
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import check_metric
     from vlm_bridge.parallel import run_parallel
 
-    data = args.data
-    if Path(data).suffix.lower() in (".jsonl", ".json") and ":" not in data:
-        path = Path(data).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--data {data} does not exist")
-        data = f"{path.suffix[1:].lower()}:{path}"
+    data = args.data  # a plain path is read by its kind (see data.sources.bare_path_source)
+    check_source(data, "--data")
     if args.report:
         inputs = {"--data": source_path(args.data), "--megatron-path": args.megatron_path,
                   "--hf-model": args.hf_model}

@@ -110,4 +110,5 @@ def test_evaluate_refuses_bad_input(run_cli, tiny_hf, four_samples, tmp_path, ca
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", tmp_path / "none.jsonl") == 2
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", four_samples, "--metric", "bleu") == 2
     errors = capfd.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "does not exist" in errors[0] and "use one of" in errors[1]
+    assert len(errors) == 2 and "none.jsonl: no such file or folder" in errors[0]
+    assert "use one of" in errors[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import pytest
@@ -273,3 +274,34 @@ def test_hf_source_reads_one_data_file_and_resolves_paths_against_its_folder(tmp
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"notes\.txt: not a data file datasets reads by name"):
         list(load_source(f"hf:{tmp_path / 'notes.txt'}"))
+
+
+def test_a_plain_path_is_read_by_its_kind(tmp_path, monkeypatch):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    ds = datasets.Dataset.from_dict({"messages": [row["messages"]]})
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("rows.jsonl", str(tmp_path / "rows.json"), "rows.parquet", "saved"):
+        samples = list(load_source(spec))
+        assert len(samples) == 1 and samples[0]["messages"][1]["role"] == "assistant", spec
+    for missing in ("nothing.jsonl", "data/nothing"):
+        with pytest.raises(ValueError, match=f"^data source {missing}: no such file or folder$"):
+            load_source(missing)
+
+
+def test_a_missing_local_source_is_named_before_anything_loads(tmp_path):
+    from vlm_bridge.data.sources import check_source
+
+    (tmp_path / "rows.jsonl").write_text("")
+    check_source(str(tmp_path / "rows.jsonl"), "data.train")
+    check_source(f"jsonl:{tmp_path / 'rows.jsonl'}", "data.train")
+    check_source("hf:org/not-downloaded", "data.train")  # a hub name: read (from the cache) later
+    for spec in (f"jsonl:{tmp_path / 'gone.jsonl'}", str(tmp_path / "gone.parquet"), "gone/folder"):
+        needle = f"^data.validation: data source {re.escape(spec)}: no such file or folder$"
+        with pytest.raises(ValueError, match=needle):
+            check_source(spec, "data.validation")
+    with pytest.raises(ValueError, match="unknown source 'csv:x.csv'"):
+        check_source("csv:x.csv", "data.train")

@@ -333,7 +333,7 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
     from :data:`MAKERS`, optionally as ``"NAME:PATH"`` (same as ``path=PATH``); other keywords go
     to the maker.
     """
-    kind, _, rest = spec.partition(":")
+    kind, colon, rest = spec.partition(":")
     if kind in ("jsonl", "json") and rest:
         if Path(rest).suffix.lower() != f".{kind}":
             raise ValueError(f"source {spec!r}: expected a .{kind} file")
@@ -347,6 +347,41 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
         if rest:
             kwargs["path"] = rest
         return MAKERS[kind](**kwargs)
+    bare = bare_path_source(spec)
+    if bare is not None:
+        return load_source(bare, **kwargs)
+    if not colon and ("/" in spec or Path(spec).suffix):
+        raise ValueError(f"data source {spec}: no such file or folder")
     raise ValueError(
-        f"unknown source {spec!r}: use jsonl:PATH, json:PATH, hf:NAME_OR_DIR or one of {', '.join(MAKERS)}"
+        f"unknown source {spec!r}: use a .jsonl/.json file, a dataset folder or data file, jsonl:PATH, "
+        f"json:PATH, hf:NAME_OR_DIR or one of {', '.join(MAKERS)}"
     )
+
+
+def check_source(spec: str, key: str) -> None:
+    """A source spec that names a local file or folder that is not there fails now, by ``key``
+    (before a model loads); hub names and makers are checked when they are read."""
+    kind, colon, rest = spec.partition(":")
+    if kind in ("jsonl", "json") and rest:
+        path = Path(rest).expanduser()
+    elif (kind == "hf" and rest) or kind in MAKERS or bare_path_source(spec) is not None:
+        return
+    elif not colon and ("/" in spec or Path(spec).suffix):
+        path = Path(spec).expanduser()
+    else:
+        load_source(spec)  # unknown: its error names what is accepted
+        return
+    if not path.exists():
+        raise ValueError(f"{key}: data source {spec}: no such file or folder")
+
+
+def bare_path_source(spec: str) -> str | None:
+    """A source given as a plain path, with its kind: a ``.jsonl``/``.json`` file is read as our
+    JSON samples, another data file or a folder through ``datasets`` (``hf:``); None when ``spec``
+    is no existing file or folder."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        return f"{path.suffix[1:].lower()}:{path}"
+    if path.is_dir() or (path.is_file() and path.suffix.lower().lstrip(".") in DATA_FILE_BUILDERS):
+        return f"hf:{path}"
+    return None

@@ -254,6 +254,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
+    from vlm_bridge.data.sources import check_source
+
+    for key in ("data.train", "data.validation"):  # a path that is not there: before a model loads
+        if _get(cfg, key):
+            check_source(_get(cfg, key), key)
 
 
 def initial_loss_scale(cfg: TrainConfig) -> float:
