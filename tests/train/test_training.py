@@ -490,3 +490,28 @@ def test_bf16_moments_train_and_resume_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg(output_dir=tmp_path / "cut", **over, **{"checkpoint.save_every": 2})
     assert run_train(cfg, stop_after=2)["losses"] == full[:2]
     assert run_train(cfg)["losses"] == full
+
+
+def _save_and_list_helpers(cfg) -> dict:
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from vlm_bridge.train import checkpoint as ckpt
+    from vlm_bridge.train import trainer
+
+    run = trainer.setup(cfg)
+    trainer.train_step(run)
+    path = trainer.save(run)
+    run.stream.close()
+    return {"saved": ckpt.latest_step(path.parent), "manager": filesystem_async._results_queue is not None,
+            "children": [p.name for p in multiprocessing.active_children()]}
+
+
+def test_a_checkpoint_save_starts_no_helper_process(tiny_cfg, tmp_path):
+    """Megatron's writer would start a spawned Manager (about 0.5 GB) for its results at the first save,
+    which a killed run leaves behind; the saves run in the rank, so no process is started."""
+    from vlm_bridge.parallel import run_parallel
+
+    result = run_parallel(_save_and_list_helpers, 1, tiny_cfg(steps=1, output_dir=tmp_path / "run"))
+    assert result == {"saved": 1, "manager": False, "children": []}, result

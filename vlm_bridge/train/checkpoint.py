@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -158,6 +161,23 @@ def _sharded(model, optimizer, loading: bool, with_rng: bool) -> dict:
     return state
 
 
+@contextmanager
+def _write_results_in_process() -> Iterator[None]:
+    """Megatron's checkpoint writer returns its write results through a queue of a spawned
+    ``Manager`` process, made for saves finished by another process. These saves run in this one,
+    so a plain queue does: no server process (about 0.5 GB, seconds to start at the first save)
+    that a killed run would leave behind."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original = filesystem_async._get_write_results_queue
+    results: queue.Queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: results
+    try:
+        yield
+    finally:
+        filesystem_async._get_write_results_queue = original
+
+
 def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, extra: dict,
                     meta: dict, hf_side_dir: str | Path) -> Path:
     """Save on every rank; returns the final iteration directory."""
@@ -174,7 +194,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
         # Plain (non-sharded) entries are "common" state, written once by rank 0.
         state["scheduler"] = scheduler.state_dict()
         state["extra"] = {**extra, "layout": _layout(), **_optimizer_layout(optimizer)}
-        with without_record_crc():
+        with without_record_crc(), _write_results_in_process():
             dist_checkpointing.save(state, str(tmp / "weights"))
     except BaseException:  # interrupted or failed: the unfinished save is not left behind
         if dist.get_rank() == 0:
