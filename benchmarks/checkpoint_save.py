@@ -9,6 +9,10 @@ same state is then saved ``--repeats`` times each way, alternating, each save in
 (removed after, so the page cache does not fill with earlier saves). The baseline is torch.save's
 default, a CRC32 of every record; the library's saves skip it (``convert.streaming.without_record_crc``).
 Prints one JSON line, then a table: seconds and GB/s of checkpoint bytes per save.
+
+``--first-save`` times instead the first save of a fresh process, twice each way alternating:
+the library's (write results through a queue in the rank) against Megatron's own, which starts a
+spawned ``Manager`` process for them at a process's first save.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +56,21 @@ def _timed_saves(cfg, repeats: int) -> dict:
     return {"checkpoint_gb": size / 1e9, **{f"{m}_s": t for m, t in times.items()}}
 
 
+def _first_save(cfg, with_manager: bool) -> dict:
+    from vlm_bridge.train import checkpoint, trainer
+
+    if with_manager:
+        checkpoint._write_results_in_process = contextlib.nullcontext
+    run = trainer.setup(cfg)
+    trainer.train_step(run)
+    start = time.perf_counter()
+    path = trainer.save(run)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(Path(path).parent)
+    run.stream.close()
+    return {"seconds": seconds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=2048)
@@ -58,6 +78,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--first-save", action="store_true",
+                   help="time a fresh process's first save, with and without Megatron's Manager")
+    p.add_argument("--first-save-child", choices=("manager", "in_rank"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +96,26 @@ def main() -> None:
         "checkpoint.save_every=0"])
     cfg.pretrained, cfg.output_dir = str(model), str(workdir / "run")
     cfg.data.train = f"jsonl:{data}"
+    if args.first_save_child:  # a fresh process: its first save, one way
+        print(json.dumps(run_parallel(_first_save, 1, cfg, args.first_save_child == "manager")))
+        return
+    if args.first_save:
+        times: dict[str, list[float]] = {"manager": [], "in_rank": []}
+        for _ in range(args.repeats):
+            for mode in times:
+                child = subprocess.run(
+                    [sys.executable, __file__, "--workdir", str(workdir), "--hidden", str(args.hidden),
+                     "--ffn", str(args.ffn), "--layers", str(args.layers), "--first-save-child", mode],
+                    check=True, capture_output=True, text=True)
+                times[mode].append(json.loads(child.stdout.strip().splitlines()[-1])["seconds"])
+        report = {"hidden": args.hidden, "ffn": args.ffn, "layers": args.layers, "first_save_s": times,
+                  "speedup_best": min(times["manager"]) / min(times["in_rank"])}
+        print(json.dumps(report))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for mode, label in (("manager", "Megatron's Manager"), ("in_rank", "queue in the rank")):
+            print(f"{label:<20} first save: {', '.join(f'{t:.2f}' for t in times[mode])} s")
+        return
     result = run_parallel(_timed_saves, 1, cfg, args.repeats)
     best = {m: min(result[f"{m}_s"]) for m in ("crc", "no_crc")}
     report = {"hidden": args.hidden, "ffn": args.ffn, "layers": args.layers, **result,
