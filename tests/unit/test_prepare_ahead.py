@@ -85,7 +85,7 @@ def test_closing_stops_a_step_being_built_at_its_next_sample():
     assert encoder.started.wait(5)
     start = time.monotonic()
     stream.close()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0  # not the 32 s that building the step takes
     assert not any(t.name == "vlm-bridge-next-step" for t in threading.enumerate())
 
 
