@@ -228,10 +228,11 @@ class MicroBatchStream:
 
     def next_step(self, num_microbatches: int) -> list[MicroBatch]:
         """The micro-batches of one global step (all data-parallel ranks' worth)."""
-        prepared, self._prepared = self._prepared, None
+        prepared = self._prepared
         if prepared is None:
             return self._build_step(num_microbatches)
         prepared.done.wait()
+        self._prepared = None  # (after the wait: a stop signal during it leaves close() to join)
         if prepared.num_microbatches != num_microbatches:
             raise RuntimeError(f"a step of {prepared.num_microbatches} micro-batches was prepared, "
                                f"{num_microbatches} were asked for")
