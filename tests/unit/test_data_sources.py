@@ -303,5 +303,10 @@ def test_a_missing_local_source_is_named_before_anything_loads(tmp_path):
         needle = f"^data.validation: data source {re.escape(spec)}: no such file or folder$"
         with pytest.raises(ValueError, match=needle):
             check_source(spec, "data.validation")
-    with pytest.raises(ValueError, match="unknown source 'csv:x.csv'"):
+    with pytest.raises(ValueError, match="^data.train: unknown source 'csv:x.csv'"):
         check_source("csv:x.csv", "data.train")
+    with pytest.raises(ValueError, match="^data.train: data source hf:./gone: no such file or folder$"):
+        check_source("hf:./gone", "data.train")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"^data.train: data source .*notes.txt: not a .jsonl/.json file, "):
+        check_source(str(tmp_path / "notes.txt"), "data.train")

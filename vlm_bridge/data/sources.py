@@ -350,6 +350,9 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
     bare = bare_path_source(spec)
     if bare is not None:
         return load_source(bare, **kwargs)
+    if Path(spec).expanduser().is_file():
+        raise ValueError(f"data source {spec}: not a .jsonl/.json file, a data file datasets reads "
+                         f"({', '.join('.' + e for e in DATA_FILE_BUILDERS)}) or a dataset folder")
     if not colon and ("/" in spec or Path(spec).suffix):
         raise ValueError(f"data source {spec}: no such file or folder")
     raise ValueError(
@@ -364,12 +367,19 @@ def check_source(spec: str, key: str) -> None:
     kind, colon, rest = spec.partition(":")
     if kind in ("jsonl", "json") and rest:
         path = Path(rest).expanduser()
-    elif (kind == "hf" and rest) or kind in MAKERS or bare_path_source(spec) is not None:
+    elif kind == "hf" and rest:
+        path = Path(_hf_name_and_split(rest)[0]).expanduser()
+        if not rest.startswith(("/", ".", "~")):  # a hub name (or a folder here): read later
+            return
+    elif kind in MAKERS or bare_path_source(spec) is not None:
         return
-    elif not colon and ("/" in spec or Path(spec).suffix):
+    elif not colon and ("/" in spec or Path(spec).suffix) and not Path(spec).expanduser().exists():
         path = Path(spec).expanduser()
     else:
-        load_source(spec)  # unknown: its error names what is accepted
+        try:
+            load_source(spec)  # not a source: its error names what is accepted
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
         return
     if not path.exists():
         raise ValueError(f"{key}: data source {spec}: no such file or folder")
