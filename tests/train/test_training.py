@@ -502,10 +502,14 @@ def _save_and_list_helpers(cfg) -> dict:
 
     run = trainer.setup(cfg)
     trainer.train_step(run)
+    # (a pooled test process may hold one already, from a test that saves through Megatron itself)
+    earlier, filesystem_async._results_queue = filesystem_async._results_queue, None
+    before = {p.pid for p in multiprocessing.active_children()}
     path = trainer.save(run)
+    started = [p.name for p in multiprocessing.active_children() if p.pid not in before]
+    manager, filesystem_async._results_queue = filesystem_async._results_queue is not None, earlier
     run.stream.close()
-    return {"saved": ckpt.latest_step(path.parent), "manager": filesystem_async._results_queue is not None,
-            "children": [p.name for p in multiprocessing.active_children()]}
+    return {"saved": ckpt.latest_step(path.parent), "manager": manager, "children": started}
 
 
 def test_a_checkpoint_save_starts_no_helper_process(tiny_cfg, tmp_path):
