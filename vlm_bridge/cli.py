@@ -327,7 +327,7 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from vlm_bridge.convert.hf_io import refuse_existing_file, refuse_output_over_input, strict_json
-    from vlm_bridge.data.sources import check_source, source_path
+    from vlm_bridge.data.sources import check_source, refuse_output_over_source, source_path
     from vlm_bridge.inference.evaluate import EvalOptions, evaluate_command, format_report
     from vlm_bridge.inference.metrics import check_metric
     from vlm_bridge.parallel import run_parallel
@@ -338,6 +338,7 @@ def cmd_evaluate(args) -> int:
         inputs = {"--data": source_path(args.data), "--megatron-path": args.megatron_path,
                   "--hf-model": args.hf_model}
         refuse_output_over_input(args.report, inputs)
+        refuse_output_over_source(args.report, "--report", data, "--data")
         refuse_existing_file(args.report, "--report", args.overwrite)
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")

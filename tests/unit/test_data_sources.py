@@ -310,3 +310,39 @@ def test_a_missing_local_source_is_named_before_anything_loads(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"^data.train: data source .*notes.txt: not a .jsonl/.json file, "):
         check_source(str(tmp_path / "notes.txt"), "data.train")
+
+
+def test_an_output_over_a_data_source_is_refused(tmp_path):
+    from vlm_bridge.convert.hf_io import CheckpointError
+    from vlm_bridge.data.sources import refuse_output_over_source
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text("")
+    refuse_output_over_source(tmp_path / "run", "output_dir", str(folder), "data.train")  # beside it: fine
+    with pytest.raises(CheckpointError, match="is the input data.train"):
+        refuse_output_over_source(folder, "output_dir", str(folder), "data.train")
+    with pytest.raises(CheckpointError, match="is a folder holding the input data.train"):
+        refuse_output_over_source(tmp_path, "output_dir", f"jsonl:{folder / 'part.jsonl'}", "data.train")
+    with pytest.raises(ValueError, match="^--report .*report.json is inside the data folder --data "):
+        refuse_output_over_source(folder / "report.json", "--report", str(folder), "--data")
+    refuse_output_over_source(tmp_path / "run", "output_dir", "hf:org/name", "data.train")  # a hub name
+
+
+def test_a_folder_datasets_cannot_read_as_one_table_is_one_line(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (folder / "a.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "b.json").write_text(json.dumps({"metrics": {"loss": 1.0}, "data": "x"}))
+    with pytest.raises(ValueError, match=r"^data source .*mixed: datasets could not read it as one table"):
+        list(load_source(str(folder)))
+
+
+def test_a_bare_name_and_a_makers_local_copy_that_are_not_there_are_named(tmp_path):
+    from vlm_bridge.data.sources import check_source
+
+    for spec, says in (("missing_dir", "no such file or folder, nor a maker"),
+                       ("cord_v2:/no/such", "no such file or folder$")):
+        with pytest.raises(ValueError, match=f"^data.train: data source {spec}: {says}"):
+            check_source(spec, "data.train")

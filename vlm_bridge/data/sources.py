@@ -97,6 +97,19 @@ def load_hf_dataset(
     names a sub-folder, the usual on-disk copy of one config of a dataset like the_cauldron.
     Extra keywords (``cache_dir``, ``streaming``, ...) go to ``load_dataset``.
     """
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return _load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
+    except DatasetGenerationError as err:  # a bad file among a folder's, files of several schemas
+        cause = err.__cause__ or err
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise ValueError(f"data source {name_or_dir}: datasets could not read it as one table "
+                         f"({type(cause).__name__}: {detail}); its data files must share one "
+                         "schema, with nothing else of their kind in the folder") from err
+
+
+def _load_hf_dataset(name_or_dir: str | Path, split: str, subset: str | None, **load_kwargs: Any) -> Any:
     import datasets
 
     root = Path(name_or_dir)
@@ -355,6 +368,9 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
                          f"({', '.join('.' + e for e in DATA_FILE_BUILDERS)}) or a dataset folder")
     if not colon and ("/" in spec or Path(spec).suffix):
         raise ValueError(f"data source {spec}: no such file or folder")
+    if not colon:
+        raise ValueError(f"data source {spec}: no such file or folder, nor a maker "
+                         f"({', '.join(MAKERS)})")
     raise ValueError(
         f"unknown source {spec!r}: use a .jsonl/.json file, a dataset folder or data file, jsonl:PATH, "
         f"json:PATH, hf:NAME_OR_DIR or one of {', '.join(MAKERS)}"
@@ -371,6 +387,8 @@ def check_source(spec: str, key: str) -> None:
         path = Path(_hf_name_and_split(rest)[0]).expanduser()
         if not rest.startswith(("/", ".", "~")):  # a hub name (or a folder here): read later
             return
+    elif kind in MAKERS and rest:  # a maker reading a local copy
+        path = Path(rest).expanduser()
     elif kind in MAKERS or bare_path_source(spec) is not None:
         return
     elif not colon and ("/" in spec or Path(spec).suffix) and not Path(spec).expanduser().exists():
@@ -383,6 +401,34 @@ def check_source(spec: str, key: str) -> None:
         return
     if not path.exists():
         raise ValueError(f"{key}: data source {spec}: no such file or folder")
+
+
+def local_source_path(spec: str) -> Path | None:
+    """The local file or folder a source spec reads, when it is one that exists."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("jsonl", "json") and rest:
+        path = Path(rest).expanduser()
+    elif kind == "hf" and rest:
+        path = Path(_hf_name_and_split(rest)[0]).expanduser()
+    elif bare_path_source(spec) is not None:
+        path = Path(spec).expanduser()
+    else:
+        return None
+    return path if path.exists() else None
+
+
+def refuse_output_over_source(output: str | Path, option: str, spec: str, key: str) -> None:
+    """An output must not be a data source, nor hold one, nor sit inside a data folder (the
+    dataset would read what is written there on the next run)."""
+    from vlm_bridge.convert.hf_io import refuse_output_over_input
+
+    source = local_source_path(spec)
+    if source is None:
+        return
+    refuse_output_over_input(output, {key: source})
+    if source.is_dir() and source.resolve() in Path(output).resolve().parents:
+        raise ValueError(f"{option} {output} is inside the data folder {key} {spec}, whose next read "
+                         "would take what is written there as data; choose an output outside it")
 
 
 def bare_path_source(spec: str) -> str | None:

@@ -57,7 +57,8 @@ class OptimSettings:
 
 @dataclass
 class DataSettings:
-    train: str = ""  # "jsonl:PATH", "json:PATH", "hf:NAME_OR_DIR" or a maker name
+    # A path (a .jsonl/.json file, a data file, a dataset folder), "jsonl:PATH", "hf:NAME_OR_DIR", a maker
+    train: str = ""
     validation: str = ""  # held-out data in the same forms; evaluated every eval.every steps
     seq_len: int = 4096
     pack: bool = True
@@ -254,11 +255,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
-    from vlm_bridge.data.sources import check_source
+    from vlm_bridge.data.sources import check_source, refuse_output_over_source
 
     for key in ("data.train", "data.validation"):  # a path that is not there: before a model loads
         if _get(cfg, key):
             check_source(_get(cfg, key), key)
+            refuse_output_over_source(cfg.output_dir, "output_dir", _get(cfg, key), key)
 
 
 def initial_loss_scale(cfg: TrainConfig) -> float:

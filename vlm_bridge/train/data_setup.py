@@ -12,7 +12,8 @@ def build_stream(cfg: TrainConfig, built) -> MicroBatchStream:
     from vlm_bridge.loading import load_processor
 
     if not cfg.data.train:
-        raise ValueError("no training data given (data.train=jsonl:PATH, hf:NAME, or a maker name)")
+        raise ValueError("no training data given (data.train=PATH of a .jsonl/.json file or a dataset, "
+                         "jsonl:PATH, hf:NAME_OR_DIR, or a maker name)")
     processor = load_processor(built.hf_side_dir)
     samples = load_source(cfg.data.train)
     if not hasattr(samples, "__getitem__"):

@@ -43,8 +43,9 @@ from vlm_bridge.train.metrics import RunLogger
 from vlm_bridge.train.recompute import apply_recompute, layers_kept_whole
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; stopping beats silently corrupting the weights."""
+class NonFiniteLoss(ValueError):
+    """Training produced a NaN/inf loss; stopping beats silently corrupting the weights. A
+    ValueError: the settings or the data caused it, so the CLI says it as one ``error:`` line."""
 
 
 @dataclass
