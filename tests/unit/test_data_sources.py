@@ -287,6 +287,9 @@ def test_a_plain_path_is_read_by_its_kind(tmp_path, monkeypatch):
     for spec in ("rows.jsonl", str(tmp_path / "rows.json"), "rows.parquet", "saved"):
         samples = list(load_source(spec))
         assert len(samples) == 1 and samples[0]["messages"][1]["role"] == "assistant", spec
+    datasets.DatasetDict({"train": ds, "validation": datasets.concatenate_datasets([ds, ds])}).save_to_disk(
+        str(tmp_path / "splits"))
+    assert len(list(load_source("splits@validation"))) == 2 and len(list(load_source("splits"))) == 1
     for missing in ("nothing.jsonl", "data/nothing"):
         with pytest.raises(ValueError, match=f"^data source {missing}: no such file or folder$"):
             load_source(missing)
@@ -326,6 +329,8 @@ def test_an_output_over_a_data_source_is_refused(tmp_path):
         refuse_output_over_source(tmp_path, "output_dir", f"jsonl:{folder / 'part.jsonl'}", "data.train")
     with pytest.raises(ValueError, match="^--report .*report.json is inside the data folder --data "):
         refuse_output_over_source(folder / "report.json", "--report", str(folder), "--data")
+    with pytest.raises(ValueError, match="is inside the data folder"):
+        refuse_output_over_source(folder / "run", "output_dir", f"{folder}@validation", "data.train")
     refuse_output_over_source(tmp_path / "run", "output_dir", "hf:org/name", "data.train")  # a hub name
 
 

@@ -411,7 +411,7 @@ def local_source_path(spec: str) -> Path | None:
     elif kind == "hf" and rest:
         path = Path(_hf_name_and_split(rest)[0]).expanduser()
     elif bare_path_source(spec) is not None:
-        path = Path(spec).expanduser()
+        return local_source_path(bare_path_source(spec))
     else:
         return None
     return path if path.exists() else None
@@ -433,11 +433,14 @@ def refuse_output_over_source(output: str | Path, option: str, spec: str, key: s
 
 def bare_path_source(spec: str) -> str | None:
     """A source given as a plain path, with its kind: a ``.jsonl``/``.json`` file is read as our
-    JSON samples, another data file or a folder through ``datasets`` (``hf:``); None when ``spec``
-    is no existing file or folder."""
+    JSON samples, another data file or a folder (``FOLDER@SPLIT`` for another split than train)
+    through ``datasets`` (``hf:``); None when ``spec`` is no existing file or folder."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
         return f"{path.suffix[1:].lower()}:{path}"
     if path.is_dir() or (path.is_file() and path.suffix.lower().lstrip(".") in DATA_FILE_BUILDERS):
         return f"hf:{path}"
+    name, split = _hf_name_and_split(spec)  # FOLDER@SPLIT, as hf: takes it
+    if split is not None and Path(name).expanduser().is_dir():
+        return f"hf:{Path(name).expanduser()}@{split}"
     return None
