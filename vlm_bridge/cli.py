@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 EXIT_PARITY = 1
 EXIT_USAGE = 2
@@ -251,6 +252,7 @@ def cmd_export(args) -> int:
     from vlm_bridge.inference.command import resolve_megatron_path
 
     megatron_path = str(resolve_megatron_path(args.megatron_path))  # a run folder: its newest step
+    _refuse_checkpoint_parts(args.hf_path, megatron_path)
     parallel = _parallel(args, os.path.join(megatron_path, "hf"))
     start = time.time()
     meta = run_parallel(
@@ -260,6 +262,17 @@ def cmd_export(args) -> int:
     print(f"exported {megatron_path} -> {args.hf_path} ({meta.get('family', '?')}, {meta['dtype']}) "
           f"in {time.time() - start:.1f}s")
     return 0
+
+
+def _refuse_checkpoint_parts(output: str, checkpoint: str) -> None:
+    """An export into the checkpoint's own ``hf/`` or ``weights/`` would replace what it is read
+    from (an ``hf_export`` folder beside them is a normal place for one)."""
+    out = Path(output).resolve()
+    for part in ("hf", "weights"):
+        inside = Path(checkpoint).resolve() / part
+        if out == inside or inside in out.parents:
+            raise ValueError(f"--hf-path {output} is the checkpoint's own {part}/ folder (part of the input "
+                             f"--megatron-path {checkpoint}); choose another output path")
 
 
 def cmd_verify(args) -> int:
@@ -398,6 +411,12 @@ def cmd_finetune(args) -> int:
     from vlm_bridge.train.config import apply_overrides, check_config
     from vlm_bridge.train.trainer import train
 
+    if args.dp < 1:
+        raise ValueError(f"--dp must be >= 1, got {args.dp}")
+    given = [o for o in args.overrides if o.split("=", 1)[0] == "pretrained"]
+    if given:
+        raise ValueError(f"{given[0]}: the model to start from is --pretrained (an HF folder, a vlm-bridge "
+                         "checkpoint or a training run); give it there")
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     cfg.pretrained = args.pretrained
     check_config(cfg)
@@ -445,10 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "finetune" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        hint = ""
+        if args.command == "finetune" and any(e.startswith("--") for e in extra):
+            flag = next(e for e in extra if e.startswith("--"))
+            hint = f"; config settings are key=value overrides (e.g. {flag[2:].replace('-', '_')}=...)"
+        sys.stderr.write(f"error: vlm-bridge {args.command}: unrecognized arguments: {' '.join(extra)}{hint} "
+                         f"(see vlm-bridge {args.command} --help)\n")
+        return EXIT_USAGE
     from vlm_bridge.convert.hf_io import CheckpointError
     from vlm_bridge.parallel import stop_on_signals, stopped_by
 
+    if "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        # under torchrun every process runs the command: rank 0 prints its result (errors still show)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     stop_on_signals()  # outputs being written are removed on SIGTERM as on Ctrl-C
     user_errors = (CheckpointError, ValueError, FileNotFoundError, OSError)
     try:

@@ -379,9 +379,33 @@ def test_finetune_overrides_may_come_between_options(tiny_hf, run_cli, capsys, t
                    "no.such_key=1") == 2
     err = capsys.readouterr().err
     assert "unknown config key 'no.such_key'" in err and "unrecognized" not in err, err
-    with pytest.raises(SystemExit):  # argparse's own exit, as for any unknown option
-        run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, "--fast")
-    assert "unrecognized arguments: --fast" in capsys.readouterr().err
+    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, "--steps", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: vlm-bridge finetune: unrecognized arguments: --steps; config settings are "
+                   "key=value overrides (e.g. steps=...) (see vlm-bridge finetune --help)"), err
+
+
+def test_finetune_and_export_refuse_what_would_be_ignored_or_destroyed(tiny_hf, tiny_megatron, run_cli,
+                                                                      capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Yes."}]}) + "\n")
+    base = ["finetune", "--recipe", "demo_tiny", "--pretrained", tiny_hf, f"data.train={data}"]
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    assert run_cli(*base, "--dp", "0") == 2
+    assert run_cli(*base, f"pretrained={tiny_megatron}") == 2
+    assert run_cli(*base, f"output_dir={tmp_path / 'afile'}") == 2
+    assert run_cli("export", "--megatron-path", tiny_megatron, "--hf-path", Path(tiny_megatron) / "hf",
+                   "--overwrite") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4, errors
+    assert errors[0] == "error: --dp must be >= 1, got 0"
+    assert errors[1].startswith("error: pretrained=") and "is --pretrained" in errors[1]
+    assert errors[2].endswith("afile is a file; the run writes a folder there")
+    assert "is the checkpoint's own hf/ folder" in errors[3]
+    side = Path(tiny_megatron) / "hf"
+    assert (side / "config.json").is_file() and not list(side.glob("*.safetensors"))
 
 
 def test_moe_fine_tuning_at_tensor_parallel_two_is_named(tiny_qwen3_moe, run_cli, capsys, tmp_path):

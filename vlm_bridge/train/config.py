@@ -252,6 +252,8 @@ def check_config(cfg: TrainConfig) -> None:
 
         for name in cfg.eval.metrics:  # a metric that cannot score fails before any rank starts
             check_metric(name, "eval.metrics")
+    if Path(cfg.output_dir).expanduser().is_file():
+        raise ValueError(f"output_dir {cfg.output_dir} is a file; the run writes a folder there")
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
