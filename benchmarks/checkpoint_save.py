@@ -72,7 +72,7 @@ def _first_save(cfg, with_manager: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=8192)
     p.add_argument("--layers", type=int, default=4)

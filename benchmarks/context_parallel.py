@@ -82,7 +82,7 @@ def run_steps(cfg, warmup: int, steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b")
     p.add_argument("--workdir", required=True)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")

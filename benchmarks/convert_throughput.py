@@ -246,7 +246,7 @@ def table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hf_dir")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,

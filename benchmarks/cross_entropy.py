@@ -32,12 +32,14 @@ def _time_ms(fn, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cross_entropy.py times CUDA kernels: it needs a GPU")
 
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 

@@ -105,7 +105,7 @@ def _time_steps(hf_dir: Path, workers: int, ahead: bool, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf", default=None, help="a Qwen2.5-VL folder (default: the tiny builder's)")
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--steps", type=int, default=6)

@@ -15,12 +15,14 @@ from cross_entropy import _report, _time_ms
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--width", type=int, default=20480, help="fc1 output width ([gate | up])")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gated_activation.py times CUDA kernels: it needs a GPU")
 
     from vlm_bridge.families._common import fused
 

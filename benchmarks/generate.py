@@ -158,7 +158,7 @@ def bench(hf_dir: str, workdir: str, sizes: list[int], new_tokens: int, dtype_na
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b")
     p.add_argument("--workdir", required=True, help="checkpoint in WORKDIR/hf (written if missing)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")

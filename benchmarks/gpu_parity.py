@@ -47,7 +47,7 @@ def _gpu_peak_gb() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b",
                    choices=["7b", "qwen3_8b", "tiny", "gemma3_4b", "gemma3_12b", "gemma3_27b", "gemma3_tiny",
                             "nemotron_12b", "nemotron_tiny"])

@@ -504,7 +504,7 @@ def print_and_save(report: dict, out: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b",
                    help="7b, qwen3_8b, qwen3_30b_a3b, qwen3_30b_a3b_<N>l (N LM layers), tiny, "
                         "gemma3_4b, gemma3_12b, gemma3_27b, gemma3_tiny, nemotron_12b, nemotron_tiny")

@@ -84,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_bridge.families._common import ssd_triton
     from vlm_bridge.families._common.ssd_scan import recomputed_ssd_scan, segment_runs, ssd_scan
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--samples", type=int, default=8, help="packed samples in the row")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("mamba_scan.py times CUDA kernels: it needs a GPU")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     x, dt, A, B, C, segments = _inputs(a.tokens, a.samples, dtype)
     runs = segment_runs(segments)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="qwen3_30b_a3b_4l")
     p.add_argument("--hf", default=None, help="use this HF folder instead of writing one")
     p.add_argument("--ep", type=int, default=2)

@@ -72,6 +72,8 @@ def build(args, workdir: Path) -> tuple[Path, Path]:
     from vlm_bridge.testing.shapes_task import make_task
     from vlm_bridge.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
 
+    if args.hidden % 256:  # 16 heads whose size splits into MRoPE's 2:3:3 sections of 16ths
+        raise SystemExit(f"--hidden must be a multiple of 256, got {args.hidden}")
     heads, head_dim = 16, args.hidden // 16
     eighth = head_dim // 16  # mrope sections summing to head_dim / 2, split 2:3:3 as the tiny one
     text = {"hidden_size": args.hidden, "intermediate_size": args.ffn, "num_hidden_layers": args.layers,
@@ -84,7 +86,7 @@ def build(args, workdir: Path) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=8192)
     p.add_argument("--layers", type=int, default=4)

@@ -501,7 +501,7 @@ def _packed_rows(encoded: list, args) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b", help="7b, tiny, qwen3_8b, qwen3_30b_a3b[_<N>l], gemma3_4b, "
                    "gemma3_12b, gemma3_27b, gemma3_tiny, nemotron_12b, nemotron_tiny (make_checkpoint)")
     p.add_argument("--hf", default=None, help="use this HF folder instead of WORKDIR/hf")

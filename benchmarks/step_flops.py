@@ -181,3 +181,7 @@ def _nemotron_flops(config, encoded: list, lora: bool, count: dict, tokens: int)
     return {"total": sum(parts.values()), **parts, "params": count, "active_lm_params": active_lm,
             "lm_tokens": tokens, "patches": int(patches), "images": images,
             "vit_tokens": int(vit_tokens), "layers": {k: kinds.count(k) for k in sorted(set(kinds))}}
+
+
+if __name__ == "__main__":
+    raise SystemExit("step_flops.py is the FLOP count sft_step.py reports (model_flops); run sft_step.py")

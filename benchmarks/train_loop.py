@@ -3,9 +3,10 @@ image+text samples from disk, encodes, packs and collates them, then trains. ``s
 encodes once before timing, so this is where the host's share of a real step shows.
 
     python3 benchmarks/train_loop.py --size 7b --num-layers 14 --workdir /tmp/w --mode sft \\
-        --configs 0:off,4:off,4:on --out $OUT/loop.json
+        --out $OUT/loop.json
 
-``--configs`` lists ``workers:ahead`` pairs: ``data.workers`` (encoding processes) and whether the
+``--configs`` lists ``workers:ahead`` pairs (default: 0:off, W:off and W:on with W as
+``data.workers=-1`` picks it for one GPU): ``data.workers`` (encoding processes) and whether the
 next step is built in a thread while one trains (``VLM_BRIDGE_PREPARE_AHEAD``). The first pair is
 the baseline (``0:off``: everything in the rank between steps, the trainer before either). Each
 pair trains in a fresh process from the same checkpoint and data; reported per pair: every step's
@@ -83,14 +84,15 @@ def _rank(hf_dir: str, data: str, args, workers: int, ahead: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="tiny", help="make_checkpoint size (as sft_step.py)")
     p.add_argument("--hf", default=None, help="use this HF folder instead of WORKDIR/hf")
     p.add_argument("--workdir", default=None)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--mode", choices=("sft", "lora"), default="sft")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--configs", default="0:off,4:off,4:on")
+    workers = max(1, min(4, (os.cpu_count() or 2) - 1))  # what data.workers=-1 picks for one GPU
+    p.add_argument("--configs", default=f"0:off,{workers}:off,{workers}:on")
     p.add_argument("--rows", type=int, default=5, help="packed rows a step (global_batch_size)")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)

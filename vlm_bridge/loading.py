@@ -131,6 +131,10 @@ def _raw_config(folder: str | Path) -> tuple[Path, dict]:
         snapshots = sorted((Path(folder) / "snapshots").glob("*/config.json"))
         hint = (f"; it is a hub cache folder whose refs/main names no complete snapshot (or that has "
                 f"no refs/main): pass one of its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
+        if (Path(folder) / META_FILE).is_file() or (Path(folder) / "checkpoints").is_dir():
+            hint = "; it is a vlm-bridge Megatron checkpoint or run: pass it as --megatron-path"
+        if not Path(folder).exists():
+            raise CheckpointError(f"{folder}: no such folder (a Hugging Face model folder was expected)")
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder){hint}")
     try:
         return path, json.loads(path.read_text())
@@ -364,6 +368,7 @@ def import_hf(
 ) -> dict:
     """Run on every rank: convert an HF folder into a Megatron distributed checkpoint."""
     init_distributed(parallel)
+    _raw_config(hf_dir)  # the input is named first (swapped options would name the output)
     out = Path(out_dir)
     refuse_output_over_input(out, {"--hf-model": hf_dir})
     if out.exists() and not overwrite:

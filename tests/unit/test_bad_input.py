@@ -458,3 +458,18 @@ def test_a_metric_from_a_file_and_a_nan_score_give_strict_json(tiny_hf, run_cli,
     metrics.write_text("def percent(answer, references):\n    return 100.0\n")
     assert run_cli("evaluate", "--hf-model", tiny_hf, "--data", data, "--metric", f"{metrics}:percent") == 2
     assert "gave 100.0 for answer 'yes'; a score must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_swapped_or_missing_model_folders_say_which_option_they_belong_to(tiny_hf, tiny_megatron, run_cli,
+                                                                         capsys, tmp_path):
+    capsys.readouterr()
+    assert run_cli("import", "--megatron-path", tiny_hf, "--hf-model", tmp_path / "m1") == 2
+    assert run_cli("verify", "--hf-model", tiny_megatron) == 2
+    assert run_cli("export", "--megatron-path", tiny_hf, "--hf-path", tmp_path / "out") == 2
+    assert run_cli("export", "--megatron-path", tmp_path / "nope", "--hf-path", tmp_path / "out") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[0].endswith("m1: no such folder (a Hugging Face model folder was expected)"), errors
+    assert errors[1].endswith("pass it as --megatron-path"), errors
+    assert errors[2].endswith("it is a Hugging Face model folder: pass it as --hf-model"), errors
+    assert errors[3].endswith("nope: no such folder (a vlm-bridge Megatron checkpoint was expected)"), errors
+    assert not (tmp_path / "out").exists()

@@ -33,8 +33,12 @@ def resolve_megatron_path(path: str | Path) -> Path:
         step = latest_step(root) if root.is_dir() else None
         if step is not None:
             return iteration_dir(root, step)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder (a vlm-bridge Megatron checkpoint was expected)")
+    hint = "; it is a Hugging Face model folder: pass it as --hf-model" if run_config and (
+        "architectures" in run_config or "model_type" in run_config) else ""
     raise FileNotFoundError(
-        f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder)")
+        f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder){hint}")
 
 
 def resolve_pretrained(path: str) -> str:
