@@ -70,10 +70,15 @@ def test_workers_give_the_same_steps_positions_and_counts_across_epochs():
         resumed.close()
 
 
-def test_a_bad_sample_fails_the_step_that_reaches_it_not_the_one_that_looks_ahead():
+def bad_fourth_sample_stream() -> MicroBatchStream:
+    """Steps of one 40-token row; the fourth sample fails to encode (its step is the second)."""
     samples = [(20, 1), (20, 2), (20, 3), (-1, 4), (20, 5)]
-    stream = MicroBatchStream(samples, _CountingEncoder(), _FAMILY, None, seq_len=40, pack=True,
-                              micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
+    return MicroBatchStream(samples, _CountingEncoder(), _FAMILY, None, seq_len=40, pack=True,
+                            micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
+
+
+def test_a_bad_sample_fails_the_step_that_reaches_it_not_the_one_that_looks_ahead():
+    stream = bad_fourth_sample_stream()
     stream.encode_ahead(2)
     try:
         assert [_tags(mb) for mb in stream.next_step(1)] == [[[1, 2]]]  # the window covers sample 4

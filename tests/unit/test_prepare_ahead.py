@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from test_encode_ahead import _CountingEncoder, _stream
+from test_encode_ahead import _CountingEncoder, _stream, bad_fourth_sample_stream
 from test_packing import _FAMILY, _tags
 
 from vlm_bridge.train.data_stream import MicroBatchStream
@@ -51,9 +51,7 @@ def test_steps_built_ahead_are_the_steps_built_when_asked(workers, inline, monke
 
 
 def test_a_bad_sample_in_the_step_built_ahead_fails_when_that_step_is_asked_for():
-    samples = [(20, 1), (20, 2), (20, 3), (-1, 4), (20, 5)]
-    stream = MicroBatchStream(samples, _CountingEncoder(), _FAMILY, None, seq_len=40, pack=True,
-                              micro_batch_size=1, pad_id=0, seed=0, shuffle=False, pad_to_seq_len=False)
+    stream = bad_fourth_sample_stream()
     try:
         assert [_tags(mb) for mb in stream.next_step(1)] == [[[1, 2]]]
         stream.prepare_next(1)  # reaches the bad sample, in its thread: nothing raised here

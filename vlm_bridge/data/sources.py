@@ -380,41 +380,41 @@ def load_source(spec: str, **kwargs: Any) -> Iterator[Sample]:
 def check_source(spec: str, key: str) -> None:
     """A source spec that names a local file or folder that is not there fails now, by ``key``
     (before a model loads); hub names and makers are checked when they are read."""
-    kind, colon, rest = spec.partition(":")
-    if kind in ("jsonl", "json") and rest:
-        path = Path(rest).expanduser()
-    elif kind == "hf" and rest:
+    if bare_path_source(spec) is not None:
+        return
+    named = _named_path(spec)
+    if named is not None:
+        if not named.exists():
+            raise ValueError(f"{key}: data source {spec}: no such file or folder")
+        return
+    kind, _, rest = spec.partition(":")
+    if kind in MAKERS or (kind == "hf" and rest):  # a maker or a hub name: read later
+        return
+    try:
+        load_source(spec)  # not a source: its error names what is accepted
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def _named_path(spec: str) -> Path | None:
+    """The local path a prefixed spec names (``jsonl:``/``json:``, ``hf:`` with a local-looking or
+    existing path, a maker's local copy), whether or not it exists; None otherwise."""
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        return None
+    if kind in ("jsonl", "json") or kind in MAKERS:
+        return Path(rest).expanduser()
+    if kind == "hf":
         path = Path(_hf_name_and_split(rest)[0]).expanduser()
-        if not rest.startswith(("/", ".", "~")):  # a hub name (or a folder here): read later
-            return
-    elif kind in MAKERS and rest:  # a maker reading a local copy
-        path = Path(rest).expanduser()
-    elif kind in MAKERS or bare_path_source(spec) is not None:
-        return
-    elif not colon and ("/" in spec or Path(spec).suffix) and not Path(spec).expanduser().exists():
-        path = Path(spec).expanduser()
-    else:
-        try:
-            load_source(spec)  # not a source: its error names what is accepted
-        except ValueError as err:
-            raise ValueError(f"{key}: {err}") from None
-        return
-    if not path.exists():
-        raise ValueError(f"{key}: data source {spec}: no such file or folder")
+        return path if rest.startswith(("/", ".", "~")) or path.exists() else None
+    return None
 
 
 def local_source_path(spec: str) -> Path | None:
     """The local file or folder a source spec reads, when it is one that exists."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("jsonl", "json") and rest:
-        path = Path(rest).expanduser()
-    elif kind == "hf" and rest:
-        path = Path(_hf_name_and_split(rest)[0]).expanduser()
-    elif bare_path_source(spec) is not None:
-        return local_source_path(bare_path_source(spec))
-    else:
-        return None
-    return path if path.exists() else None
+    bare = bare_path_source(spec)
+    path = _named_path(bare or spec)
+    return path if path is not None and path.exists() else None
 
 
 def refuse_output_over_source(output: str | Path, option: str, spec: str, key: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +50,6 @@ class _PreparedStep:
     thread: threading.Thread | None = None
     batches: list | None = None
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class _Cancelled(Exception):
@@ -217,8 +216,6 @@ class MicroBatchStream:
                 prepared.batches = self._build_step(num_microbatches)
             except BaseException as err:  # raised where the step is asked for
                 prepared.error = err
-            finally:
-                prepared.done.set()
 
         if os.environ.get("VLM_BRIDGE_PREPARE_AHEAD", "1") == "0":
             build()
@@ -231,7 +228,8 @@ class MicroBatchStream:
         prepared = self._prepared
         if prepared is None:
             return self._build_step(num_microbatches)
-        prepared.done.wait()
+        if prepared.thread is not None:
+            prepared.thread.join()
         self._prepared = None  # (after the wait: a stop signal during it leaves close() to join)
         if prepared.num_microbatches != num_microbatches:
             raise RuntimeError(f"a step of {prepared.num_microbatches} micro-batches was prepared, "
