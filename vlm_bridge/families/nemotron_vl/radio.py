@@ -128,10 +128,12 @@ class RadioVisionTower(MegatronModule):
         pieces, ids = [], []
         for i, (patches, (rows, cols)) in enumerate(zip(embedded, grids)):
             pieces += [prefix, patches + self.positions(rows, cols, dtype)]
-            ids.append(torch.full((prefix.shape[0] + patches.shape[0],), i, device=patches.device))
+            ids.append(torch.full((prefix.shape[0] + patches.shape[0],), i))
         x = torch.cat(pieces)[:, None]  # [tokens, 1, hidden]
-        # Every image attends only to itself (one packed row, a segment per image).
-        mask = AttentionMask(segment_ids=torch.cat(ids)[None], causal=False)
+        # Every image attends only to itself (one packed row, a segment per image). The ids are
+        # made on the host and moved with the mask: its varlen bounds derived from ids on the GPU
+        # would make the host wait for every queued kernel.
+        mask = AttentionMask(segment_ids=torch.cat(ids)[None], causal=False).to(x.device)
         for layer in self.layers:
             x, _ = layer(x, attention_mask=mask)
         out, start, n_prefix = [], 0, prefix.shape[0]
