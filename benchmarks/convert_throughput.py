@@ -5,11 +5,13 @@
 Phases, in this order (each with wall time, MB/s over the HF tensor bytes, and peak memory):
 raw copy (after an untimed read that warms the page cache, every tensor's bytes read as the
 importer reads them and written once into one file on the work folder's filesystem: the I/O floor
-of any conversion, which reads and writes every byte), raw read (every tensor once, copied into
-memory: the baseline of the goal, and the page-cache warm-up, so import and export are not charged
-for cold disk), import (``import_hf`` under ``run_parallel``), export (``export_hf``), and a
-bit-exact round-trip check of the exported folder, one tensor at a time. Dirty pages are flushed
-between phases, untimed. MB and GB are 10^6 and 10^9 bytes. Prints one JSON line, then a table.
+of any conversion, which reads and writes every byte), kernel copy (the same bytes copied by
+``copy_file_range``, never through user memory: the most a conversion could write), raw read
+(every tensor once, copied into memory: the baseline of the goal, and the page-cache warm-up, so
+import and export are not charged for cold disk), import (``import_hf`` under ``run_parallel``),
+export (``export_hf``), and a bit-exact round-trip check of the exported folder, one tensor at a
+time. Dirty pages are flushed between phases, untimed. MB and GB are 10^6 and 10^9 bytes. Prints
+one JSON line, then a table.
 
 ``--cold`` reads every phase's input from disk instead: each input is dropped from the page cache
 first, and the raw read and copy read the shards by large sequential reads (the best a plain copy
@@ -144,6 +146,27 @@ def raw_copy_sequential(hf_dir: str | Path, out_file: str | Path | None, chunk: 
     return total
 
 
+def kernel_copy(hf_dir: str | Path, out_file: str | Path) -> int:
+    """Every tensor's bytes copied into one file by ``copy_file_range``: the kernel moves them
+    from page cache to page cache without a pass through user memory, the fastest any program
+    can write what it reads on this machine (the ceiling of a conversion, which must write every
+    byte it reads)."""
+    from vlm_bridge.convert.hf_io import SafetensorsReader
+
+    with SafetensorsReader(hf_dir) as reader:
+        spans = sorted(reader.span(name) for name in reader.keys())
+    total = 0
+    with open(out_file, "wb") as out:
+        for path, offset, length in spans:
+            with open(path, "rb", buffering=0) as src:
+                while length > 0:
+                    got = os.copy_file_range(src.fileno(), out.fileno(), length, offset)
+                    if got == 0:
+                        raise OSError(f"{path}: ends before byte {offset + length}")
+                    offset, length, total = offset + got, length - got, total + got
+    return total
+
+
 def round_trip_equal(src: str | Path, dst: str | Path) -> dict:
     """Bit-exact comparison, streamed: same keys, dtypes, shapes and values."""
     import torch
@@ -206,6 +229,9 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, 
     _, copy = timed(lambda: (raw_copy_sequential if cold else raw_copy)(hf_dir, copy_file))
     copy_file.unlink()
     settle(hf_dir)
+    _, kernel = timed(lambda: kernel_copy(hf_dir, copy_file))
+    copy_file.unlink()
+    settle(hf_dir)
     _, raw = timed(lambda: raw_copy_sequential(hf_dir, None) if cold else raw_read(hf_dir))
     settle(hf_dir)
     _, imp = timed(lambda: run_parallel(import_hf, tp, hf_dir, str(mg_dir), parallel, dtype, True))
@@ -214,7 +240,8 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, 
                                         True, 5 * 1024**3))
     os.sync()
     check, chk = timed(lambda: round_trip_equal(hf_dir, out_dir))
-    phases = {"raw_copy": copy, "raw_read": raw, "import": imp, "export": exp, "check": chk}
+    phases = {"raw_copy": copy, "kernel_copy": kernel, "raw_read": raw, "import": imp, "export": exp,
+              "check": chk}
     for stats in phases.values():
         stats["mb_per_s"] = size / 1e6 / stats["seconds"]
     return {
@@ -225,6 +252,7 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, 
         "export_vs_raw": exp["mb_per_s"] / raw["mb_per_s"],
         "import_vs_copy": imp["mb_per_s"] / copy["mb_per_s"],
         "export_vs_copy": exp["mb_per_s"] / copy["mb_per_s"],
+        "kernel_copy_vs_raw": kernel["mb_per_s"] / raw["mb_per_s"],
         # Lifetime max of one process each (not a sum): a cross-check of the polled numbers.
         "ru_maxrss_self_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "ru_maxrss_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,
@@ -235,11 +263,11 @@ def benchmark(hf_dir: str, workdir: str, tp: int = 1, dtype: str | None = None, 
 def table(r: dict) -> str:
     lines = [f"{r['hf_dir']}: {r['checkpoint_gb']:.3f} GB tensors, tp={r['tp']}, "
              f"megatron ckpt {r['megatron_gb']:.3f} GB",
-             f"{'phase':<10}{'seconds':>9}{'MB/s':>10}{'x raw':>8}{'RSS GB':>9}{'PSS GB':>9}"
+             f"{'phase':<12}{'seconds':>9}{'MB/s':>10}{'x raw':>8}{'RSS GB':>9}{'PSS GB':>9}"
              f"{'anon GB':>9}"]
     raw = r["phases"]["raw_read"]["mb_per_s"]
     for name, s in r["phases"].items():
-        lines.append(f"{name:<10}{s['seconds']:>9.2f}{s['mb_per_s']:>10.1f}{s['mb_per_s'] / raw:>8.3f}"
+        lines.append(f"{name:<12}{s['seconds']:>9.2f}{s['mb_per_s']:>10.1f}{s['mb_per_s'] / raw:>8.3f}"
                      f"{s['peak_rss_gb']:>9.2f}{s['peak_pss_gb']:>9.2f}{s['peak_anon_gb']:>9.2f}")
     lines.append("round trip: " + ("bit-exact" if r["round_trip"]["equal"] else r["round_trip"]["reason"]))
     return "\n".join(lines)
