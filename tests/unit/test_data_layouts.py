@@ -170,3 +170,56 @@ def test_image_lists_longer_than_the_image_items_are_placed_or_refused(tmp_path)
     no_user_turn = {"messages": [{"role": "system", "content": "Be brief."}, answer], "images": ["a.png"]}
     with pytest.raises(ValueError, match=re.escape("line 1: 1 file(s) in its media lists, and no user turn")):
         list(load_source(f"jsonl:{_write(tmp_path / 'bad.jsonl', [no_user_turn])}"))
+
+
+def test_a_top_level_system_field_becomes_the_system_turn(tmp_path):
+    """LLaMA-Factory's and ms-swift's rows carry the system prompt beside the turns; dropping it
+    would train the template's default system prompt instead."""
+    make_image(28, 28, seed=0).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "Red."}]
+    sharegpt = {"system": "Be brief.", "images": ["a.png"], "conversations": turns}
+    messages = {"system": "Be brief.", "messages": [{"role": "user", "content": "Hi?"},
+                                                    {"role": "assistant", "content": "Hello."}]}
+    empty = {"system": "", "messages": [{"role": "user", "content": "Hi?"},
+                                        {"role": "assistant", "content": "Hello."}]}
+    rows = list(load_source(f"jsonl:{_write(tmp_path / 'sys.jsonl', [sharegpt, messages, empty])}"))
+    for sample in rows[:2]:
+        assert sample["messages"][0] == {"role": "system", "content": "Be brief."}
+        assert "system" not in sample
+    assert [m["role"] for m in rows[2]["messages"]] == ["user", "assistant"]
+    both = {"system": "Be brief.",
+            "messages": [{"role": "system", "content": "Be long."}, *messages["messages"]]}
+    with pytest.raises(ValueError, match=re.escape("line 1: has a 'system' field and a system turn")):
+        list(load_source(f"jsonl:{_write(tmp_path / 'bad.jsonl', [both])}"))
+
+
+@pytest.mark.parametrize("row, needle", [
+    # the images list was lost: the tag would train as text about an image never seen
+    ({"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "a"}]},
+     "line 1: 1 <image> placeholder(s) in the messages but no file in 'images'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>What?"}]},
+                   {"role": "assistant", "content": "a"}], "images": []},
+     "line 1: 1 <image> placeholder(s) in the messages but no file in 'images'"),
+    ({"messages": [{"role": "user", "content": "<image><image>What?"}, {"role": "assistant", "content": "a"}],
+      "images": ["a.png"]},
+     "line 1: 2 image item(s) or <image> placeholder(s) in the messages but 1 file(s) in 'images'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+                   {"role": "assistant", "content": "a"}], "images": ["a.png"]},
+     "line 1: 2 image item(s) or <image> placeholder(s) in the messages but 1 file(s) in 'images'"),
+])
+def test_placeholders_without_their_files_are_named(tmp_path, row, needle):
+    make_image(28, 28, seed=0).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        list(load_source(f"jsonl:{_write(tmp_path / 'tags.jsonl', [row])}"))
+
+
+def test_image_files_written_as_datasets_dicts_are_read(tmp_path, encoder):
+    """``Dataset.to_json`` writes an Image column as ``{"bytes": null, "path": ...}``."""
+    make_image(28, 28, seed=0).save(tmp_path / "a.png")
+    file, answer = {"bytes": None, "path": "a.png"}, {"role": "assistant", "content": "Red."}
+    rows = [{"messages": [{"role": "user", "content": "<image>What?"}, answer], "images": [file]},
+            {"messages": [{"role": "user", "content": [{"type": "image", "image": file},
+                                                       {"type": "text", "text": "What?"}]}, answer]}]
+    for sample in load_source(f"jsonl:{_write(tmp_path / 'dicts.jsonl', rows)}"):
+        assert _media(sample) == [("image", str(tmp_path / "a.png"))]
+        assert encoder.encode(sample) is not None

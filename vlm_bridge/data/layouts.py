@@ -38,12 +38,39 @@ def strip_nones(item: Any) -> Any:
     return item
 
 
+def _file_value(value: Any) -> Any:
+    """A media file as ``datasets`` writes an Image column to JSON (``{"bytes": null, "path":
+    ...}``) as its path, or as its bytes opened as an image; any other value as it is."""
+    if not isinstance(value, Mapping) or set(value) - {"bytes", "path"}:
+        return value
+    if isinstance(value.get("bytes"), bytes | bytearray):
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(value["bytes"]))
+    return value["path"] if value.get("bytes") is None and value.get("path") else value
+
+
 def _pool(sample: Mapping[str, Any], kind: str) -> list[Any]:
     """The sample-level files of ``kind``: ``images`` (a list) or ``image`` (one or a list)."""
     found = sample.get(f"{kind}s", sample.get(kind))
     if found is None:
         return []
-    return list(found) if isinstance(found, list | tuple) else [found]
+    return [_file_value(v) for v in (found if isinstance(found, list | tuple) else [found])]
+
+
+def _with_system(sample: dict[str, Any], messages: list[Any], where: str) -> list[Any]:
+    """A top-level ``system`` field (LLaMA-Factory's and ms-swift's layouts) as the leading system
+    turn; next to a system turn of the messages it is ambiguous, and refused."""
+    system = sample.pop("system", None)
+    if system in (None, ""):
+        return messages
+    if not isinstance(system, str):
+        raise ValueError(f"{where}: 'system' is a {type(system).__name__}, not a string")
+    if any(isinstance(m, Mapping) and m.get("role") in ("system", "developer") for m in messages):
+        raise ValueError(f"{where}: has a 'system' field and a system turn in its messages; keep one")
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _sharegpt_messages(sample: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
@@ -115,6 +142,10 @@ def normalize_sample(sample: Any, where: str = "sample") -> Any:
     elif "messages" in sample and isinstance(sample["messages"], list):
         sample["messages"] = strip_nones(sample["messages"])
         _fill_from_lists(sample, where)
+    else:
+        return sample
+    if isinstance(sample["messages"], list):
+        sample["messages"] = _with_system(sample, sample["messages"], where)
     return sample
 
 
@@ -132,6 +163,10 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
     for content, i in _items(sample["messages"]):
         if isinstance(content[i], dict):
             content[i] = _media_item(content[i])
+            kind = content[i].get("type")
+            if kind in MEDIA_TYPES and kind in content[i]:
+                content[i][kind] = _file_value(content[i][kind])
+    _refuse_unfilled_placeholders(sample["messages"], files, where)
     slots = {kind: 0 for kind in MEDIA_TYPES}
     for content, i in _items(sample["messages"]):
         item = content[i]
@@ -154,6 +189,9 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
                 item[kind] = value
     unplaced = []
     for kind in MEDIA_TYPES:
+        if asked[kind] > len(files[kind]):
+            raise ValueError(f"{where}: {asked[kind]} {kind} item(s) or <{kind}> placeholder(s) in the "
+                             f"messages but {len(files[kind])} file(s) in '{kind}s'; give one per file")
         left = list(pools[kind])
         if left and asked[kind]:
             raise ValueError(f"{where}: {len(files[kind])} file(s) in '{kind}s' but {asked[kind]} {kind} "
@@ -166,6 +204,22 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
                          "put them in")
     if unplaced:
         first_user["content"][:0] = unplaced
+
+
+def _refuse_unfilled_placeholders(messages: list[Any], files: dict[str, list[Any]], where: str) -> None:
+    """``<image>`` / ``<video>`` in the text of a sample with no file and no item of that kind:
+    its media list was lost (a failed join, a dropped column), and the sample would train on
+    the tag as text, about media the model never sees (the ShareGPT layout refuses it too)."""
+    items = [content[i] for content, i in _items(messages) if isinstance(content[i], Mapping)]
+    texts = [item.get("text") for item in items if item.get("type") == "text"]
+    texts += [m.get("content") for m in messages if isinstance(m, Mapping)]
+    for kind in MEDIA_TYPES:
+        if files[kind] or any(item.get("type") == kind for item in items):
+            continue
+        tags = sum(text.count(f"<{kind}>") for text in texts if isinstance(text, str))
+        if tags:
+            raise ValueError(f"{where}: {tags} <{kind}> placeholder(s) in the messages but no file in "
+                             f"'{kind}s'")
 
 
 def _split_placeholders(item: Any, kinds: set[str]) -> list[Any]:
