@@ -110,6 +110,34 @@ def test_components_select_by_prefix(tiny_hf):
     )
 
 
+def _targets_as_named(hf_dir: str, targets: tuple[str, ...]) -> list[str] | str:
+    from vlm_bridge.peft import LoraConfig, apply_lora
+
+    built = build(hf_dir, ParallelConfig())
+    try:
+        return sorted(apply_lora(built.model, LoraConfig(targets=targets)))
+    except ValueError as err:
+        return str(err)
+
+
+def test_targets_take_transformers_names_and_all_linear(tiny_hf):
+    """PEFT and ms-swift users name transformers' projections (or ``all-linear``); Megatron fuses
+    q/k/v and gate/up, so those names select the fused layers; a name of neither kind is refused
+    with the names the components offer."""
+    megatron = run_parallel(_targets_as_named, 1, str(tiny_hf), ("linear_qkv", "linear_proj", "linear_fc1",
+                                                                 "linear_fc2"))
+    hf = run_parallel(_targets_as_named, 1, str(tiny_hf), ("q_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"))
+    every = run_parallel(_targets_as_named, 1, str(tiny_hf), ("all-linear",))
+    assert hf == every == megatron and len(megatron) == 4 * 4  # 4 layers, no output layer
+    assert run_parallel(_targets_as_named, 1, str(tiny_hf), ("q_proj",)) == [
+        n for n in megatron if n.endswith("linear_qkv")]
+    refused = run_parallel(_targets_as_named, 1, str(tiny_hf), ("attn",))
+    assert refused == ("peft.targets=attn names no linear layer of the LoRA components ['language_model'] in "
+                       "this model: its linear layers are named linear_fc1, linear_fc2, linear_proj, "
+                       "linear_qkv (or all-linear)")
+
+
 def _merge_unmerge(hf_dir: str, use_dora: bool) -> dict:
     from vlm_bridge.peft import LoraConfig, apply_lora, lora_modules, merge_lora, unmerge_lora
     from vlm_bridge.peft.lora import randomize_adapters_

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+# PEFT's ``all-linear``: every linear of the components except the output layer.
+ALL_LINEAR = "all-linear"
+# transformers' names of the projections (as PEFT and ms-swift users give them) -> Megatron's
+# layer names; Megatron fuses q, k and v (and gate and up), so one of them adapts the whole fused
+# layer. ``out_proj`` is not mapped: Mamba mixers have a layer of that name.
+HF_TARGET_NAMES = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv",
+                   "qkv_proj": "linear_qkv", "qkv": "linear_qkv", "o_proj": "linear_proj",
+                   "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2",
+                   "fc1": "linear_fc1", "fc2": "linear_fc2"}
+
+
+def megatron_targets(names: Iterable[str]) -> tuple[str, ...]:
+    """LoRA target names as Megatron's layers are named (transformers' names mapped; order kept)."""
+    return tuple(dict.fromkeys(HF_TARGET_NAMES.get(name, name) for name in names))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from vlm_bridge.convert.distribute import shard
-from vlm_bridge.peft.config import LoraConfig
+from vlm_bridge.peft.config import ALL_LINEAR, LoraConfig, megatron_targets
 from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
 __all__ = ["LoraConfig", "apply_lora", "lora_modules", "adapter_state_dict", "merge_lora", "unmerge_lora"]
@@ -82,19 +82,25 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
     # reduction an adapter's row-parallel path does, and HF stores them as fused 3-D tensors that a
     # PEFT LoRA module cannot target. ``linear_fc1``/``linear_fc2`` then match dense MLPs only.
     experts = {id(m) for e in model.modules() if isinstance(e, SequentialMLP) for m in e.modules()}
-    matches = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
-        and name.rsplit(".", 1)[-1] in cfg.targets and name.startswith(prefixes)
-        and id(module) not in experts
-    ]
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+               and name.startswith(prefixes) and id(module) not in experts]
+    targets = megatron_targets(cfg.targets)
+    matches = [(name, module) for name, module in linears
+               if name.rsplit(".", 1)[-1] in targets
+               or (ALL_LINEAR in targets and name.rsplit(".", 1)[-1] != "output_layer")]
     # A component this rank holds (pipeline stages hold some only) that offers nothing to adapt.
     held = {c for c in cfg.components for n, _ in model.named_parameters() if n.startswith(components[c])}
     empty = [c for c in cfg.components
              if c in held and not any(n.startswith(components[c]) for n, _ in matches)]
     if empty:
-        raise ValueError(f"LoRA components {empty} hold no linear layer named {list(cfg.targets)} in this "
-                         "model; train them fully with freeze.<component>=false instead")
+        in_empty = tuple(p for c in empty for p in components[c])
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears if name.startswith(in_empty)}
+                       - {"output_layer"})
+        offered = f"its linear layers are named {', '.join(names)} (or {ALL_LINEAR})" if names else \
+            "they hold no linear layer; train them fully with freeze.<component>=false instead"
+        raise ValueError(f"peft.targets={','.join(cfg.targets)} names no linear layer of the LoRA "
+                         f"components {empty} in this model: {offered}")
     wrapped = []
     for name, module in matches:
         parent_name, _, leaf = name.rpartition(".")
