@@ -134,6 +134,22 @@ def test_load_hf_dataset_from_data_files(tmp_path):
         load_hf_dataset(tmp_path / "dd")
 
 
+@pytest.mark.parametrize("name, text, needle", [
+    ("empty.jsonl", "", "the file is empty"),
+    ("header.csv", "a,b\n", "holds no rows"),
+    ("folder/a.jsonl", "", "holds no rows (an empty data file?)"),
+])
+def test_a_source_of_no_rows_is_named(tmp_path, name, text, needle):
+    """An export that failed part-way leaves an empty file; datasets' own words for it (a
+    StopIteration, "Instruction 'train' corresponds to no data!") name no file."""
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    spec = f"hf:{path.parent if name.startswith('folder') else path}"
+    with pytest.raises(ValueError, match=re.escape(f"data source {spec[3:]}: {needle}")):
+        list(load_source(spec, cache_dir=str(tmp_path / "cache")))
+
+
 def test_json_to_token_matches_donut():
     parse = {
         "menu": [{"nm": "Tea", "price": "3"}, {"nm": "Cake", "price": "5"}],

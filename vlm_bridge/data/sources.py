@@ -99,8 +99,16 @@ def load_hf_dataset(
     """
     from datasets.exceptions import DatasetGenerationError
 
+    if Path(name_or_dir).is_file() and Path(name_or_dir).stat().st_size == 0:
+        raise ValueError(f"data source {name_or_dir}: the file is empty")
     try:
         return _load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
+    except StopIteration as err:  # datasets' JSON builder reading the first rows of an empty file
+        raise ValueError(f"data source {name_or_dir}: holds no rows (an empty data file?)") from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' words for a header-only CSV
+            raise ValueError(f"data source {name_or_dir}: holds no rows") from err
+        raise
     except DatasetGenerationError as err:  # a bad file among a folder's, files of several schemas
         cause = err.__cause__ or err
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
