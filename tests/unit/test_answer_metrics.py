@@ -100,3 +100,13 @@ def test_a_metric_that_calls_sys_exit_is_an_error_not_a_silent_end(tmp_path, mon
     for name in ("script:metric", "script.py:metric"):
         with pytest.raises(ValueError, match=rf"^--metric '{name}': cannot import it \(SystemExit: 2\)"):
             resolve_metric(name)
+
+
+def test_the_report_counts_truncated_samples_apart_from_skipped_ones():
+    """Truncated samples are scored on what fits; counting them as skipped made loss + skipped
+    exceed the samples."""
+    from vlm_bridge.inference.evaluate import format_report
+
+    report = {"samples": 11, "loss_samples": 8, "skipped": {"too_long": 3, "bad_media": 0}, "truncated": 2}
+    assert format_report(report) == "samples        11 (loss on 8; skipped 3; 2 truncated to --seq-len)"
+    assert format_report({**report, "truncated": 0}) == "samples        11 (loss on 8; skipped 3)"

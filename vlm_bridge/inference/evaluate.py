@@ -99,8 +99,10 @@ def evaluate_model(built, loss_model, processor, samples: list[dict], options: E
     total, tokens = eval_loss(loss_model, built.family, built.settings, encoded, options.micro_batch_size,
                               tokenizer.pad_token_id)
     report: dict[str, Any] = {"samples": len(samples), "loss_samples": len(encoded),
-                              "skipped": {k: v for k, v in encoder.stats.items() if k not in ("encoded",)},
-                              "loss_tokens": int(tokens)}
+                              # truncated samples are scored (on what fits): not skipped
+                              "skipped": {k: v for k, v in encoder.stats.items()
+                                          if k not in ("encoded", "truncated")},
+                              "truncated": encoder.stats.get("truncated", 0), "loss_tokens": int(tokens)}
     if tokens:
         report["loss"] = total / tokens
         report["perplexity"] = math.exp(min(report["loss"], 700.0))
@@ -158,8 +160,9 @@ def unscored_counts(rows: list[dict]) -> dict[str, int]:
 
 
 def format_report(report: dict) -> str:
+    truncated = f"; {report['truncated']} truncated to --seq-len" if report.get("truncated") else ""
     lines = [f"samples        {report['samples']} (loss on {report['loss_samples']}; "
-             f"skipped {sum(report['skipped'].values())})"]
+             f"skipped {sum(report['skipped'].values())}{truncated})"]
     if "loss" in report:
         lines.append(f"loss           {report['loss']:.4f} over {report['loss_tokens']} answer tokens "
                      f"(perplexity {report['perplexity']:.3f})")
