@@ -251,7 +251,8 @@ def cmd_export(args) -> int:
         raise ValueError(f"--max-shard-size-gb must be positive, got {args.max_shard_size_gb}")
     from vlm_bridge.inference.command import resolve_megatron_path
 
-    megatron_path = str(resolve_megatron_path(args.megatron_path))  # a run folder: its newest step
+    # a run folder: its newest step
+    megatron_path = str(resolve_megatron_path(args.megatron_path, "run vlm-bridge import on it first"))
     _refuse_checkpoint_parts(args.hf_path, megatron_path)
     parallel = _parallel(args, os.path.join(megatron_path, "hf"))
     start = time.time()

@@ -470,6 +470,23 @@ def test_swapped_or_missing_model_folders_say_which_option_they_belong_to(tiny_h
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[0].endswith("m1: no such folder (a Hugging Face model folder was expected)"), errors
     assert errors[1].endswith("pass it as --megatron-path"), errors
-    assert errors[2].endswith("it is a Hugging Face model folder: pass it as --hf-model"), errors
+    assert errors[2].endswith("it is a Hugging Face model folder: run vlm-bridge import on it first"), errors
     assert errors[3].endswith("nope: no such folder (a vlm-bridge Megatron checkpoint was expected)"), errors
     assert not (tmp_path / "out").exists()
+
+
+def test_a_megatron_lm_checkpoint_is_named_as_one(run_cli, capsys, tmp_path):
+    """A Megatron-LM / Megatron Bridge save (its tracker file, iter_* folders of its own layout)
+    is not read; the message says what it is and the way through HF."""
+    run = tmp_path / "mbridge_run"
+    (run / "iter_0000010").mkdir(parents=True)
+    (run / "latest_checkpointed_iteration.txt").write_text("10")
+    (run / "iter_0000010" / "run_config.yaml").write_text("model: {}\n")
+    capsys.readouterr()
+    assert run_cli("export", "--megatron-path", run, "--hf-path", tmp_path / "out") == 2
+    assert run_cli("verify", "--megatron-path", run / "iter_0000010", "--hf-model", run) == 2
+    assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", run,
+                   f"output_dir={tmp_path / 'ft'}") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all("it is a Megatron-LM / Megatron Bridge checkpoint" in e for e in errors), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()

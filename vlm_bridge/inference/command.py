@@ -15,12 +15,14 @@ from vlm_bridge.inference.requests import Request, build_prompt_batch, plan_batc
 from vlm_bridge.parallel import ParallelConfig, init_distributed
 
 
-def resolve_megatron_path(path: str | Path) -> Path:
+def resolve_megatron_path(path: str | Path, hf_hint: str = "pass it as --hf-model") -> Path:
     """A vlm-bridge checkpoint folder; a training run's checkpoint root (or the run folder above it)
-    resolves to its newest complete iteration."""
+    resolves to its newest complete iteration. ``hf_hint``: what to do with an HF folder instead."""
     from vlm_bridge.train.checkpoint import iteration_dir, latest_step
 
     path = Path(path)
+    if _foreign_megatron(path) and not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path}: {FOREIGN_MEGATRON}")
     roots = [path, path / "checkpoints"]
     run_config = _json_object(path / "config.json")  # a run whose checkpoint.dir is elsewhere
     checkpoint = run_config.get("checkpoint") if run_config else None
@@ -35,7 +37,7 @@ def resolve_megatron_path(path: str | Path) -> Path:
             return iteration_dir(root, step)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder (a vlm-bridge Megatron checkpoint was expected)")
-    hint = "; it is a Hugging Face model folder: pass it as --hf-model" if run_config and (
+    hint = f"; it is a Hugging Face model folder: {hf_hint}" if run_config and (
         "architectures" in run_config or "model_type" in run_config) else ""
     raise FileNotFoundError(
         f"{path}: not a vlm-bridge Megatron checkpoint (no {META_FILE}, no iter_* folder){hint}")
@@ -54,7 +56,21 @@ def resolve_pretrained(path: str) -> str:
     try:
         return str(resolve_megatron_path(folder))
     except FileNotFoundError:
+        if _foreign_megatron(folder):
+            raise
         return path  # neither: the loader names what is wrong
+
+
+FOREIGN_MEGATRON = ("it is a Megatron-LM / Megatron Bridge checkpoint, whose layout vlm-bridge does not "
+                    "read: export it to Hugging Face with the tool that wrote it, then run vlm-bridge "
+                    "import")
+
+
+def _foreign_megatron(folder: Path) -> bool:
+    """A Megatron-LM / Megatron Bridge save: its tracker file, or an ``iter_*`` folder of one."""
+    tracker = "latest_checkpointed_iteration.txt"
+    inside = folder.name.startswith("iter_") and (folder.parent / tracker).is_file()
+    return (folder / tracker).is_file() or inside
 
 
 def _json_object(file: Path) -> dict | None:
