@@ -46,6 +46,8 @@ class VerifyReport:
     layer_max_abs_diff: list[float] = field(default_factory=list)
     first_divergent_layer: int | None = None
     fp32_baseline: dict | None = None
+    # the sides whose logits hold nan or inf (a NaN in the weights, an overflow): diffs say nothing
+    nonfinite_logits: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,7 +295,7 @@ def _verify(
         for (_, _, _, mine), (_, _, theirs) in zip(runs, hf_runs) for a, b in zip(mine, theirs)
     ]
     vision_diff = max(vision_diffs) if vision_diffs else None
-    first_bad = next((i for i, d in enumerate(layer_diffs) if d > tol), None)
+    first_bad = next((i for i, d in enumerate(layer_diffs) if not d <= tol), None)  # nan counts
     passed = stats["max_abs_diff"] <= tol and stats["top1_agreement"] >= (
         1.0 if dtype == torch.float32 else 0.9
     )
@@ -317,6 +319,8 @@ def _verify(
         **stats, dtype=str(dtype).removeprefix("torch."), tolerance=tol, passed=passed,
         vision_max_abs_diff=vision_diff, layer_max_abs_diff=layer_diffs,
         first_divergent_layer=first_bad, fp32_baseline=baseline,
+        nonfinite_logits=[side for side, rows in (("HF", hf_rows), ("Megatron", mg_rows))
+                          if not bool(torch.isfinite(rows).all())],
     )
     return report.to_dict()
 
@@ -427,8 +431,15 @@ def format_report(r: dict) -> str:
         lines.append(f"vision tower diff    {r['vision_max_abs_diff']:.3e}")
     per_layer = ", ".join(f"{d:.1e}" for d in r["layer_max_abs_diff"])
     lines.append(f"per-layer max diff   [{per_layer}]")
-    first = r["first_divergent_layer"]
-    lines.append("first divergence     " + ("none" if first is None else f"decoder layer {first}"))
+    first, vision = r["first_divergent_layer"], r.get("vision_max_abs_diff")
+    if vision is not None and vision != vision:  # nan from the vision tower on: the layers follow
+        where = "vision tower (nan)"
+    else:
+        where = "none" if first is None else f"decoder layer {first}"
+    lines.append(f"first divergence     {where}")
+    if r.get("nonfinite_logits"):
+        lines.append(f"non-finite logits    {' and '.join(r['nonfinite_logits'])} (nan or inf: check the "
+                     "weights, or the dtype's range)")
     if r.get("fp32_baseline"):
         for name, b in r["fp32_baseline"].items():
             if name == "rms_error_vs_hf_fp32":
