@@ -475,6 +475,20 @@ def test_swapped_or_missing_model_folders_say_which_option_they_belong_to(tiny_h
     assert not (tmp_path / "out").exists()
 
 
+def test_a_seq_len_past_the_models_positions_is_refused_before_loading(tiny_hf, tiny_megatron, run_cli,
+                                                                      capsys, tmp_path):
+    """Packing fills every row to data.seq_len; past the model's positions that is not a sample
+    the model can take (and on a CPU the rows' masks grew until the run was killed)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    out = tmp_path / "run"
+    for pretrained in (tiny_hf, tiny_megatron):
+        check_error(run_cli, capsys, ["finetune", "--recipe", "demo_tiny", "--pretrained", pretrained,
+                                      f"data.train={data}", f"output_dir={out}", "data.seq_len=100000"],
+                    "data.seq_len=100000 is more than the model's 4096 positions", out=out)
+
+
 def test_a_megatron_lm_checkpoint_is_named_as_one(run_cli, capsys, tmp_path):
     """A Megatron-LM / Megatron Bridge save (its tracker file, iter_* folders of its own layout)
     is not read; the message says what it is and the way through HF."""
@@ -488,5 +502,6 @@ def test_a_megatron_lm_checkpoint_is_named_as_one(run_cli, capsys, tmp_path):
     assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", run,
                    f"output_dir={tmp_path / 'ft'}") == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all("it is a Megatron-LM / Megatron Bridge checkpoint" in e for e in errors), errors
+    assert len(errors) == 3, errors
+    assert all("it is a Megatron-LM / Megatron Bridge checkpoint" in e for e in errors), errors
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()

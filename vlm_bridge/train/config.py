@@ -257,12 +257,36 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.pretrained and Path(cfg.output_dir).resolve() == Path(cfg.pretrained).resolve():
         raise ValueError(f"output_dir {cfg.output_dir} is the --pretrained model's folder; the run's "
                          "files would overwrite the model's")
+    positions = _model_positions(cfg.pretrained) if cfg.pretrained else None
+    if positions and cfg.data.seq_len > positions:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} is more than the model's {positions} positions "
+                         "(max_position_embeddings); lower data.seq_len")
     from vlm_bridge.data.sources import check_source, refuse_output_over_source
 
     for key in ("data.train", "data.validation"):  # a path that is not there: before a model loads
         if _get(cfg, key):
             check_source(_get(cfg, key), key)
             refuse_output_over_source(cfg.output_dir, "output_dir", _get(cfg, key), key)
+
+
+def _model_positions(pretrained: str) -> int | None:
+    """The text model's ``max_position_embeddings`` of a local HF folder or checkpoint (its
+    ``hf/``); None where it cannot be read here (the loader names what is wrong later)."""
+    from vlm_bridge.inference.command import resolve_pretrained
+    from vlm_bridge.loading import load_hf_config
+
+    try:
+        folder = Path(resolve_pretrained(pretrained)).expanduser()
+    except FileNotFoundError:
+        return None
+    for candidate in (folder, folder / "hf"):
+        if (candidate / "config.json").is_file():
+            try:
+                config = load_hf_config(str(candidate))
+            except Exception:  # noqa: BLE001 - only a pre-check: loading reports it properly
+                return None
+            return getattr(config.get_text_config(), "max_position_embeddings", None)
+    return None
 
 
 def initial_loss_scale(cfg: TrainConfig) -> float:
