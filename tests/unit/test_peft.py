@@ -253,10 +253,14 @@ def test_torch_dist_checkpoint_keeps_base_keys_and_round_trips(tiny_hf, tmp_path
     assert r["equal"]
 
 
-def test_the_adapter_names_a_local_base_model_by_its_absolute_path(tmp_path, monkeypatch):
+def test_the_adapter_names_its_base_model_by_hub_id_or_absolute_path(tmp_path, monkeypatch):
     from vlm_bridge.peft.hf_export import base_model_reference
 
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path)
     assert base_model_reference("base") == str(tmp_path / "base")
     assert base_model_reference("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    # a hub id resolves to its snapshot in the cache; the adapter names the hub id, not this machine's path
+    snapshot = tmp_path / "hub" / "models--acme--tiny-vl" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    assert base_model_reference(str(snapshot)) == "acme/tiny-vl"

@@ -105,10 +105,17 @@ def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_p
 
 
 def base_model_reference(name_or_path: str) -> str:
-    """What the adapter's config names as its base model: a local folder as an absolute path (the
-    adapter is then found and loaded from any working directory), a hub name as given."""
+    """What the adapter's config names as its base model: a hub name as given, a snapshot of the
+    Hugging Face cache (``models--org--name/snapshots/<hash>``, what a hub id resolves to) as its hub
+    id (the adapter then loads on any machine, as PEFT's own adapters do), and any other local
+    folder as an absolute path (found from any working directory)."""
     folder = Path(name_or_path).expanduser()
-    return str(folder.resolve()) if folder.is_dir() else name_or_path
+    if not folder.is_dir():
+        return name_or_path
+    parts = folder.absolute().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return str(folder.resolve())
 
 
 def export_hf_peft(built, out_dir: str | Path, base_model_name_or_path: str) -> None:
