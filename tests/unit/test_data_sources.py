@@ -74,6 +74,16 @@ def test_jsonl_relative_paths(tmp_path, monkeypatch, encoder):
         monkeypatch.chdir(data / "imgs")
         assert all(encodes(encoder, s) for s in samples)
         monkeypatch.chdir(tmp_path)
+    # ms-swift's convention: paths relative to where the run starts, when not beside the data file
+    launched = {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "A."}],
+                "images": ["data/imgs/a.png"]}
+    (data / "cwd.jsonl").write_text(json.dumps(launched) + "\n")
+    (sample,) = load_source("data/cwd.jsonl")
+    assert sample["messages"][0]["content"][0]["image"] == str(data / "imgs" / "a.png")
+    (data / "data" / "imgs").mkdir(parents=True)  # beside the file wins when both exist
+    make_image(28, 28).save(data / "data" / "imgs" / "a.png")
+    (sample,) = load_source("data/cwd.jsonl")
+    assert sample["messages"][0]["content"][0]["image"] == str(data / "data" / "imgs" / "a.png")
 
 
 def test_jsonl_errors_name_the_line(tmp_path):

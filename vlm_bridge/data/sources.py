@@ -25,12 +25,17 @@ Sample = dict[str, Any]
 
 
 def _resolve(value: Any, base: Path) -> Any:
-    """Relative media paths are relative to the data file, so a dataset folder can move."""
+    """Relative media paths are relative to the data file, so a dataset folder can move; one that
+    is not there but is under the working directory is taken from there (ms-swift's and many
+    scripts' convention: paths relative to where training is launched)."""
     if isinstance(value, list):
         return [_resolve(v, base) for v in value]
     if isinstance(value, str) and "://" not in value and not value.startswith("data:"):
         path = Path(value).expanduser()
-        return str(path if path.is_absolute() else base / path)
+        if path.is_absolute():
+            return str(path)
+        beside = base / path
+        return str(beside if beside.exists() or not path.exists() else path.absolute())
     return value
 
 
