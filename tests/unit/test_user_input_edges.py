@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,25 @@ def test_an_empty_prompt_asks_about_the_media_alone(tmp_path):
     assert [item["type"] for item in content] == ["image"]
     with pytest.raises(ValueError, match="--prompt is empty and no --image or --video"):
         request_from_args("", [], None)
+
+
+def test_image_tags_in_a_prompt_place_the_images(tmp_path):
+    """LLaVA users write ``<image>`` where the picture goes; the tag is not left as text."""
+    from vlm_bridge.inference.requests import request_from_args
+
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+
+    def items(prompt, images, video=None):
+        content = request_from_args(prompt, images, video).messages[0]["content"]
+        return [(i["type"], i.get(i["type"])) for i in content]
+
+    assert items("Left <image>, right <image>?", [a, b]) == [
+        ("text", "Left "), ("image", a), ("text", ", right "), ("image", b), ("text", "?")]
+    assert items("What?", [a], "clip.mp4") == [("image", a), ("video", "clip.mp4"), ("text", "What?")]
+    with pytest.raises(ValueError, match=re.escape("--prompt: 2 image item(s) or <image> placeholder(s)")):
+        request_from_args("<image><image>?", [a], None)
+    with pytest.raises(ValueError, match=re.escape("--prompt: 1 <image> placeholder(s) in the messages")):
+        request_from_args("<image>?", [], None)
 
 
 def test_a_failing_user_metric_is_a_usage_error_naming_it():

@@ -52,15 +52,17 @@ def request_from_sample(sample: dict[str, Any], where: str) -> Request:
 
 
 def request_from_args(prompt: str, images: list[str], video: str | None) -> Request:
-    """The request ``--prompt`` / ``--image`` / ``--video`` describe: one user turn."""
-    content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in images]
-    if video is not None:
-        content.append({"type": "video", "video": video})
-    if prompt:  # an empty prompt with media asks about the media alone (e.g. a caption)
-        content.append({"type": "text", "text": prompt})
-    if not content:
+    """The request ``--prompt`` / ``--image`` / ``--video`` describe: one user turn. ``<image>`` /
+    ``<video>`` in the prompt place the files as in LLaVA data; without them the media come first."""
+    from vlm_bridge.data.layouts import normalize_sample
+
+    if not prompt and not images and video is None:
         raise ValueError("--prompt is empty and no --image or --video was given")
-    return request_from_sample({"messages": [{"role": "user", "content": content}]}, "--prompt")
+    # an empty prompt with media asks about the media alone (e.g. a caption)
+    content: list[dict[str, Any]] = [{"type": "text", "text": prompt}] if prompt else []
+    sample = {"messages": [{"role": "user", "content": content}], "images": list(images),
+              "videos": [video] if video is not None else []}
+    return request_from_sample(normalize_sample(sample, "--prompt"), "--prompt")
 
 
 def load_requests(path: str | Path) -> list[Request]:
