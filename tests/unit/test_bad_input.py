@@ -308,6 +308,7 @@ def test_finetune_failing_before_its_first_step_leaves_no_run_folder(tiny_hf, ru
                                         "global_batch_size=1", "micro_batch_size=1"],
                       "missing.png", out=out)
     assert "training sample 0" in err
+    assert err.endswith("; data.skip_bad_media=true skips such samples (and counts them)"), err
     # a run folder that existed (a run being resumed) is left exactly as it was
     out.mkdir()
     (out / "config.json").write_text('{"optim": {"lr": 0.003}}')

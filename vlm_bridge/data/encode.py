@@ -203,6 +203,7 @@ class SampleEncoder:
             raise ValueError("SampleEncoder needs a fast tokenizer (offsets map the loss mask to tokens)")
         self.max_seq_len = max_seq_len
         self.skip_bad_media = skip_bad_media
+        self.bad_media_hint = ""  # appended to unreadable-media errors (fine-tuning names its option)
         self.video_fps = video_fps
         self.stats: dict[str, int] = {"encoded": 0, "truncated": 0, **dict.fromkeys(SKIP_REASONS, 0)}
         self.skip_examples: dict[str, str] = {}  # the first skipped sample of each reason, and why
@@ -302,7 +303,7 @@ class SampleEncoder:
             if self.skip_bad_media:
                 self._skip("bad_media", f"{where}: {exc}")
                 return None
-            raise BadMediaError(f"{where}: {exc}") from None
+            raise BadMediaError(f"{where}: {exc}{self.bad_media_hint}") from None
         plain = template_messages(messages)
         text = self.render(plain, where=where)
         num_assistant = sum(m["role"] == "assistant" for m in messages)
@@ -316,7 +317,7 @@ class SampleEncoder:
             if self.skip_bad_media:
                 self._skip("bad_media", rejected)
                 return None
-            raise BadMediaError(rejected) from None
+            raise BadMediaError(rejected + self.bad_media_hint) from None
         input_ids = out["input_ids"][0].long()
         labels = self._labels(text, num_assistant, input_ids, where)
         per_token = {
