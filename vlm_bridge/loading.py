@@ -119,6 +119,12 @@ def resolve_model_folder(value: str) -> str:
         try:
             return snapshot_download(value, local_files_only=True)
         except LocalEntryNotFoundError:
+            entry = Path(HF_HUB_CACHE) / ("models--" + value.replace("/", "--"))
+            snapshots = sorted((entry / "snapshots").glob("*/config.json"))
+            if snapshots:  # a download of a pinned revision leaves no refs/main
+                raise CheckpointError(f"{value}: its cache entry {entry} has no refs/main naming a "
+                                      "complete snapshot; pass a snapshot folder, e.g. "
+                                      f"{snapshots[-1].parent}") from None
             raise CheckpointError(f"{value}: no such folder, and not in the local Hugging Face cache "
                                   f"({HF_HUB_CACHE}); download it first (hf download {value}) or pass "
                                   "its folder") from None

@@ -259,3 +259,6 @@ def test_hub_ids_and_cache_entries_resolve_to_the_snapshot_refs_main_names(tiny_
 
     with pytest.raises(CheckpointError, match="refs/main names no complete snapshot"):
         load_hf_config(resolve_model_folder(str(entry)))
+    with pytest.raises(CheckpointError, match=re.escape("tiny-org/tiny-q25: its cache entry ") + ".*"
+                       + re.escape("has no refs/main naming a complete snapshot; pass a snapshot folder")):
+        resolve_model_folder("tiny-org/tiny-q25")
