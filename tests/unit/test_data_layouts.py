@@ -223,3 +223,14 @@ def test_image_files_written_as_datasets_dicts_are_read(tmp_path, encoder):
     for sample in load_source(f"jsonl:{_write(tmp_path / 'dicts.jsonl', rows)}"):
         assert _media(sample) == [("image", str(tmp_path / "a.png"))]
         assert encoder.encode(sample) is not None
+
+
+def test_a_base64_image_without_a_data_uri_prefix_fails_as_that_image(tmp_path, encoder):
+    """Raw base64 is no file name (it runs past the name limit): the row loads and its image fails
+    as an unreadable image, which data.skip_bad_media skips, not the whole data file."""
+    raw = base64.b64encode(b"x" * 3000).decode()
+    row = {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A."}],
+           "images": [raw]}
+    (sample,) = load_source(f"jsonl:{_write(tmp_path / 'b64.jsonl', [row])}")
+    with pytest.raises(ValueError, match="cannot read image"):
+        encoder.encode(sample)

@@ -261,6 +261,12 @@ def test_the_adapter_names_its_base_model_by_hub_id_or_absolute_path(tmp_path, m
     assert base_model_reference("base") == str(tmp_path / "base")
     assert base_model_reference("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
     # a hub id resolves to its snapshot in the cache; the adapter names the hub id, not this machine's path
-    snapshot = tmp_path / "hub" / "models--acme--tiny-vl" / "snapshots" / ("0" * 40)
+    entry = tmp_path / "hub" / "models--acme--tiny-vl"
+    snapshot, older = entry / "snapshots" / ("0" * 40), entry / "snapshots" / ("1" * 40)
     snapshot.mkdir(parents=True)
+    older.mkdir()
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0" * 40)
     assert base_model_reference(str(snapshot)) == "acme/tiny-vl"
+    # a snapshot refs/main does not name is another revision than the hub id's: its path is kept
+    assert base_model_reference(str(older)) == str(older)

@@ -35,7 +35,11 @@ def _resolve(value: Any, base: Path) -> Any:
         if path.is_absolute():
             return str(path)
         beside = base / path
-        return str(beside if beside.exists() or not path.exists() else path.absolute())
+        try:
+            from_cwd = not beside.exists() and path.exists()
+        except OSError:  # no file name at all (raw base64 runs past the name limit): the loader says so
+            from_cwd = False
+        return str(path.absolute() if from_cwd else beside)
     return value
 
 

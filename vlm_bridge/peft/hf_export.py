@@ -105,16 +105,18 @@ def peft_config(cfg: LoraConfig, target_modules: list[str], base_model_name_or_p
 
 
 def base_model_reference(name_or_path: str) -> str:
-    """What the adapter's config names as its base model: a hub name as given, a snapshot of the
-    Hugging Face cache (``models--org--name/snapshots/<hash>``, what a hub id resolves to) as its hub
-    id (the adapter then loads on any machine, as PEFT's own adapters do), and any other local
-    folder as an absolute path (found from any working directory)."""
+    """What the adapter's config names as its base model: a hub name as given, the snapshot of the
+    Hugging Face cache that its ``refs/main`` names (what a hub id resolves to) as its hub id (the
+    adapter then loads on any machine, as PEFT's own adapters do), and any other local folder, an
+    older snapshot included, as an absolute path (found from any working directory)."""
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         return name_or_path
     parts = folder.absolute().parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/")
+        main = folder.absolute().parent.parent / "refs" / "main"
+        if main.is_file() and main.read_text().strip() == parts[-1]:  # the hub id means this revision
+            return parts[-3].removeprefix("models--").replace("--", "/")
     return str(folder.resolve())
 
 
