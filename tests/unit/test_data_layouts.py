@@ -213,6 +213,15 @@ def test_placeholders_without_their_files_are_named(tmp_path, row, needle):
         list(load_source(f"jsonl:{_write(tmp_path / 'tags.jsonl', [row])}"))
 
 
+def test_a_tag_in_an_answer_is_text():
+    """Only a user turn asks for media; an answer about HTML's <video> element is text."""
+    from vlm_bridge.data.layouts import normalize_sample
+
+    row = {"messages": [{"role": "user", "content": "How do I embed a clip?"},
+                        {"role": "assistant", "content": "Use the <video> element."}]}
+    assert normalize_sample(row)["messages"][1]["content"] == "Use the <video> element."
+
+
 def test_image_files_written_as_datasets_dicts_are_read(tmp_path, encoder):
     """``Dataset.to_json`` writes an Image column as ``{"bytes": null, "path": ...}``."""
     make_image(28, 28, seed=0).save(tmp_path / "a.png")

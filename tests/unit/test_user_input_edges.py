@@ -53,8 +53,8 @@ def test_image_tags_in_a_prompt_place_the_images(tmp_path):
     assert items("What?", [a], "clip.mp4") == [("image", a), ("video", "clip.mp4"), ("text", "What?")]
     with pytest.raises(ValueError, match=re.escape("--prompt: 2 image item(s) or <image> placeholder(s)")):
         request_from_args("<image><image>?", [a], None)
-    with pytest.raises(ValueError, match=re.escape("--prompt: 1 <image> placeholder(s) in the messages")):
-        request_from_args("<image>?", [], None)
+    # with no media given a tag is text: a question about HTML, say
+    assert items("What does <video> do?", []) == [("text", "What does <video> do?")]
 
 
 def test_a_failing_user_metric_is_a_usage_error_naming_it():

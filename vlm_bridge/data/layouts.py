@@ -207,12 +207,15 @@ def _fill_from_lists(sample: dict[str, Any], where: str) -> None:
 
 
 def _refuse_unfilled_placeholders(messages: list[Any], files: dict[str, list[Any]], where: str) -> None:
-    """``<image>`` / ``<video>`` in the text of a sample with no file and no item of that kind:
+    """``<image>`` / ``<video>`` in a user turn of a sample with no file and no item of that kind:
     its media list was lost (a failed join, a dropped column), and the sample would train on
-    the tag as text, about media the model never sees (the ShareGPT layout refuses it too)."""
+    the tag as text, about media the model never sees (the ShareGPT layout refuses it too). In an
+    answer the tag is text (an answer about HTML, say)."""
     items = [content[i] for content, i in _items(messages) if isinstance(content[i], Mapping)]
-    texts = [item.get("text") for item in items if item.get("type") == "text"]
-    texts += [m.get("content") for m in messages if isinstance(m, Mapping)]
+    users = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
+    texts = [m.get("content") for m in users]
+    texts += [item.get("text") for content, i in _items(users) if isinstance(item := content[i], Mapping)
+              and item.get("type") == "text"]
     for kind in MEDIA_TYPES:
         if files[kind] or any(item.get("type") == kind for item in items):
             continue

@@ -62,7 +62,9 @@ def request_from_args(prompt: str, images: list[str], video: str | None) -> Requ
     content: list[dict[str, Any]] = [{"type": "text", "text": prompt}] if prompt else []
     sample = {"messages": [{"role": "user", "content": content}], "images": list(images),
               "videos": [video] if video is not None else []}
-    return request_from_sample(normalize_sample(sample, "--prompt"), "--prompt")
+    if images or video is not None:  # without media a tag is text ("what does <video> do?")
+        sample = normalize_sample(sample, "--prompt")
+    return request_from_sample(sample, "--prompt")
 
 
 def load_requests(path: str | Path) -> list[Request]:
