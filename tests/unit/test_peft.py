@@ -132,10 +132,17 @@ def test_targets_take_transformers_names_and_all_linear(tiny_hf):
     assert hf == every == megatron and len(megatron) == 4 * 4  # 4 layers, no output layer
     assert run_parallel(_targets_as_named, 1, str(tiny_hf), ("q_proj",)) == [
         n for n in megatron if n.endswith("linear_qkv")]
-    refused = run_parallel(_targets_as_named, 1, str(tiny_hf), ("attn",))
-    assert refused == ("peft.targets=attn names no linear layer of the LoRA components ['language_model'] in "
-                       "this model: its linear layers are named linear_fc1, linear_fc2, linear_proj, "
-                       "linear_qkv (or all-linear)")
+    offered = ("the linear layers here are named linear_fc1, linear_fc2, linear_proj, linear_qkv (q_proj, "
+               "k_proj, v_proj, qkv_proj, qkv, o_proj, proj, gate_proj, up_proj, down_proj, fc1, fc2 as "
+               "transformers names them), or all-linear")
+    # a typo next to a good name would otherwise just adapt fewer layers
+    for targets in (("attn",), ("q_proj", "kv_proj")):
+        refused = run_parallel(_targets_as_named, 1, str(tiny_hf), targets)
+        assert refused == f"peft.targets: {targets[-1]} names no linear layer; {offered}"
+    # a name some family has, but this model not: the component offers nothing to adapt
+    refused = run_parallel(_targets_as_named, 1, str(tiny_hf), ("in_proj",))
+    assert refused == ("peft.targets=in_proj names no linear layer of the LoRA components ['language_model'] "
+                       f"in this model: {offered}")
 
 
 def _merge_unmerge(hf_dir: str, use_dora: bool) -> dict:

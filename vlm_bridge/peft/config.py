@@ -12,8 +12,11 @@ ALL_LINEAR = "all-linear"
 # layer. ``out_proj`` is not mapped: Mamba mixers have a layer of that name.
 HF_TARGET_NAMES = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv",
                    "qkv_proj": "linear_qkv", "qkv": "linear_qkv", "o_proj": "linear_proj",
-                   "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2",
-                   "fc1": "linear_fc1", "fc2": "linear_fc2"}
+                   "proj": "linear_proj", "gate_proj": "linear_fc1", "up_proj": "linear_fc1",
+                   "down_proj": "linear_fc2", "fc1": "linear_fc1", "fc2": "linear_fc2"}
+# Megatron's layer names some family has (a pipeline stage may hold none of a family's Mamba or
+# attention layers, so a name absent from a stage is not wrong for that alone).
+MEGATRON_TARGET_NAMES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
 
 
 def megatron_targets(names: Iterable[str]) -> tuple[str, ...]:

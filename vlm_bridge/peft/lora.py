@@ -29,7 +29,13 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from vlm_bridge.convert.distribute import shard
-from vlm_bridge.peft.config import ALL_LINEAR, LoraConfig, megatron_targets
+from vlm_bridge.peft.config import (
+    ALL_LINEAR,
+    HF_TARGET_NAMES,
+    MEGATRON_TARGET_NAMES,
+    LoraConfig,
+    megatron_targets,
+)
 from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 
 __all__ = ["LoraConfig", "apply_lora", "lora_modules", "adapter_state_dict", "merge_lora", "unmerge_lora"]
@@ -85,6 +91,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
                and name.startswith(prefixes) and id(module) not in experts]
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in linears}
+    unknown = [t for t in cfg.targets if t not in leaves and t != ALL_LINEAR
+               and t not in HF_TARGET_NAMES and t not in MEGATRON_TARGET_NAMES]
+    if unknown:  # a typo among good names would otherwise just adapt fewer layers
+        raise ValueError(f"peft.targets: {', '.join(unknown)} names no linear layer; "
+                         f"{_target_names_offered(leaves)}")
     targets = megatron_targets(cfg.targets)
     matches = [(name, module) for name, module in linears
                if name.rsplit(".", 1)[-1] in targets
@@ -95,9 +107,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
              if c in held and not any(n.startswith(components[c]) for n, _ in matches)]
     if empty:
         in_empty = tuple(p for c in empty for p in components[c])
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears if name.startswith(in_empty)}
-                       - {"output_layer"})
-        offered = f"its linear layers are named {', '.join(names)} (or {ALL_LINEAR})" if names else \
+        names = {name.rsplit(".", 1)[-1] for name, _ in linears if name.startswith(in_empty)}
+        offered = _target_names_offered(names) if names - {"output_layer"} else \
             "they hold no linear layer; train them fully with freeze.<component>=false instead"
         raise ValueError(f"peft.targets={','.join(cfg.targets)} names no linear layer of the LoRA "
                          f"components {empty} in this model: {offered}")
@@ -111,6 +122,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
         setattr(parent, leaf, LoraLinear(module, cfg, to_global(name), tp_chunks=chunks))
         wrapped.append(to_global(name))
     return wrapped
+
+
+def _target_names_offered(leaves: set[str]) -> str:
+    names = ", ".join(sorted(leaves - {"output_layer"}))
+    hf = ", ".join(n for n, m in HF_TARGET_NAMES.items() if m in leaves)
+    return f"the linear layers here are named {names} ({hf} as transformers names them), or {ALL_LINEAR}"
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, LoraLinear]:
