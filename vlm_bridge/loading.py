@@ -131,6 +131,18 @@ def resolve_model_folder(value: str) -> str:
     return value
 
 
+FOREIGN_MEGATRON = ("it is a Megatron-LM / Megatron Bridge checkpoint, whose layout vlm-bridge does not "
+                    "read: export it to Hugging Face with the tool that wrote it, then run vlm-bridge "
+                    "import")
+
+
+def foreign_megatron(folder: Path) -> bool:
+    """A Megatron-LM / Megatron Bridge save: its tracker file, or an ``iter_*`` folder of one."""
+    tracker = "latest_checkpointed_iteration.txt"
+    inside = folder.name.startswith("iter_") and (folder.parent / tracker).is_file()
+    return (folder / tracker).is_file() or inside
+
+
 def _raw_config(folder: str | Path) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -139,6 +151,8 @@ def _raw_config(folder: str | Path) -> tuple[Path, dict]:
                 f"no refs/main): pass one of its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
         if (Path(folder) / META_FILE).is_file() or (Path(folder) / "checkpoints").is_dir():
             hint = "; it is a vlm-bridge Megatron checkpoint or run: pass it as --megatron-path"
+        if foreign_megatron(Path(folder)):
+            hint = f"; {FOREIGN_MEGATRON}"
         if not Path(folder).exists():
             raise CheckpointError(f"{folder}: no such folder (a Hugging Face model folder was expected)")
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder){hint}")

@@ -502,7 +502,8 @@ def test_a_megatron_lm_checkpoint_is_named_as_one(run_cli, capsys, tmp_path):
     assert run_cli("verify", "--megatron-path", run / "iter_0000010", "--hf-model", run) == 2
     assert run_cli("finetune", "--recipe", "demo_tiny", "--pretrained", run,
                    f"output_dir={tmp_path / 'ft'}") == 2
+    assert run_cli("import", "--hf-model", run, "--megatron-path", tmp_path / "out") == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3, errors
+    assert len(errors) == 4, errors
     assert all("it is a Megatron-LM / Megatron Bridge checkpoint" in e for e in errors), errors
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from vlm_bridge.convert.engine import DTYPES, META_FILE
 from vlm_bridge.inference.generate import Generated, Sampling, generate_tokens
 from vlm_bridge.inference.requests import Request, build_prompt_batch, plan_batches, write_jsonl_atomic
+from vlm_bridge.loading import FOREIGN_MEGATRON, foreign_megatron
 from vlm_bridge.parallel import ParallelConfig, init_distributed
 
 
@@ -21,7 +22,7 @@ def resolve_megatron_path(path: str | Path, hf_hint: str = "pass it as --hf-mode
     from vlm_bridge.train.checkpoint import iteration_dir, latest_step
 
     path = Path(path)
-    if _foreign_megatron(path) and not (path / META_FILE).is_file():
+    if foreign_megatron(path) and not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path}: {FOREIGN_MEGATRON}")
     roots = [path, path / "checkpoints"]
     run_config = _json_object(path / "config.json")  # a run whose checkpoint.dir is elsewhere
@@ -56,21 +57,9 @@ def resolve_pretrained(path: str) -> str:
     try:
         return str(resolve_megatron_path(folder))
     except FileNotFoundError:
-        if _foreign_megatron(folder):
+        if foreign_megatron(folder):
             raise
         return path  # neither: the loader names what is wrong
-
-
-FOREIGN_MEGATRON = ("it is a Megatron-LM / Megatron Bridge checkpoint, whose layout vlm-bridge does not "
-                    "read: export it to Hugging Face with the tool that wrote it, then run vlm-bridge "
-                    "import")
-
-
-def _foreign_megatron(folder: Path) -> bool:
-    """A Megatron-LM / Megatron Bridge save: its tracker file, or an ``iter_*`` folder of one."""
-    tracker = "latest_checkpointed_iteration.txt"
-    inside = folder.name.startswith("iter_") and (folder.parent / tracker).is_file()
-    return (folder / tracker).is_file() or inside
 
 
 def _json_object(file: Path) -> dict | None:
