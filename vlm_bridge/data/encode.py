@@ -193,7 +193,8 @@ class SampleEncoder:
     """
 
     def __init__(
-        self, processor: Any, max_seq_len: int, skip_bad_media: bool = False, video_fps: float | None = None
+        self, processor: Any, max_seq_len: int, skip_bad_media: bool = False, video_fps: float | None = None,
+        bad_media_hint: str = "",
     ) -> None:
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -203,7 +204,7 @@ class SampleEncoder:
             raise ValueError("SampleEncoder needs a fast tokenizer (offsets map the loss mask to tokens)")
         self.max_seq_len = max_seq_len
         self.skip_bad_media = skip_bad_media
-        self.bad_media_hint = ""  # appended to unreadable-media errors (fine-tuning names its option)
+        self.bad_media_hint = bad_media_hint  # appended to unreadable-media errors (an option to skip them)
         self.video_fps = video_fps
         self.stats: dict[str, int] = {"encoded": 0, "truncated": 0, **dict.fromkeys(SKIP_REASONS, 0)}
         self.skip_examples: dict[str, str] = {}  # the first skipped sample of each reason, and why

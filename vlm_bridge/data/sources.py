@@ -24,31 +24,43 @@ Sample = dict[str, Any]
 # --- JSON files ------------------------------------------------------------------------------
 
 
-def _resolve(value: Any, base: Path) -> Any:
-    """Relative media paths are relative to the data file, so a dataset folder can move; one that
-    is not there but is under the working directory is taken from there (ms-swift's and many
-    scripts' convention: paths relative to where training is launched)."""
+class _MediaRoot:
+    """Where one data source's relative media paths are read from: its folder, so a dataset folder
+    can move; or, when a path is missing there but present under the working directory, the
+    working directory (ms-swift's and many scripts' convention: paths relative to where training
+    is launched). Decided at the first path found in either place and kept for the source: a
+    check per path would stat every file of a large dataset while it loads."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.chosen = folder, None
+
+    def __call__(self, path: Path) -> Path:
+        if self.chosen is None:
+            try:
+                if (self.folder / path).exists():
+                    self.chosen = self.folder
+                elif path.exists():
+                    self.chosen = Path.cwd()
+            except OSError:  # no file name at all (raw base64 runs past the name limit): the loader says so
+                pass
+        return (self.chosen or self.folder) / path
+
+
+def _resolve(value: Any, root: _MediaRoot) -> Any:
     if isinstance(value, list):
-        return [_resolve(v, base) for v in value]
+        return [_resolve(v, root) for v in value]
     if isinstance(value, str) and "://" not in value and not value.startswith("data:"):
         path = Path(value).expanduser()
-        if path.is_absolute():
-            return str(path)
-        beside = base / path
-        try:
-            from_cwd = not beside.exists() and path.exists()
-        except OSError:  # no file name at all (raw base64 runs past the name limit): the loader says so
-            from_cwd = False
-        return str(path.absolute() if from_cwd else beside)
+        return str(path if path.is_absolute() else root(path))
     return value
 
 
-def _resolve_media_paths(sample: Sample, base: Path) -> Sample:
+def _resolve_media_paths(sample: Sample, root: _MediaRoot) -> Sample:
     for message in sample.get("messages") or []:
         if isinstance(message, dict) and isinstance(message.get("content"), list):
             for item in message["content"]:
                 if isinstance(item, dict) and item.get("type") in MEDIA_TYPES and item.get("type") in item:
-                    item[item["type"]] = _resolve(item[item["type"]], base)
+                    item[item["type"]] = _resolve(item[item["type"]], root)
     return sample
 
 
@@ -61,7 +73,7 @@ def load_json_samples(path: str | Path) -> Iterator[Sample]:
     byte-order mark (Windows tools write one) is ignored.
     """
     path = Path(path).expanduser()
-    base = path.resolve().parent
+    root = _MediaRoot(path.resolve().parent)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8-sig") as f:
@@ -74,7 +86,7 @@ def load_json_samples(path: str | Path) -> Iterator[Sample]:
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
                 validate_sample(sample, where)
-                yield _resolve_media_paths(sample, base)
+                yield _resolve_media_paths(sample, root)
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -86,7 +98,7 @@ def load_json_samples(path: str | Path) -> Iterator[Sample]:
         for index, sample in enumerate(data):
             sample = normalize_sample(sample, f"{path.name} sample {index}")
             validate_sample(sample, f"{path.name} sample {index}")
-            yield _resolve_media_paths(sample, base)
+            yield _resolve_media_paths(sample, root)
     else:
         raise ValueError(f"{path}: expected a .jsonl or .json file")
 
@@ -172,13 +184,14 @@ def hf_samples(
     dataset = load_hf_dataset(name_or_dir, split, subset, **load_kwargs)
     local = Path(name_or_dir)
     base = local.resolve() if local.is_dir() else local.resolve().parent if local.is_file() else None
+    root = _MediaRoot(base) if base is not None else None
     for index, row in enumerate(dataset):
         if "messages" not in row and "conversations" not in row:
             raise ValueError(f"{name_or_dir}: no 'messages' (or ShareGPT 'conversations') column "
                              f"(has {', '.join(row)})")
         sample = row_to_sample(row, f"{name_or_dir} row {index}")
         validate_sample(sample, f"{name_or_dir} row {index}")
-        yield _resolve_media_paths(sample, base) if base is not None else sample
+        yield _resolve_media_paths(sample, root) if root is not None else sample
 
 
 def _conversation(user: list[dict[str, Any]], answer: str) -> Sample:
@@ -256,11 +269,11 @@ def medpix(
     """
     dataset = load_hf_dataset(path, split, **load_kwargs)
     cols = _pick_columns(list(dataset.column_names), columns, f"medpix {path}")
-    base = Path(path)
+    root = _MediaRoot(Path(path)) if Path(path).is_dir() else None
     for row in dataset:
         image = row[cols["image"]]
-        if isinstance(image, str) and base.is_dir():
-            image = _resolve(image, base)
+        if isinstance(image, str) and root is not None:
+            image = _resolve(image, root)
         user = [{"type": "image", "image": image}, {"type": "text", "text": str(row[cols["question"]])}]
         yield _conversation(user, str(row[cols["answer"]]))
 

@@ -20,8 +20,8 @@ def build_stream(cfg: TrainConfig, built) -> MicroBatchStream:
         samples = list(samples)
     if cfg.data.max_samples is not None:
         samples = samples[: cfg.data.max_samples]
-    encoder = SampleEncoder(processor, cfg.data.seq_len, skip_bad_media=cfg.data.skip_bad_media)
-    encoder.bad_media_hint = "; data.skip_bad_media=true skips such samples (and counts them)"
+    encoder = SampleEncoder(processor, cfg.data.seq_len, skip_bad_media=cfg.data.skip_bad_media,
+                            bad_media_hint="; data.skip_bad_media=true skips such samples (and counts them)")
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
