@@ -134,7 +134,9 @@ def host_to_device(t: torch.Tensor, target: torch.device) -> torch.Tensor:
     pageable memory first waits for the GPU to finish all queued work. The moved tensor remembers
     its host original for :func:`on_host`."""
     if t.device.type == "cpu" and torch.device(target).type == "cuda":
-        moved = t.pin_memory().to(target, non_blocking=True)
+        # pin_memory refuses a tensor whose elements share memory (an expanded mask), so a
+        # non-contiguous tensor is pinned as a contiguous copy (a no-op for the usual batch).
+        moved = t.contiguous().pin_memory().to(target, non_blocking=True)
         moved._host_original = t
         return moved
     return t.to(target)
