@@ -76,15 +76,34 @@ def tp_world_size(param: torch.Tensor) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1) -> torch.Tensor:
-    """Inverse of :func:`shard`: every TP rank of the group receives the full tensor."""
+def gather(local: torch.Tensor, param: torch.Tensor, chunks: Chunks = 1,
+           first_only: bool = False) -> torch.Tensor | None:
+    """Inverse of :func:`shard`: every TP rank of the group receives the full tensor; with
+    ``first_only`` the group's first rank alone does and the others get None (an export writes each
+    tensor once: a full copy on every rank, and the pieces beside it, held 2.5x the largest tensor
+    on each). Expert weights are split over the expert-TP group, whose first rank need not be the
+    one that writes, so they still reach every rank."""
     group = _tp_group(param)
     tp = 1 if group is None else dist.get_world_size(group)
     if tp == 1:  # no copies: a streaming export holds the largest tensor once
         return local.detach()
-    pieces = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(pieces, local.detach().contiguous(), group=group)
+    source = local.detach().contiguous()
     dim = param.partition_dim
+    first = dist.get_global_rank(group, 0)
+    to_first = first_only and not is_expert(param)
+    if to_first and dist.get_rank() != first:
+        dist.gather(source, None, dst=first, group=group)
+        return None
+    whole_rows = chunks == 1 and dim == 0  # the pieces land in the full tensor itself: no concatenation
+    full = (torch.empty((tp * source.shape[0], *source.shape[1:]), dtype=source.dtype, device=source.device)
+            if whole_rows else None)
+    pieces = list(full.chunk(tp)) if whole_rows else [torch.empty_like(source) for _ in range(tp)]
+    if to_first:
+        dist.gather(source, pieces, dst=first, group=group)
+    else:
+        dist.all_gather(pieces, source, group=group)
+    if whole_rows:
+        return full
     per_rank = [_parts(p, chunks, dim, tp) for p in pieces]
     return torch.cat([torch.cat([r[c] for r in per_rank], dim=dim) for c in range(len(per_rank[0]))], dim=dim)
 
