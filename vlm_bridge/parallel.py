@@ -455,7 +455,9 @@ def _pool_worker(conn: Any) -> None:
             outcome.result = None
         del job, blob
         gc.collect()  # the job's model and tensors, before the worker idles
-        gc.freeze()  # what outlived the job (modules it imported, caches) is not walked again
+        # What outlived the job (modules it imported, caches) is not walked again; a cycle among
+        # those that later turns to garbage stays: a worker that runs jobs, not a training run.
+        gc.freeze()
         outcome.clean = clean = _worker_is_clean()
         try:
             conn.send(outcome)

@@ -337,7 +337,8 @@ def write_hf(params: dict[str, torch.nn.Parameter], table: list[Entry], target: 
                     hf_tensors = _rows_as_hf(entry, rows)
                 if hf_tensors is None:
                     local = param.data if rows is None else torch.cat(rows)
-                    full = gather(local, param, entry.op.tp_chunks, first_only=True)  # rank owner
+                    # only the owner (its TP group's first rank) writes or sends it
+                    full = gather(local, param, entry.op.tp_chunks, first_only=True)
             if rank == owner and owner != 0:
                 _send_tensor(full, 0)
             elif rank == 0:
