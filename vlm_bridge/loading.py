@@ -120,11 +120,10 @@ def resolve_model_folder(value: str) -> str:
             return snapshot_download(value, local_files_only=True)
         except LocalEntryNotFoundError:
             entry = Path(HF_HUB_CACHE) / ("models--" + value.replace("/", "--"))
-            snapshots = sorted((entry / "snapshots").glob("*/config.json"))
-            if snapshots:  # a download of a pinned revision leaves no refs/main
+            example = _snapshot_example(entry)
+            if example:  # a download of a pinned revision leaves no refs/main
                 raise CheckpointError(f"{value}: its cache entry {entry} has no refs/main naming a "
-                                      "complete snapshot; pass a snapshot folder, e.g. "
-                                      f"{snapshots[-1].parent}") from None
+                                      f"complete snapshot; pass a snapshot folder, e.g. {example}") from None
             raise CheckpointError(f"{value}: no such folder, and not in the local Hugging Face cache "
                                   f"({HF_HUB_CACHE}); download it first (hf download {value}) or pass "
                                   "its folder") from None
@@ -143,12 +142,18 @@ def foreign_megatron(folder: Path) -> bool:
     return (folder / tracker).is_file() or inside
 
 
+def _snapshot_example(entry: Path) -> Path | None:
+    """A snapshot with a config of a hub cache entry, to name in a message (the last by name)."""
+    snapshots = sorted((entry / "snapshots").glob("*/config.json"))
+    return snapshots[-1].parent if snapshots else None
+
+
 def _raw_config(folder: str | Path) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        snapshots = sorted((Path(folder) / "snapshots").glob("*/config.json"))
+        example = _snapshot_example(Path(folder))
         hint = (f"; it is a hub cache folder whose refs/main names no complete snapshot (or that has "
-                f"no refs/main): pass one of its snapshots, e.g. {snapshots[-1].parent}" if snapshots else "")
+                f"no refs/main): pass one of its snapshots, e.g. {example}" if example else "")
         if (Path(folder) / META_FILE).is_file() or (Path(folder) / "checkpoints").is_dir():
             hint = "; it is a vlm-bridge Megatron checkpoint or run: pass it as --megatron-path"
         if foreign_megatron(Path(folder)):
