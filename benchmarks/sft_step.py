@@ -333,7 +333,7 @@ def _megatron_rank(hf_dir: Path, encoded: list, args, rows: list, lora: bool, re
     ddp.train()
     res = _timed(lambda: trainer.train_step(run)["loss"], args)
     if getattr(args, "profile", False):
-        res["profile"] = _profile(lambda: trainer.train_step(run))
+        res["profile"] = _profile(lambda: trainer.train_step(run), getattr(args, "profile_top", 15))
     if getattr(args, "sync_report", False):
         res["host_syncs"] = _host_syncs(lambda: trainer.train_step(run))
     res.update(real_tokens=sum(mb.num_tokens for mb in mbs),
@@ -598,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
+    p.add_argument("--profile-top", type=int, default=15, help="how many ops, kernels and idle launchers it lists")
     p.add_argument("--sync-report", action="store_true",
                    help="one extra Megatron step under CUDA sync debug mode: where the host waits")
     p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")
