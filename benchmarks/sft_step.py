@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run even when the state estimate exceeds the GPU")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--profile", action="store_true", help="profile one extra Megatron step")
-    p.add_argument("--profile-top", type=int, default=15, help="how many ops, kernels and idle launchers it lists")
+    p.add_argument("--profile-top", type=int, default=15,
+                   help="how many ops, kernels and idle launchers it lists")
     p.add_argument("--sync-report", action="store_true",
                    help="one extra Megatron step under CUDA sync debug mode: where the host waits")
     p.add_argument("--recompute", action="store_true", help="both systems recompute from the start")

@@ -1,5 +1,6 @@
 """bf16 gradients reach the bf16-moment AdamW without an fp32 copy (train/decoupled_grads.py):
-the master parameters hold views of the DDP buffer, and the run equals Megatron's copy-then-clip."""
+the master parameters hold views of the DDP buffer, and the run equals Megatron's copy-then-clip;
+the per-token loss's 1 / tokens scale is applied by the update instead of a pass over the buffer."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 
-def _steps(cfg, decoupled: bool) -> dict:
+def _steps(cfg, decoupled: bool, defer_scale: bool = False) -> dict:
     from vlm_bridge.train.trainer import forward_backward, setup, train_step
 
     os.environ["VLM_BRIDGE_DECOUPLED_GRADS"] = "1" if decoupled else "0"
+    os.environ["VLM_BRIDGE_DEFER_TOKEN_SCALE"] = "1" if defer_scale else "0"
     try:
         run = setup(cfg)
         steps = [train_step(run) for _ in range(3)]
@@ -31,6 +33,7 @@ def _steps(cfg, decoupled: bool) -> dict:
         }
     finally:
         os.environ.pop("VLM_BRIDGE_DECOUPLED_GRADS", None)
+        os.environ.pop("VLM_BRIDGE_DEFER_TOKEN_SCALE", None)
 
 
 @pytest.mark.parametrize("distributed", ["off", "on"])
@@ -49,6 +52,63 @@ def test_bf16_grads_step_without_an_fp32_copy_and_match_the_copy(tiny_cfg, tmp_p
     assert decoupled["losses"] == pytest.approx(copied["losses"], rel=1e-6)
     for name, param in copied["params"].items():
         torch.testing.assert_close(decoupled["params"][name], param, rtol=0, atol=0, msg=name)
+
+
+def _step_grads(cfg, defer_scale: bool) -> dict:
+    """The gradient each master parameter's update uses (times the factor it multiplies in),
+    the raw bf16 buffer, and whether the finalisation deferred the scale."""
+    from vlm_bridge.train import decoupled_grads
+    from vlm_bridge.train.trainer import forward_backward, setup
+
+    os.environ["VLM_BRIDGE_DEFER_TOKEN_SCALE"] = "1" if defer_scale else "0"
+    try:
+        run = setup(cfg)
+        forward_backward(run)
+        run.optimizer.prepare_grads()
+        inner = getattr(run.optimizer, "chained_optimizers", [run.optimizer])
+        used = []
+        for param in (p for opt in inner for p in opt.get_parameters()):
+            grad, factor = decoupled_grads.main_grad(param)
+            used.append(grad.float() * factor)
+        return {"used": used, "buffer": torch.cat([b.grad_data.float() for b in run.model.buffers]),
+                "deferred": decoupled_grads.defers_token_scale(run.optimizer),
+                "norm": run.optimizer.get_grad_norm()}
+    finally:
+        os.environ.pop("VLM_BRIDGE_DEFER_TOKEN_SCALE", None)
+
+
+def test_the_token_scale_deferred_to_the_update_equals_megatrons_pass_over_the_buffer(tiny_cfg, tmp_path):
+    """The update multiplies in 1 / tokens (fp32, with the clipping coefficient) where Megatron
+    scales the bf16 buffer in place: the same gradients to bf16 rounding and the same norm, while
+    the buffer itself stays unscaled (no pass over it)."""
+    from vlm_bridge.parallel import run_parallel
+
+    over = {"dtype": "bf16", "optim.grad_reduce_in_fp32": "false", "optim.moments": "bf16",
+            "optim.distributed_optimizer": "on"}
+    pass_ = run_parallel(_step_grads, 1, tiny_cfg(output_dir=tmp_path / "pass", **over), False)
+    deferred = run_parallel(_step_grads, 1, tiny_cfg(output_dir=tmp_path / "defer", **over), True)
+    assert deferred["deferred"] and not pass_["deferred"]
+    for got, want in zip(deferred["used"], pass_["used"], strict=True):
+        scale = float(want.abs().max()) or 1.0
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=2**-8 * scale)
+    assert deferred["norm"] == pytest.approx(pass_["norm"], rel=1e-3)
+    # Megatron's buffer holds the scaled gradients, the deferred one the sums over tokens
+    ratio = float(deferred["buffer"].norm() / pass_["buffer"].norm())
+    assert ratio > 10, ratio
+
+
+@pytest.mark.parametrize("distributed", ["off", "on"])
+def test_a_run_deferring_the_token_scale_follows_megatrons(tiny_cfg, tmp_path, distributed):
+    """Three steps with clipping active: the same losses and norms to bf16 rounding of the buffer."""
+    from vlm_bridge.parallel import run_parallel
+
+    over = {"dtype": "bf16", "optim.grad_reduce_in_fp32": "false", "optim.moments": "bf16",
+            "optim.distributed_optimizer": distributed, "optim.clip_grad": "0.5", "optim.warmup_steps": "0"}
+    pass_ = run_parallel(_steps, 1, tiny_cfg(steps=4, output_dir=tmp_path / "pass", **over), True, False)
+    deferred = run_parallel(_steps, 1, tiny_cfg(steps=4, output_dir=tmp_path / "defer", **over), True, True)
+    assert min(pass_["norms"]) > 0.5  # clipping was active on every step
+    assert deferred["norms"] == pytest.approx(pass_["norms"], rel=1e-2)
+    assert deferred["losses"] == pytest.approx(pass_["losses"], rel=1e-3)
 
 
 def _accumulated_grads(cfg, accumulate: bool) -> dict:
@@ -80,6 +140,7 @@ def test_bf16_weight_gradients_accumulate_in_the_gemm_as_megatron_adds_them(tiny
                                     for n in fused["in_gemm"])
     in_gemm = fused["in_gemm"]
     assert any(n.startswith("vision") for n in in_gemm) and any("linear_fc2" in n for n in in_gemm)
+    assert "language_model.output_layer.weight" in in_gemm  # untied: Megatron built it, we swapped its class
     # under recomputation the backward runs on recomputed activations and unpacked saved tensors
     recomputed = run_parallel(_accumulated_grads, 1, tiny_cfg(output_dir=tmp_path / "re", recompute="true",
                                                               **over), True)

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -147,7 +146,7 @@ def build_optimization(cfg: TrainConfig, built) -> tuple:
     )
     optimizer = _optimizer(cfg, ddp, DTYPES[cfg.dtype])
     scheduler = build_scheduler(cfg, optimizer)
-    lang.finalize_model_grads_func = finalize_model_grads
+    lang.finalize_model_grads_func = decoupled_grads.finalize_func(optimizer)
     lang.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
 

@@ -41,6 +41,10 @@ from vlm_bridge.families._common import fused_cross_entropy
 from vlm_bridge.families._common.chunked_loss import chunked_linear_cross_entropy, chunking_pays
 from vlm_bridge.families._common.fused import fusion_enabled
 from vlm_bridge.families._common.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+from vlm_bridge.families._common.linears import (
+    FusedBiasColumnParallelLinear,
+    accumulate_weight_gradient_in_gemm,
+)
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
@@ -83,13 +87,16 @@ class VLMModel(MegatronModule):
 
     def build_language_model(self, config: TransformerConfig) -> MegatronModule:
         s = self.s
-        return GPTModel(
+        lm = GPTModel(
             config=config, transformer_layer_spec=self.language_layer_spec(),
             vocab_size=s.padded_vocab_size, max_sequence_length=s.max_position_embeddings,
             pre_process=self.pre_process, post_process=self.post_process,
             share_embeddings_and_output_weights=s.tie_word_embeddings,
             position_embedding_type=self.position_embedding_type, rotary_base=s.rope_theta,
         )
+        if self.post_process and not s.tie_word_embeddings:
+            accumulate_weight_gradient_in_gemm(lm.output_layer)
+        return lm
 
     def build_vision(self, config: TransformerConfig) -> torch.nn.Module:
         raise NotImplementedError
@@ -234,7 +241,8 @@ def _chunked_loss_applies(lm, tokens: int) -> bool:
     layer only: not under sequence parallelism (its input is gathered first) nor for a wrapped
     one; and only where it pays (``chunking_pays``: large vocabularies and micro-batches)."""
     layer = lm.output_layer
-    if type(layer) is not ColumnParallelLinear or layer.bias is not None or layer.sequence_parallel:
+    if type(layer) not in (ColumnParallelLinear, FusedBiasColumnParallelLinear) or layer.bias is not None \
+            or layer.sequence_parallel:
         return False
     return chunking_pays(tokens, layer.output_size_per_partition)
 
