@@ -153,3 +153,42 @@ def test_rebuilt_norm_and_activation_outputs_are_not_kept_and_grads_are_bit_exac
     assert loss_k == loss_r and grads_k.keys() == grads_r.keys() and len(grads_k) > 8
     for name, grad in grads_k.items():
         assert torch.equal(grad, grads_r[name]), name
+
+
+def _frozen_tower_step(hf_dir: str, jsonl: str, out_dir: str, ahead: bool) -> dict:
+    """One forward/backward of a LoRA step (tower frozen) over four micro-batches: the loss, the
+    adapters' gradients and how many times the tower ran."""
+    import os
+
+    from vlm_bridge.recipes import get_recipe
+    from vlm_bridge.train.config import apply_overrides
+    from vlm_bridge.train.trainer import _global_loss, forward_backward, setup
+
+    cfg = apply_overrides(get_recipe("demo_tiny"), [
+        "steps=1", "global_batch_size=4", "micro_batch_size=1", "peft.method=lora", "data.pack=false"])
+    cfg.pretrained, cfg.output_dir, cfg.data.train = hf_dir, out_dir, f"jsonl:{jsonl}"
+    os.environ["VLM_BRIDGE_ENCODE_AHEAD"] = "1" if ahead else "0"
+    try:
+        run = setup(cfg)
+        runs = []
+        run.built.model.vision.register_forward_hook(lambda *_: runs.append(1))
+        outputs, _ = forward_backward(run)
+    finally:
+        os.environ.pop("VLM_BRIDGE_ENCODE_AHEAD", None)
+    grads = {n: p.main_grad.clone() for n, p in run.model.module.named_parameters() if p.requires_grad}
+    return {"loss": _global_loss(outputs), "grads": grads, "tower_runs": len(runs),
+            "tower_frozen": not any(p.requires_grad for p in run.built.model.vision.parameters())}
+
+
+def test_a_frozen_tower_encodes_all_micro_batches_at_once(case, shapes_jsonl, tmp_path):
+    """With the tower frozen (LoRA on the language model), the step's four micro-batches' images
+    go through the tower in one call; the loss and the adapters' gradients are those of encoding
+    each micro-batch on its own."""
+    _, hf = case
+    apart = run_parallel(_frozen_tower_step, 1, str(hf), str(shapes_jsonl), str(tmp_path / "a"), False)
+    ahead = run_parallel(_frozen_tower_step, 1, str(hf), str(shapes_jsonl), str(tmp_path / "b"), True)
+    assert apart["tower_frozen"] and apart["tower_runs"] == 4 and ahead["tower_runs"] == 1
+    assert ahead["loss"] == pytest.approx(apart["loss"], rel=1e-5)
+    assert ahead["grads"].keys() == apart["grads"].keys() and len(ahead["grads"]) > 4
+    for name, grad in apart["grads"].items():
+        torch.testing.assert_close(ahead["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -40,6 +40,7 @@ from vlm_bridge.train.loss import global_loss_totals, loss_forward_step
 from vlm_bridge.train.low_memory_adam import adam_class, check_moments
 from vlm_bridge.train.metrics import RunLogger
 from vlm_bridge.train.recompute import apply_recompute, layers_kept_whole
+from vlm_bridge.train.vision_ahead import vision_encoded_ahead
 
 
 class NonFiniteLoss(ValueError):
@@ -228,11 +229,13 @@ def forward_backward(run: Run, prepare_next: bool = False) -> tuple[list[dict], 
     seq_len = padded_length(mine[0].labels.shape[1], run.cfg.parallel.cp)
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
-    outputs = get_forward_backward_func()(
-        forward_step_func=loss_forward_step, data_iterator=iter(mine), model=[run.model],
-        num_microbatches=len(mine), seq_length=seq_len, micro_batch_size=run.cfg.micro_batch_size,
-        forward_only=False,
-    )
+    # A frozen vision tower encodes the media of all these micro-batches at once.
+    with vision_encoded_ahead(run.model, [mb.inputs for mb in mine]):
+        outputs = get_forward_backward_func()(
+            forward_step_func=loss_forward_step, data_iterator=iter(mine), model=[run.model],
+            num_microbatches=len(mine), seq_length=seq_len, micro_batch_size=run.cfg.micro_batch_size,
+            forward_only=False,
+        )
     return outputs, step_batches
 
 

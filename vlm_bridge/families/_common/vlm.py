@@ -48,6 +48,10 @@ from vlm_bridge.families._common.linears import (
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
 
+# forward()'s own arguments; the rest of a micro-batch's inputs are media for embed()
+_FORWARD_ARGUMENTS = ("input_ids", "position_ids", "attention_mask", "labels", "runtime_gather_output",
+                      "last_only")
+
 
 @dataclass
 class Embedded:
@@ -120,11 +124,18 @@ class VLMModel(MegatronModule):
         """``encode(*tensors)`` over the batch's media items; with context parallelism each CP rank
         encodes a share of the items and the features are gathered (``vision_split.encode_split``
         describes the arguments)."""
+        ahead = getattr(self, "_encoded_ahead", None)
+        if ahead is not None:  # the step's media are encoded in one pass (train/vision_ahead.py)
+            return ahead(encode, inputs, out_rows, out_shape, outputs, self.config.params_dtype)
         split = getattr(self, "_vision_split", None)
         if split is None:
             return encode(*(tensor for tensor, _ in inputs))
         return encode_split(encode, inputs, out_rows, cost, split, out_shape, self.config.params_dtype,
                             outputs)
+
+    def media_inputs(self, inputs: dict) -> dict:
+        """What :meth:`forward` hands :meth:`embed` besides the token ids, from its inputs."""
+        return {k: v for k, v in inputs.items() if k not in _FORWARD_ARGUMENTS}
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[s, b, h]`` token embeddings (the family merges vision features into these)."""
