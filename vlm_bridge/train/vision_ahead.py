@@ -3,7 +3,7 @@
 With every tower parameter frozen (LoRA's default, or ``freeze.vision``), the features need no
 gradient, so nothing ties their computation to their micro-batch. Encoded per micro-batch, the
 tower launches its dozen kernels per layer once per micro-batch on a few thousand patches each,
-and a slow host cannot keep up: a Qwen2.5-VL-7B LoRA step (7 LM layers, 5 micro-batches) took
+and a slow host cannot keep up: a 7B model's LoRA step (7 LM layers, 5 micro-batches) took
 661 ms for 505 ms of kernels on one H100, the GPU's waits launched from the tower's ops. Here the
 step's media go through the tower together, before the schedule runs, and each micro-batch's
 forward takes its rows of the result.
