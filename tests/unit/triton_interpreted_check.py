@@ -77,21 +77,26 @@ def check_rope() -> list[str]:
 
     gen = torch.Generator().manual_seed(8)
     lines = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for rot, per_row in ((24, True), (16, False)):
-            qkv = (torch.randn(6, 2, 7, 24, generator=gen) * 2).to(dtype)
-            query = qkv[:, :, :5]  # [s, b, 5 heads, 24]: a view, strides of 7 heads
-            freqs = torch.randn(6, 2 if per_row else 1, 1, rot, generator=gen) * 3
-            assert fused_rope.covers(query, freqs)
-            got = values_and_grads(lambda t, f=freqs: fused_rope.fused_apply_rotary_pos_emb(t, f), query)
-            want = values_and_grads(lambda t, f=freqs: _apply_rotary_pos_emb_bshd(t.float(), f).to(t.dtype),
-                                    query)
-            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-6}
-            for g, e in zip(got, want, strict=True):
-                assert g.dtype == e.dtype and g.shape == e.shape
-                torch.testing.assert_close(g, e, **tol)
-            lines.append(f"ok rope {dtype} rot={rot} per_row={per_row} max diff "
-                         f"{max(max_error(got, want)):.2e}")
+    default_tokens = fused_rope.TOKENS_PER_PROGRAM
+    # one (token, row) pair per program, and 8 of the 12 pairs (a partial last block)
+    for dtype, rot, per_row, tokens in ((torch.float32, 24, True, 1), (torch.float32, 16, False, 8),
+                                        (torch.bfloat16, 24, True, 8), (torch.bfloat16, 16, False, 1),
+                                        (torch.float32, 24, False, default_tokens)):
+        fused_rope.TOKENS_PER_PROGRAM = tokens
+        qkv = (torch.randn(6, 2, 7, 24, generator=gen) * 2).to(dtype)
+        query = qkv[:, :, :5]  # [s, b, 5 heads, 24]: a view, strides of 7 heads
+        freqs = torch.randn(6, 2 if per_row else 1, 1, rot, generator=gen) * 3
+        assert fused_rope.covers(query, freqs)
+        got = values_and_grads(lambda t, f=freqs: fused_rope.fused_apply_rotary_pos_emb(t, f), query)
+        want = values_and_grads(lambda t, f=freqs: _apply_rotary_pos_emb_bshd(t.float(), f).to(t.dtype),
+                                query)
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-6}
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and g.shape == e.shape
+            torch.testing.assert_close(g, e, **tol)
+        lines.append(f"ok rope {dtype} rot={rot} per_row={per_row} tokens/program={tokens} max diff "
+                     f"{max(max_error(got, want)):.2e}")
+    fused_rope.TOKENS_PER_PROGRAM = default_tokens
     return lines
 
 
