@@ -77,14 +77,16 @@ def _step_grads(cfg, defer_scale: bool) -> dict:
         os.environ.pop("VLM_BRIDGE_DEFER_TOKEN_SCALE", None)
 
 
-def test_the_token_scale_deferred_to_the_update_equals_megatrons_pass_over_the_buffer(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("buffer", ["bf16", "fp32"])
+def test_the_token_scale_deferred_to_the_update_equals_megatrons_pass_over_the_buffer(tiny_cfg, tmp_path,
+                                                                                      buffer):
     """The update multiplies in 1 / tokens (fp32, with the clipping coefficient) where Megatron
-    scales the bf16 buffer in place: the same gradients to bf16 rounding and the same norm, while
-    the buffer itself stays unscaled (no pass over it)."""
+    scales the buffer in place: the same gradients to bf16 rounding and the same norm, while
+    the buffer itself stays unscaled (no pass over it); bf16 and fp32 gradient buffers."""
     from vlm_bridge.parallel import run_parallel
 
-    over = {"dtype": "bf16", "optim.grad_reduce_in_fp32": "false", "optim.moments": "bf16",
-            "optim.distributed_optimizer": "on"}
+    over = {"dtype": "bf16", "optim.grad_reduce_in_fp32": str(buffer == "fp32").lower(),
+            "optim.moments": "bf16", "optim.distributed_optimizer": "on"}
     pass_ = run_parallel(_step_grads, 1, tiny_cfg(output_dir=tmp_path / "pass", **over), False)
     deferred = run_parallel(_step_grads, 1, tiny_cfg(output_dir=tmp_path / "defer", **over), True)
     assert deferred["deferred"] and not pass_["deferred"]
