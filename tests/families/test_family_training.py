@@ -192,3 +192,25 @@ def test_a_frozen_tower_encodes_all_micro_batches_at_once(case, shapes_jsonl, tm
     assert ahead["grads"].keys() == apart["grads"].keys() and len(ahead["grads"]) > 4
     for name, grad in apart["grads"].items():
         torch.testing.assert_close(ahead["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_frozen_tower_encodes_images_and_videos_of_a_step_together(case, shapes_jsonl, tmp_path):
+    """Micro-batches of an image, a text-only conversation and (where the family has video) a
+    video: fewer tower calls, the same loss and adapter gradients."""
+    import json
+
+    from vlm_bridge.testing.context_parallel import packed_samples
+    from vlm_bridge.testing.generation import write_parity_media
+
+    family, hf = case
+    video = write_parity_media(tmp_path / "media")["video"]
+    rows = packed_samples(family, shapes_jsonl, video)
+    rows = (rows + rows)[:4] if len(rows) < 4 else rows
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    apart = run_parallel(_frozen_tower_step, 1, str(hf), str(data), str(tmp_path / "a"), False)
+    ahead = run_parallel(_frozen_tower_step, 1, str(hf), str(data), str(tmp_path / "b"), True)
+    assert 1 <= ahead["tower_runs"] < apart["tower_runs"], (ahead["tower_runs"], apart["tower_runs"])
+    assert ahead["loss"] == pytest.approx(apart["loss"], rel=1e-5)
+    for name, grad in apart["grads"].items():
+        torch.testing.assert_close(ahead["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

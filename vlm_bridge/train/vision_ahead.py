@@ -15,7 +15,9 @@ answers zeros; the calls of one tower are concatenated item-wise and encoded at 
 micro-batch forwards then get the recorded calls' rows back, in order. Numerically this is the
 same tower over the same items; only the GEMMs' shapes differ. Off under context parallelism
 (its ranks deal the items out themselves), where any tower parameter trains, for a single
-micro-batch, and under ``VLM_BRIDGE_ENCODE_AHEAD=0``.
+micro-batch, for a step whose media reach the tower other than through ``encode_vision`` (the
+recording stops at the first such call, before the tower runs), and under
+``VLM_BRIDGE_ENCODE_AHEAD=0``.
 """
 
 from __future__ import annotations
@@ -121,10 +123,34 @@ def vision_encoded_ahead(model: torch.nn.Module, inputs: Sequence[dict]) -> Iter
     ahead = EncodedAhead()
     vlm._encoded_ahead = ahead
     try:
+        if _record(vlm, inputs):
+            ahead.encode_all()
+        else:  # some media reach the tower other than through encode_vision: per micro-batch
+            vlm._encoded_ahead = None
+        yield vlm._encoded_ahead is not None
+    finally:
+        vlm._encoded_ahead = None
+
+
+class _TowerCalledDirectly(Exception):
+    pass
+
+
+def _record(vlm: torch.nn.Module, inputs: Sequence[dict]) -> bool:
+    """Each micro-batch's ``embed`` without gradients, its tower calls recorded; False (and the
+    tower not run) where a family calls the tower itself instead of through ``encode_vision``."""
+
+    def refuse(*args, **kwargs):
+        raise _TowerCalledDirectly
+
+    tower = vlm.vision
+    tower.forward = refuse  # the instance's, for the recording only
+    try:
         with torch.no_grad():
             for batch in inputs:
                 vlm.embed(batch["input_ids"], **vlm.media_inputs(batch))
-        ahead.encode_all()
-        yield True
+        return True
+    except _TowerCalledDirectly:
+        return False
     finally:
-        vlm._encoded_ahead = None
+        del tower.forward

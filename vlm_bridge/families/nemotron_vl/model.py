@@ -150,15 +150,23 @@ class NemotronVLModel(VLMModel):
             # recoverable from the inputs (transformers refuses this batch as well).
             raise ValueError("Nemotron VL: one batch with both images and video is not supported; "
                              "keep image and video samples in separate batches (no packing across them)")
+        f = self.s.downsample
         if pixel_values is not None and image_grid_hw is not None:
             # Images as items (each its patches and its grid row), as encode_vision takes them.
-            hw, f = on_host(image_grid_hw).tolist(), self.s.downsample
+            hw = on_host(image_grid_hw).tolist()
             patches = [r * c for r, c in hw]
             feats = self.encode_vision(self.vision, [(pixel_values, patches), (image_grid_hw, [1] * len(hw))],
                                        [(r // f) * (c // f) for r, c in hw], patches, (self.s.hidden_size,))
-            emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images/video")
+        elif isinstance(pixel_values_videos, torch.Tensor):
+            # Videos of one frame size ``[videos, tubelets, T*C, H, W]``, each video an item.
+            videos, tubelets, _, height, width = pixel_values_videos.shape
+            p = self.s.patch_size
+            tokens = tubelets * (height // p // f) * (width // p // f)
+            feats = self.encode_vision(self.vision.encode_videos, [(pixel_values_videos, [1] * videos)],
+                                       [tokens] * videos, [tokens] * videos, (self.s.hidden_size,))
         elif pixel_values is not None or pixel_values_videos is not None:
             feats = self.vision(pixel_values, image_grid_hw, pixel_values_videos)
+        if pixel_values is not None or pixel_values_videos is not None:
             # Images and video frames share the image placeholder token, as in HF.
             emb = scatter_vision_embeddings(emb, input_ids, self.s.image_token_id, feats, "images/video")
         return Embedded(emb)

@@ -143,6 +143,10 @@ class RadioVisionTower(MegatronModule):
             start += n_prefix + patches.shape[0]
         return out
 
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """The features of videos alone (``VLMModel.encode_vision``'s callable for them)."""
+        return self(pixel_values_videos=pixel_values_videos)
+
     def forward(self, pixel_values: torch.Tensor | None = None, image_grid_hw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:
         embedded, grids = [], []
