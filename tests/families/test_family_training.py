@@ -180,23 +180,11 @@ def _frozen_tower_step(hf_dir: str, jsonl: str, out_dir: str, ahead: bool) -> di
             "tower_frozen": not any(p.requires_grad for p in run.built.model.vision.parameters())}
 
 
-def test_a_frozen_tower_encodes_all_micro_batches_at_once(case, shapes_jsonl, tmp_path):
-    """With the tower frozen (LoRA on the language model), the step's four micro-batches' images
-    go through the tower in one call; the loss and the adapters' gradients are those of encoding
-    each micro-batch on its own."""
-    _, hf = case
-    apart = run_parallel(_frozen_tower_step, 1, str(hf), str(shapes_jsonl), str(tmp_path / "a"), False)
-    ahead = run_parallel(_frozen_tower_step, 1, str(hf), str(shapes_jsonl), str(tmp_path / "b"), True)
-    assert apart["tower_frozen"] and apart["tower_runs"] == 4 and ahead["tower_runs"] == 1
-    assert ahead["loss"] == pytest.approx(apart["loss"], rel=1e-5)
-    assert ahead["grads"].keys() == apart["grads"].keys() and len(ahead["grads"]) > 4
-    for name, grad in apart["grads"].items():
-        torch.testing.assert_close(ahead["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_a_frozen_tower_encodes_images_and_videos_of_a_step_together(case, shapes_jsonl, tmp_path):
-    """Micro-batches of an image, a text-only conversation and (where the family has video) a
-    video: fewer tower calls, the same loss and adapter gradients."""
+    """With the tower frozen (LoRA on the language model), four micro-batches of images, a
+    text-only conversation and (where the family has video) a video go through the tower in one
+    call per kind of media at most, where each micro-batch with media took one; the loss and the adapters'
+    gradients are those of encoding each micro-batch on its own."""
     import json
 
     from vlm_bridge.testing.context_parallel import packed_samples
@@ -210,7 +198,10 @@ def test_a_frozen_tower_encodes_images_and_videos_of_a_step_together(case, shape
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     apart = run_parallel(_frozen_tower_step, 1, str(hf), str(data), str(tmp_path / "a"), False)
     ahead = run_parallel(_frozen_tower_step, 1, str(hf), str(data), str(tmp_path / "b"), True)
-    assert 1 <= ahead["tower_runs"] < apart["tower_runs"], (ahead["tower_runs"], apart["tower_runs"])
+    assert apart["tower_frozen"] and apart["tower_runs"] == 3, apart["tower_runs"]
+    # at most one tower call per kind of media (a family may give images and videos one callable)
+    assert 1 <= ahead["tower_runs"] <= len(family.modalities), ahead["tower_runs"]
     assert ahead["loss"] == pytest.approx(apart["loss"], rel=1e-5)
+    assert ahead["grads"].keys() == apart["grads"].keys() and len(ahead["grads"]) > 4
     for name, grad in apart["grads"].items():
         torch.testing.assert_close(ahead["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
