@@ -129,6 +129,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Megatron's wrappers (DDP, Float16Module)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def host_to_device(t: torch.Tensor, target: torch.device) -> torch.Tensor:
     """``t.to(target)``; from the host to a GPU through pinned memory, asynchronously: a copy from
     pageable memory first waits for the GPU to finish all queued work. The moved tensor remembers

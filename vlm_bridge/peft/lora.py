@@ -29,6 +29,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from vlm_bridge.convert.distribute import shard
+from vlm_bridge.parallel import unwrap_model
 from vlm_bridge.peft.config import (
     ALL_LINEAR,
     HF_TARGET_NAMES,
@@ -41,12 +42,6 @@ from vlm_bridge.peft.layer import LoraLinear, full_shape, seeded
 __all__ = ["LoraConfig", "apply_lora", "lora_modules", "adapter_state_dict", "merge_lora", "unmerge_lora"]
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module  # DDP / Float16Module
-    return model
 
 
 def _global_name(model: torch.nn.Module):
@@ -70,7 +65,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig,
     ``components`` maps component names to parameter-name prefixes (default: the family's, from
     ``model.component_prefixes``).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     components = components if components is not None else getattr(model, "component_prefixes", None)
     if components is None:
         raise ValueError("apply_lora: the model declares no components; pass components=")
@@ -132,7 +127,7 @@ def _target_names_offered(leaves: set[str]) -> str:
 
 def lora_modules(model: torch.nn.Module) -> dict[str, LoraLinear]:
     """``{global module name: LoraLinear}`` on this rank."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     to_global = _global_name(model)
     return {to_global(n): m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
@@ -154,7 +149,7 @@ def merge_lora(model: torch.nn.Module) -> None:
 def fold_lora(model: torch.nn.Module) -> int:
     """Merge every adapter into its base weight for good and put the base layer back in its place:
     a PEFT checkpoint becomes the plain model a new PEFT run adapts. Returns how many it folded."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     wrapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLinear)]
     for name, mod in wrapped:
         mod.merge()

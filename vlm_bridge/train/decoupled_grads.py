@@ -52,7 +52,8 @@ def decouple_low_precision_grads(optimizer) -> int:
     """Switch every inner optimizer whose torch optimizer reads ``decoupled_grad`` (and that has
     no loss scaler, which unscales ``.grad``) to the copy-free path; returns how many were."""
     switched = 0
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for inner in inners:
         if not getattr(getattr(inner, "optimizer", None), "READS_DECOUPLED_GRADS", False) \
                 or getattr(inner, "grad_scaler", None) is not None \
                 or inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
@@ -62,8 +63,7 @@ def decouple_low_precision_grads(optimizer) -> int:
         switched += 1
     if switched:
         _wrap_clipping()
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    setattr(optimizer, _DEFERS, switched == len(inner) > 0
+    setattr(optimizer, _DEFERS, switched == len(inners) > 0
             and os.environ.get("VLM_BRIDGE_DEFER_TOKEN_SCALE", "1") != "0")
     return switched
 

@@ -96,12 +96,6 @@ class EncodedAhead:
         self.recording = False
 
 
-def _vlm(model: torch.nn.Module) -> torch.nn.Module:
-    while not hasattr(model, "encode_vision") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def applies(vlm: torch.nn.Module, micro_batches: int) -> bool:
     """A frozen tower on this stage, no context parallelism, several micro-batches."""
     from vlm_bridge.attention.context import context_parallel_size
@@ -116,7 +110,9 @@ def applies(vlm: torch.nn.Module, micro_batches: int) -> bool:
 def vision_encoded_ahead(model: torch.nn.Module, inputs: Sequence[dict]) -> Iterator[bool]:
     """Within the block, the forwards of micro-batches with these ``inputs`` (in this order) take
     their vision features from one encoding of all of them; yields whether it applies."""
-    vlm = _vlm(model)
+    from vlm_bridge.parallel import unwrap_model
+
+    vlm = unwrap_model(model)
     if not applies(vlm, len(inputs)):
         yield False
         return

@@ -19,6 +19,8 @@ layout with Megatron's own sharded state dicts.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -47,10 +49,6 @@ from vlm_bridge.families._common.linears import (
 )
 from vlm_bridge.families._common.vision_split import encode_split
 from vlm_bridge.families._common.vocab import mask_padded_vocab
-
-# forward()'s own arguments; the rest of a micro-batch's inputs are media for embed()
-_FORWARD_ARGUMENTS = ("input_ids", "position_ids", "attention_mask", "labels", "runtime_gather_output",
-                      "last_only")
 
 
 @dataclass
@@ -134,8 +132,10 @@ class VLMModel(MegatronModule):
                             outputs)
 
     def media_inputs(self, inputs: dict) -> dict:
-        """What :meth:`forward` hands :meth:`embed` besides the token ids, from its inputs."""
-        return {k: v for k, v in inputs.items() if k not in _FORWARD_ARGUMENTS}
+        """What :meth:`forward` hands :meth:`embed` besides the token ids, from its inputs: all
+        but forward's own named arguments."""
+        named = _named_arguments(VLMModel.forward)
+        return {k: v for k, v in inputs.items() if k not in named}
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[s, b, h]`` token embeddings (the family merges vision features into these)."""
@@ -245,6 +245,12 @@ class VLMModel(MegatronModule):
             loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
             return loss.transpose(0, 1).contiguous()
         return lm.compute_language_model_loss(labels, logits)
+
+
+@functools.cache
+def _named_arguments(function) -> frozenset[str]:
+    return frozenset(name for name, p in inspect.signature(function).parameters.items()
+                     if p.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def _chunked_loss_applies(lm, tokens: int) -> bool:
